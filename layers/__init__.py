@@ -1,0 +1,22 @@
+"""Neural-network layers: forward and backprop on one partition's local arrays.
+
+Example:
+    >>> import layers as L
+    >>> model = L.Sequential([L.Dense(8, activation="relu", input_shape=(4,)), L.Dense(2)])
+    >>> model.count_params()
+    58
+"""
+from layers.activations import (ELU, GELU, Activation, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh,
+                                get_activation)
+from layers.base import Layer, layer_class, register
+from layers.core import Dropout, Flatten, Reshape
+from layers.dense import Dense
+from layers.params import ParamLayout
+from layers.history import History
+from layers.sequential import Sequential, load_model
+
+__all__ = [
+    "Layer", "register", "layer_class", "Sequential", "History", "load_model", "ParamLayout",
+    "Dense", "Dropout", "Flatten", "Reshape", "Activation", "get_activation",
+    "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax",
+]

@@ -1,0 +1,331 @@
+"""``Sequential``: a stack of layers with one flat parameter vector, and the user-facing
+``compile`` / ``fit`` / ``evaluate`` / ``predict`` / ``save`` API.
+
+``fit`` on numpy arrays trains in this process; on a Spark RDD or DataFrame it hands the same
+step function to the distributed engine (``rddtensor.engine``, imported only then, so ``layers``
+stays usable without Spark or a JVM).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from layers.base import Layer, layer_class, positive_int, shape_tuple
+from layers.params import ParamLayout
+from layers.training import LocalRunner, evaluate_arrays, fit_loop, stats_logs
+
+
+def is_distributed_data(x) -> bool:
+    """True for pyspark RDDs and DataFrames (checked without importing pyspark)."""
+    return type(x).__module__.startswith("pyspark.")
+
+
+class Sequential:
+    """A linear stack of layers trained as one model.
+
+    Parameters live in one float32 vector ``theta`` (layer order; keys ``"<index>.<name>"`` such
+    as ``"0.W"``); ``params`` holds reshaped views into it.
+
+    Args:
+        layers: the layers, first one with ``input_shape`` (or build on the first ``fit``).
+        name: optional model name.
+        seed: seed for weight initialisation (``None``: ``fit``'s seed, else fresh entropy).
+
+    Example:
+        >>> import numpy as np, layers as L
+        >>> m = L.Sequential([L.Dense(4, activation="relu", input_shape=(3,)), L.Dense(2)], seed=0)
+        >>> m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        >>> X = np.random.default_rng(0).normal(size=(32, 3)).astype("float32"); y = (X[:, 0] > 0).astype(int)
+        >>> h = m.fit(X, y, epochs=2, batch_size=8, verbose=0)
+        >>> m.predict(X).shape
+        (32, 2)
+    """
+
+    def __init__(self, layers=None, name: str | None = None, seed: int | None = None):
+        self.layers: list[Layer] = []
+        self.name = name
+        self.seed = seed
+        self.layout: ParamLayout | None = None
+        self.theta = None
+        self.params: dict = {}
+        self.optimizer = self.loss = None
+        self.metrics: list = []
+        self.slots: dict = {}
+        self.step = 0
+        self._keys: list[list[tuple[str, str]]] = []
+        for layer in layers or []:
+            self.add(layer)
+
+    # --- structure ------------------------------------------------------------------------
+    def add(self, layer: Layer) -> None:
+        if not isinstance(layer, Layer):
+            raise TypeError(f"Sequential.add expects a Layer, got {type(layer).__name__}")
+        if self.built:
+            raise ValueError("cannot add layers to a built model")
+        self.layers.append(layer)
+
+    @property
+    def built(self) -> bool:
+        return self.theta is not None
+
+    @property
+    def input_shape(self):
+        return self.layers[0].input_shape if self.layers else None
+
+    @property
+    def output_shape(self):
+        return self.layers[-1].output_shape if self.built else None
+
+    def build(self, input_shape=None, seed: int | None = None) -> "Sequential":
+        """Build every layer from the per-sample ``input_shape`` and initialise the weights."""
+        if not self.layers:
+            raise ValueError("Sequential model has no layers")
+        shape = input_shape if input_shape is not None else self.layers[0].input_shape
+        if shape is None:
+            raise ValueError("the first layer needs input_shape=..., or call build(input_shape) "
+                             "or fit() so the model can infer it")
+        shape = shape_tuple(shape, "input_shape")
+        if self.layers[0].input_shape is not None and shape != self.layers[0].input_shape:
+            raise ValueError(f"input_shape {shape} does not match the first layer's "
+                             f"input_shape {self.layers[0].input_shape}")
+        entries, self._keys = [], []
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = layer.build(shape)
+            except ValueError as e:
+                raise ValueError(f"layer {i} ({layer.describe()}): {e}") from None
+            keys = [(k, f"{i}.{k}") for k in layer.param_shapes()]
+            self._keys.append(keys)
+            entries += [(full, layer.param_shapes()[k]) for k, full in keys]
+        self.layout = ParamLayout(entries)
+        seed = self.seed if seed is None else seed
+        rng = np.random.default_rng(seed)
+        theta = np.empty(self.layout.size, dtype=np.float32)
+        init = {}
+        for i, layer in enumerate(self.layers):
+            for k, arr in layer.init_params(rng, dtype=np.float32).items():
+                init[f"{i}.{k}"] = arr
+        self._set_theta(self.layout.flatten(init, out=theta))
+        return self
+
+    def _set_theta(self, theta) -> None:
+        self.theta = theta
+        self.params = self.layout.unflatten(theta)
+
+    def count_params(self) -> int:
+        if not self.built:
+            self.build()
+        return self.layout.size
+
+    # --- compute --------------------------------------------------------------------------
+    def forward(self, params: dict, X, training: bool = False, rng=None):
+        """Forward through every layer; returns ``(Y, backprop)``, ``backprop(dY) -> (dX, grads)``."""
+        backprops = []
+        for i, (layer, keys) in enumerate(zip(self.layers, self._keys)):
+            try:
+                X, bp = layer.forward({k: params[full] for k, full in keys}, X,
+                                      training=training, rng=rng)
+            except ValueError as e:
+                raise ValueError(f"layer {i} ({layer.describe()}): {e}") from None
+            backprops.append(bp)
+
+        def backprop(dY):
+            grads = {}
+            for bp, keys in zip(reversed(backprops), reversed(self._keys)):
+                dY, g = bp(dY)
+                for k, full in keys:
+                    grads[full] = g[k]
+            return dY, grads
+
+        return X, backprop
+
+    # --- weights --------------------------------------------------------------------------
+    def get_weights(self) -> list[np.ndarray]:
+        """Copies of all parameters in layer order (PyTorch layouts)."""
+        self._require_built()
+        return [self.params[k].copy() for k in self.layout.keys]
+
+    def set_weights(self, weights) -> None:
+        """Set all parameters from a list of arrays in ``get_weights`` order."""
+        self._require_built()
+        keys = self.layout.keys
+        weights = list(weights)
+        if len(weights) != len(keys):
+            raise ValueError(f"set_weights expects {len(keys)} arrays ({keys}), got {len(weights)}")
+        for k, w in zip(keys, weights):
+            w = np.asarray(w)
+            if w.shape != self.layout.shapes[k]:
+                raise ValueError(f"weight {k!r} must have shape {self.layout.shapes[k]}, got {w.shape}")
+            self.params[k][...] = w
+
+    def _require_built(self):
+        if not self.built:
+            self.build()
+
+    def summary(self, print_fn=print) -> str:
+        """A table of layers, output shapes and parameter counts (printed and returned)."""
+        self._require_built()
+        rows = [("#", "layer", "output shape", "params")]
+        for i, layer in enumerate(self.layers):
+            n = sum(int(np.prod(s)) for s in layer.param_shapes().values())
+            rows.append((str(i), repr(layer), str((None, *layer.output_shape)), f"{n:,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"total parameters: {self.layout.size:,} ({self.layout.size * 4:,} bytes float32)")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # --- training API ---------------------------------------------------------------------
+    def compile(self, optimizer="adam", loss="mse", metrics=None) -> None:
+        """Choose the optimizer, the loss and the metrics reported by ``fit`` and ``evaluate``.
+
+        Args:
+            optimizer: an ``optim`` optimizer, its name (``"adam"``) or config dict.
+            loss: a loss name (``"sparse_categorical_crossentropy"``) or ``optim.Loss``.
+            metrics: names or ``optim.Metric`` objects (``["accuracy"]``).
+        """
+        from optim import get_loss, get_metric, get_optimizer
+        self.optimizer = get_optimizer(optimizer)
+        self.loss = get_loss(loss)
+        self.metrics = [get_metric(m) for m in (metrics or [])]
+        self.slots = {}
+
+    def _require_compiled(self, what):
+        if self.loss is None:
+            raise RuntimeError(f"call model.compile(optimizer=..., loss=...) before {what}()")
+
+    def _init_slots(self):
+        if not self.slots:
+            self.slots = self.optimizer.init_slots(self.layout.size)
+            self.step = 0
+
+    def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
+            shuffle: bool = True, seed: int = 0, verbose: int = 1, class_weight=None,
+            callbacks=(), **engine_options):
+        """Train the model; returns a ``History`` with per-epoch loss and metrics.
+
+        Args:
+            x: numpy features (in-process), or a Spark RDD of ``(features, label)`` / DataFrame
+                (distributed engine; see ``rddtensor.engine.fit_distributed`` for its options).
+            y: numpy labels/targets (with numpy ``x`` only).
+            epochs: passes over the data.
+            batch_size: global mini-batch size (split across partitions in distributed fits).
+            validation_data: ``(X_val, y_val)``, or an RDD/DataFrame for distributed fits.
+            shuffle: reshuffle rows every epoch (deterministically from ``seed``).
+            seed: seeds shuffling, dropout and (for an unbuilt model) weight initialisation;
+                same seed and data -> bit-identical weights.
+            verbose: 0 silent, 1 progress bar (loss, samples/s), 2 one log line per epoch.
+            class_weight: dict class -> weight multiplying each sample's loss.
+        """
+        self._require_compiled("fit")
+        epochs = positive_int(epochs, "epochs")
+        batch_size = positive_int(batch_size, "batch_size")
+        if is_distributed_data(x):
+            from rddtensor.engine import fit_distributed
+            return fit_distributed(self, x, epochs=epochs, batch_size=batch_size,
+                                   validation_data=validation_data, shuffle=shuffle, seed=seed,
+                                   verbose=verbose, class_weight=class_weight,
+                                   callbacks=callbacks, **engine_options)
+        if engine_options:
+            raise TypeError(f"unexpected arguments for in-process fit: {sorted(engine_options)}")
+        X, y = self._check_arrays(x, y, "x", build_seed=seed)
+        if batch_size > len(X):
+            raise ValueError(f"batch_size={batch_size} is larger than the {len(X)} training rows; "
+                             f"use batch_size <= {len(X)} (full batch)")
+        if validation_data is not None:
+            validation_data = self._check_arrays(*validation_data, "validation_data")
+        self._init_slots()
+        runner = LocalRunner(self, X, y, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                             class_weight=class_weight)
+        return fit_loop(self, runner, epochs=epochs, validation=validation_data,
+                        batch_size=batch_size, verbose=verbose, callbacks=callbacks)
+
+    def evaluate(self, x, y=None, *, batch_size: int = 4096, verbose: int = 0) -> dict:
+        """Mean loss and metrics on ``x, y`` (numpy, or an RDD/DataFrame distributed)."""
+        self._require_compiled("evaluate")
+        batch_size = positive_int(batch_size, "batch_size")
+        if is_distributed_data(x):
+            from rddtensor.engine import evaluate_distributed
+            return evaluate_distributed(self, x, batch_size=batch_size)
+        X, y = self._check_arrays(x, y, "x")
+        stats = evaluate_arrays(self, self.theta, X, y, loss=self.loss, metrics=self.metrics,
+                                batch_size=batch_size)
+        return stats_logs(self.metrics, stats)
+
+    def predict(self, x, *, batch_size: int = 4096):
+        """Raw model outputs (logits for classifiers trained with a from-logits loss).
+
+        ``x`` is a numpy array (returns numpy) or an RDD/DataFrame (returns an RDD of outputs).
+        """
+        batch_size = positive_int(batch_size, "batch_size")
+        if is_distributed_data(x):
+            from rddtensor.engine import predict_distributed
+            return predict_distributed(self, x, batch_size=batch_size)
+        X = self._check_features(x, "x")
+        outs = [self.forward(self.params, X[a:a + batch_size])[0] for a in range(0, len(X), batch_size)]
+        if not outs:
+            return np.zeros((0, *self.output_shape), np.float32)
+        return np.concatenate(outs)
+
+    def predict_proba(self, x, *, batch_size: int = 4096):
+        """Class probabilities: the compiled loss's link (softmax / sigmoid) over ``predict``."""
+        self._require_compiled("predict_proba")
+        return np.asarray(self.loss.link(self.predict(x, batch_size=batch_size)))
+
+    # --- input checks ---------------------------------------------------------------------
+    def _check_features(self, x, what, build_seed=None):
+        import scipy.sparse as sp
+        X = x.tocsr().astype(np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
+        if X.ndim < 2:
+            raise ValueError(f"{what} must have a batch axis: shape (rows, features...), got {X.shape}")
+        if not self.built:
+            self.build(X.shape[1:], seed=self.seed if self.seed is not None else build_seed)
+        if tuple(X.shape[1:]) != tuple(self.layers[0].input_shape):
+            raise ValueError(f"{what} has per-row shape {tuple(X.shape[1:])} but the first layer "
+                             f"({self.layers[0].describe()}) expects {tuple(self.layers[0].input_shape)}")
+        if not sp.issparse(X) and not np.isfinite(X).all():
+            bad = int(np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(axis=1))[0])
+            raise ValueError(f"{what} contains NaN or inf (first at row {bad})")
+        return X
+
+    def _check_arrays(self, x, y, what, build_seed=None):
+        if y is None:
+            raise ValueError(f"y is required when {what} is a numpy array")
+        X = self._check_features(x, what, build_seed)
+        y = np.asarray(y)
+        if len(y) != X.shape[0]:
+            raise ValueError(f"{what} has {X.shape[0]} rows but y has {len(y)}")
+        if len(y) == 0:
+            raise ValueError(f"{what} is empty: no rows to train or evaluate on")
+        if y.dtype.kind == "f":
+            y = y.astype(np.float32)
+            if not np.isfinite(y).all():
+                raise ValueError(f"y contains NaN or inf (first at row {int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))[0])})")
+        return X, y
+
+    # --- persistence ----------------------------------------------------------------------
+    def get_config(self) -> dict:
+        return {"name": self.name, "layers": [
+            {"class_name": type(l).__name__, "config": l.get_config()} for l in self.layers]}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Sequential":
+        layers = [layer_class(c["class_name"]).from_config(c.get("config", {}))
+                  for c in config["layers"]]
+        return cls(layers, name=config.get("name"))
+
+    def save(self, path: str, include_optimizer: bool = True) -> None:
+        """Write the model to directory ``path``: ``model.json`` (config) + ``weights.npz``."""
+        from layers.serialization import save_model
+        save_model(self, path, include_optimizer=include_optimizer)
+
+    def __repr__(self):
+        return f"Sequential({len(self.layers)} layers" + (f", {self.layout.size:,} params)" if self.built else ")")
+
+
+def load_model(path: str) -> Sequential:
+    """Load a model saved with ``model.save(path)`` (data only: JSON + ``.npz``, never pickle)."""
+    from layers.serialization import load_model as _load
+    return _load(path)

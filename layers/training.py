@@ -1,0 +1,209 @@
+"""The training step shared by every engine, and the epoch loop around it.
+
+``gradient_step`` (forward, loss, backprop on one partition's rows) and ``apply_update`` (clip and
+optimize one slice of the flat vector) are the only places a training step computes. The
+in-process ``LocalRunner`` calls them on the whole vector; the distributed engine
+(``rddtensor.engine``) calls the same two functions inside Spark tasks on shards and parameter
+blocks. ``fit_loop`` drives either runner: epochs, progress bar, validation, history.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from layers.batching import batch_sizes, local_batches, step_rng
+from layers.history import History
+
+log = logging.getLogger("rddtensor")
+
+
+# --- aggregates: what crosses from workers to the driver (O(classes), never O(rows)) ----------
+def empty_stats(metrics) -> dict:
+    return {"loss": 0.0, "count": 0, "states": [None] * len(metrics)}
+
+
+def merge_stats(metrics, a: dict, b: dict) -> dict:
+    states = [sb if sa is None else sa if sb is None else m.merge(sa, sb)
+              for m, sa, sb in zip(metrics, a["states"], b["states"])]
+    return {"loss": a["loss"] + b["loss"], "count": a["count"] + b["count"], "states": states}
+
+
+def batch_stats(metrics, loss, Y, y, loss_value: float, n_norm: int) -> dict:
+    """Stats of one batch: the loss summed over its rows and each metric's mergeable state."""
+    n = int(Y.shape[0])
+    if n == 0:
+        return empty_stats(metrics)
+    from rddtensor.backend import to_numpy
+    P = to_numpy(loss.link(Y)) if metrics else None
+    y = to_numpy(y)
+    return {"loss": float(loss_value) * n_norm, "count": n,
+            "states": [m.state(y, P) for m in metrics]}
+
+
+def stats_logs(metrics, stats: dict, prefix: str = "") -> dict:
+    """Turn merged stats into the numbers a user reads: mean loss and each metric's result."""
+    n = max(stats["count"], 1)
+    logs = {prefix + "loss": stats["loss"] / n}
+    for m, s in zip(metrics, stats["states"]):
+        if s is not None:
+            r = m.result(s)
+            if np.ndim(r) == 0:
+                logs[prefix + m.name] = float(r)
+    return logs
+
+
+# --- the step ---------------------------------------------------------------------------------
+def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=None,
+                  metrics=(), grad_out=None):
+    """Forward, loss and backprop of ``model`` at flat weights ``theta`` on rows ``X, y``.
+
+    The loss and gradient are normalised by ``n_batch``, the GLOBAL batch size, so the gradients
+    of disjoint parts of a batch sum to the gradient of the whole batch.
+
+    Returns:
+        ``(grad, stats)``: the flat gradient (``grad_out`` if given) and this part's stats.
+    """
+    layout = model.layout
+    if len(X) == 0:
+        grad = np.zeros(layout.size, theta.dtype) if grad_out is None else grad_out
+        grad[...] = 0
+        return grad, empty_stats(metrics)
+    Y, backprop = model.forward(layout.unflatten(theta), X, training=True, rng=rng)
+    value, dY = loss(Y, y, n_total=n_batch, class_weight=class_weight)
+    _, grads = backprop(dY)
+    grad = layout.flatten(grads, out=grad_out, dtype=theta.dtype)
+    return grad, batch_stats(metrics, loss, Y, y, value, n_batch)
+
+
+def clip_values(optimizer, g):
+    """Clip ``g`` by value in place (if the optimizer asks); return its squared norm if it clips by norm.
+
+    With ``clipnorm``, the caller turns the sum of these squared norms over all blocks into one
+    factor (``optim.clipping.norm_clip_scale``) and passes it to ``apply_update``.
+    """
+    if optimizer.clipvalue is not None:
+        from optim.clipping import clip_by_value
+        clip_by_value(g, optimizer.clipvalue)
+    if optimizer.clipnorm is None:
+        return None
+    return float(np.dot(g.astype(np.float64, copy=False), g))
+
+
+def apply_update(optimizer, w, g, slots: dict, step: int, *, clip_scale: float = 1.0,
+                 segments=None) -> None:
+    """Scale ``g`` by the global-norm clip factor and update ``w`` and its slots in place."""
+    if clip_scale != 1.0:
+        g *= g.dtype.type(clip_scale)
+    optimizer.update(w, g, slots, step, segments=segments)
+
+
+def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_norm=None) -> dict:
+    """Loss and metric stats of ``model`` on ``X, y`` in eval mode (no dropout)."""
+    stats = empty_stats(metrics)
+    params = model.layout.unflatten(theta)
+    for a in range(0, len(X), batch_size):
+        Xb, yb = X[a:a + batch_size], y[a:a + batch_size]
+        Y, _ = model.forward(params, Xb, training=False)
+        value, _ = loss(Y, yb, n_total=len(Xb))
+        stats = merge_stats(metrics, stats, batch_stats(metrics, loss, Y, yb, value, len(Xb)))
+    return stats
+
+
+# --- in-process runner -----------------------------------------------------------------------
+class LocalRunner:
+    """Trains on numpy arrays in this process, one optimizer step per mini-batch."""
+
+    engine = "in-process"
+
+    def __init__(self, model, X, y, *, batch_size, shuffle, seed, class_weight):
+        self.model, self.X, self.y = model, X, y
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.class_weight = class_weight
+        self.n_total = len(X)
+        self.grad = np.empty(model.layout.size, dtype=np.float32)
+
+    def train_epoch(self, epoch: int, on_progress) -> dict:
+        m = self.model
+        metrics, sizes = m.metrics, batch_sizes(self.n_total, self.batch_size)
+        stats = empty_stats(metrics)
+        batches = local_batches(self.n_total, self.batch_size, self.seed, epoch, self.shuffle)
+        for rows, n_batch in zip(batches, sizes):
+            m.step += 1
+            g, s = gradient_step(m, m.theta, self.X[rows], self.y[rows], loss=m.loss,
+                                 n_batch=int(n_batch), rng=step_rng(self.seed, m.step),
+                                 class_weight=self.class_weight, metrics=metrics,
+                                 grad_out=self.grad)
+            sq_norm = clip_values(m.optimizer, g)
+            clip_scale = 1.0
+            if sq_norm is not None:
+                from optim.clipping import norm_clip_scale
+                clip_scale = norm_clip_scale(sq_norm, m.optimizer.clipnorm)
+            apply_update(m.optimizer, m.theta, g, m.slots, m.step, clip_scale=clip_scale,
+                         segments=m.layout.segments())
+            stats = merge_stats(metrics, stats, s)
+            on_progress(int(n_batch), stats)
+        return stats
+
+    def evaluate(self, data, batch_size) -> dict:
+        X, y = data
+        m = self.model
+        return evaluate_arrays(m, m.theta, X, y, loss=m.loss, metrics=m.metrics,
+                               batch_size=batch_size)
+
+    def finish(self):
+        pass
+
+
+# --- the epoch loop (shared by every runner) ------------------------------------------------
+class _Progress:
+    """A tqdm bar per epoch with loss and samples/s; silent at verbose=0."""
+
+    def __init__(self, verbose, total, epoch, epochs):
+        self.bar, self.t0, self.seen, self.verbose = None, time.perf_counter(), 0, verbose
+        if verbose == 1:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
+                            leave=True, dynamic_ncols=True)
+
+    def update(self, n, stats):
+        self.seen += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix_str(self._postfix(stats), refresh=False)
+
+    def _postfix(self, stats, logs=None):
+        rate = self.seen / max(time.perf_counter() - self.t0, 1e-9)
+        loss = stats["loss"] / max(stats["count"], 1)
+        extra = "".join(f", {k}={v:.4f}" for k, v in (logs or {}).items() if k != "loss")
+        return f"loss={loss:.4f}{extra}, {rate:,.0f} samples/s"
+
+    def close(self, stats, logs):
+        text = self._postfix(stats, logs)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+            self.bar.close()
+        elif self.verbose >= 2:
+            log.info("%s", text)
+        return text
+
+
+def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, verbose: int = 1,
+             callbacks=()) -> History:
+    """Run ``epochs`` epochs of ``runner``: train, validate, record, report progress."""
+    history = History({"epochs": epochs, "batch_size": batch_size, "engine": runner.engine,
+                       "samples": runner.n_total})
+    metrics = model.metrics
+    for epoch in range(epochs):
+        bar = _Progress(verbose, runner.n_total, epoch, epochs)
+        stats = runner.train_epoch(epoch, bar.update)
+        logs = stats_logs(metrics, stats)
+        if validation is not None:
+            logs.update(stats_logs(metrics, runner.evaluate(validation, batch_size), "val_"))
+        bar.close(stats, logs)
+        history.record(epoch, logs)
+        for cb in callbacks:
+            cb(epoch, logs)
+    runner.finish()
+    return history

@@ -1,0 +1,66 @@
+"""Finding or starting the Spark session rddtensor runs on.
+
+The default is an embedded ``local[*]`` master: nothing to install but Java 17+.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+DEFAULT_CONF = {
+    "spark.ui.showConsoleProgress": "false",
+    "spark.locality.wait": "0s",          # tasks never wait for a "better" executor
+    "spark.python.worker.reuse": "true",  # keeps worker-local caches warm between tasks
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+
+
+def java_version() -> int | None:
+    """Major version of the ``java`` Spark will use (JAVA_HOME first), or ``None`` if absent."""
+    home = os.environ.get("JAVA_HOME")
+    exe = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not exe or not os.path.exists(exe):
+        return None
+    try:
+        out = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if not m:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2)) if major == 1 and m.group(2) else major
+
+
+def check_java(minimum: int = 17) -> int:
+    """Raise a clear error when Java is missing or older than ``minimum``; return the version."""
+    v = java_version()
+    if v is None:
+        raise RuntimeError("Java was not found: Spark needs Java 17 or newer. Install it "
+                           "(e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME; "
+                           "check with `java -version`.")
+    if v < minimum:
+        raise RuntimeError(f"Java {v} is too old: Spark needs Java {minimum} or newer "
+                           "(check with `java -version`, or point JAVA_HOME at a newer JDK).")
+    return v
+
+
+def get_spark(master: str | None = None, app_name: str = "rddtensor", conf: dict | None = None):
+    """The active SparkSession, or a new one on ``master`` (default ``local[*]``).
+
+    Example:
+        >>> spark = get_spark("local[2]")   # doctest: +SKIP
+    """
+    from pyspark.sql import SparkSession
+    active = SparkSession.getActiveSession()
+    if active is not None and master is None:
+        return active
+    check_java()
+    builder = SparkSession.builder.master(master or "local[*]").appName(app_name)
+    for k, v in {**DEFAULT_CONF, **(conf or {})}.items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
