@@ -10,13 +10,13 @@ must pass that layer's full norms (``norms``; for LAMB via :func:`lamb_direction
 :func:`trust_ratio_update`), or its result differs from the in-process one.
 
 Conventions: ``step`` is the 1-based update count ``t``; ``g`` is scratch and is overwritten
-(callers pass a copy of the gradient); arithmetic runs in the dtype of ``w``, with one
+(callers pass a copy of the gradient); arithmetic runs in the dtype of ``w``, with at most one
 temporary of the slice's size per call.
 """
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy
 
@@ -33,7 +33,7 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "L
 # ---------------------------------------------------------------------------- helpers
 
 def _check_step(step) -> int:
-    if int(step) != step or step < 1:
+    if isinstance(step, bool) or not isinstance(step, Integral) or step < 1:
         raise ValueError(f"step is 1-based and must be an integer >= 1, got {step!r}")
     return int(step)
 
@@ -49,14 +49,15 @@ def _segments(segments, n: int) -> list:
         return [(0, n)]
     segments = [(int(a), int(b)) for a, b in segments]
     stop = 0
-    for a, b in segments:
+    for i, (a, b) in enumerate(segments):
         if a != stop or b < a:
-            break
+            raise ValueError(f"segments must tile [0, {n}) in order as (start, stop) pairs: "
+                             f"segment {i} is {(a, b)}, expected to start at {stop}")
         stop = b
-    else:
-        if stop == n:
-            return segments
-    raise ValueError(f"segments must tile [0, {n}) in order as (start, stop) pairs, got {segments}")
+    if stop != n:
+        raise ValueError(f"segments must tile [0, {n}) in order as (start, stop) pairs: "
+                         f"they end at {stop}")
+    return segments
 
 
 def segment_norms(x, segments=None) -> list:
@@ -495,7 +496,7 @@ class Optimizer:
         return float(self.lr(step)) if callable(self.lr) else self.lr
 
     def update(self, w, g, slots: dict, step: int, segments=None) -> None:
-        """Update ``w`` and ``slots`` in place from gradient ``g`` (overwritten) at 1-based ``step``.
+        """Update ``w`` and ``slots`` in place from gradient ``g`` (overwritten) at update ``step``.
 
         ``segments`` ((start, stop) per parameter tensor) matters only to LARS and LAMB.
         """
@@ -753,7 +754,8 @@ class LAMB(Optimizer):
                     weight_decay=self.weight_decay, step=step, segments=segments)
 
 
-_OPTIMIZERS = {cls.__name__.lower(): cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad, LARS, LAMB)}
+_OPTIMIZERS = {cls.__name__.lower(): cls
+               for cls in (SGD, Adam, AdamW, RMSprop, Adagrad, LARS, LAMB)}
 
 
 def _optimizer_class(name):

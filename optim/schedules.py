@@ -95,7 +95,9 @@ class Constant(Schedule):
 
 
 class StepDecay(Schedule):
-    """Multiply by ``gamma`` every ``step_size`` updates: ``lr(t) = lr * gamma ** ((t - 1) // step_size)``.
+    """Multiply the rate by ``gamma`` every ``step_size`` updates.
+
+    ``lr(t) = lr * gamma ** ((t - 1) // step_size)``.
 
     Like ``torch.optim.lr_scheduler.StepLR`` stepped once per update (not per epoch).
 
@@ -189,11 +191,13 @@ class CosineDecay(Schedule):
 class LinearWarmup(Schedule):
     """Linear warm-up for ``warmup_steps`` updates, then the wrapped schedule from its step 1.
 
-    For ``t <= warmup_steps``: ``lr(t) = base * (start_factor + (1 - start_factor) * (t - 1) / warmup_steps)``
-    with ``base = schedule(1)``; afterwards ``lr(t) = schedule(t - warmup_steps)``. This is torch's
-    ``SequentialLR([LinearLR(start_factor, 1.0, warmup_steps), inner], milestones=[warmup_steps])``.
-    With the default ``start_factor=0`` the first update uses rate 0 (as in Hugging Face's linear
-    warm-up); pass e.g. ``start_factor=1 / warmup_steps`` to avoid it.
+    For ``t <= warmup_steps``:
+    ``lr(t) = base * (start_factor + (1 - start_factor) * (t - 1) / warmup_steps)`` with
+    ``base = schedule(1)``; afterwards ``lr(t) = schedule(t - warmup_steps)``. This is torch's
+    ``SequentialLR([LinearLR(start_factor, 1.0, warmup_steps), inner], milestones=[warmup_steps])``
+    (torch requires ``start_factor > 0``). With the default ``start_factor=0`` the first update
+    uses rate 0 (as in Hugging Face's linear warm-up); pass e.g. ``start_factor=1 / warmup_steps``
+    to avoid it.
 
     Args:
         schedule_or_lr: the schedule to warm up into: a float, a :class:`Schedule` or its config.
@@ -233,7 +237,7 @@ _SCHEDULES = {cls.__name__.lower(): cls
 
 
 def serialize_schedule(schedule: Schedule) -> dict:
-    """``{"class_name": ..., "config": ...}`` for a built-in schedule, the form :func:`get_schedule` reads.
+    """``{"class_name": ..., "config": ...}`` for a schedule: the form :func:`get_schedule` reads.
 
     Example:
         >>> serialize_schedule(Constant(0.1))
@@ -249,8 +253,8 @@ def get_schedule(obj) -> Schedule:
     """Return a :class:`Schedule` from a float (:class:`Constant`), a Schedule or a config dict.
 
     Args:
-        obj: a number, a :class:`Schedule` (returned as is), or ``{"class_name": name, "config": {...}}``
-            with a case-insensitive built-in class name.
+        obj: a number, a :class:`Schedule` (returned as is), or
+            ``{"class_name": name, "config": {...}}`` with a case-insensitive built-in class name.
 
     Example:
         >>> get_schedule({"class_name": "StepDecay", "config": {"lr": 1.0, "step_size": 1}})(2)

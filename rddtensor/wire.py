@@ -21,7 +21,9 @@ def pack(kind: str, meta: dict | None = None, arrays: dict | None = None) -> byt
     arrays = arrays or {}
     specs, offset, parts = [], 0, []
     for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)
+        if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+            a = a.copy(order="C")
         pad = (-offset) % _ALIGN
         if pad:
             parts.append(b"\0" * pad)
@@ -42,7 +44,7 @@ def unpack(buf) -> tuple[str, dict, dict]:
     for name, dtype, shape, offset in header["a"]:
         dt = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
-        arrays[name] = np.frombuffer(buf, dtype=dt, count=count, offset=base + offset).reshape(shape)
+        arrays[name] = np.frombuffer(buf, dtype=dt, count=count, offset=base + offset).reshape(tuple(shape))
     return header["k"], header["m"], arrays
 
 
