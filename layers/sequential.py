@@ -235,6 +235,8 @@ class Sequential:
             raise ValueError(f"batch_size={batch_size} is larger than the {len(X)} training rows; "
                              f"use batch_size <= {len(X)} (full batch)")
         if validation_data is not None:
+            if is_distributed_data(validation_data):
+                raise ValueError("validation_data must be numpy arrays (X, y) when x is numpy")
             validation_data = self._check_arrays(*validation_data, "validation_data")
         self._init_slots()
         runner = LocalRunner(self, X, y, batch_size=batch_size, shuffle=shuffle, seed=seed,

@@ -99,6 +99,20 @@ def apply_update(optimizer, w, g, slots: dict, step: int, *, clip_scale: float =
     optimizer.update(w, g, slots, step, segments=segments)
 
 
+def optimizer_step(optimizer, w, g, slots: dict, step: int, segments=None) -> None:
+    """One full optimizer step on the whole vector: clip by value, clip by global norm, update.
+
+    Used by the in-process loop and by the replicated distributed all-reduce (both hold the whole
+    gradient); the sharded all-reduce calls ``clip_values``/``apply_update`` per block.
+    """
+    sq_norm = clip_values(optimizer, g)
+    clip_scale = 1.0
+    if sq_norm is not None:
+        from optim.clipping import norm_clip_scale
+        clip_scale = norm_clip_scale(sq_norm, optimizer.clipnorm)
+    apply_update(optimizer, w, g, slots, step, clip_scale=clip_scale, segments=segments)
+
+
 def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_norm=None) -> dict:
     """Loss and metric stats of ``model`` on ``X, y`` in eval mode (no dropout)."""
     stats = empty_stats(metrics)
@@ -135,13 +149,7 @@ class LocalRunner:
                                  n_batch=int(n_batch), rng=step_rng(self.seed, m.step),
                                  class_weight=self.class_weight, metrics=metrics,
                                  grad_out=self.grad)
-            sq_norm = clip_values(m.optimizer, g)
-            clip_scale = 1.0
-            if sq_norm is not None:
-                from optim.clipping import norm_clip_scale
-                clip_scale = norm_clip_scale(sq_norm, m.optimizer.clipnorm)
-            apply_update(m.optimizer, m.theta, g, m.slots, m.step, clip_scale=clip_scale,
-                         segments=m.layout.segments())
+            optimizer_step(m.optimizer, m.theta, g, m.slots, m.step, segments=m.layout.segments())
             stats = merge_stats(metrics, stats, s)
             on_progress(int(n_batch), stats)
         return stats

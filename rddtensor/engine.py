@@ -1,11 +1,11 @@
 """The distributed engine: ``model.fit`` on an RDD or DataFrame.
 
-Parameters (θ) and optimizer slots live block-partitioned on an RDD; each iteration all-gathers θ
-through one shuffle and reduce-scatters gradients through another (``rddtensor.stages``). The
-driver builds ``iterations_per_job`` iterations of lineage, runs them as one Spark job, and
-receives only the stats of that group (loss sum, row count, metric states: O(classes)). The
-lineage is cut after every job (``localCheckpoint``), and the RDDs of finished iterations are
-unpersisted, so cached blocks and driver memory stay flat however long the run.
+θ and the optimizer slots live on an RDD (the *state*, see ``rddtensor.allreduce``); every
+iteration all-reduces gradients through Spark's shuffle. The driver builds
+``iterations_per_job`` iterations of lineage, runs them as one Spark job, and receives only
+per-step stats through an accumulator (loss sum, rows, metric states: O(classes) per partition).
+After every job the state is cached and its lineage cut (``localCheckpoint``) and the previous
+state unpersisted, so cached blocks and driver memory stay flat however long the run.
 """
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import copy
 import numpy as np
 from pyspark import StorageLevel
 
+from layers.base import positive_int
 from layers.batching import batch_sizes, steps_per_epoch
 from layers.params import block_bounds
 from layers.training import empty_stats, fit_loop, merge_stats, stats_logs
 from rddtensor import rawrdd, wire
+from rddtensor.allreduce import choose
 from rddtensor.errors import spark_errors
 from rddtensor.shards import Shards, make_shards
-from rddtensor.stages import (allgather_emit, eval_stage, gradient_stage, pack_state,
-                              predict_stage, read_state, state_partition, unpack_stats,
-                              update_stage)
+from rddtensor.stages import StatsParam, broadcast_emit, eval_stage, own_record, predict_stage
 
 _LEVEL = StorageLevel.MEMORY_AND_DISK
 
@@ -34,65 +34,93 @@ def skeleton(model):
     return s
 
 
-def initial_state(sc, theta, slots: dict, bounds, t: int):
-    """The state RDD ``S_t`` from driver-side θ and slots (start of a fit only)."""
-    n = len(bounds)
-    recs = [pack_state(i, t, theta[a:z], {k: v[a:z] for k, v in slots.items()})
-            for i, (a, z) in enumerate(bounds)]
-    base = sc.parallelize(recs, n)
-    return rawrdd.map_raw(base, lambda i, it: state_partition(n, None, next(iter(it)))).persist(_LEVEL)
+class ParameterState:
+    """θ and optimizer slots on the executors, in the layout of an all-reduce strategy."""
+
+    def __init__(self, strategy, S, model, bounds):
+        self.strategy, self.S, self.model, self.bounds = strategy, S, model, bounds
+
+    @classmethod
+    def from_driver(cls, strategy, sc, model, n_blocks: int, with_slots: bool = True):
+        """Ship the driver's weights (start of a fit, or evaluate/predict after one)."""
+        bounds = block_bounds(model.layout.size, n_blocks)
+        slots = model.slots if with_slots else {}
+        S = strategy.initial(sc, model.theta, slots, bounds, model.step).persist(_LEVEL)
+        return cls(strategy, S, skeleton(model), bounds)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.bounds)
+
+    def settled(self):
+        """Partition i: one ``own`` record with block i of θ_t and its slots."""
+        own_block = self.strategy.own_block(self.model, self.bounds)
+
+        def run(i, records):
+            meta, w, slots = own_block(i, list(records))
+            yield own_record(meta["i"], meta["t"], meta["lo"], meta["hi"], w, slots)
+        return rawrdd.map_raw(rawrdd.shuffle_pairs(self.S, self.n_blocks), run)
+
+    def broadcast(self, n_dest: int):
+        """θ to ``n_dest`` partitions of other data: one block record per owner per partition."""
+        own_block = self.strategy.own_block(self.model, self.bounds)
+        return rawrdd.shuffle_raw(rawrdd.shuffle_pairs(self.S, self.n_blocks),
+                                  broadcast_emit(n_dest, own_block), n_dest)
+
+    def gather(self):
+        """``(θ, slots, t)`` on the driver (end of a fit only)."""
+        with spark_errors():
+            parts = self.settled().collect()
+        size = self.model.layout.size
+        theta, slots, t = np.empty(size, np.float32), {}, 0
+        for rec in parts:
+            _, meta, arrays = wire.unpack(rec)
+            lo, hi, t = meta["lo"], meta["hi"], meta["t"]
+            theta[lo:hi] = arrays["w"]
+            for k, v in arrays.items():
+                if k.startswith("slot."):
+                    slots.setdefault(k[5:], np.empty(size, np.float32))[lo:hi] = v
+        return theta, slots, t
+
+    def tensor(self, name: str = "w"):
+        """θ (``"w"``) or one optimizer slot as a lazy ``BlockTensor`` (never on the driver)."""
+        from rddtensor.tensor import BlockTensor
+        size, n = self.model.layout.size, self.n_blocks
+
+        def view(i, records):
+            (_, meta, arrays), = [wire.unpack(r) for r in records]
+            x = arrays["w" if name == "w" else "slot." + name]
+            yield wire.pack("block", {"i": i, "lo": meta["lo"], "hi": meta["hi"], "size": size,
+                                      "n": n}, {"x": x})
+        return BlockTensor(rawrdd.map_raw(self.settled(), view), size, n, np.float32)
+
+    def unpersist(self):
+        self.S.unpersist(blocking=False)
 
 
-def allgather(S, bounds, n_dest: int):
-    """``AG``: every destination partition receives all N blocks of θ from ``S``."""
-    return rawrdd.shuffle_raw(S, allgather_emit(n_dest, bounds), n_dest)
-
-
-def gather_state(S, size: int, slot_names):
-    """θ, slots and step from a state RDD, assembled on the driver (end of a fit)."""
+def evaluate_state(state: ParameterState, shards: Shards, batch_size: int) -> dict:
+    """Loss/metric stats of the weights in ``state`` over ``shards`` (zip with a broadcast)."""
+    AG = state.broadcast(shards.n_partitions)
     with spark_errors():
-        parts = rawrdd.map_raw(S, lambda i, it: [r for r in it if wire.kind_of(r) == "state"]).collect()
-    theta = np.empty(size, np.float32)
-    slots = {k: np.empty(size, np.float32) for k in slot_names}
-    t = 0
-    for rec in parts:
-        _, meta, arrays = wire.unpack(rec)
-        i, t, w, sl, _ = read_state([rec])
-        lo, hi = _bounds_of(meta, size, len(parts), i)
-        theta[lo:hi] = w
-        for k in slots:
-            slots[k][lo:hi] = sl[k]
-    return theta, slots, t
-
-
-def _bounds_of(meta, size, n, i):
-    return block_bounds(size, n)[i]
-
-
-def state_tensor(S, size: int, bounds, name: str = "w"):
-    """A lazy ``BlockTensor`` view of θ (``name="w"``) or one optimizer slot in state ``S``."""
-    from rddtensor.tensor import BlockTensor
-    def view(i, it):
-        _, _, w, slots, _ = read_state(it)
-        a, z = bounds[i]
-        x = w if name == "w" else slots[name]
-        yield wire.pack("block", {"i": i, "lo": a, "hi": z, "size": size, "n": len(bounds)}, {"x": x})
-    return BlockTensor(rawrdd.map_raw(S, view), size, len(bounds), np.float32)
+        parts = rawrdd.zip_raw(AG, shards.rdd).mapPartitionsWithIndex(
+            eval_stage(state.model, batch_size)).collect()
+    stats = empty_stats(state.model.metrics)
+    for _, s in sorted(parts, key=lambda p: p[0]):
+        stats = merge_stats(state.model.metrics, stats, s)
+    return stats
 
 
 class DistributedRunner:
-    """Runs epochs of synchronous SGD on Spark for ``fit_loop`` (same interface as LocalRunner)."""
+    """Runs epochs of synchronous mini-batch training on Spark for ``fit_loop``."""
 
     engine = "distributed"
 
-    def __init__(self, model, shards: Shards, *, batch_size, shuffle, seed, class_weight,
-                 iterations_per_job: int):
+    def __init__(self, model, shards: Shards, strategy, *, batch_size, shuffle, seed,
+                 class_weight, iterations_per_job: int):
         self.model, self.shards = model, shards
         self.sc = shards.rdd.ctx
         self.N = shards.n_partitions
         self.n_total = shards.n_total
-        self.bounds = block_bounds(model.layout.size, self.N)
-        self.skel = skeleton(model)
         self.k = int(iterations_per_job)
         self.t0 = model.step
         self.cfg = {"n_total": self.n_total, "batch_size": batch_size, "seed": seed,
@@ -100,33 +128,35 @@ class DistributedRunner:
                     "batch_sizes": batch_sizes(self.n_total, batch_size).tolist(),
                     "class_weight": class_weight}
         self.spe = steps_per_epoch(self.n_total, batch_size)
-        self.S = initial_state(self.sc, model.theta, model.slots, self.bounds, model.step)
+        self.state = ParameterState.from_driver(strategy, self.sc, model, self.N)
+        self.acc = self.sc.accumulator({}, StatsParam())
         self.t = model.step
-        self._ag = None  # (t, n_dest, AG rdd) reused by validation and the next gradient stage
-
-    def _allgather(self, n_dest=None):
-        n_dest = self.N if n_dest is None else n_dest
-        if self._ag is None or self._ag[:2] != (self.t, n_dest):
-            self._ag = (self.t, n_dest, allgather(self.S, self.bounds, n_dest))
-        return self._ag[2]
+        self.engine = f"distributed ({strategy.name} all-reduce, {self.N} partitions)"
 
     def _run_group(self, steps: int) -> dict:
-        created = []
-        S = self.S
-        for k in range(steps):
-            AG = self._allgather() if k == 0 else allgather(S, self.bounds, self.N)
-            RS = rawrdd.shuffle_raw(rawrdd.zip_raw(AG, self.shards.rdd),
-                                    gradient_stage(self.cfg, self.skel, self.bounds), self.N)
-            S = rawrdd.map_raw(rawrdd.zip_raw(RS, S),
-                               update_stage(self.skel, self.bounds, reset_stats=(k == 0)))
-            S.persist(_LEVEL)
-            created.append(S)
-        S.localCheckpoint()
+        """``steps`` iterations as one Spark job; returns their merged stats."""
+        st = self.state
+        S = st.S
+        for _ in range(steps):
+            S = st.strategy.iteration(S, self.shards.rdd, self.cfg, st.model, st.bounds, self.acc)
+        S.persist(_LEVEL)
+        S.localCheckpoint()  # cut the lineage: the next job starts from these records
         with spark_errors():
-            stats = unpack_stats(bytes(S._jrdd.first()))
-        for old in [self.S, *created[:-1]]:
-            old.unpersist(blocking=False)
-        self.S, self.t = S, self.t + steps
+            S._jrdd.count()
+        st.unpersist()
+        self.state = ParameterState(st.strategy, S, st.model, st.bounds)
+        steps_done = range(self.t + 1, self.t + steps + 1)
+        self.t += steps
+        return self._take_stats(steps_done)
+
+    def _take_stats(self, steps) -> dict:
+        got = self.acc.value
+        metrics = self.model.metrics
+        stats = empty_stats(metrics)
+        for t in steps:
+            for j in range(self.N):
+                stats = merge_stats(metrics, stats, got[(t, j)])
+        self.acc.value = {k: v for k, v in got.items() if k[0] > steps[-1]}
         return stats
 
     def train_epoch(self, epoch: int, on_progress) -> dict:
@@ -136,76 +166,48 @@ class DistributedRunner:
         sizes = self.cfg["batch_sizes"]
         while start < self.spe:
             steps = min(self.k, self.spe - start)
-            g = self._run_group(steps)
-            stats = merge_stats(metrics, stats, g)
+            stats = merge_stats(metrics, stats, self._run_group(steps))
             on_progress(int(sum(sizes[start:start + steps])), stats)
             start += steps
         return stats
 
-    def evaluate(self, data, batch_size) -> dict:
-        shards = data if isinstance(data, Shards) else make_shards(
-            data, feature_shape=self.model.input_shape, n_records=self.N)
-        return evaluate_shards(self.skel, self._allgather(shards.n_partitions), shards, batch_size)
-
-    def theta_tensor(self):
-        return state_tensor(self.S, self.model.layout.size, self.bounds)
+    def evaluate(self, shards, batch_size) -> dict:
+        return evaluate_state(self.state, shards, batch_size)
 
     def finish(self):
         m = self.model
-        theta, slots, t = gather_state(self.S, m.layout.size, list(m.slots))
+        theta, slots, t = self.state.gather()
         m.theta[...] = theta
         for k in m.slots:
             m.slots[k][...] = slots[k]
         m.step = t
-        self.S.unpersist(blocking=False)
-
-
-def evaluate_shards(skel, AG, shards: Shards, batch_size: int) -> dict:
-    with spark_errors():
-        recs = rawrdd.zip_raw(AG, shards.rdd).mapPartitionsWithIndex(
-            _pickled(eval_stage(skel, batch_size))).collect()
-    stats = empty_stats(skel.metrics)
-    for r in recs:
-        stats = merge_stats(skel.metrics, stats, unpack_stats(r))
-    return stats
-
-
-def _pickled(f):  # a raw-input stage whose outputs are ordinary (pickled) Python objects
-    return f
-
-
-def _check_supported(model):
-    opt = model.optimizer
-    if opt.clipnorm is not None:
-        raise ValueError("clipnorm is not supported by the distributed engine yet "
-                         "(it needs the global gradient norm before any block updates); "
-                         "use clipvalue, or train in-process")
-    if type(opt).__name__ in ("LARS", "LAMB"):
-        raise ValueError(f"{type(opt).__name__} needs per-tensor norms that span parameter "
-                         "blocks; the distributed engine does not support it yet")
+        self.state.unpersist()
 
 
 def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, shuffle=True,
                     seed=0, verbose=1, class_weight=None, callbacks=(), num_partitions=None,
-                    iterations_per_job: int = 8, features_col="features", label_col="label"):
+                    iterations_per_job: int = 8, allreduce: str = "auto",
+                    features_col="features", label_col="label"):
     """Train ``model`` on an RDD of ``(features, label)`` or a DataFrame, distributed.
 
-    Same semantics as in-process ``fit``: the same global mini-batches (rows are drawn from one
+    Same semantics as in-process ``fit``: the same global mini-batches (rows come from one
     global permutation per epoch, each partition taking its own rows), the same loss
     normalisation and the same optimizer update, so the weights equal the in-process run up to
-    float summation order.
+    float summation order (bit-identical with one partition).
 
     Args:
         num_partitions: repartition the data to this many shards (default: as given).
-        iterations_per_job: iterations run as one Spark job (fewer jobs, more lineage per job).
+        iterations_per_job: iterations run as one Spark job (fewer jobs, longer lineage).
+        allreduce: ``"sharded"`` (reduce-scatter + all-gather, blocks owned by partitions),
+            ``"replicated"`` (all-to-all gradients, one pass per iteration) or ``"auto"``
+            (see ``rddtensor.allreduce.choose``).
         features_col, label_col: DataFrame columns.
     """
-    from layers.base import positive_int
     iterations_per_job = positive_int(iterations_per_job, "iterations_per_job")
-    _check_supported(model)
     shards = make_shards(data, n_partitions=num_partitions,
                          feature_shape=model.input_shape if model.built else None,
                          features_col=features_col, label_col=label_col)
+    val = runner = None
     try:
         if not shards.has_labels:
             raise ValueError("training data needs labels: an RDD of (features, label) pairs or a "
@@ -218,28 +220,36 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         if batch_size > shards.n_total:
             raise ValueError(f"batch_size={batch_size} is larger than the {shards.n_total} "
                              f"training rows; use batch_size <= {shards.n_total} (full batch)")
+        strategy = choose(allreduce, model, shards.n_partitions)
+        n_records = strategy.shard_records(shards.n_partitions)
+        if n_records != shards.n_partitions:
+            shards.unpersist()
+            shards = make_shards(data, n_partitions=shards.n_partitions,
+                                 feature_shape=model.input_shape, features_col=features_col,
+                                 label_col=label_col, n_records=n_records)
         model._init_slots()
-        val = None
         if validation_data is not None:
             val = make_shards(validation_data, feature_shape=model.input_shape,
                               n_records=shards.n_partitions, features_col=features_col,
                               label_col=label_col)
-        runner = DistributedRunner(model, shards, batch_size=batch_size, shuffle=shuffle,
-                                   seed=seed, class_weight=class_weight,
+        runner = DistributedRunner(model, shards, strategy, batch_size=batch_size,
+                                   shuffle=shuffle, seed=seed, class_weight=class_weight,
                                    iterations_per_job=iterations_per_job)
         history = fit_loop(model, runner, epochs=epochs, validation=val, batch_size=batch_size,
                            verbose=verbose, callbacks=callbacks)
-        history.params.update(partitions=shards.n_partitions, iterations_per_job=iterations_per_job)
-        if val is not None:
-            val.unpersist()
+        history.params.update(partitions=shards.n_partitions, allreduce=strategy.name,
+                              iterations_per_job=iterations_per_job)
         return history
     finally:
         shards.unpersist()
+        if val is not None:
+            val.unpersist()
 
 
-def _driver_state(model, n_owners: int, sc):
-    bounds = block_bounds(model.layout.size, n_owners)
-    return initial_state(sc, model.theta, {}, bounds, model.step), bounds
+def _driver_state(model, shards: Shards) -> ParameterState:
+    from rddtensor.allreduce import Sharded
+    return ParameterState.from_driver(Sharded(), shards.rdd.ctx, model, shards.n_partitions,
+                                      with_slots=False)
 
 
 def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="features",
@@ -248,29 +258,27 @@ def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="f
     model._require_built()
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
                          label_col=label_col)
+    state = _driver_state(model, shards)
     try:
-        S, bounds = _driver_state(model, shards.n_partitions, shards.rdd.ctx)
-        stats = evaluate_shards(skeleton(model), allgather(S, bounds, shards.n_partitions),
-                                shards, batch_size)
-        S.unpersist()
-        return stats_logs(model.metrics, stats)
+        return stats_logs(model.metrics, evaluate_state(state, shards, batch_size))
     finally:
+        state.unpersist()
         shards.unpersist()
 
 
 def predict_distributed(model, data, *, batch_size: int = 4096, features_col="features"):
-    """Model outputs for every row of an RDD (of features or pairs) or DataFrame, as an RDD of
-    numpy arrays in row order. Lazy: nothing runs until the result is used."""
+    """Model outputs for every row of an RDD (of features or ``(features, label)`` pairs) or a
+    DataFrame's ``features_col``, as an RDD of numpy arrays in row order (lazy)."""
     model._require_built()
+    labelled = not hasattr(data, "columns") and _looks_labelled(data)
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
-                         label_col=None if not _looks_labelled(data) else "label")
-    S, bounds = _driver_state(model, shards.n_partitions, shards.rdd.ctx)
-    AG = allgather(S, bounds, shards.n_partitions)
-    return rawrdd.zip_raw(AG, shards.rdd).mapPartitionsWithIndex(predict_stage(skeleton(model), batch_size))
+                         label_col="label" if labelled else None)
+    state = _driver_state(model, shards)
+    AG = state.broadcast(shards.n_partitions)
+    return rawrdd.zip_raw(AG, shards.rdd).mapPartitionsWithIndex(
+        predict_stage(state.model, batch_size))
 
 
 def _looks_labelled(data) -> bool:
-    if hasattr(data, "columns"):
-        return False
     first = data.first()
     return isinstance(first, tuple) and len(first) == 2

@@ -42,9 +42,13 @@ def shuffle_raw(rdd: RDD, f, n_partitions: int) -> RDD:
     """Run ``f(split, records)`` yielding ``key(dest), payload, key(dest), payload, ...`` and
     deliver each payload to partition ``dest`` of the result (a shuffle; order within a
     partition is not defined, so payloads carry their source in their header)."""
-    keyed = rdd.mapPartitionsWithIndex(f)
-    keyed._bypass_serializer = True
-    ctx = rdd.ctx
+    return shuffle_pairs(map_raw(rdd, f), n_partitions)
+
+
+def shuffle_pairs(keyed: RDD, n_partitions: int) -> RDD:
+    """Shuffle a raw RDD whose records alternate ``key(dest), payload`` (no Python pass: the
+    JVM pairs, partitions and delivers the payloads)."""
+    ctx = keyed.ctx
     jvm = ctx._jvm
     pairs = jvm.PairwiseRDD(keyed._jrdd.rdd()).asJavaPairRDD()
     partitioner = jvm.PythonPartitioner(int(n_partitions), id(_identity_partition))

@@ -148,12 +148,15 @@ def _sizes(shard_rdd) -> list:
 
 
 def read_shard(records):
-    """The ``(meta, arrays)`` of the shard among a partition's records."""
+    """The ``(meta, arrays)`` of the shard among a partition's records (reads them all)."""
+    found = None
     for r in records:
         if len(r):
-            _, meta, arrays = wire.unpack(r)
-            return meta, arrays
-    raise ValueError("partition holds no shard record")
+            found = r
+    if found is None:
+        raise ValueError("partition holds no shard record")
+    _, meta, arrays = wire.unpack(found)
+    return meta, arrays
 
 
 def from_numpy(sc, X, y=None, n_partitions: int = 2):

@@ -24,6 +24,7 @@ from pyspark import StorageLevel
 from layers.params import block_bounds
 from rddtensor import rawrdd, wire
 from rddtensor.backend import to_numpy as _host
+from rddtensor.errors import spark_errors
 
 __all__ = ["BlockTensor"]
 
@@ -137,6 +138,11 @@ def _sum64(x):
 
 def _dot64(x, y):
     return float(np.multiply(x, y, dtype=np.float64).sum())  # no BLAS: deterministic everywhere
+
+
+def _total(values) -> float:
+    """Combine per-block partials in block order (float64; inf/NaN behave as in NumPy)."""
+    return float(np.sum(np.asarray(values, dtype=np.float64)))
 
 
 def _extreme_or_none(fn):
@@ -267,7 +273,9 @@ class BlockTensor:
             >>> BlockTensor.from_numpy(sc, [1, 2, 3], 2).to_numpy()        # doctest: +SKIP
             array([1., 2., 3.], dtype=float32)
         """
-        blocks = sorted((_unpack_block(r) for r in self._rdd.collect()), key=lambda b: b[0]["i"])
+        with spark_errors():
+            records = self._rdd.collect()
+        blocks = sorted((_unpack_block(r) for r in records), key=lambda b: b[0]["i"])
         if [m["i"] for m, _ in blocks] != list(range(self._n)):
             raise RuntimeError(f"expected blocks 0..{self._n - 1}, got {[m['i'] for m, _ in blocks]}")
         out = np.concatenate([x for _, x in blocks]).astype(self._dtype, copy=False)
@@ -285,7 +293,8 @@ class BlockTensor:
         i = _count("i", i, 0)
         if i >= self._n:
             raise ValueError(f"block index i must be in [0, {self._n}), got {i}")
-        (buf,) = self._rdd.ctx.runJob(self._rdd, lambda records: list(records), [i])
+        with spark_errors():
+            (buf,) = self._rdd.ctx.runJob(self._rdd, lambda records: list(records), [i])
         return np.array(_unpack_block(buf)[1])
 
     # --- lazy transformations --------------------------------------------------------------------
@@ -298,7 +307,9 @@ class BlockTensor:
             dtype: dtype of the result (default: this tensor's dtype).
 
         Example:
-            >>> t.map_blocks(lambda x, i: x * i)                            # doctest: +SKIP
+            >>> t = BlockTensor.full(sc, 5, 2, 1.0).map_blocks(lambda x, i: x * i)  # doctest: +SKIP
+            >>> t.to_numpy()                                                 # doctest: +SKIP
+            array([0., 0., 0., 1., 1.], dtype=float32)
         """
         dt = self._dtype if dtype is None else _float_dtype(dtype)
         rdd = rawrdd.map_raw(self._rdd, _map_task(fn, dt), preserves_partitioning=True)
@@ -354,22 +365,42 @@ class BlockTensor:
 
     # --- reductions (executors compute one value per block; the driver combines N floats) -------
     def _per_block(self, rdd, fn) -> list:
-        return rdd.mapPartitionsWithIndex(_reduce_task(fn)).collect()
+        with spark_errors():  # a task's ValueError reaches the user as itself, not a JVM trace
+            return rdd.mapPartitionsWithIndex(_reduce_task(fn)).collect()
 
     def sum(self) -> float:
-        """Σ x, accumulated in float64 per block and combined exactly (``math.fsum``)."""
-        return math.fsum(self._per_block(self._rdd, _sum64))
+        """Σ x, accumulated in float64 and combined in block order (deterministic).
+
+        Example:
+            >>> BlockTensor.from_numpy(sc, [1, 2, 3], 2).sum()              # doctest: +SKIP
+            6.0
+        """
+        return _total(self._per_block(self._rdd, _sum64))
 
     def dot(self, other: "BlockTensor") -> float:
-        """Σ x·y over two aligned tensors, accumulated in float64 (deterministic)."""
+        """Σ x·y over two tensors of equal size and n_blocks, accumulated in float64.
+
+        Args:
+            other: a BlockTensor aligned with this one (else ValueError naming both shapes).
+
+        Example:
+            >>> t = BlockTensor.from_numpy(sc, [1, 2, 3], 2)                  # doctest: +SKIP
+            >>> t.dot(t + 1)                                                 # doctest: +SKIP
+            20.0
+        """
         if not isinstance(other, BlockTensor):
             raise TypeError(f"dot needs a BlockTensor, got {type(other).__name__}")
         self._check_aligned(other, "dot")
-        return math.fsum(self._per_block(rawrdd.zip_raw(self._rdd, other._rdd), _dot64))
+        return _total(self._per_block(rawrdd.zip_raw(self._rdd, other._rdd), _dot64))
 
     def norm(self) -> float:
-        """Euclidean norm √(Σ x²), accumulated in float64."""
-        return math.sqrt(math.fsum(self._per_block(self._rdd, lambda x: _dot64(x, x))))
+        """Euclidean norm √(Σ x²), accumulated in float64.
+
+        Example:
+            >>> BlockTensor.from_numpy(sc, [3, 4], 2).norm()                 # doctest: +SKIP
+            5.0
+        """
+        return math.sqrt(_total(self._per_block(self._rdd, lambda x: _dot64(x, x))))
 
     def _extreme(self, name: str, fn) -> float:
         if self._size == 0:
@@ -378,7 +409,12 @@ class BlockTensor:
         return float(fn(np.asarray(values)))  # NaN propagates, as in NumPy
 
     def max(self) -> float:
-        """Largest element (NaN if any element is NaN); an empty tensor raises ValueError."""
+        """Largest element (NaN if any element is NaN); an empty tensor raises ValueError.
+
+        Example:
+            >>> BlockTensor.from_numpy(sc, [3, -4], 2).max()                 # doctest: +SKIP
+            3.0
+        """
         return self._extreme("max", np.max)
 
     def min(self) -> float:
