@@ -49,7 +49,7 @@ class Sequential:
         self.params: dict = {}
         self.optimizer = self.loss = None
         self.metrics: list = []
-        self.slots: dict = {}
+        self.slots: dict | None = None  # optimizer slots, created by the first fit
         self.step = 0
         self._keys: list[list[tuple[str, str]]] = []
         for layer in layers or []:
@@ -151,10 +151,11 @@ class Sequential:
         weights = list(weights)
         if len(weights) != len(keys):
             raise ValueError(f"set_weights expects {len(keys)} arrays ({keys}), got {len(weights)}")
-        for k, w in zip(keys, weights):
-            w = np.asarray(w)
+        weights = [np.asarray(w) for w in weights]
+        for k, w in zip(keys, weights):  # check all first: a failed call changes nothing
             if w.shape != self.layout.shapes[k]:
                 raise ValueError(f"weight {k!r} must have shape {self.layout.shapes[k]}, got {w.shape}")
+        for k, w in zip(keys, weights):
             self.params[k][...] = w
 
     def _require_built(self):
@@ -190,14 +191,14 @@ class Sequential:
         self.optimizer = get_optimizer(optimizer)
         self.loss = get_loss(loss)
         self.metrics = [get_metric(m) for m in (metrics or [])]
-        self.slots = {}
+        self.slots = None
 
     def _require_compiled(self, what):
         if self.loss is None:
             raise RuntimeError(f"call model.compile(optimizer=..., loss=...) before {what}()")
 
     def _init_slots(self):
-        if not self.slots:
+        if self.slots is None:
             self.slots = self.optimizer.init_slots(self.layout.size)
             self.step = 0
 
@@ -282,6 +283,11 @@ class Sequential:
         X = x.tocsr().astype(np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
         if X.ndim < 2:
             raise ValueError(f"{what} must have a batch axis: shape (rows, features...), got {X.shape}")
+        first = self.layers[0] if self.layers else None
+        if first is not None and first.input_shape is not None and \
+                tuple(X.shape[1:]) != tuple(first.input_shape):
+            raise ValueError(f"{what} has per-row shape {tuple(X.shape[1:])} but the first layer "
+                             f"({first.describe()}) expects {tuple(first.input_shape)}")
         if not self.built:
             self.build(X.shape[1:], seed=self.seed if self.seed is not None else build_seed)
         if tuple(X.shape[1:]) != tuple(self.layers[0].input_shape):

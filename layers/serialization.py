@@ -31,12 +31,17 @@ def save_model(model, path: str, include_optimizer: bool = True) -> None:
             "rddtensor_version": _version(), "config": model.get_config(),
             "input_shape": list(model.input_shape), "layout": model.layout.to_config()}
     if model.loss is not None:
-        meta["compile"] = {"optimizer": model.optimizer.get_config(), "loss": model.loss.name,
-                           "metrics": [m.name for m in model.metrics]}
-    if include_optimizer and model.slots:
+        from optim.optimizers import serialize_optimizer
+        meta["compile"] = {"optimizer": serialize_optimizer(model.optimizer),
+                           "loss": model.loss.get_config(),
+                           "metrics": [m.get_config() for m in model.metrics]}
+    opt_path = os.path.join(path, "optimizer.npz")
+    if include_optimizer and model.slots is not None and model.loss is not None:
         slots = {k: np.asarray(v) for k, v in model.slots.items()}
-        _atomic_write(os.path.join(path, "optimizer.npz"), lambda f: np.savez(f, **slots))
+        _atomic_write(opt_path, lambda f: np.savez(f, **slots))
         meta["optimizer_step"] = int(model.step)
+    elif os.path.exists(opt_path):  # never pair these weights with an older run's slots
+        os.remove(opt_path)
     body = json.dumps(meta, indent=1).encode()
     _atomic_write(os.path.join(path, "model.json"), lambda f: f.write(body))
 
@@ -93,10 +98,17 @@ def load_model(path: str):
         raise ValueError(f"{weights_path!r} lacks weights {missing}")
     model.set_weights([weights[k] for k in model.layout.keys])
     if "compile" in meta:
+        from optim import get_loss, get_metric
         c = meta["compile"]
-        model.compile(optimizer=c["optimizer"], loss=c["loss"], metrics=c["metrics"])
+        loss, metrics = c["loss"], c["metrics"]
+        if isinstance(loss, dict):
+            loss = dict(loss)
+            loss = get_loss(loss.pop("name"), **loss)
+        metrics = [get_metric(m) if isinstance(m, str) else get_metric(
+            m["name"], **{k: v for k, v in m.items() if k != "name"}) for m in metrics]
+        model.compile(optimizer=c["optimizer"], loss=loss, metrics=metrics)
         opt_path = os.path.join(path, "optimizer.npz")
-        if os.path.exists(opt_path):
+        if os.path.exists(opt_path) and "optimizer_step" in meta:
             slots = _load_npz(opt_path)
             if set(slots) == set(model.optimizer.slot_names) and all(
                     v.shape == (model.layout.size,) for v in slots.values()):

@@ -11,6 +11,9 @@ inputs, same fixed summation order: bit-identical replicas). One Python pass per
 worker round trips (see DESIGN.md), so for small models or few partitions ``Replicated`` wins; at
 N = 2 both move exactly the same number of gradient/weight bytes.
 
+``initial`` ships driver-side θ (start of a fit) by broadcast and returns the state RDD and
+the broadcast handles to destroy once that state is cut loose from its lineage.
+
 A strategy produces the *state RDD* ``S``: the raw pre-shuffle records of the last pass
 (``key(dest), payload`` pairs). ``iteration`` maps ``S_t -> S_{t+1}``; ``own_block`` reads the
 settled block i of θ_t (and its slots) from partition i of ``shuffle_pairs(S_t)``.
@@ -58,15 +61,20 @@ class Sharded:
             yield own_record(i, t, lo, hi, w, slots) if d == i else other
 
     def initial(self, sc, theta, slots, bounds, t):
-        recs = [own_record(i, t, a, z, theta[a:z], {k: v[a:z] for k, v in slots.items()})
-                for i, (a, z) in enumerate(bounds)]
+        # one broadcast per block: task i fetches block i only, and the driver JVM streams it
+        # from a file (a parallelized collection would hold all of θ in the driver's heap)
+        handles = [sc.broadcast(own_record(i, t, a, z, theta[a:z],
+                                           {k: v[a:z] for k, v in slots.items()}))
+                   for i, (a, z) in enumerate(bounds)]
         emit_state = self.emit_state
 
         def emit(i, records):
-            (_, _, arrays), = _unpack_all(records)
+            for _ in records:
+                pass
+            _, _, arrays = wire.unpack(handles[i].value)
             w, sl = split_own(arrays)
             return emit_state(i, t, bounds, w, sl)
-        return rawrdd.map_raw(sc.parallelize(recs, len(bounds)), emit)
+        return rawrdd.map_raw(sc.parallelize(range(len(bounds)), len(bounds)), emit), handles
 
     def iteration(self, S, shards, cfg, model, bounds, acc):
         n = len(bounds)
@@ -132,16 +140,18 @@ class Replicated:
 
     def initial(self, sc, theta, slots, bounds, t):
         n = len(bounds)
-        state = wire.pack("rstate", {"t": t}, {"w": theta, **{"slot." + k: v for k, v in slots.items()}})
+        handle = sc.broadcast(wire.pack("rstate", {"t": t},
+                                        {"w": theta, **{"slot." + k: v for k, v in slots.items()}}))
 
         def emit(j, records):
-            records = list(records)
+            for _ in records:
+                pass
             yield rawrdd.key(j)
-            yield records[0]
+            yield handle.value
             for k in range(n):  # placeholders keep the record count fixed for zip
                 yield rawrdd.key(j)
                 yield wire.pack("nograd", {"src": k})
-        return rawrdd.map_raw(sc.parallelize([state] * n, n), emit)
+        return rawrdd.map_raw(sc.parallelize(range(n), n), emit), [handle]
 
     def iteration(self, S, shards, cfg, model, bounds, acc):
         n = len(bounds)

@@ -37,16 +37,17 @@ def skeleton(model):
 class ParameterState:
     """θ and optimizer slots on the executors, in the layout of an all-reduce strategy."""
 
-    def __init__(self, strategy, S, model, bounds):
+    def __init__(self, strategy, S, model, bounds, handles=()):
         self.strategy, self.S, self.model, self.bounds = strategy, S, model, bounds
+        self.handles = list(handles)  # broadcasts the state was built from (destroyed with it)
 
     @classmethod
     def from_driver(cls, strategy, sc, model, n_blocks: int, with_slots: bool = True):
         """Ship the driver's weights (start of a fit, or evaluate/predict after one)."""
         bounds = block_bounds(model.layout.size, n_blocks)
-        slots = model.slots if with_slots else {}
-        S = strategy.initial(sc, model.theta, slots, bounds, model.step).persist(_LEVEL)
-        return cls(strategy, S, skeleton(model), bounds)
+        slots = (model.slots or {}) if with_slots else {}
+        S, handles = strategy.initial(sc, model.theta, slots, bounds, model.step)
+        return cls(strategy, S.persist(_LEVEL), skeleton(model), bounds, handles)
 
     @property
     def n_blocks(self) -> int:
@@ -96,6 +97,9 @@ class ParameterState:
 
     def unpersist(self):
         self.S.unpersist(blocking=False)
+        for h in self.handles:
+            h.destroy(blocking=False)
+        self.handles = []
 
 
 def evaluate_state(state: ParameterState, shards: Shards, batch_size: int) -> dict:

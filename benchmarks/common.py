@@ -1,0 +1,298 @@
+"""Shared pieces of the benchmark harness: thread matching, machine facts, timing, output files.
+
+Every benchmark in ``benchmarks/`` runs rddtensor and its peer side by side in one process and
+writes ``benchmarks/results/<name>.json`` (all raw samples) next to ``<name>.md`` (the table).
+This module holds what they share; its API is seven functions and one constant:
+
+- ``match_threads(n)``: give NumPy's BLAS and PyTorch the same thread count; call it *before*
+  importing numpy or torch (it also works after, through threadpoolctl).
+- ``environment()``: machine (cores, CPU model, memory), versions, git commit, for the JSON;
+  ``background_load()``: how busy other processes keep the machine (noisy numbers warning).
+- ``time_interleaved(fns, calls=, repeats=, warmup=)``: per-call wall time of each function,
+  the functions' timed blocks interleaved so that background load hits all of them alike.
+- ``ratio(a, b)``: ``a / b`` of two timing results, of the medians and per interleaved repeat.
+- ``markdown_table(header, rows)`` and ``write_results(name, payload, table)``.
+
+Nothing here imports numpy or torch at module level, so ``match_threads`` can still set the
+thread environment variables before either library loads its thread pools.
+
+Example:
+    >>> from benchmarks.common import time_interleaved, markdown_table
+    >>> r = time_interleaved({"noop": lambda: None}, calls=10, repeats=3, warmup=1)
+    >>> sorted(r["noop"])
+    ['max', 'median', 'min', 'samples', 'unit']
+    >>> print(markdown_table(["a", "b"], [[1, 2.5]]))
+    | a | b |
+    |---|---|
+    | 1 | 2.5 |
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["RESULTS_DIR", "match_threads", "environment", "background_load", "time_interleaved",
+           "ratio", "markdown_table", "write_results"]
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Where every benchmark writes ``<name>.json`` and ``<name>.md``.
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+# --- threads ------------------------------------------------------------------------------------
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def match_threads(n: int | None = None) -> dict:
+    """Run NumPy's BLAS and PyTorch's intra-op pool with ``n`` threads each (default: all cores).
+
+    How, in order:
+
+    1. ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` are set to ``n``; a
+       BLAS reads them when it loads, so this alone suffices when numpy is not imported yet.
+    2. ``threadpoolctl.threadpool_limits(n, user_api="blas")`` (if installed) resizes every BLAS
+       already loaded (NumPy's and SciPy's OpenBLAS, an MKL-backed NumPy).
+    3. ``torch.set_num_threads(n)`` (if torch imports) sizes PyTorch's OpenMP/MKL pool.
+
+    Elementwise NumPy ufuncs are single-threaded whatever ``n`` is; PyTorch parallelises them
+    over its pool. That difference is part of what a benchmark measures, not something to hide.
+
+    Returns:
+        What was done and what the libraries report afterwards, for the results JSON.
+    """
+    n = usable_cores() if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n}")
+    numpy_was_loaded = "numpy" in sys.modules
+    for var in _THREAD_ENV:
+        os.environ[var] = str(n)
+    info = {"threads": n, "env": {var: str(n) for var in _THREAD_ENV},
+            "numpy_loaded_before_env": numpy_was_loaded}
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+        info["numpy_method"] = "environment variables only (threadpoolctl not installed)"
+        if numpy_was_loaded:
+            info["warning"] = "numpy was imported before match_threads: its BLAS may ignore n"
+    else:
+        import numpy  # noqa: F401  (loads its BLAS so that the limit below reaches it)
+        threadpoolctl.threadpool_limits(limits=n, user_api="blas")
+        info["numpy_method"] = "threadpoolctl.threadpool_limits(n, user_api='blas') + environment"
+    try:
+        import torch
+    except ImportError:
+        info["torch_method"] = "torch not installed"
+    else:
+        torch.set_num_threads(n)
+        info["torch_method"] = "torch.set_num_threads(n)"
+        info["torch_num_threads"] = torch.get_num_threads()
+    if threadpoolctl is not None:  # what every loaded pool reports now: the proof
+        info["pools"] = [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads",
+                                                 "version", "architecture", "threading_layer")}
+                         for p in threadpoolctl.threadpool_info()]
+    return info
+
+
+# --- environment --------------------------------------------------------------------------------
+def _cpu_ticks():
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def background_load(seconds: float = 1.0) -> float | None:
+    """Fraction of all cores kept busy by *other* processes while this one sleeps ``seconds``.
+
+    Taken from ``/proc/stat`` (``None`` where it does not exist). Timings taken while it is well
+    above 0 (a test suite, a Spark job on the same machine) are slower and noisier than the code
+    deserves; benchmarks record it before and after timing.
+    """
+    try:
+        busy0, total0 = _cpu_ticks()
+        time.sleep(seconds)
+        busy1, total1 = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(modules=("numpy", "torch")) -> dict:
+    """Machine, software versions and source revision, as recorded in every results JSON.
+
+    Args:
+        modules: import names whose ``__version__`` to record (missing ones are ``None``).
+
+    Returns:
+        ``{"machine": {...}, "versions": {...}, "git": {"commit", "dirty"}, "created": ...}``;
+        ``dirty`` is True when tracked files differ from the commit (the numbers then describe
+        a working tree, not the commit alone).
+    """
+    versions = {"python": platform.python_version()}
+    for name in modules:
+        try:
+            versions[name] = getattr(__import__(name), "__version__", None)
+        except ImportError:
+            versions[name] = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": os.cpu_count(), "usable_cores": usable_cores(),
+                    "cpu_model": _cpu_model(), "memory_bytes": _memory_bytes(),
+                    "platform": platform.platform()},
+        "versions": versions,
+        "git": {"commit": _git("rev-parse", "HEAD"),
+                "dirty": None if status is None else bool(status)},
+    }
+
+
+# --- timing -------------------------------------------------------------------------------------
+def _summary(samples: list[float]) -> dict:
+    return {"unit": "ms", "median": statistics.median(samples), "min": min(samples),
+            "max": max(samples), "samples": samples}
+
+
+def time_interleaved(fns: dict, *, calls: int, repeats: int, warmup: int = 0,
+                     settle: float = 0.0, rewarm: int = 0) -> dict:
+    """Milliseconds per call of each function: ``repeats`` timed blocks of ``calls`` calls each.
+
+    Every function first runs ``warmup`` untimed calls. Then each repeat times one block per
+    function, in the given order on even repeats and reversed on odd ones, so slow drift and
+    background load spread over all functions alike and none always runs right after another.
+    A function must finish its work before it returns (synchronise a GPU inside it). The
+    garbage collector stays on: its cost is part of what a training step costs.
+
+    Thread pools of different libraries fight when blocks alternate: OpenBLAS workers spin for
+    about 0.1 s after a NumPy matmul (``2**28`` cycles by default) and OpenMP workers spin too,
+    holding cores the next block's own threads need. On 2 cores that made a PyTorch block right
+    after a NumPy one ~3x slower than alone. ``settle`` (sleep before each block, longer than
+    the spin) and ``rewarm`` (untimed calls right before each block, which wake its own pool)
+    make each block run as it would in a process of its own.
+
+    Args:
+        fns: ``{name: zero-argument callable}``.
+        calls: calls per timed block (the sample is the block's time / ``calls``).
+        repeats: timed blocks per function.
+        warmup: untimed calls per function before the first block.
+        settle: seconds to sleep before every timed block.
+        rewarm: untimed calls of the block's function after ``settle``, before the clock starts.
+
+    Returns:
+        ``{name: {"unit": "ms", "median", "min", "max", "samples": [ms per call, ...]}}``.
+    """
+    if calls < 1 or repeats < 1 or warmup < 0 or rewarm < 0 or settle < 0:
+        raise ValueError(f"need calls >= 1, repeats >= 1 and warmup, rewarm, settle >= 0; got "
+                         f"calls={calls}, repeats={repeats}, warmup={warmup}, rewarm={rewarm}, "
+                         f"settle={settle}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    samples = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn = fns[name]
+            if settle:
+                time.sleep(settle)
+            for _ in range(rewarm):
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3 / calls)
+    return {name: _summary(samples[name]) for name in names}
+
+
+def ratio(a: dict, b: dict) -> dict:
+    """``a / b`` for two ``time_interleaved`` results of the same run.
+
+    ``of_medians`` divides the medians; ``paired_*`` summarise the per-repeat ratios (repeat i
+    of ``a`` over repeat i of ``b``, timed back to back), which cancel drift between repeats.
+    """
+    paired = [x / y for x, y in zip(a["samples"], b["samples"])]
+    return {"of_medians": a["median"] / b["median"], "paired_median": statistics.median(paired),
+            "paired_min": min(paired), "paired_max": max(paired)}
+
+
+# --- output -------------------------------------------------------------------------------------
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e3 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(header, rows) -> str:
+    """A GitHub Markdown table; floats get 3 significant digits (no scientific notation above 1000)."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_results(name: str, payload: dict, table: str, directory=None) -> Path:
+    """Write ``<name>.json`` (``payload``) and ``<name>.md`` (``table``); return the JSON path.
+
+    Both files are written to a temporary name and renamed, so an interrupted run never leaves
+    half a file. ``directory`` defaults to ``RESULTS_DIR``.
+    """
+    directory = Path(RESULTS_DIR if directory is None else directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / f"{name}.json"
+    for path, text in ((json_path, json.dumps(payload, indent=2, default=_jsonable) + "\n"),
+                       (directory / f"{name}.md", table.rstrip("\n") + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return json_path
