@@ -173,7 +173,8 @@ class _Progress:
         if verbose == 1:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
-                            leave=True, dynamic_ncols=True)
+                            leave=True, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
 
     def update(self, n, stats):
         self.seen += n

@@ -1,0 +1,242 @@
+"""All-reduce cost per training iteration on ``local[2]``: rddtensor against the MLlib pattern.
+
+One iteration = gradient in -> updated weights at every partition. Contenders, each in a fresh
+process (so the driver's peak memory is its own) with ``spark.driver.memory=1g``:
+
+- ``sharded``: rddtensor's reduce-scatter + all-gather (two Python passes per iteration).
+- ``replicated``: rddtensor's all-to-all exchange (one Python pass per iteration).
+- ``mllib``: MLlib's pattern in PySpark: broadcast θ, ``treeAggregate`` the gradients, update
+  on the driver (one job per iteration; the driver carries all P values twice).
+- ``floor-2pass`` / ``floor-1pass``: the same number of Python passes and shuffles per iteration
+  with empty payloads, grouped in jobs like rddtensor's: the scheduling floor.
+
+rddtensor runs its real engine (``DistributedRunner``) on a model whose only layer holds P
+parameters and whose gradient is one O(P) fill, so compute is negligible and what is timed is the
+all-reduce, the optimizer update (SGD) and the scheduling. Run:
+
+    python -m benchmarks.allreduce            # P = 1e5, 1e6, 1e7, 1e8
+    python -m benchmarks.allreduce --quick    # P = 1e4, 1e5, few repeats (CI smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.common import environment, markdown_table, write_results
+from layers.base import Layer, register
+
+CONTENDERS = ("sharded", "replicated", "mllib", "floor-2pass", "floor-1pass")
+N_PARTITIONS = 2
+
+
+@register
+class SyntheticParams(Layer):
+    """``size`` parameters whose gradient is one fill: isolates the all-reduce from compute."""
+
+    def __init__(self, size: int, **kw):
+        super().__init__(**kw)
+        self.size = int(size)
+
+    def compute_output_shape(self, input_shape):
+        return (1,)
+
+    def param_shapes(self):
+        return {"w": (self.size,)}
+
+    def forward(self, params, X, training=False, rng=None):
+        Y = X[:, :1] + params["w"][:1]
+
+        def backprop(dY):
+            return None, {"w": np.full(self.size, dY.sum(), dtype=params["w"].dtype)}
+        return Y, backprop
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
+
+
+def _session():
+    from rddtensor.session import get_spark
+    extra = json.loads(os.environ.get("RDDTENSOR_BENCH_CONF", "{}"))
+    return get_spark("local[2]", app_name="bench-allreduce",
+                     conf={"spark.driver.memory": "1g", "spark.ui.enabled": "false", **extra})
+
+
+def _jvm_peak_heap_mb(sc) -> float:
+    mf = sc._jvm.java.lang.management.ManagementFactory
+    peak = 0
+    for pool in mf.getMemoryPoolMXBeans():
+        if str(pool.getType().toString()) == "Heap memory":
+            peak += pool.getPeakUsage().getUsed()
+    return peak / 2**20
+
+
+def _time_groups(run_group, k: int, repeats: int) -> list:
+    run_group(k)  # warm-up: workers, imports, first shuffle files
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_group(k)
+        out.append((time.perf_counter() - t0) * 1e3 / k)
+    return out
+
+
+def _rddtensor(sc, size, mode, k, repeats):
+    import layers as L
+    from rddtensor.allreduce import STRATEGIES
+    from rddtensor.engine import DistributedRunner
+    from rddtensor.shards import make_shards
+    model = L.Sequential([SyntheticParams(size, input_shape=(1,))], seed=0)
+    model.compile(optimizer="sgd", loss="mse")
+    model.build()
+    model._init_slots()
+    rows = [(np.ones(1, np.float32), np.zeros(1, np.float32)) for _ in range(2 * N_PARTITIONS)]
+    strategy = STRATEGIES[mode]()
+    shards = make_shards(sc.parallelize(rows, N_PARTITIONS),
+                         n_records=strategy.shard_records(N_PARTITIONS))
+    # epochs of one full-batch step each: the engine never runs out of steps in an epoch
+    runner = DistributedRunner(model, shards, strategy, batch_size=len(rows), shuffle=False,
+                               seed=0, class_weight=None, iterations_per_job=k)
+    runner.spe = 10**9
+    return _time_groups(runner._run_group, k, repeats)
+
+
+def _mllib(sc, size, k, repeats):
+    rows = sc.parallelize([np.ones(1, np.float32)] * (2 * N_PARTITIONS), N_PARTITIONS).cache()
+    rows.count()
+    theta = np.zeros(size, np.float32)
+
+    def iteration(_):
+        nonlocal theta
+        bc = sc.broadcast(theta)
+
+        def seq(acc, x):
+            g = np.full(size, float(x[0] + bc.value[0]), np.float32)
+            return g if acc is None else acc + g
+
+        def comb(a, b):
+            return b if a is None else a if b is None else a + b
+        g = rows.treeAggregate(None, seq, comb, depth=2)
+        theta = theta - np.float32(0.01) * g
+        bc.destroy()
+
+    def group(n):
+        for _ in range(n):
+            iteration(None)
+    return _time_groups(group, k, repeats)
+
+
+def _floor(sc, passes, k, repeats):
+    from rddtensor import rawrdd
+
+    def emit(_, records):
+        for _ in records:
+            pass
+        for d in range(N_PARTITIONS):
+            yield rawrdd.key(d)
+            yield b"x"
+    state = {"S": rawrdd.map_raw(sc.parallelize(range(N_PARTITIONS), N_PARTITIONS), emit).cache()}
+
+    def group(n):
+        S = state["S"]
+        for _ in range(n):
+            for _ in range(passes):
+                S = rawrdd.map_raw(rawrdd.shuffle_pairs(S, N_PARTITIONS), emit)
+        S.persist()
+        S.localCheckpoint()
+        S._jrdd.count()
+        state["S"] = S
+    return _time_groups(group, k, repeats)
+
+
+def worker(contender: str, size: int, k: int, repeats: int) -> dict:
+    spark = _session()
+    sc = spark.sparkContext
+    t0 = time.perf_counter()
+    if contender in ("sharded", "replicated"):
+        samples = _rddtensor(sc, size, contender, k, repeats)
+    elif contender == "mllib":
+        samples = _mllib(sc, size, k, repeats)
+    else:
+        samples = _floor(sc, 2 if contender == "floor-2pass" else 1, k, repeats)
+    out = {"contender": contender, "P": size, "samples_ms": samples,
+           "median_ms": float(np.median(samples)), "min_ms": min(samples), "max_ms": max(samples),
+           "driver_jvm_peak_heap_mb": _jvm_peak_heap_mb(sc),
+           "driver_python_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "wall_s": time.perf_counter() - t0}
+    spark.stop()
+    return out
+
+
+def run_one(contender, size, k, repeats, timeout) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.allreduce", "--worker", contender, "--size", str(size),
+           "--k", str(k), "--repeats", str(repeats)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        return {"contender": contender, "P": size, "error": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    err = [l for l in proc.stderr.splitlines() if "Error" in l or "error" in l][-3:]
+    return {"contender": contender, "P": size, "error": " | ".join(err) or f"exit {proc.returncode}"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
+    ap.add_argument("--sizes", default="1e5,1e6,1e7,1e8")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--k", type=int, default=8, help="iterations per timed group (one job for rddtensor)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=float, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a.worker, int(a.size), a.k, a.repeats)))
+        return
+    sizes = [int(float(s)) for s in ("1e4,1e5" if a.quick else a.sizes).split(",")]
+    k, repeats = (4, 2) if a.quick else (a.k, a.repeats)
+    results = []
+    for size in sizes:
+        for c in a.contenders.split(","):
+            # big sizes: fewer iterations per group so one contender stays within its timeout
+            kk = k if size < 10**8 else max(2, k // 4)
+            r = run_one(c, size, kk, repeats, a.timeout)
+            print(json.dumps({x: r.get(x) for x in ("contender", "P", "median_ms", "error")}), flush=True)
+            results.append(r)
+    rows = []
+    for size in sizes:
+        by = {r["contender"]: r for r in results if r["P"] == size}
+        ml = by.get("mllib", {}).get("median_ms")
+        for c, r in by.items():
+            if "error" in r:
+                rows.append([f"{size:.0e}", c, "failed: " + r["error"][:80], "", "", "", "", ""])
+                continue
+            speedup = ml / r["median_ms"] if ml and c != "mllib" else None
+            rows.append([f"{size:.0e}", c, r["median_ms"], r["min_ms"], r["max_ms"],
+                         f"{speedup:.2f}x" if speedup else "", r["driver_jvm_peak_heap_mb"],
+                         r["driver_python_peak_rss_mb"]])
+    table = markdown_table(["P", "contender", "median ms/iter", "min", "max", "vs mllib",
+                            "driver JVM peak heap MB", "driver Python peak RSS MB"], rows)
+    payload = {"benchmark": "allreduce", "environment": environment(("numpy", "pyspark")),
+               "parameters": {"sizes": sizes, "iterations_per_group": k, "repeats": repeats,
+                              "partitions": N_PARTITIONS, "master": "local[2]",
+                              "driver_memory": "1g"},
+               "command": "python -m benchmarks.allreduce" + (" --quick" if a.quick else ""),
+               "results": results}
+    path = write_results("allreduce" + ("_quick" if a.quick else ""), payload, table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

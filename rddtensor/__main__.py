@@ -1,0 +1,5 @@
+import sys
+
+from rddtensor.cli import main
+
+sys.exit(main())
