@@ -20,7 +20,7 @@ Example:
     >>> from benchmarks.common import time_interleaved, markdown_table
     >>> r = time_interleaved({"noop": lambda: None}, calls=10, repeats=3, warmup=1)
     >>> sorted(r["noop"])
-    ['max', 'median', 'min', 'samples', 'unit']
+    ['background', 'max', 'median', 'min', 'samples', 'unit']
     >>> print(markdown_table(["a", "b"], [[1, 2.5]]))
     | a | b |
     |---|---|
@@ -109,27 +109,40 @@ def match_threads(n: int | None = None) -> dict:
 
 
 # --- environment --------------------------------------------------------------------------------
-def _cpu_ticks():
+def _cpu_seconds():
+    """(CPU seconds all processes were busy, CPU seconds elapsed, CPU seconds of this process)."""
+    hz = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    own = os.times()
+    return busy / hz, sum(fields) / hz, own.user + own.system
+
+
+def _other_load(before, after) -> float | None:
+    if before is None or after is None:
+        return None
+    busy, total, own = (b - a for a, b in zip(before, after))
+    return max(busy - own, 0.0) / total if total > 0 else None
+
+
+def _cpu_snapshot():
+    try:
+        return _cpu_seconds()
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (not Linux)
+        return None
 
 
 def background_load(seconds: float = 1.0) -> float | None:
-    """Fraction of all cores kept busy by *other* processes while this one sleeps ``seconds``.
+    """Fraction of all cores kept busy by *other* processes over the next ``seconds``.
 
-    Taken from ``/proc/stat`` (``None`` where it does not exist). Timings taken while it is well
-    above 0 (a test suite, a Spark job on the same machine) are slower and noisier than the code
-    deserves; benchmarks record it before and after timing.
+    From ``/proc/stat`` minus this process's own CPU time (``None`` without ``/proc``). Timings
+    taken while it is well above 0 (a test suite or Spark job on the same machine) are slower
+    and noisier than the code deserves; ``time_interleaved`` records it for every block.
     """
-    try:
-        busy0, total0 = _cpu_ticks()
-        time.sleep(seconds)
-        busy1, total1 = _cpu_ticks()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (busy1 - busy0) / max(total1 - total0, 1)
+    before = _cpu_snapshot()
+    time.sleep(seconds)
+    return _other_load(before, _cpu_snapshot())
 
 
 def _cpu_model() -> str:
@@ -193,9 +206,9 @@ def environment(modules=("numpy", "torch")) -> dict:
 
 
 # --- timing -------------------------------------------------------------------------------------
-def _summary(samples: list[float]) -> dict:
+def _summary(samples: list[float], background: list) -> dict:
     return {"unit": "ms", "median": statistics.median(samples), "min": min(samples),
-            "max": max(samples), "samples": samples}
+            "max": max(samples), "samples": samples, "background": background}
 
 
 def time_interleaved(fns: dict, *, calls: int, repeats: int, warmup: int = 0,
@@ -210,10 +223,12 @@ def time_interleaved(fns: dict, *, calls: int, repeats: int, warmup: int = 0,
 
     Thread pools of different libraries fight when blocks alternate: OpenBLAS workers spin for
     about 0.1 s after a NumPy matmul (``2**28`` cycles by default) and OpenMP workers spin too,
-    holding cores the next block's own threads need. On 2 cores that made a PyTorch block right
-    after a NumPy one ~3x slower than alone. ``settle`` (sleep before each block, longer than
-    the spin) and ``rewarm`` (untimed calls right before each block, which wake its own pool)
-    make each block run as it would in a process of its own.
+    holding cores the next block's own threads need. On the 2-core machine, alternating without
+    a pause put PyTorch's median step at 1.65x its time in a process of its own (rddtensor's at
+    1.08x), which flipped the comparison. ``settle`` (sleep before each block, longer than the
+    spin) and ``rewarm`` (untimed calls right before each block, which wake its own pool) give
+    each block the time it has alone: with 0.3 s and 3 calls both medians matched their
+    one-library processes within 2%.
 
     Args:
         fns: ``{name: zero-argument callable}``.
@@ -224,7 +239,10 @@ def time_interleaved(fns: dict, *, calls: int, repeats: int, warmup: int = 0,
         rewarm: untimed calls of the block's function after ``settle``, before the clock starts.
 
     Returns:
-        ``{name: {"unit": "ms", "median", "min", "max", "samples": [ms per call, ...]}}``.
+        ``{name: {"unit": "ms", "median", "min", "max", "samples": [ms per call, ...],
+        "background": [...]}}``; ``background[i]`` is the share of all cores that *other*
+        processes used during block ``i`` (``None`` without ``/proc``; 10 ms resolution), to
+        tell a slow block from a disturbed one.
     """
     if calls < 1 or repeats < 1 or warmup < 0 or rewarm < 0 or settle < 0:
         raise ValueError(f"need calls >= 1, repeats >= 1 and warmup, rewarm, settle >= 0; got "
@@ -235,6 +253,7 @@ def time_interleaved(fns: dict, *, calls: int, repeats: int, warmup: int = 0,
         for _ in range(warmup):
             fns[name]()
     samples = {name: [] for name in names}
+    background = {name: [] for name in names}
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
             fn = fns[name]
@@ -242,11 +261,12 @@ def time_interleaved(fns: dict, *, calls: int, repeats: int, warmup: int = 0,
                 time.sleep(settle)
             for _ in range(rewarm):
                 fn()
-            t0 = time.perf_counter()
+            cpu0, t0 = _cpu_snapshot(), time.perf_counter()
             for _ in range(calls):
                 fn()
             samples[name].append((time.perf_counter() - t0) * 1e3 / calls)
-    return {name: _summary(samples[name]) for name in names}
+            background[name].append(_other_load(cpu0, _cpu_snapshot()))
+    return {name: _summary(samples[name], background[name]) for name in names}
 
 
 def ratio(a: dict, b: dict) -> dict:

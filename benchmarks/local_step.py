@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 
 # numpy and torch are imported only after match_threads has fixed the thread count
-from benchmarks.common import (environment, markdown_table, match_threads, ratio,
+import time
+
+from benchmarks.common import (background_load, environment, markdown_table, match_threads, ratio,
                                time_interleaved, write_results)
 
 NAME = "local_step"
@@ -35,7 +37,10 @@ LR = 1e-3
 CHECK_STEPS = 3
 CHECK_ATOL = 1e-4  # float32 weights after CHECK_STEPS Adam steps of lr 1e-3
 FULL = {"steps": 50, "repeats": 15, "warmup": 30}
-QUICK = {"steps": 5, "repeats": 3, "warmup": 3}
+QUICK = {"steps": 10, "repeats": 3, "warmup": 10}
+SETTLE_S = 0.3  # > OpenBLAS's ~0.1 s spin: see time_interleaved
+REWARM = 3
+BUSY = 0.05  # background load above which the numbers are flagged as noisy
 
 
 def make_batch(seed: int):
@@ -160,8 +165,13 @@ def run(args) -> dict:
     net, opt = build_torch(model.get_weights())
     rdd, pt = rddtensor_step(model, X, y, args.seed), torch_step(net, opt, X, y)
     check = check_same_training(model, net, rdd, pt)
+    time.sleep(SETTLE_S)  # let the check's spinning BLAS workers go idle first
+    load_before = background_load(0.5)
     times = time_interleaved({"rddtensor": rdd, "pytorch": pt}, calls=args.steps,
-                             repeats=args.repeats, warmup=args.warmup)
+                             repeats=args.repeats, warmup=args.warmup, settle=SETTLE_S,
+                             rewarm=REWARM)
+    time.sleep(SETTLE_S)  # our own spinning BLAS workers would count as background
+    load_after = background_load(0.5)
     adam = {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool, tuple))
             or v is None}
     return {
@@ -183,6 +193,9 @@ def run(args) -> dict:
                             "torch.optim.Adam.step",
             "pytorch_adam_defaults": adam,
         },
+        "timing": {"method": "benchmarks.common.time_interleaved", "settle_s": SETTLE_S,
+                   "rewarm_calls": REWARM,
+                   "background_load_before": load_before, "background_load_after": load_after},
         "check": check,
         "results": times,
         "ratio_rddtensor_over_pytorch": ratio(times["rddtensor"], times["pytorch"]),
@@ -207,6 +220,12 @@ def table(payload: dict) -> str:
     foot = (f"rddtensor / PyTorch: {r['of_medians']:.2f}x (ratio of medians), "
             f"{r['paired_median']:.2f}x (median of per-block ratios, "
             f"range {r['paired_min']:.2f}-{r['paired_max']:.2f}).")
+    blocks = [b for name in res for b in res[name]["background"] if b is not None]
+    busy = [b for b in blocks if b > BUSY]
+    if busy:
+        foot += (f"\n\nWARNING: in {len(busy)} of {len(blocks)} timed blocks other processes used "
+                 f"more than {BUSY:.0%} of the CPU (up to {max(busy):.0%}); those times are "
+                 "inflated. Re-run on an idle machine.")
     return f"{head}\n\n{body}\n\n{foot}\n"
 
 

@@ -84,9 +84,22 @@ class Layer:
         """Trainable parameter shapes by local key (``"W"``, ``"b"``); needs ``build`` first."""
         return {}
 
+    def buffer_shapes(self) -> dict[str, tuple]:
+        """Non-trainable state (e.g. BatchNorm running statistics) by local key.
+
+        Buffers live in the flat vector next to the parameters and reach ``forward`` in
+        ``params``. In training mode the backprop closure returns, under a buffer's key, the
+        *change* this batch makes to it (``new - old``), not a gradient: the training step scales
+        it by this partition's share of the global batch, the all-reduce sums the shares, and
+        the update adds the sum (no optimizer, no weight decay). With running averages that is
+        exactly the update on the whole global batch's statistics, averaged over partitions.
+        """
+        return {}
+
     def init_params(self, rng: np.random.Generator, dtype=np.float32) -> dict[str, np.ndarray]:
-        """Fresh parameters for this layer (zeros unless the layer overrides it)."""
-        return {k: np.zeros(s, dtype=dtype) for k, s in self.param_shapes().items()}
+        """Fresh parameters and buffers for this layer (zeros unless the layer overrides it)."""
+        shapes = {**self.param_shapes(), **self.buffer_shapes()}
+        return {k: np.zeros(s, dtype=dtype) for k, s in shapes.items()}
 
     # --- compute --------------------------------------------------------------------------
     def forward(self, params: dict, X, training: bool = False, rng=None):

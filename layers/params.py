@@ -34,6 +34,8 @@ class ParamLayout:
 
     Args:
         entries: ``[(key, shape), ...]`` in layer order.
+        buffers: keys of non-trainable entries (updated by adding their all-reduced change,
+            never by the optimizer; see ``Layer.buffer_shapes``).
 
     Example:
         >>> lay = ParamLayout([("0.W", (2, 3)), ("0.b", (2,))])
@@ -41,7 +43,8 @@ class ParamLayout:
         (8, (6, 8))
     """
 
-    def __init__(self, entries):
+    def __init__(self, entries, buffers=()):
+        self.buffers = frozenset(buffers)
         self.shapes: dict[str, tuple] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0
@@ -95,6 +98,17 @@ class ParamLayout:
             if lo < hi:
                 segs.append((lo - start, hi - start))
         return segs
+
+    def split_segments(self, start: int = 0, stop: int | None = None):
+        """``(trainable, buffers)``: the tensor segments of ``[start, stop)`` (relative to
+        ``start``) holding parameters, and those holding buffers."""
+        stop = self.size if stop is None else stop
+        train, bufs = [], []
+        for k, (a, b) in self.offsets.items():
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                (bufs if k in self.buffers else train).append((lo - start, hi - start))
+        return train, bufs
 
     def to_config(self) -> list:
         return [[k, list(s)] for k, s in self.shapes.items()]

@@ -87,16 +87,18 @@ class Sequential:
         if self.layers[0].input_shape is not None and shape != self.layers[0].input_shape:
             raise ValueError(f"input_shape {shape} does not match the first layer's "
                              f"input_shape {self.layers[0].input_shape}")
-        entries, self._keys = [], []
+        entries, buffers, self._keys = [], [], []
         for i, layer in enumerate(self.layers):
             try:
                 shape = layer.build(shape)
             except ValueError as e:
                 raise ValueError(f"layer {i} ({layer.describe()}): {e}") from None
-            keys = [(k, f"{i}.{k}") for k in layer.param_shapes()]
+            shapes = {**layer.param_shapes(), **layer.buffer_shapes()}
+            keys = [(k, f"{i}.{k}") for k in shapes]
             self._keys.append(keys)
-            entries += [(full, layer.param_shapes()[k]) for k, full in keys]
-        self.layout = ParamLayout(entries)
+            entries += [(full, shapes[k]) for k, full in keys]
+            buffers += [f"{i}.{k}" for k in layer.buffer_shapes()]
+        self.layout = ParamLayout(entries, buffers)
         seed = self.seed if seed is None else seed
         rng = np.random.default_rng(seed)
         theta = np.empty(self.layout.size, dtype=np.float32)
@@ -167,7 +169,7 @@ class Sequential:
         self._require_built()
         rows = [("#", "layer", "output shape", "params")]
         for i, layer in enumerate(self.layers):
-            n = sum(int(np.prod(s)) for s in layer.param_shapes().values())
+            n = sum(int(np.prod(s)) for s in {**layer.param_shapes(), **layer.buffer_shapes()}.values())
             rows.append((str(i), repr(layer), str((None, *layer.output_shape)), f"{n:,}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -74,6 +74,10 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
     value, dY = loss(Y, y, n_total=n_batch, class_weight=class_weight)
     _, grads = backprop(dY)
     grad = layout.flatten(grads, out=grad_out, dtype=theta.dtype)
+    if layout.buffers:  # a buffer's change counts by this part's share of the global batch
+        share = grad.dtype.type(len(X) / n_batch)
+        for a, b in layout.split_segments()[1]:
+            grad[a:b] *= share
     return grad, batch_stats(metrics, loss, Y, y, value, n_batch)
 
 
@@ -92,25 +96,61 @@ def clip_values(optimizer, g):
 
 
 def apply_update(optimizer, w, g, slots: dict, step: int, *, clip_scale: float = 1.0,
-                 segments=None) -> None:
-    """Scale ``g`` by the global-norm clip factor and update ``w`` and its slots in place."""
-    if clip_scale != 1.0:
-        g *= g.dtype.type(clip_scale)
-    optimizer.update(w, g, slots, step, segments=segments)
+                 segments=None, buffer_segments=()) -> None:
+    """Scale ``g`` by the global-norm clip factor and update ``w`` and its slots in place.
+
+    ``segments`` are the parameter tensors in ``w`` (relative offsets); ``buffer_segments`` the
+    non-trainable buffers, which get ``w += g`` (their all-reduced change) instead.
+    """
+    if not buffer_segments:
+        if clip_scale != 1.0:
+            g *= g.dtype.type(clip_scale)
+        optimizer.update(w, g, slots, step, segments=segments)
+        return
+    for a, b in buffer_segments:
+        w[a:b] += g[a:b]
+    for a, b in _runs(segments):  # contiguous runs of parameters between buffers
+        ga = g[a:b]
+        if clip_scale != 1.0:
+            ga *= ga.dtype.type(clip_scale)
+        inner = [(x - a, y - a) for x, y in segments if a <= x and y <= b]
+        optimizer.update(w[a:b], ga, {k: v[a:b] for k, v in slots.items()}, step, segments=inner)
 
 
-def optimizer_step(optimizer, w, g, slots: dict, step: int, segments=None) -> None:
+def _runs(segments):
+    runs = []
+    for a, b in segments:
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
+
+
+def optimizer_step(optimizer, w, g, slots: dict, step: int, segments) -> None:
     """One full optimizer step on the whole vector: clip by value, clip by global norm, update.
+
+    ``segments`` is ``layout.split_segments()``: (parameter tensors, buffer tensors).
 
     Used by the in-process loop and by the replicated distributed all-reduce (both hold the whole
     gradient); the sharded all-reduce calls ``clip_values``/``apply_update`` per block.
     """
-    sq_norm = clip_values(optimizer, g)
+    train, bufs = segments
+    sq_norm = clip_values(optimizer, g) if not bufs else _clip_trainable(optimizer, g, train)
     clip_scale = 1.0
     if sq_norm is not None:
         from optim.clipping import norm_clip_scale
         clip_scale = norm_clip_scale(sq_norm, optimizer.clipnorm)
-    apply_update(optimizer, w, g, slots, step, clip_scale=clip_scale, segments=segments)
+    apply_update(optimizer, w, g, slots, step, clip_scale=clip_scale, segments=train,
+                 buffer_segments=bufs)
+
+
+def _clip_trainable(optimizer, g, segments):
+    total = None
+    for a, b in _runs(segments):
+        sq = clip_values(optimizer, g[a:b])
+        total = sq if total is None else total + sq
+    return total
 
 
 def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_norm=None) -> dict:
@@ -149,7 +189,7 @@ class LocalRunner:
                                  n_batch=int(n_batch), rng=step_rng(self.seed, m.step),
                                  class_weight=self.class_weight, metrics=metrics,
                                  grad_out=self.grad)
-            optimizer_step(m.optimizer, m.theta, g, m.slots, m.step, segments=m.layout.segments())
+            optimizer_step(m.optimizer, m.theta, g, m.slots, m.step, m.layout.split_segments())
             stats = merge_stats(metrics, stats, s)
             on_progress(int(n_batch), stats)
         return stats

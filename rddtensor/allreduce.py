@@ -109,8 +109,9 @@ class Sharded:
             w, slots = split_own(arrays)
             w, slots = np.array(w), {k: np.array(v) for k, v in slots.items()}
             lo, hi = bounds[i]
+            train, bufs = model.layout.split_segments(lo, hi)
             apply_update(model.optimizer, w, sum_in_order(grads), slots, meta["t"] + 1,
-                         segments=model.layout.segments(lo, hi))
+                         segments=train, buffer_segments=bufs)
             return emit_state(i, meta["t"] + 1, bounds, w, slots)
         return run
 
@@ -184,7 +185,7 @@ class Replicated:
         if grads:
             w, slots = np.array(w), {k: np.array(v) for k, v in slots.items()}
             optimizer_step(model.optimizer, w, sum_in_order(grads), slots, t + 1,
-                           segments=model.layout.segments())
+                           model.layout.split_segments())
             t += 1
         return t, w, slots
 
