@@ -5,13 +5,16 @@ process (so the driver's peak memory is its own) with ``spark.driver.memory=1g``
 
 - ``sharded``: rddtensor's reduce-scatter + all-gather (two Python passes per iteration).
 - ``replicated``: rddtensor's all-to-all exchange (one Python pass per iteration).
+- ``*-bf16``: the same with ``wire_dtype="bfloat16"`` (gradients and parameter copies cross
+  the shuffle as bfloat16; float32 master weights stay with their owners).
 - ``mllib``: MLlib's pattern in PySpark: broadcast θ, ``treeAggregate`` the gradients, update
   on the driver (one job per iteration; the driver carries all P values twice).
 - ``floor-2pass`` / ``floor-1pass``: the same number of Python passes and shuffles per iteration
   with empty payloads, grouped in jobs like rddtensor's: the scheduling floor.
 
 rddtensor runs its real engine (``DistributedRunner``) on a model whose only layer holds P
-parameters and whose gradient is one O(P) fill, so compute is negligible and what is timed is the
+parameters and whose gradient is a fixed random vector times a scalar (one O(P) multiply,
+incompressible like a real gradient), so compute is negligible and what is timed is the
 all-reduce, the optimizer update (SGD) and the scheduling. Run:
 
     python -m benchmarks.allreduce            # P = 1e5, 1e6, 1e7, 1e8
@@ -32,13 +35,29 @@ import numpy as np
 from benchmarks.common import environment, markdown_table, write_results
 from layers.base import Layer, register
 
-CONTENDERS = ("sharded", "replicated", "mllib", "floor-2pass", "floor-1pass")
+CONTENDERS = ("sharded", "sharded-bf16", "replicated", "replicated-bf16", "mllib",
+              "floor-2pass", "floor-1pass")
 N_PARTITIONS = 2
+
+
+_NOISE: dict = {}
+
+
+def synthetic_gradient(size: int, scale: float) -> np.ndarray:
+    """A dense, incompressible gradient (fixed noise times ``scale``) in one O(P) multiply.
+
+    Random floats, like real gradients: a constant fill would let Spark's lz4 shuffle
+    compression shrink the traffic to nothing and flatter every contender.
+    """
+    noise = _NOISE.get(size)
+    if noise is None:
+        noise = _NOISE[size] = np.random.default_rng(size).standard_normal(size, dtype=np.float32)
+    return noise * np.float32(scale)
 
 
 @register
 class SyntheticParams(Layer):
-    """``size`` parameters whose gradient is one fill: isolates the all-reduce from compute."""
+    """``size`` parameters with a synthetic gradient: isolates the all-reduce from compute."""
 
     def __init__(self, size: int, **kw):
         super().__init__(**kw)
@@ -54,7 +73,7 @@ class SyntheticParams(Layer):
         Y = X[:, :1] + params["w"][:1]
 
         def backprop(dY):
-            return None, {"w": np.full(self.size, dY.sum(), dtype=params["w"].dtype)}
+            return None, {"w": synthetic_gradient(self.size, 1e-3 * float(dY.sum()))}
         return Y, backprop
 
     def get_config(self):
@@ -97,12 +116,13 @@ def _rddtensor(sc, size, mode, k, repeats):
     model.build()
     model._init_slots()
     rows = [(np.ones(1, np.float32), np.zeros(1, np.float32)) for _ in range(2 * N_PARTITIONS)]
-    strategy = STRATEGIES[mode]()
+    strategy = STRATEGIES[mode.split("-")[0]]()
     shards = make_shards(sc.parallelize(rows, N_PARTITIONS),
                          n_records=strategy.shard_records(N_PARTITIONS))
     # epochs of one full-batch step each: the engine never runs out of steps in an epoch
     runner = DistributedRunner(model, shards, strategy, batch_size=len(rows), shuffle=False,
-                               seed=0, class_weight=None, iterations_per_job=k)
+                               seed=0, class_weight=None, iterations_per_job=k,
+                               wire_dtype="bfloat16" if mode.endswith("-bf16") else "float32")
     runner.spe = 10**9
     return _time_groups(runner._run_group, k, repeats)
 
@@ -117,7 +137,7 @@ def _mllib(sc, size, k, repeats):
         bc = sc.broadcast(theta)
 
         def seq(acc, x):
-            g = np.full(size, float(x[0] + bc.value[0]), np.float32)
+            g = synthetic_gradient(size, 1e-3 * float(x[0] + bc.value[0]))
             return g if acc is None else acc + g
 
         def comb(a, b):
@@ -159,7 +179,7 @@ def worker(contender: str, size: int, k: int, repeats: int) -> dict:
     spark = _session()
     sc = spark.sparkContext
     t0 = time.perf_counter()
-    if contender in ("sharded", "replicated"):
+    if contender.split("-")[0] in ("sharded", "replicated"):
         samples = _rddtensor(sc, size, contender, k, repeats)
     elif contender == "mllib":
         samples = _mllib(sc, size, k, repeats)

@@ -5,7 +5,8 @@ One step is forward + loss + backward + optimizer update on one batch of a 64-25
 
 - rddtensor runs the library's own step path, the body of ``layers.training.LocalRunner``:
   ``gradient_step`` on the flat ``theta`` (forward, loss, backprop, flatten into the flat
-  gradient) then ``optimizer_step`` (clipping checks, ``adam_update`` on the whole vector).
+  gradient) then ``optimizer_step`` (clipping checks, ``adam_update`` on the whole vector);
+  a check requires it to give LocalRunner's weights bit for bit.
 - PyTorch runs the same network (``nn.Linear``/``nn.ReLU``, ``nn.CrossEntropyLoss``,
   ``torch.optim.Adam`` with its defaults) from the same initial weights.
 
@@ -67,7 +68,10 @@ def build_rddtensor(seed: int):
 
 
 def rddtensor_step(model, X, y, seed: int):
-    """One call = one step of ``LocalRunner.train_epoch`` on ``X, y`` (minus the row gather)."""
+    """One call = one step of ``LocalRunner.train_epoch`` on ``X, y`` (minus the row gather).
+
+    ``check_matches_local_runner`` verifies that this stays the library's step, bit for bit.
+    """
     import numpy as np
     from layers.batching import step_rng
     from layers.training import gradient_step, optimizer_step
@@ -80,9 +84,29 @@ def rddtensor_step(model, X, y, seed: int):
                                  rng=step_rng(seed, model.step), class_weight=None,
                                  metrics=model.metrics, grad_out=grad)
         optimizer_step(model.optimizer, model.theta, g, model.slots, model.step,
-                       segments=model.layout.segments())
+                       model.layout.split_segments())
         return stats["loss"] / stats["count"]
     return step
+
+
+def check_matches_local_runner(X, y, seed: int) -> dict:
+    """``rddtensor_step`` must give exactly the weights ``LocalRunner`` gives on the same batches.
+
+    Guards the benchmark against timing a stale copy of the step when the library changes.
+    """
+    import numpy as np
+    from layers.training import LocalRunner
+    ours, theirs = build_rddtensor(seed), build_rddtensor(seed)
+    step = rddtensor_step(ours, X, y, seed)
+    for _ in range(CHECK_STEPS):
+        step()
+    runner = LocalRunner(theirs, np.tile(X, (CHECK_STEPS, 1)), np.tile(y, CHECK_STEPS),
+                         batch_size=len(X), shuffle=False, seed=seed, class_weight=None)
+    runner.train_epoch(0, lambda n, stats: None)
+    if theirs.step != CHECK_STEPS or not np.array_equal(ours.theta, theirs.theta):
+        raise RuntimeError("the benchmark's rddtensor step no longer matches LocalRunner's step: "
+                           "update rddtensor_step to the body of LocalRunner.train_epoch")
+    return {"steps": CHECK_STEPS, "bit_identical": True}
 
 
 def build_torch(weights):
@@ -161,6 +185,7 @@ def run(args) -> dict:
     """Set threads, build both sides, check them, time them; return the results payload."""
     threads = match_threads(args.threads)
     X, y = make_batch(args.seed)
+    same_as_runner = check_matches_local_runner(X, y, args.seed)
     model = build_rddtensor(args.seed)
     net, opt = build_torch(model.get_weights())
     rdd, pt = rddtensor_step(model, X, y, args.seed), torch_step(net, opt, X, y)
@@ -188,7 +213,8 @@ def run(args) -> dict:
             "repeats": args.repeats, "warmup_steps": args.warmup, "seed": args.seed,
             "quick": args.quick,
             "rddtensor_path": "layers.training.gradient_step + optimizer_step (LocalRunner's "
-                              "step body; same batch every step, no row gather)",
+                              "step body, checked bit-identical to LocalRunner; same batch "
+                              "every step, no row gather)",
             "pytorch_path": "zero_grad(set_to_none=True), CrossEntropyLoss, backward, "
                             "torch.optim.Adam.step",
             "pytorch_adam_defaults": adam,
@@ -196,7 +222,7 @@ def run(args) -> dict:
         "timing": {"method": "benchmarks.common.time_interleaved", "settle_s": SETTLE_S,
                    "rewarm_calls": REWARM,
                    "background_load_before": load_before, "background_load_after": load_after},
-        "check": check,
+        "check": {"same_as_local_runner": same_as_runner, "same_as_pytorch": check},
         "results": times,
         "ratio_rddtensor_over_pytorch": ratio(times["rddtensor"], times["pytorch"]),
     }

@@ -53,9 +53,9 @@ class Sharded:
                              "all-reduce does not have; use allreduce='replicated'")
 
     @staticmethod
-    def emit_state(i, t, bounds, w, slots):
+    def emit_state(i, t, bounds, w, slots, bf16=False):
         lo, hi = bounds[i]
-        other = theta_record(i, t, lo, hi, w) if len(bounds) > 1 else None
+        other = theta_record(i, t, lo, hi, w, bf16) if len(bounds) > 1 else None
         for d in range(len(bounds)):
             yield rawrdd.key(d)
             yield own_record(i, t, lo, hi, w, slots) if d == i else other
@@ -80,22 +80,24 @@ class Sharded:
         n = len(bounds)
         AG = rawrdd.shuffle_pairs(S, n)
         RS = rawrdd.shuffle_raw(rawrdd.zip_raw(AG, shards), self._gradient(cfg, model, bounds, acc), n)
-        return rawrdd.map_raw(RS, self._update(model, bounds))
+        return rawrdd.map_raw(RS, self._update(model, bounds, cfg.get("wire_bf16", False)))
 
     @staticmethod
     def _gradient(cfg, model, bounds, acc):
+        bf16 = ("g",) if cfg.get("wire_bf16") else ()
+
         def run(j, records):
             ag, shard_records = rawrdd.pairs(records)
             t, theta, own = assemble(ag, model.layout.size)
             g = local_gradient(cfg, model, theta, t, j, shard_records, acc)
             for i, (a, z) in enumerate(bounds):
                 yield rawrdd.key(i)
-                yield wire.pack("grad", {"src": j, "t": t}, {"g": g[a:z]})
+                yield wire.pack("grad", {"src": j, "t": t}, {"g": g[a:z]}, bf16=bf16)
             yield rawrdd.key(j)
             yield own  # the block's state rides back to its owner unchanged
         return run
 
-    def _update(self, model, bounds):
+    def _update(self, model, bounds, bf16=False):
         emit_state = self.emit_state
 
         def run(i, records):
@@ -112,7 +114,7 @@ class Sharded:
             train, bufs = model.layout.split_segments(lo, hi)
             apply_update(model.optimizer, w, sum_in_order(grads), slots, meta["t"] + 1,
                          segments=train, buffer_segments=bufs)
-            return emit_state(i, meta["t"] + 1, bounds, w, slots)
+            return emit_state(i, meta["t"] + 1, bounds, w, slots, bf16)
         return run
 
     @staticmethod
@@ -157,12 +159,13 @@ class Replicated:
     def iteration(self, S, shards, cfg, model, bounds, acc):
         n = len(bounds)
         settle = self.settle
+        bf16 = ("g",) if cfg.get("wire_bf16") else ()
 
         def run(j, records):
             pending, shard_records = rawrdd.pairs(records)
             t, w, slots = settle(model, pending)
             g = local_gradient(cfg, model, w, t, j, shard_records, acc)
-            grad = wire.pack("rgrad", {"src": j, "t": t}, {"g": g})
+            grad = wire.pack("rgrad", {"src": j, "t": t}, {"g": g}, bf16=bf16)
             for d in range(n):
                 yield rawrdd.key(d)
                 yield grad

@@ -120,7 +120,7 @@ class DistributedRunner:
     engine = "distributed"
 
     def __init__(self, model, shards: Shards, strategy, *, batch_size, shuffle, seed,
-                 class_weight, iterations_per_job: int):
+                 class_weight, iterations_per_job: int, wire_dtype: str = "float32"):
         self.model, self.shards = model, shards
         self.sc = shards.rdd.ctx
         self.N = shards.n_partitions
@@ -130,7 +130,7 @@ class DistributedRunner:
         self.cfg = {"n_total": self.n_total, "batch_size": batch_size, "seed": seed,
                     "shuffle": shuffle, "offsets": shards.offsets, "t0": self.t0,
                     "batch_sizes": batch_sizes(self.n_total, batch_size).tolist(),
-                    "class_weight": class_weight}
+                    "class_weight": class_weight, "wire_bf16": wire_dtype == "bfloat16"}
         self.spe = steps_per_epoch(self.n_total, batch_size)
         self.state = ParameterState.from_driver(strategy, self.sc, model, self.N)
         self.acc = self.sc.accumulator({}, StatsParam())
@@ -191,7 +191,7 @@ class DistributedRunner:
 def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, shuffle=True,
                     seed=0, verbose=1, class_weight=None, callbacks=(), num_partitions=None,
                     iterations_per_job: int = 8, allreduce: str = "auto",
-                    features_col="features", label_col="label"):
+                    wire_dtype: str = "float32", features_col="features", label_col="label"):
     """Train ``model`` on an RDD of ``(features, label)`` or a DataFrame, distributed.
 
     Same semantics as in-process ``fit``: the same global mini-batches (rows come from one
@@ -205,9 +205,14 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         allreduce: ``"sharded"`` (reduce-scatter + all-gather, blocks owned by partitions),
             ``"replicated"`` (all-to-all gradients, one pass per iteration) or ``"auto"``
             (see ``rddtensor.allreduce.choose``).
+        wire_dtype: ``"float32"`` (exact: equals in-process training) or ``"bfloat16"``
+            (gradients and parameter copies cross the shuffle as bfloat16, half the bytes;
+            owners keep float32 master weights and optimizer slots, as BigDL did).
         features_col, label_col: DataFrame columns.
     """
     iterations_per_job = positive_int(iterations_per_job, "iterations_per_job")
+    if wire_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"wire_dtype must be 'float32' or 'bfloat16', got {wire_dtype!r}")
     shards = make_shards(data, n_partitions=num_partitions,
                          feature_shape=model.input_shape if model.built else None,
                          features_col=features_col, label_col=label_col)
@@ -238,11 +243,11 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                               label_col=label_col)
         runner = DistributedRunner(model, shards, strategy, batch_size=batch_size,
                                    shuffle=shuffle, seed=seed, class_weight=class_weight,
-                                   iterations_per_job=iterations_per_job)
+                                   iterations_per_job=iterations_per_job, wire_dtype=wire_dtype)
         history = fit_loop(model, runner, epochs=epochs, validation=val, batch_size=batch_size,
                            verbose=verbose, callbacks=callbacks)
         history.params.update(partitions=shards.n_partitions, allreduce=strategy.name,
-                              iterations_per_job=iterations_per_job)
+                              iterations_per_job=iterations_per_job, wire_dtype=wire_dtype)
         return history
     finally:
         shards.unpersist()

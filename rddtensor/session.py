@@ -14,6 +14,9 @@ DEFAULT_CONF = {
     "spark.locality.wait": "0s",          # tasks never wait for a "better" executor
     "spark.python.worker.reuse": "true",  # keeps worker-local caches warm between tasks
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    # JVM <-> Python worker stream buffer (default 64 KB): parameter blocks are megabytes, and
+    # Spark 4's runner writes at most about one buffer per select() round
+    "spark.buffer.size": str(1 << 20),
 }
 
 

@@ -507,7 +507,7 @@ def test_cached_rdds_and_lineage_stay_bounded(sc):
     m = classifier()
     # 24 rows / batch 3 = 8 iterations per epoch = one job of 8; 5 epochs = 40 iterations
     h = m.fit(user, epochs=5, batch_size=3, seed=1, verbose=0, iterations_per_job=8,
-              allreduce="sharded", callbacks=[record])
+              callbacks=[record])  # auto: replicated at N = 2, one Python pass per iteration
     assert m.step == 40 and h.params["iterations_per_job"] == 8
     # during the fit: the same number of our RDDs (data shards + current state) after every
     # group, and their lineage does not grow

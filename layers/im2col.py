@@ -1,0 +1,149 @@
+"""Strided-window helpers shared by the convolution and pooling layers.
+
+Arrays are channels-first with any number of spatial axes: ``(batch, channels, *spatial)``.
+A convolution becomes one GEMM over a column matrix::
+
+    cols = im2col(X, kernel, strides, dilation, pads)        # (C, *kernel, batch, *out)
+    Y    = W.reshape(O, C * K) @ cols.reshape(C * K, -1)     # (O, batch * P)
+
+``im2col`` reads the windows through a zero-copy strided view (``as_strided``) and copies them
+once into that order; ``col2im`` is its adjoint (the data gradient, and the forward of a
+transposed convolution) and accumulates with one strided slice-add per kernel offset, so the only
+Python loop runs over the ``K = prod(kernel)`` offsets, never over the batch or the pixels.
+Everything keeps the dtype of its input (float32 stays float32) and works on NumPy and CuPy
+arrays alike.
+
+Example:
+    >>> import numpy as np
+    >>> from layers.im2col import im2col, col2im
+    >>> X = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> cols, out = im2col(X, (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0)))
+    >>> cols.shape, out
+    ((1, 2, 2, 1, 2, 2), (2, 2))
+    >>> col2im(cols, X.shape, (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0)), out).shape
+    (1, 1, 4, 4)
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from rddtensor.backend import get_array_module
+
+__all__ = ["conv_output_size", "pad_spatial", "crop_spatial", "window_view", "offset_slices",
+           "im2col", "col2im", "int_tuple", "SPATIAL_AXES"]
+
+#: names of the spatial axes per rank, for error messages ("(batch, channels, height, width)")
+SPATIAL_AXES = {1: "length", 2: "height, width"}
+
+
+def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad: tuple) -> int:
+    """Output length of one spatial axis: ``(size + lo + hi - d (k - 1) - 1) // s + 1``.
+
+    May be 0 or negative when the (dilated) window does not fit; callers turn that into an error.
+    """
+    return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pad_spatial(X, pads, value=0.0):
+    """Pad the spatial axes of ``(batch, channels, *spatial)`` by ``pads = ((lo, hi), ...)``."""
+    if not any(lo or hi for lo, hi in pads):
+        return X
+    xp = get_array_module(X)
+    return xp.pad(X, ((0, 0), (0, 0), *pads), mode="constant", constant_values=value)
+
+
+def crop_spatial(Xp, pads, shape):
+    """Undo ``pad_spatial``: the ``shape[2:]`` block of ``Xp`` starting at each ``lo``."""
+    return Xp[(slice(None), slice(None),
+               *(slice(lo, lo + n) for (lo, _), n in zip(pads, shape[2:])))]
+
+
+def window_view(Xp, kernel, strides, dilation, out):
+    """Zero-copy view ``(batch, channels, *out, *kernel)`` of the windows of ``Xp``.
+
+    ``view[n, c, o_1.., k_1..] = Xp[n, c, o_1 s_1 + k_1 d_1, ...]``. Read-only: never write to it.
+    """
+    xp = get_array_module(Xp)
+    st = Xp.strides
+    shape = (*Xp.shape[:2], *out, *kernel)
+    strides_ = (st[0], st[1], *(a * s for a, s in zip(st[2:], strides)),
+                *(a * d for a, d in zip(st[2:], dilation)))
+    if xp is np:
+        return np.lib.stride_tricks.as_strided(Xp, shape, strides_, writeable=False)
+    return xp.lib.stride_tricks.as_strided(Xp, shape, strides_)
+
+
+def offset_slices(kernel, strides, dilation, out):
+    """Yield ``(flat_offset, slices)`` for every kernel offset: the spatial slices of the padded
+    input that this offset of every window reads (one strided slice per axis)."""
+    for i, k in enumerate(itertools.product(*(range(n) for n in kernel))):
+        yield i, tuple(slice(kk * d, kk * d + s * (o - 1) + 1, s)
+                       for kk, d, s, o in zip(k, dilation, strides, out))
+
+
+def im2col(X, kernel, strides, dilation, pads):
+    """Column matrix of a convolution: ``(channels, *kernel, batch, *out)``, C-contiguous.
+
+    Args:
+        X: input ``(batch, channels, *spatial)``.
+        kernel, strides, dilation: one int per spatial axis.
+        pads: ``((lo, hi), ...)`` zero padding per spatial axis.
+
+    Returns:
+        ``(cols, out)`` with ``out`` the output spatial shape. ``cols.reshape(C * K, batch * P)``
+        is the GEMM operand (``K = prod(kernel)``, ``P = prod(out)``).
+    """
+    xp = get_array_module(X)
+    out = tuple(conv_output_size(n, k, s, d, p)
+                for n, k, s, d, p in zip(X.shape[2:], kernel, strides, dilation, pads))
+    r = len(kernel)
+    view = window_view(pad_spatial(X, pads), kernel, strides, dilation, out)
+    # channel, kernel, batch, out: the innermost axis stays the input's row (contiguous for
+    # stride 1), and both GEMM operands come out without another transpose
+    order = (1, *range(2 + r, 2 + 2 * r), 0, *range(2, 2 + r))
+    return xp.ascontiguousarray(view.transpose(order)), out
+
+
+def col2im(cols, x_shape, kernel, strides, dilation, pads, out):
+    """Adjoint of ``im2col``: sum every column back into its input position.
+
+    Args:
+        cols: ``(channels, *kernel, batch, *out)`` (or anything reshapeable to it).
+        x_shape: shape of the (unpadded) input ``(batch, channels, *spatial)``.
+        kernel, strides, dilation, pads: as in ``im2col``; out: the output shape it returned.
+
+    Returns:
+        ``dX`` of shape ``x_shape``, C-contiguous, dtype of ``cols``.
+    """
+    xp = get_array_module(cols)
+    N, C = x_shape[:2]
+    cols = cols.reshape(C, math.prod(kernel), N, *out)
+    # accumulate channel-major, like cols, and transpose once at the end
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(x_shape[2:], pads))
+    acc = xp.zeros((C, N, *padded), dtype=cols.dtype)
+    for i, sl in offset_slices(kernel, strides, dilation, out):
+        acc[(slice(None), slice(None), *sl)] += cols[:, i]
+    acc = crop_spatial(acc, pads, (C, N, *x_shape[2:]))
+    return xp.ascontiguousarray(acc.swapaxes(0, 1))
+
+
+def int_tuple(value, rank: int, what: str, minimum: int = 1) -> tuple:
+    """Validate an int or a sequence of ``rank`` ints, each ``>= minimum``; return a tuple.
+
+    The shared check behind ``kernel_size``, ``strides``, ``dilation``, ``padding``, ``size``.
+    """
+    kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        values = (value,) * rank
+    elif isinstance(value, (tuple, list)) and len(value) == rank:
+        values = tuple(value)
+    else:
+        raise ValueError(f"{what} must be an integer or a tuple of {rank} {kind}, got {value!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+            raise ValueError(f"{what} must be an integer or a tuple of {rank} {kind}, "
+                             f"got {value!r}")
+    return tuple(int(v) for v in values)
