@@ -13,10 +13,11 @@ from layers.core import Dropout, Flatten, Reshape
 from layers.dense import Dense
 from layers.params import ParamLayout
 from layers.history import History
+from layers.normalization import BatchNorm, LayerNorm
 from layers.sequential import Sequential, load_model
 
 __all__ = [
     "Layer", "register", "layer_class", "Sequential", "History", "load_model", "ParamLayout",
     "Dense", "Dropout", "Flatten", "Reshape", "Activation", "get_activation",
-    "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax",
+    "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax", "BatchNorm", "LayerNorm",
 ]

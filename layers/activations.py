@@ -23,6 +23,7 @@ import scipy.special
 
 from layers.base import Layer, register
 from rddtensor.backend import get_array_module
+from rddtensor.kernels import kernel_or_generic
 
 __all__ = [
     "Activation", "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax", "Linear",
@@ -34,6 +35,9 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
+# fused CuPy kernels for the backward passes, used on CuPy arrays only (same formulas)
+_GPU_BACKWARD = {name: kernel_or_generic(name) for name in (
+    "relu_backward", "gelu_tanh_backward", "sigmoid_backward", "tanh_backward")}
 
 
 # --- array helpers (also used by recurrent layers and losses) ------------------------------------
@@ -86,6 +90,8 @@ def _relu(X):
     Y = xp.maximum(X, 0)
 
     def backprop(dY):
+        if xp is not np:
+            return _GPU_BACKWARD["relu_backward"](dY, Y)
         return xp.where(Y > 0, dY, 0)  # gradient 0 at X == 0, as in PyTorch
     return Y, backprop
 
@@ -123,6 +129,8 @@ def _gelu(X, approximate):
         Y = X * S
 
         def backprop(dY):
+            if xp is not np:
+                return _GPU_BACKWARD["gelu_tanh_backward"](dY, X)
             dv = 2.0 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * X * X)
             return dY * (S + X * S * S_neg * dv)
         return Y, backprop
@@ -135,9 +143,12 @@ def _gelu(X, approximate):
 
 
 def _sigmoid(X):
+    xp = get_array_module(X)
     Y = sigmoid(X)
 
     def backprop(dY):
+        if xp is not np:
+            return _GPU_BACKWARD["sigmoid_backward"](dY, Y)
         return dY * Y * (1.0 - Y)
     return Y, backprop
 
@@ -147,6 +158,8 @@ def _tanh(X):
     Y = xp.tanh(X)
 
     def backprop(dY):
+        if xp is not np:
+            return _GPU_BACKWARD["tanh_backward"](dY, Y)
         return dY * (1.0 - Y * Y)
     return Y, backprop
 

@@ -23,6 +23,7 @@ import numpy
 from optim.clipping import sum_of_squares
 from optim.schedules import Schedule, get_schedule, serialize_schedule
 from rddtensor.backend import get_array_module
+from rddtensor.kernels import kernel_or_generic
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "LAMB",
            "get_optimizer", "sgd_update", "adam_update", "rmsprop_update", "adagrad_update",
@@ -103,6 +104,10 @@ def sgd_update(xp, w, g, buf, *, lr, momentum, dampening, nesterov, weight_decay
     """
     step, lr, momentum = _check_step(step), float(lr), float(momentum)
     dampening, weight_decay = float(dampening), float(weight_decay)
+    if xp is not numpy:  # CuPy: one fused kernel pass (rddtensor.kernels), the same formulas
+        kernel_or_generic("sgd")(w, g, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                 nesterov=nesterov, weight_decay=weight_decay, step=step)
+        return
     tmp = xp.empty_like(w) if (weight_decay or dampening or nesterov) else None
     _add_weight_decay(xp, g, w, weight_decay, tmp)
     if momentum != 0:
@@ -165,6 +170,11 @@ def adam_update(xp, w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decouple
     """
     step, lr, beta1, beta2 = _check_step(step), float(lr), float(beta1), float(beta2)
     weight_decay = float(weight_decay)
+    if xp is not numpy:  # CuPy: one fused kernel pass (rddtensor.kernels), the same formulas
+        kernel_or_generic("adam")(w, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, decoupled=decoupled,
+                                  amsgrad_vmax=amsgrad_vmax, step=step)
+        return
     tmp = xp.empty_like(w)
     if weight_decay != 0:
         if decoupled:
