@@ -11,13 +11,17 @@ from layers.activations import (ELU, GELU, Activation, LeakyReLU, ReLU, Sigmoid,
 from layers.base import Layer, layer_class, register
 from layers.core import Dropout, Flatten, Reshape
 from layers.dense import Dense
-from layers.params import ParamLayout
+from layers.embedding import Embedding
 from layers.history import History
 from layers.normalization import BatchNorm, LayerNorm
+from layers.params import ParamLayout
+from layers.recurrent import GRU, LSTM, SimpleRNN
 from layers.sequential import Sequential, load_model
+from layers.wrappers import Bidirectional, TimeDistributed
 
 __all__ = [
     "Layer", "register", "layer_class", "Sequential", "History", "load_model", "ParamLayout",
     "Dense", "Dropout", "Flatten", "Reshape", "Activation", "get_activation",
     "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax", "BatchNorm", "LayerNorm",
+    "Embedding", "SimpleRNN", "LSTM", "GRU", "Bidirectional", "TimeDistributed",
 ]
