@@ -55,7 +55,7 @@ def conv_nd(X, W, b, strides, dilation, pads, groups=1):
         ``None`` without a bias).
     """
     xp = get_array_module(X)
-    N = X.shape[0]
+    N, x_shape = X.shape[0], X.shape  # backprop keeps the shape, not the input
     O, Cg, *kernel = W.shape
     kernel = tuple(kernel)
     K = math.prod(kernel)
@@ -70,7 +70,7 @@ def conv_nd(X, W, b, strides, dilation, pads, groups=1):
         dW = xp.matmul(dY2, cols.transpose(0, 2, 1)).reshape(W.shape)
         db = None if b is None else dY2.reshape(O, NP).sum(axis=1)
         dcols = xp.matmul(W3.transpose(0, 2, 1), dY2)
-        dX = col2im(dcols, X.shape, kernel, strides, dilation, pads, out)
+        dX = col2im(dcols, x_shape, kernel, strides, dilation, pads, out)
         return dX, dW, db
     return Y, backprop
 

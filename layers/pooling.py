@@ -38,19 +38,20 @@ def max_pool_nd(X, kernel, strides, padding):
     out = tuple(conv_output_size(n, k, s, 1, p) for n, k, s, p in
                 zip(X.shape[2:], kernel, strides, pads))
     Xp = pad_spatial(X, pads, value=-np.inf)
+    x_shape, padded_shape = X.shape, Xp.shape  # backprop keeps shapes, not arrays
     windows = window_view(Xp, kernel, strides, ones, out)
     K = math.prod(kernel)
     windows = windows.reshape(*windows.shape[:2 + r], K)  # one copy: (N, C, *out, K)
     idx = windows.argmax(axis=-1)  # first maximum on ties; a NaN wins, as in PyTorch
     Y = xp.take_along_axis(windows, idx[..., None], axis=-1)[..., 0]
-    del windows
+    del windows, Xp
     idx = idx.astype(np.uint8 if K < 256 else np.int32)  # kept for backprop: keep it small
 
     def backprop(dY):
-        dXp = xp.zeros(Xp.shape, dtype=dY.dtype)
+        dXp = xp.zeros(padded_shape, dtype=dY.dtype)
         for i, sl in offset_slices(kernel, strides, ones, out):
             dXp[_all(sl)] += xp.where(idx == i, dY, 0)
-        return crop_spatial(dXp, pads, X.shape), {}
+        return crop_spatial(dXp, pads, x_shape), {}
     return Y, backprop
 
 
@@ -66,6 +67,7 @@ def avg_pool_nd(X, kernel, strides, padding, count_include_pad=True):
     out = tuple(conv_output_size(n, k, s, 1, p) for n, k, s, p in
                 zip(X.shape[2:], kernel, strides, pads))
     Xp = pad_spatial(X, pads)
+    x_shape, padded_shape = X.shape, Xp.shape  # backprop keeps shapes, not arrays
     offsets = list(offset_slices(kernel, strides, ones, out))
     S = xp.zeros((*X.shape[:2], *out), dtype=X.dtype)
     for _, sl in offsets:
@@ -79,10 +81,10 @@ def avg_pool_nd(X, kernel, strides, padding, count_include_pad=True):
 
     def backprop(dY):
         dS = dY / D
-        dXp = xp.zeros(Xp.shape, dtype=dS.dtype)
+        dXp = xp.zeros(padded_shape, dtype=dS.dtype)
         for _, sl in offsets:
             dXp[_all(sl)] += dS
-        return crop_spatial(dXp, pads, X.shape), {}
+        return crop_spatial(dXp, pads, x_shape), {}
     return Y, backprop
 
 
@@ -281,7 +283,7 @@ class GlobalAvgPool2D(Layer):
 
 @register
 class UpSampling2D(Layer):
-    """Nearest-neighbour upsampling by integer factors: ``Y[n, c, i, j] = X[n, c, i // sh, j // sw]``.
+    """Nearest-neighbour upsampling: ``Y[n, c, i, j] = X[n, c, i // sh, j // sw]``, integer factors.
 
     What ``torch.nn.functional.interpolate(X, scale_factor=size, mode="nearest")`` computes for
     integer factors. Backward sums each ``sh x sw`` block of ``dY``.

@@ -29,6 +29,8 @@ def demo(args) -> int:
     from optim import Adam
     from rddtensor.session import get_spark
 
+    from pyspark.sql import SparkSession
+    owned = SparkSession.getActiveSession() is None
     spark = get_spark(args.master, app_name="rddtensor-demo")
     sc = spark.sparkContext
     Xtr, Xte, ytr, yte = _digits()
@@ -52,7 +54,8 @@ def demo(args) -> int:
     if args.save:
         model.save(args.save)
         print(f"model saved to {args.save}")
-    spark.stop()
+    if owned:
+        spark.stop()
     return 0 if result["accuracy"] >= 0.9 else 1
 
 

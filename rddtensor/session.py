@@ -17,6 +17,10 @@ DEFAULT_CONF = {
     # JVM <-> Python worker stream buffer (default 64 KB): parameter blocks are megabytes, and
     # Spark 4's runner writes at most about one buffer per select() round
     "spark.buffer.size": str(1 << 20),
+    # one BLAS thread per task: Spark already runs one task per core
+    "spark.executorEnv.OMP_NUM_THREADS": "1",
+    "spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
+    "spark.executorEnv.MKL_NUM_THREADS": "1",
 }
 
 
