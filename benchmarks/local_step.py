@@ -10,9 +10,15 @@ One step is forward + loss + backward + optimizer update on one batch of a 64-25
 - PyTorch runs the same network (``nn.Linear``/``nn.ReLU``, ``nn.CrossEntropyLoss``,
   ``torch.optim.Adam`` with its defaults) from the same initial weights.
 
-Both get the same thread count (``benchmarks.common.match_threads``: BLAS threads for NumPy,
-``torch.set_num_threads`` for PyTorch), the same fixed batch (no data loading is timed), and a
-check that a few steps of each give the same weights. Timed blocks of the two alternate.
+Both get the same thread count T (default: all usable cores) through
+``benchmarks.common.match_threads``: ``OMP/OPENBLAS/MKL_NUM_THREADS=T`` before numpy loads, then
+``threadpoolctl.threadpool_limits(T, user_api="blas")`` for NumPy's OpenBLAS and
+``torch.set_num_threads(T)`` for PyTorch's OpenMP/MKL pool; the JSON records every pool's size
+as the libraries report it. NumPy's elementwise ufuncs stay single-threaded at any T. Both get
+the same fixed batch (no data loading is timed) and a check that a few steps of each give the
+same weights. Timed blocks of the two alternate, with a 0.3 s pause and 3 untimed steps before
+each, so that neither library's spinning worker threads slow the other's block (see
+``time_interleaved``).
 
 Usage::
 
@@ -24,10 +30,9 @@ samples) and ``local_step.md``; ``--quick`` writes ``local_step_quick.*`` instea
 from __future__ import annotations
 
 import argparse
-
-# numpy and torch are imported only after match_threads has fixed the thread count
 import time
 
+# numpy and torch are imported inside functions, after match_threads has fixed the thread count
 from benchmarks.common import (background_load, environment, markdown_table, match_threads, ratio,
                                time_interleaved, write_results)
 

@@ -9,12 +9,14 @@ Example:
 from layers.activations import (ELU, GELU, Activation, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh,
                                 get_activation)
 from layers.base import Layer, layer_class, register
+from layers.conv import Conv1D, Conv2D, Conv2DTranspose
 from layers.core import Dropout, Flatten, Reshape
 from layers.dense import Dense
 from layers.embedding import Embedding
 from layers.history import History
 from layers.normalization import BatchNorm, LayerNorm
 from layers.params import ParamLayout
+from layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D, UpSampling2D
 from layers.recurrent import GRU, LSTM, SimpleRNN
 from layers.sequential import Sequential, load_model
 from layers.wrappers import Bidirectional, TimeDistributed
@@ -24,4 +26,6 @@ __all__ = [
     "Dense", "Dropout", "Flatten", "Reshape", "Activation", "get_activation",
     "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax", "BatchNorm", "LayerNorm",
     "Embedding", "SimpleRNN", "LSTM", "GRU", "Bidirectional", "TimeDistributed",
+    "Conv1D", "Conv2D", "Conv2DTranspose", "MaxPool1D", "MaxPool2D", "AvgPool2D",
+    "GlobalAvgPool2D", "UpSampling2D",
 ]

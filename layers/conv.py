@@ -20,6 +20,7 @@ from rddtensor.backend import get_array_module
 
 __all__ = ["Conv1D", "Conv2D", "Conv2DTranspose", "conv_nd", "conv_transpose_nd"]
 
+
 # --- the pure functions ---------------------------------------------------------------------------
 def _to_batch_first(xp, Z, b, N, out):
     """``(O, batch * P)`` GEMM result -> ``(batch, O, *out)`` (plus bias) in one copy."""
@@ -141,7 +142,7 @@ def _conv_padding(padding, rank, kernel, strides, dilation):
         raise ValueError(f"padding must be 'valid', 'same', an integer or a tuple of {rank} "
                          f"integers >= 0, got {padding!r}")
     pad = int_tuple(padding, rank, "padding", minimum=0)
-    return list(pad), tuple((p, p) for p in pad)
+    return pad, tuple((p, p) for p in pad)
 
 
 class _ConvBase(Layer):
@@ -197,13 +198,13 @@ class _ConvBase(Layer):
             raise ValueError(f"{self.describe()} expects inputs with {channels} channels "
                              f"(axis 1), got {X.shape[1]}")
 
-    def _activate(self, Z, conv_backprop, use_bias):
+    def _activate(self, Z, conv_backprop):
         Y, act_backprop = (Z, None) if self._act is None else self._act.apply(Z)
 
         def backprop(dY):
             dX, dW, db = conv_backprop(dY if act_backprop is None else act_backprop(dY))
             grads = {"W": dW}
-            if use_bias:
+            if self.use_bias:
                 grads["b"] = db
             return dX, grads
         return Y, backprop
@@ -262,10 +263,11 @@ class _Conv(_ConvBase):
         self._check_output(self._out(X.shape[2:]), X.shape[2:])
         Z, conv_backprop = conv_nd(X, W, params.get("b") if self.use_bias else None,
                                    self.strides, self.dilation, self._pads, self.groups)
-        return self._activate(Z, conv_backprop, self.use_bias)
+        return self._activate(Z, conv_backprop)
 
     def get_config(self):
-        return {**super().get_config(), "padding": self.padding, "groups": self.groups}
+        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
+        return {**super().get_config(), "padding": padding, "groups": self.groups}
 
 
 @register
@@ -417,7 +419,7 @@ class Conv2DTranspose(_ConvBase):
         Z, conv_backprop = conv_transpose_nd(X, W, params.get("b") if self.use_bias else None,
                                              self.strides, self.dilation, self.padding,
                                              self.output_padding)
-        return self._activate(Z, conv_backprop, self.use_bias)
+        return self._activate(Z, conv_backprop)
 
     def get_config(self):
         return {**super().get_config(), "padding": list(self.padding),

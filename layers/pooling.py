@@ -44,7 +44,6 @@ def max_pool_nd(X, kernel, strides, padding):
     windows = windows.reshape(*windows.shape[:2 + r], K)  # one copy: (N, C, *out, K)
     idx = windows.argmax(axis=-1)  # first maximum on ties; a NaN wins, as in PyTorch
     Y = xp.take_along_axis(windows, idx[..., None], axis=-1)[..., 0]
-    del windows, Xp
     idx = idx.astype(np.uint8 if K < 256 else np.int32)  # kept for backprop: keep it small
 
     def backprop(dY):

@@ -480,3 +480,12 @@ def test_param_shapes_before_build():
         Conv2D(3, 3).param_shapes()
     with pytest.raises(ValueError, match="no input shape yet"):
         Conv2DTranspose(3, 3).param_shapes()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import layers.conv as conv_module
+    import layers.im2col as im2col_module
+    for module in (conv_module, im2col_module):
+        assert doctest.testmod(module).failed == 0

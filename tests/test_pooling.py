@@ -226,3 +226,10 @@ def test_built_pool_checks_channels():
     with pytest.raises(ValueError, match=r"MaxPool2D layer 'p' expects inputs with 3 channels "
                                          r"\(axis 1\), got 2"):
         layer.forward({}, np.zeros((1, 2, 4, 4)))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import layers.pooling as pooling_module
+    assert doctest.testmod(pooling_module).failed == 0
