@@ -170,7 +170,11 @@ class Sequential:
         rows = [("#", "layer", "output shape", "params")]
         for i, layer in enumerate(self.layers):
             n = sum(int(np.prod(s)) for s in {**layer.param_shapes(), **layer.buffer_shapes()}.values())
-            rows.append((str(i), repr(layer), str((None, *layer.output_shape)), f"{n:,}"))
+            label = type(layer).__name__ + (f" ({layer.name})" if layer.name else "")
+            act = getattr(layer, "activation", None)
+            if isinstance(act, str):
+                label += f" [{act}]"
+            rows.append((str(i), label, str((None, *layer.output_shape)), f"{n:,}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
