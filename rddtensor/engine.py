@@ -145,8 +145,12 @@ class DistributedRunner:
             S = st.strategy.iteration(S, self.shards.rdd, self.cfg, st.model, st.bounds, self.acc)
         S.persist(_LEVEL)
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
-        with spark_errors():
-            S._jrdd.count()
+        try:
+            with spark_errors():
+                S._jrdd.count()
+        except BaseException:
+            S.unpersist(blocking=False)
+            raise
         st.unpersist()
         self.state = ParameterState(st.strategy, S, st.model, st.bounds)
         steps_done = range(self.t + 1, self.t + steps + 1)
@@ -240,7 +244,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         if validation_data is not None:
             val = make_shards(validation_data, feature_shape=model.input_shape,
                               n_records=shards.n_partitions, features_col=features_col,
-                              label_col=label_col)
+                              label_col=label_col, what="validation_data")
         runner = DistributedRunner(model, shards, strategy, batch_size=batch_size,
                                    shuffle=shuffle, seed=seed, class_weight=class_weight,
                                    iterations_per_job=iterations_per_job, wire_dtype=wire_dtype)
@@ -253,6 +257,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         shards.unpersist()
         if val is not None:
             val.unpersist()
+        if runner is not None:
+            runner.state.unpersist()
 
 
 def _driver_state(model, shards: Shards) -> ParameterState:
@@ -266,7 +272,11 @@ def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="f
     """Loss and metrics of the driver's model over an RDD/DataFrame, computed on executors."""
     model._require_built()
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
-                         label_col=label_col)
+                         label_col=label_col, what="evaluation data")
+    if not shards.has_labels:
+        shards.unpersist()
+        raise ValueError("evaluate needs labels: an RDD of (features, label) pairs or a DataFrame "
+                         f"with a {label_col!r} column")
     state = _driver_state(model, shards)
     try:
         return stats_logs(model.metrics, evaluate_state(state, shards, batch_size))

@@ -81,7 +81,7 @@ def _stack(rows, feature_shape, has_labels, j):
     return arrays
 
 
-def _as_rows(data, features_col, label_col):
+def _as_rows(data, features_col, label_col, what):
     """An RDD of (features, label) pairs (or features) from an RDD or a DataFrame."""
     if hasattr(data, "select") and hasattr(data, "columns"):  # DataFrame
         missing = [c for c in (features_col, label_col) if c and c not in data.columns]
@@ -92,14 +92,14 @@ def _as_rows(data, features_col, label_col):
         return data.select(features_col).rdd.map(lambda r: r[0]), False
     first = data.first() if not data.isEmpty() else None
     if first is None:
-        raise ValueError("the training RDD is empty: no rows to train on")
+        raise ValueError(f"the {what} RDD is empty: no rows")
     has_labels = isinstance(first, tuple) and len(first) == 2 and label_col is not None
     return data, has_labels
 
 
 def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                 features_col: str = "features", label_col: str | None = "label",
-                n_records: int | None = None) -> Shards:
+                n_records: int | None = None, what: str = "training data") -> Shards:
     """Stack ``data`` into cached shards, one per partition (``n_partitions`` repartitions).
 
     Args:
@@ -109,8 +109,9 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
         feature_shape: per-row feature shape (default: taken from the first row).
         n_records: records per partition (default: the partition count): the number of
             parameter owners whose all-gather this shard RDD will be zipped with.
+        what: how error messages name this data ("training data", "validation_data", ...).
     """
-    rows, has_labels = _as_rows(data, features_col, label_col)
+    rows, has_labels = _as_rows(data, features_col, label_col, what)
     if n_partitions is not None and n_partitions != rows.getNumPartitions():
         rows = rows.repartition(int(n_partitions))
     N = rows.getNumPartitions()
@@ -118,7 +119,7 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
     with spark_errors():
         if feature_shape is None:
             if rows.isEmpty():
-                raise ValueError("the training data is empty: no rows to train on")
+                raise ValueError(f"the {what} is empty: no rows")
             first = rows.first()
             feature_shape = np.asarray(_features_of(first[0] if has_labels else first)).shape
         feature_shape = tuple(int(s) for s in feature_shape)
@@ -130,10 +131,14 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                 yield wire.PAD
 
         shard_rdd = rawrdd.map_raw(rows, build).persist()
-        sizes = _sizes(shard_rdd)
+        try:
+            sizes = _sizes(shard_rdd)
+        except BaseException:
+            shard_rdd.unpersist()
+            raise
     if sum(sizes) == 0:
         shard_rdd.unpersist()
-        raise ValueError("the training data is empty: no rows to train on")
+        raise ValueError(f"the {what} is empty: no rows")
     return Shards(shard_rdd, sizes, feature_shape, has_labels)
 
 

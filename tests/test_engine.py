@@ -367,9 +367,6 @@ def test_norm_optimizers_refuse_sharded(sc, opt, what):
     _assert_clean(excinfo)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: evaluate_distributed never checks shards.has_labels; the eval task does "
-    "arrays['y'] and the driver sees a KeyError(\"'y'\") rebuilt from the task's traceback"))
 def test_evaluate_without_labels_says_labels_are_needed(sc):
     m = classifier()
     m.build()
@@ -377,9 +374,6 @@ def test_evaluate_without_labels_says_labels_are_needed(sc):
         m.evaluate(sc.parallelize(list(XV), 2))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an empty validation RDD is reported as 'the training RDD is empty' (shards._as_rows "
-    "does not know which argument it is reading)"))
 def test_empty_validation_data_is_named(sc):
     m = classifier()
     with pytest.raises(ValueError, match="validation"):
@@ -522,10 +516,6 @@ def test_cached_rdds_and_lineage_stay_bounded(sc):
     user.unpersist()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a fit that fails inside a Spark job leaks persisted RDDs: fit_distributed's finally "
-    "unpersists the shards but never runner.state (ParameterState.from_driver persisted it), "
-    "and _run_group persists the next state before the job that fails"))
 def test_failed_fit_leaves_nothing_persisted(sc):
     before = set(_persisted(sc))
     with pytest.raises(ValueError, match="labels must be integers"):

@@ -86,7 +86,7 @@ def test_zeros_and_full_never_hold_the_vector_on_the_driver(sc):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 2_000_000, f"driver allocated {peak} bytes for a {size}-element tensor"
+    assert peak < 4_000_000, f"driver allocated {peak} bytes for a {size}-element tensor"
 
 
 # --- elementwise arithmetic --------------------------------------------------------------------
