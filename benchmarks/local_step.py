@@ -242,9 +242,9 @@ def table(payload: dict) -> str:
         s = res[name]
         rows.append([label, s["median"], s["min"], s["max"],
                      f"{s['median'] / res['pytorch']['median']:.2f}x"])
-    m = payload["machine"]
+    m, n = payload["machine"], payload["threads"]["threads"]
     head = (f"Training step, {'-'.join(map(str, p['sizes']))} MLP (ReLU, softmax cross-entropy, "
-            f"Adam), batch {p['batch']} {p['dtype']}; {payload['threads']['threads']} threads "
+            f"Adam), batch {p['batch']} {p['dtype']}; {n} thread{'s' if n > 1 else ''} "
             f"each; {m['cpu_model']}, {m['cores']} cores; median of {p['repeats']} blocks of "
             f"{p['steps_per_block']} steps{' (QUICK)' if p['quick'] else ''}.")
     body = markdown_table(["implementation", "median ms/step", "min", "max", "vs PyTorch"], rows)

@@ -1,0 +1,123 @@
+"""Forward + backward time per layer: rddtensor (NumPy) against PyTorch CPU, same thread count.
+
+Layers (float32): Dense 512->512 on a (256, 512) batch; Conv2D 3x3, 64->64 channels, padding 1
+on (32, 64, 32, 32); LSTM with 128 units over 50 steps of 128 features, batch 32
+(``return_sequences=True``). One call = forward, then backward of ``sum(Y * R)`` for a fixed
+``R`` (input and weight gradients). Both libraries get the same weights (PyTorch layouts) and
+inputs; a check asserts their outputs agree before anything is timed. Thread counts are matched
+with ``benchmarks.common.match_threads`` and the timed blocks alternate (``time_interleaved``).
+
+Usage::
+
+    python -m benchmarks.layers [--quick] [--threads T] [--repeats R]
+
+Writes ``benchmarks/results/layers.json`` and ``layers.md`` (``layers_quick.*`` with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+
+from benchmarks.common import (background_load, environment, markdown_table, match_threads, ratio,
+                               time_interleaved, write_results)
+
+CASES = {
+    "Dense 512->512, batch 256": ("dense", (256, 512)),
+    "Conv2D 3x3 64->64, 32x32, batch 32": ("conv", (32, 64, 32, 32)),
+    "LSTM 128 units x 50 steps, batch 32": ("lstm", (32, 50, 128)),
+}
+
+
+def _ours(kind, shape):
+    import numpy as np
+
+    import layers as L
+    layer = {"dense": lambda: L.Dense(512), "conv": lambda: L.Conv2D(64, 3, padding=1),
+             "lstm": lambda: L.LSTM(128, return_sequences=True)}[kind]()
+    layer.build(shape[1:])
+    params = layer.init_params(np.random.default_rng(0))
+    return layer, params
+
+
+def _torch_twin(kind, params):
+    import torch
+    if kind == "dense":
+        m = torch.nn.Linear(512, 512)
+        m.weight.data = torch.from_numpy(params["W"].copy())
+        m.bias.data = torch.from_numpy(params["b"].copy())
+    elif kind == "conv":
+        m = torch.nn.Conv2d(64, 64, 3, padding=1)
+        m.weight.data = torch.from_numpy(params["W"].copy())
+        m.bias.data = torch.from_numpy(params["b"].copy())
+    else:
+        m = torch.nn.LSTM(128, 128, batch_first=True)
+        for k in ("W_ih", "W_hh", "b_ih", "b_hh"):
+            name = {"W_ih": "weight_ih_l0", "W_hh": "weight_hh_l0",
+                    "b_ih": "bias_ih_l0", "b_hh": "bias_hh_l0"}[k]
+            getattr(m, name).data = torch.from_numpy(params[k].copy())
+    return m
+
+
+def make_case(kind, shape):
+    """``(ours, theirs)``: two zero-argument callables doing forward + backward once."""
+    import numpy as np
+    import torch
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal(shape, dtype=np.float32)
+    layer, params = _ours(kind, shape)
+    net = _torch_twin(kind, params)
+    Y, _ = layer.forward(params, X, training=True)
+    R = rng.standard_normal(Y.shape, dtype=np.float32)
+    Xt = torch.from_numpy(X.copy()).requires_grad_(True)
+    Rt = torch.from_numpy(R)
+
+    def torch_out():
+        out = net(Xt)
+        return out[0] if isinstance(out, tuple) else out
+    np.testing.assert_allclose(Y, torch_out().detach().numpy(), rtol=1e-3, atol=1e-3)
+
+    def ours():
+        Y, backprop = layer.forward(params, X, training=True)
+        backprop(R)
+
+    def theirs():
+        net.zero_grad(set_to_none=True)
+        Xt.grad = None
+        (torch_out() * Rt).sum().backward()
+    return ours, theirs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    a = ap.parse_args(argv)
+    threads = match_threads(a.threads)
+    calls, repeats, warmup = (2, 2, 1) if a.quick else (5, a.repeats or 9, 3)
+    load = background_load(0.5)
+    rows, results = [], {}
+    for label, (kind, shape) in CASES.items():
+        ours, theirs = make_case(kind, shape)
+        r = time_interleaved({"rddtensor": ours, "pytorch": theirs}, calls=calls,
+                             repeats=repeats, warmup=warmup, settle=0.3, rewarm=1)
+        q = ratio(r["rddtensor"], r["pytorch"])
+        results[label] = {"timings": r, "ratio": q, "shape": list(shape)}
+        rows.append([label, r["rddtensor"]["median"], r["pytorch"]["median"],
+                     f"{q['of_medians']:.2f}x", f"{q['paired_min']:.2f}-{q['paired_max']:.2f}x"])
+    table = markdown_table(["layer (forward+backward)", "rddtensor ms", "PyTorch CPU ms",
+                            "ratio (medians)", "paired ratio range"], rows)
+    table += (f"\n\nThreads: {threads['threads']} for both (`match_threads`); background load "
+              f"before the run: {load}. Command: `python -m benchmarks.layers"
+              f"{' --quick' if a.quick else ''}`.\n")
+    payload = {"benchmark": "layers", "environment": environment(("numpy", "torch")),
+               "threads": threads, "background_load": load,
+               "parameters": {"calls": calls, "repeats": repeats, "warmup": warmup},
+               "results": results}
+    path = write_results("layers" + ("_quick" if a.quick else ""), payload, table)
+    print(table)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
