@@ -2,12 +2,13 @@
 
 Every benchmark in ``benchmarks/`` runs rddtensor and its peer side by side in one process and
 writes ``benchmarks/results/<name>.json`` (all raw samples) next to ``<name>.md`` (the table).
-This module holds what they share; its API is seven functions and one constant:
+This module holds what they share; its API is eight functions and one constant:
 
 - ``match_threads(n)``: give NumPy's BLAS and PyTorch the same thread count; call it *before*
   importing numpy or torch (it also works after, through threadpoolctl).
 - ``environment()``: machine (cores, CPU model, memory), versions, git commit, for the JSON;
-  ``background_load()``: how busy other processes keep the machine (noisy numbers warning).
+  ``background_load()`` / ``wait_for_idle()``: how busy other processes keep the machine, and
+  waiting (bounded) until they leave it alone.
 - ``time_interleaved(fns, calls=, repeats=, warmup=)``: per-call wall time of each function,
   the functions' timed blocks interleaved so that background load hits all of them alike.
 - ``ratio(a, b)``: ``a / b`` of two timing results, of the medians and per interleaved repeat.
@@ -38,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "match_threads", "environment", "background_load", "time_interleaved",
-           "ratio", "markdown_table", "write_results"]
+__all__ = ["RESULTS_DIR", "match_threads", "environment", "background_load", "wait_for_idle",
+           "time_interleaved", "ratio", "markdown_table", "write_results"]
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where every benchmark writes ``<name>.json`` and ``<name>.md``.
@@ -203,6 +204,26 @@ def environment(modules=("numpy", "torch")) -> dict:
         "git": {"commit": _git("rev-parse", "HEAD"),
                 "dirty": None if status is None else bool(status)},
     }
+
+
+def wait_for_idle(max_wait_s: float = 120.0, threshold: float = 0.05, quiet_s: int = 3) -> dict:
+    """Wait until other processes use under ``threshold`` of the CPU for ``quiet_s`` seconds running.
+
+    Gives up after ``max_wait_s`` (then ``idle`` is False and the run goes on, noisier). On a
+    shared machine (tests and Spark jobs of others) this is the difference between a number and
+    noise.
+
+    Returns:
+        ``{"idle": bool, "waited_s": float, "last_load": float | None}`` for the results JSON.
+    """
+    t0, quiet, load = time.monotonic(), 0, None
+    while quiet < quiet_s and time.monotonic() - t0 < max_wait_s:
+        load = background_load(1.0)
+        if load is None:  # cannot tell: do not wait
+            break
+        quiet = quiet + 1 if load < threshold else 0
+    return {"idle": quiet >= quiet_s, "waited_s": round(time.monotonic() - t0, 1),
+            "last_load": load}
 
 
 # --- timing -------------------------------------------------------------------------------------

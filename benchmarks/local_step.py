@@ -23,6 +23,7 @@ each, so that neither library's spinning worker threads slow the other's block (
 Usage::
 
     python -m benchmarks.local_step [--quick] [--threads T] [--steps N] [--repeats R]
+                                    [--warmup W] [--seed S] [--wait-idle SECONDS]
 
 Writes ``benchmarks/results/local_step.json`` (machine, versions, commit, parameters, raw
 samples) and ``local_step.md``; ``--quick`` writes ``local_step_quick.*`` instead.
@@ -34,7 +35,7 @@ import time
 
 # numpy and torch are imported inside functions, after match_threads has fixed the thread count
 from benchmarks.common import (background_load, environment, markdown_table, match_threads, ratio,
-                               time_interleaved, write_results)
+                               time_interleaved, wait_for_idle, write_results)
 
 NAME = "local_step"
 SIZES = (64, 256, 256, 10)  # input, hidden..., classes
@@ -42,8 +43,8 @@ BATCH = 512
 LR = 1e-3
 CHECK_STEPS = 3
 CHECK_ATOL = 1e-4  # float32 weights after CHECK_STEPS Adam steps of lr 1e-3
-FULL = {"steps": 50, "repeats": 15, "warmup": 30}
-QUICK = {"steps": 10, "repeats": 3, "warmup": 10}
+FULL = {"steps": 50, "repeats": 15, "warmup": 30, "wait_idle": 120}
+QUICK = {"steps": 10, "repeats": 3, "warmup": 10, "wait_idle": 0}
 SETTLE_S = 0.3  # > OpenBLAS's ~0.1 s spin: see time_interleaved
 REWARM = 3
 BUSY = 0.05  # background load above which the numbers are flagged as noisy
@@ -173,14 +174,18 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per implementation")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    p.add_argument("--wait-idle", type=float, default=None, metavar="SECONDS",
+                   help="first wait up to SECONDS for other processes to leave the CPU idle "
+                        f"(default {FULL['wait_idle']:g}, with --quick 0)")
     args = p.parse_args(argv)
     counts = QUICK if args.quick else FULL
-    for key in ("steps", "repeats", "warmup"):
+    for key in ("steps", "repeats", "warmup", "wait_idle"):
         value = getattr(args, key)
+        least = 1 if key in ("steps", "repeats") else 0
         if value is None:
             setattr(args, key, counts[key])
-        elif value < (0 if key == "warmup" else 1):
-            p.error(f"--{key} must be {'>= 0' if key == 'warmup' else '>= 1'}, got {value}")
+        elif value < least:
+            p.error(f"--{key.replace('_', '-')} must be >= {least}, got {value}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -196,6 +201,9 @@ def run(args) -> dict:
     rdd, pt = rddtensor_step(model, X, y, args.seed), torch_step(net, opt, X, y)
     check = check_same_training(model, net, rdd, pt)
     time.sleep(SETTLE_S)  # let the check's spinning BLAS workers go idle first
+    idle = wait_for_idle(args.wait_idle, BUSY) if args.wait_idle else None
+    if idle is not None and not idle["idle"]:
+        print(f"the machine stayed busy for {args.wait_idle:g} s; timing anyway (noisy)")
     load_before = background_load(0.5)
     times = time_interleaved({"rddtensor": rdd, "pytorch": pt}, calls=args.steps,
                              repeats=args.repeats, warmup=args.warmup, settle=SETTLE_S,
@@ -225,7 +233,7 @@ def run(args) -> dict:
             "pytorch_adam_defaults": adam,
         },
         "timing": {"method": "benchmarks.common.time_interleaved", "settle_s": SETTLE_S,
-                   "rewarm_calls": REWARM,
+                   "rewarm_calls": REWARM, "wait_for_idle": idle,
                    "background_load_before": load_before, "background_load_after": load_after},
         "check": {"same_as_local_runner": same_as_runner, "same_as_pytorch": check},
         "results": times,
