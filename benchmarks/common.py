@@ -9,8 +9,9 @@ This module holds what they share; its API is eight functions and one constant:
 - ``environment()``: machine (cores, CPU model, memory), versions, git commit, for the JSON;
   ``background_load()`` / ``wait_for_idle()``: how busy other processes keep the machine, and
   waiting (bounded) until they leave it alone.
-- ``time_interleaved(fns, calls=, repeats=, warmup=)``: per-call wall time of each function,
-  the functions' timed blocks interleaved so that background load hits all of them alike.
+- ``time_interleaved(fns, calls=, repeats=, warmup=, settle=, rewarm=)``: per-call wall time
+  of each function, timed blocks interleaved so that background load hits all of them alike,
+  with a pause between blocks so that one library's spinning threads do not slow the other.
 - ``ratio(a, b)``: ``a / b`` of two timing results, of the medians and per interleaved repeat.
 - ``markdown_table(header, rows)`` and ``write_results(name, payload, table)``.
 
@@ -58,7 +59,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def match_threads(n: int | None = None) -> dict:
+def match_threads(n: int | None = None, *, torch: bool = True) -> dict:
     """Run NumPy's BLAS and PyTorch's intra-op pool with ``n`` threads each (default: all cores).
 
     How, in order:
@@ -67,7 +68,8 @@ def match_threads(n: int | None = None) -> dict:
        BLAS reads them when it loads, so this alone suffices when numpy is not imported yet.
     2. ``threadpoolctl.threadpool_limits(n, user_api="blas")`` (if installed) resizes every BLAS
        already loaded (NumPy's and SciPy's OpenBLAS, an MKL-backed NumPy).
-    3. ``torch.set_num_threads(n)`` (if torch imports) sizes PyTorch's OpenMP/MKL pool.
+    3. ``torch.set_num_threads(n)`` (if torch imports) sizes PyTorch's OpenMP/MKL pool;
+       ``torch=False`` skips this and leaves torch unimported (benchmarks without a torch peer).
 
     Elementwise NumPy ufuncs are single-threaded whatever ``n`` is; PyTorch parallelises them
     over its pool. That difference is part of what a benchmark measures, not something to hide.
@@ -94,19 +96,25 @@ def match_threads(n: int | None = None) -> dict:
         import numpy  # noqa: F401  (loads its BLAS so that the limit below reaches it)
         threadpoolctl.threadpool_limits(limits=n, user_api="blas")
         info["numpy_method"] = "threadpoolctl.threadpool_limits(n, user_api='blas') + environment"
-    try:
-        import torch
-    except ImportError:
-        info["torch_method"] = "torch not installed"
+    if torch:
+        info.update(_match_torch_threads(n))
     else:
-        torch.set_num_threads(n)
-        info["torch_method"] = "torch.set_num_threads(n)"
-        info["torch_num_threads"] = torch.get_num_threads()
+        info["torch_method"] = "not requested"
     if threadpoolctl is not None:  # what every loaded pool reports now: the proof
         info["pools"] = [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads",
                                                  "version", "architecture", "threading_layer")}
                          for p in threadpoolctl.threadpool_info()]
     return info
+
+
+def _match_torch_threads(n: int) -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {"torch_method": "torch not installed"}
+    torch.set_num_threads(n)
+    return {"torch_method": "torch.set_num_threads(n)",
+            "torch_num_threads": torch.get_num_threads()}
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def environment(modules=("numpy", "torch")) -> dict:
 
 
 def wait_for_idle(max_wait_s: float = 120.0, threshold: float = 0.05, quiet_s: int = 3) -> dict:
-    """Wait until other processes use under ``threshold`` of the CPU for ``quiet_s`` seconds running.
+    """Wait until other processes use under ``threshold`` of the CPU for ``quiet_s`` s in a row.
 
     Gives up after ``max_wait_s`` (then ``idle`` is False and the run goes on, noisier). On a
     shared machine (tests and Spark jobs of others) this is the difference between a number and
@@ -245,11 +253,11 @@ def time_interleaved(fns: dict, *, calls: int, repeats: int, warmup: int = 0,
     Thread pools of different libraries fight when blocks alternate: OpenBLAS workers spin for
     about 0.1 s after a NumPy matmul (``2**28`` cycles by default) and OpenMP workers spin too,
     holding cores the next block's own threads need. On the 2-core machine, alternating without
-    a pause put PyTorch's median step at 1.65x its time in a process of its own (rddtensor's at
-    1.08x), which flipped the comparison. ``settle`` (sleep before each block, longer than the
-    spin) and ``rewarm`` (untimed calls right before each block, which wake its own pool) give
-    each block the time it has alone: with 0.3 s and 3 calls both medians matched their
-    one-library processes within 2%.
+    a pause put PyTorch's median training step at 1.65x its time in a process of its own
+    (rddtensor's within 10%), which flipped the comparison. ``settle`` (sleep before each block,
+    longer than the spin) and ``rewarm`` (untimed calls right before each block, which wake its
+    own pool) give each block the time it has alone: with 0.3 s and 3 calls both medians
+    matched their one-library processes within 2% on an idle machine.
 
     Args:
         fns: ``{name: zero-argument callable}``.
@@ -309,7 +317,7 @@ def _cell(value) -> str:
 
 
 def markdown_table(header, rows) -> str:
-    """A GitHub Markdown table; floats get 3 significant digits (no scientific notation above 1000)."""
+    """A GitHub Markdown table; floats get 3 significant digits (plain digits from 1000 up)."""
     lines = ["| " + " | ".join(str(h) for h in header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]

@@ -201,7 +201,7 @@ def run(args) -> dict:
     model = build_rddtensor(args.seed)
     net, opt = build_torch(model.get_weights())
     rdd, pt = rddtensor_step(model, X, y, args.seed), torch_step(net, opt, X, y)
-    check = check_same_training(model, net, rdd, pt)
+    same_as_torch = check_same_training(model, net, rdd, pt)
     time.sleep(SETTLE_S)  # let the check's spinning BLAS workers go idle first
     idle = wait_for_idle(args.wait_idle, BUSY) if args.wait_idle else None
     if idle is not None and not idle["idle"]:
@@ -211,35 +211,40 @@ def run(args) -> dict:
                              repeats=args.repeats, warmup=args.warmup, settle=SETTLE_S,
                              rewarm=REWARM)
     time.sleep(SETTLE_S)  # our own spinning BLAS workers would count as background
-    load_after = background_load(0.5)
-    adam = {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool, tuple))
-            or v is None}
+    timing = {"method": "benchmarks.common.time_interleaved", "settle_s": SETTLE_S,
+              "rewarm_calls": REWARM, "wait_for_idle": idle,
+              "background_load_before": load_before, "background_load_after": background_load(0.5)}
     return {
         "benchmark": NAME,
         "description": "in-process training step (forward + loss + backward + Adam update), "
                        "ms per step, rddtensor vs PyTorch CPU in the same process",
         **environment(("numpy", "torch", "threadpoolctl", "scipy")),
         "threads": threads,
-        "parameters": {
-            "sizes": list(SIZES), "activation": "relu",
-            "loss": "sparse categorical cross-entropy from logits (mean over the batch)",
-            "optimizer": {"name": "adam", "lr": LR}, "batch": BATCH, "dtype": "float32",
-            "param_count": int(model.layout.size), "steps_per_block": args.steps,
-            "repeats": args.repeats, "warmup_steps": args.warmup, "seed": args.seed,
-            "quick": args.quick,
-            "rddtensor_path": "layers.training.gradient_step + optimizer_step (LocalRunner's "
-                              "step body, checked bit-identical to LocalRunner; same batch "
-                              "every step, no row gather)",
-            "pytorch_path": "zero_grad(set_to_none=True), CrossEntropyLoss, backward, "
-                            "torch.optim.Adam.step",
-            "pytorch_adam_defaults": adam,
-        },
-        "timing": {"method": "benchmarks.common.time_interleaved", "settle_s": SETTLE_S,
-                   "rewarm_calls": REWARM, "wait_for_idle": idle,
-                   "background_load_before": load_before, "background_load_after": load_after},
-        "check": {"same_as_local_runner": same_as_runner, "same_as_pytorch": check},
+        "parameters": parameters(args, model, opt),
+        "timing": timing,
+        "check": {"same_as_local_runner": same_as_runner, "same_as_pytorch": same_as_torch},
         "results": times,
         "ratio_rddtensor_over_pytorch": ratio(times["rddtensor"], times["pytorch"]),
+    }
+
+
+def parameters(args, model, opt) -> dict:
+    """What was run, for the results JSON."""
+    adam = {k: v for k, v in opt.defaults.items()
+            if v is None or isinstance(v, (int, float, bool, tuple))}
+    return {
+        "sizes": list(SIZES), "activation": "relu",
+        "loss": "sparse categorical cross-entropy from logits (mean over the batch)",
+        "optimizer": {"name": "adam", "lr": LR}, "batch": BATCH, "dtype": "float32",
+        "param_count": int(model.layout.size), "steps_per_block": args.steps,
+        "repeats": args.repeats, "warmup_steps": args.warmup, "seed": args.seed,
+        "quick": args.quick,
+        "rddtensor_path": "layers.training.gradient_step + optimizer_step (LocalRunner's step "
+                          "body, checked bit-identical to LocalRunner; same batch every step, "
+                          "no row gather)",
+        "pytorch_path": "zero_grad(set_to_none=True), CrossEntropyLoss, backward, "
+                        "torch.optim.Adam.step",
+        "pytorch_adam_defaults": adam,
     }
 
 
