@@ -294,11 +294,8 @@ class Sequential:
                 tuple(X.shape[1:]) != tuple(first.input_shape):
             raise ValueError(f"{what} has per-row shape {tuple(X.shape[1:])} but the first layer "
                              f"({first.describe()}) expects {tuple(first.input_shape)}")
-        if not self.built:
+        if not self.built:  # (after this the first layer's input_shape is set: checked above)
             self.build(X.shape[1:], seed=self.seed if self.seed is not None else build_seed)
-        if tuple(X.shape[1:]) != tuple(self.layers[0].input_shape):
-            raise ValueError(f"{what} has per-row shape {tuple(X.shape[1:])} but the first layer "
-                             f"({self.layers[0].describe()}) expects {tuple(self.layers[0].input_shape)}")
         if not sp.issparse(X) and not np.isfinite(X).all():
             bad = int(np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(axis=1))[0])
             raise ValueError(f"{what} contains NaN or inf (first at row {bad})")

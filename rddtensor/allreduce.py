@@ -35,6 +35,24 @@ def _unpack_all(records):
     return [wire.unpack(r) for r in records if len(r)]
 
 
+def _grads_and_state(records, grad_kind: str, state_kind: str):
+    """``(sum of the gradient slices in source order, state meta, writable w, writable slots)``.
+
+    ``None`` for the sum when no gradient arrived (the replicated strategy's first pass).
+    """
+    grads, state = [], None
+    for kind, meta, arrays in _unpack_all(records):
+        if kind == grad_kind:
+            grads.append((meta["src"], arrays["g"]))
+        elif kind == state_kind:
+            state = (meta, arrays)
+    meta, arrays = state
+    w, slots = split_own(arrays)
+    if not grads:
+        return None, meta, w, slots
+    return sum_in_order(grads), meta, np.array(w), {k: np.array(v) for k, v in slots.items()}
+
+
 class Sharded:
     """Reduce-scatter gradients to block owners, update there, all-gather θ (two passes)."""
 
@@ -101,18 +119,9 @@ class Sharded:
         emit_state = self.emit_state
 
         def run(i, records):
-            grads, own = [], None
-            for kind, meta, arrays in _unpack_all(records):
-                if kind == "grad":
-                    grads.append((meta["src"], arrays["g"]))
-                elif kind == "own":
-                    own = (meta, arrays)
-            meta, arrays = own
-            w, slots = split_own(arrays)
-            w, slots = np.array(w), {k: np.array(v) for k, v in slots.items()}
-            lo, hi = bounds[i]
-            train, bufs = model.layout.split_segments(lo, hi)
-            apply_update(model.optimizer, w, sum_in_order(grads), slots, meta["t"] + 1,
+            g, meta, w, slots = _grads_and_state(records, "grad", "own")
+            train, bufs = model.layout.split_segments(*bounds[i])
+            apply_update(model.optimizer, w, g, slots, meta["t"] + 1,
                          segments=train, buffer_segments=bufs)
             return emit_state(i, meta["t"] + 1, bounds, w, slots, bf16)
         return run
@@ -176,19 +185,10 @@ class Replicated:
     @staticmethod
     def settle(model, records):
         """θ_t and slots after applying the pending gradients (if any): ``(t, w, slots)``."""
-        grads, state = [], None
-        for kind, meta, arrays in _unpack_all(records):
-            if kind == "rgrad":
-                grads.append((meta["src"], arrays["g"]))
-            elif kind == "rstate":
-                state = (meta, arrays)
-        meta, arrays = state
-        w, slots = split_own(arrays)
+        g, meta, w, slots = _grads_and_state(records, "rgrad", "rstate")
         t = meta["t"]
-        if grads:
-            w, slots = np.array(w), {k: np.array(v) for k, v in slots.items()}
-            optimizer_step(model.optimizer, w, sum_in_order(grads), slots, t + 1,
-                           model.layout.split_segments())
+        if g is not None:
+            optimizer_step(model.optimizer, w, g, slots, t + 1, model.layout.split_segments())
             t += 1
         return t, w, slots
 

@@ -78,12 +78,4 @@ def unpack(buf) -> tuple[str, dict, dict]:
     return header["k"], header["m"], arrays
 
 
-def kind_of(buf) -> str:
-    """The record's kind without decoding its arrays ("" for an empty padding record)."""
-    if len(buf) == 0:
-        return ""
-    (n,) = _LEN.unpack_from(buf, 0)
-    return json.loads(bytes(buf[_LEN.size:_LEN.size + n]))["k"]
-
-
 PAD = b""
