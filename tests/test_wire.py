@@ -1,0 +1,55 @@
+"""Raw-bytes records (rddtensor.wire) and the bfloat16 wire option of the distributed engine."""
+import numpy as np
+import pytest
+
+import layers as L
+from rddtensor import wire
+
+
+def test_pack_unpack_round_trip_is_exact_and_zero_copy():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rec = wire.pack("blk", {"i": 3}, {"x": x, "n": np.asarray(7), "e": np.zeros(0)})
+    kind, meta, arrays = wire.unpack(rec)
+    assert (kind, meta) == ("blk", {"i": 3})
+    np.testing.assert_array_equal(arrays["x"], x)
+    assert arrays["n"].shape == () and int(arrays["n"]) == 7 and arrays["e"].shape == (0,)
+    assert not arrays["x"].flags.writeable  # a view into the received bytes
+
+
+def test_bf16_rounds_to_nearest_even_and_halves_the_bytes():
+    x = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, 3.3e38, 1e-40], np.float32)
+    y = wire.from_bf16(wire.to_bf16(x))
+    # ties go to the even mantissa: 1 + 2^-8 -> 1.0, 1 + 3*2^-8 -> 1 + 2^-6
+    np.testing.assert_array_equal(y[:4], np.array([1.0, 1.0, 1.0 + 2 ** -6, -2.5], np.float32))
+    assert np.all(np.abs(y - x)[:5] <= np.abs(x[:5]) * 2 ** -8)  # normal numbers: 8 bits
+    assert abs(y[5] - x[5]) <= 2.0 ** -133  # subnormal: absolute spacing of bf16 subnormals
+    g = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    full, half = wire.pack("g", {}, {"g": g}), wire.pack("g", {}, {"g": g}, bf16=("g",))
+    assert len(half) < 0.55 * len(full)
+    assert wire.unpack(half)[2]["g"].dtype == np.float32
+
+
+@pytest.mark.parametrize("allreduce", ["sharded", "replicated"])
+def test_bfloat16_wire_trains_close_to_float32(sc, allreduce):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(64, 5)).astype(np.float32)
+    y = (X[:, 0] - X[:, 1] > 0).astype(int)
+    rdd = sc.parallelize(list(zip(X, y)), 2)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        m = L.Sequential([L.Dense(8, activation="tanh", input_shape=(5,)), L.Dense(2)], seed=1)
+        m.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        h = m.fit(rdd, epochs=2, batch_size=32, verbose=0, allreduce=allreduce, wire_dtype=dtype)
+        assert h.params["wire_dtype"] == dtype
+        runs[dtype] = m.theta.copy()
+    # owners keep float32 master weights; only the traffic is rounded (relative 2^-8)
+    np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=2e-2, atol=2e-3)
+    assert not np.array_equal(runs["bfloat16"], runs["float32"])
+
+
+def test_unknown_wire_dtype_is_named(sc):
+    m = L.Sequential([L.Dense(2, input_shape=(3,))], seed=0)
+    m.compile(optimizer="sgd", loss="mse")
+    rdd = sc.parallelize([(np.ones(3, np.float32), np.zeros(2, np.float32))] * 4, 2)
+    with pytest.raises(ValueError, match="wire_dtype must be 'float32' or 'bfloat16', got 'int8'"):
+        m.fit(rdd, epochs=1, batch_size=2, verbose=0, wire_dtype="int8")
