@@ -327,3 +327,18 @@ def test_matches_pytorch_adam():
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
     # and the weights moved: the comparison is not trivially true
     assert not np.allclose(m.get_weights()[0], W1)
+
+
+def test_history_plot_writes_a_png_or_says_what_to_install(tmp_path):
+    from layers.history import History
+    h = History()
+    for e, (loss, acc) in enumerate([(1.0, 0.5), (0.5, 0.8)]):
+        h.record(e, {"loss": loss, "accuracy": acc, "val_loss": loss + 0.1})
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            h.plot(str(tmp_path / "curves.png"))
+        return
+    path = h.plot(str(tmp_path / "curves.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
