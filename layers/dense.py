@@ -47,6 +47,8 @@ class Dense(Layer):
         ((2, 3), (2, 4), (3, 4))
     """
 
+    accepts_sparse = True  # a scipy.sparse batch stays sparse as the first layer's input
+
     def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", *, input_shape=None, name=None):
         super().__init__(input_shape=input_shape, name=name)

@@ -44,7 +44,34 @@ class Shards:
 def _features_of(value):
     if hasattr(value, "toArray"):  # pyspark.ml / mllib vectors, dense or sparse
         return value.toArray()
+    if getattr(value, "__fields__", None) is not None:  # a struct, e.g. an image: decode it
+        from rddtensor.ml.columns import decode_value
+        return decode_value(value)
     return value
+
+
+def _stack_rows(rows, feature_shape, has_labels, j):
+    """``_stack``, but a partition of sparse vectors may stay one sparse matrix (see
+    ``rddtensor.ml.columns.stack_sparse``) instead of being densified row by row."""
+    rows = list(rows)
+    feats = [r[0] if isinstance(r, (tuple, list)) and len(r) == 2 else None for r in rows] \
+        if has_labels else rows
+    if feats and hasattr(feats[0], "indices"):
+        from rddtensor.ml.columns import stack_sparse
+        X = stack_sparse(feats, feature_shape, j)
+        if X is not None:  # labels are checked by _stack, with a placeholder feature per row
+            arrays = _stack([(0.0, r[1]) for r in rows] if has_labels else [0.0] * len(rows),
+                            (), has_labels, j)
+            arrays["X"] = X
+            return arrays
+    return _stack(rows, feature_shape, has_labels, j)
+
+
+def _wire_arrays(arrays):
+    if isinstance(arrays["X"], np.ndarray):
+        return arrays
+    from rddtensor.ml.columns import encode_sparse
+    return encode_sparse(arrays)
 
 
 def _stack(rows, feature_shape, has_labels, j):
@@ -125,8 +152,8 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
         feature_shape = tuple(int(s) for s in feature_shape)
 
         def build(j, it):
-            arrays = _stack(it, feature_shape, has_labels, j)
-            yield wire.pack("shard", {"j": j, "n": len(arrays["X"])}, arrays)
+            arrays = _stack_rows(it, feature_shape, has_labels, j)
+            yield wire.pack("shard", {"j": j, "n": len(arrays["X"])}, _wire_arrays(arrays))
             for _ in range(n_records - 1):
                 yield wire.PAD
 
@@ -161,6 +188,9 @@ def read_shard(records):
     if found is None:
         raise ValueError("partition holds no shard record")
     _, meta, arrays = wire.unpack(found)
+    if "X.indptr" in arrays:  # a sparse shard (see _stack_rows)
+        from rddtensor.ml.columns import decode_sparse
+        arrays = decode_sparse(arrays)
     return meta, arrays
 
 

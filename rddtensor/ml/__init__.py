@@ -1,0 +1,28 @@
+"""Spark ML stages: train and apply rddtensor networks inside ``pyspark.ml`` pipelines.
+
+- ``NNEstimator`` / ``NNRegressor`` / ``NNClassifier``: Estimators whose ``fit`` trains a
+  ``layers.Sequential`` with the distributed engine and returns
+- ``NNModel`` / ``NNClassificationModel``: Models whose ``transform`` predicts on Arrow batches
+  (``mapInArrow``), on batch and streaming DataFrames alike.
+
+All of them have camelCase Params (``featuresCol``, ``labelCol``, ``batchSize``, ``maxEpoch``,
+``learningRate``, ...), ``copy`` and ``explainParams``, and persist with ``write().save(path)`` /
+``load(path)``, alone or inside a saved ``PipelineModel`` (JSON + ``.npz``, never pickle).
+
+Example:
+    >>> import layers as L
+    >>> from pyspark.ml import Pipeline
+    >>> from pyspark.ml.feature import StandardScaler, VectorAssembler
+    >>> from rddtensor.ml import NNClassifier
+    >>> net = L.Sequential([L.Dense(32, activation="relu", input_shape=(4,)), L.Dense(3)])
+    >>> pipeline = Pipeline(stages=[
+    ...     VectorAssembler(inputCols=["a", "b", "c", "d"], outputCol="raw"),
+    ...     StandardScaler(inputCol="raw", outputCol="features"),
+    ...     NNClassifier(network=net, maxEpoch=20, batchSize=32, learningRate=1e-2)])
+    >>> model = pipeline.fit(train_df)            # doctest: +SKIP
+    >>> model.transform(test_df).select("prediction", "probability")   # doctest: +SKIP
+"""
+from rddtensor.ml.estimator import NNClassifier, NNEstimator, NNRegressor
+from rddtensor.ml.model import NNClassificationModel, NNModel
+
+__all__ = ["NNEstimator", "NNRegressor", "NNClassifier", "NNModel", "NNClassificationModel"]

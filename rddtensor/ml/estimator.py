@@ -1,0 +1,220 @@
+"""Spark ML estimators: ``NNEstimator``, ``NNRegressor``, ``NNClassifier``.
+
+``fit`` builds a fresh network from the ``network`` Param, compiles it from the Params and trains
+it with the distributed engine (``Sequential.fit`` on the DataFrame, so the same step function,
+mini-batches and all-reduce as any distributed fit). The estimator itself never changes, so
+``CrossValidator`` and ``fitMultiple`` can fit many copies of it.
+"""
+from __future__ import annotations
+
+import inspect
+
+from pyspark import keyword_only
+from pyspark.ml import Estimator
+from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+
+from rddtensor.ml.columns import feature_kind
+from rddtensor.ml.model import NNClassificationModel, NNModel
+from rddtensor.ml.network import network_from_json
+from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, loss_from_param,
+                                 optimizer_from_params)
+
+
+def engine_accepts(option: str) -> bool:
+    """Whether the distributed engine's ``fit`` takes keyword ``option`` (e.g. checkpoint_dir)."""
+    from rddtensor.engine import fit_distributed
+    return option in inspect.signature(fit_distributed).parameters
+
+
+def _check_label(schema, col: str):
+    from pyspark.sql.types import NumericType
+    if col not in schema.names:
+        raise ValueError(f"labelCol={col!r}: the DataFrame has no column {col!r}; its columns "
+                         f"are {schema.names}")
+    t = schema[col].dataType
+    if not isinstance(t, NumericType):
+        hint = " (index string labels with pyspark.ml.feature.StringIndexer)" \
+            if t.typeName() == "string" else ""
+        raise ValueError(f"labelCol={col!r}: labels must be numeric, got {t.simpleString()}{hint}")
+
+
+class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultParamsReadable):
+    """Trains a ``layers.Sequential`` on a DataFrame; ``fit`` returns an ``NNModel``.
+
+    Features come from ``featuresCol`` (a vector column, dense or sparse; ``array<float>`` /
+    ``array<int>`` sequences; image structs from ``spark.read.format("image")``, decoded to
+    NCHW float32 in [0, 1], RGB), targets from the numeric ``labelCol``. Training is
+    ``maxEpoch`` epochs of synchronous mini-batch SGD with global batch ``batchSize`` on the
+    distributed engine; the optimizer is ``optimizer`` with learning rate ``learningRate``.
+
+    Example:
+        >>> import layers as L
+        >>> net = L.Sequential([L.Dense(16, activation="relu", input_shape=(4,)), L.Dense(1)])
+        >>> est = NNEstimator(network=net, loss="mse", maxEpoch=5, batchSize=64)
+        >>> model = est.fit(train_df)                 # doctest: +SKIP
+        >>> model.transform(test_df).select("prediction").show()   # doctest: +SKIP
+    """
+
+    _model_class = NNModel
+
+    @keyword_only
+    def __init__(self, *, network=None, featuresCol="features", labelCol="label",
+                 predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
+                 optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
+                 checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
+                 verbose=0, inferenceBatchSize=4096):
+        super().__init__()
+        self._set(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, *, network=None, featuresCol="features", labelCol="label",
+                  predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
+                  optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
+                  checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
+                  verbose=0, inferenceBatchSize=4096):
+        """Set any of the Params by keyword."""
+        return self._set(**self._input_kwargs)
+
+    # setters, pyspark.ml style
+    def setNetwork(self, value):
+        return self._set(network=value)
+
+    def setFeaturesCol(self, value):
+        return self._set(featuresCol=value)
+
+    def setLabelCol(self, value):
+        return self._set(labelCol=value)
+
+    def setPredictionCol(self, value):
+        return self._set(predictionCol=value)
+
+    def setBatchSize(self, value):
+        return self._set(batchSize=value)
+
+    def setMaxEpoch(self, value):
+        return self._set(maxEpoch=value)
+
+    def setLearningRate(self, value):
+        return self._set(learningRate=value)
+
+    def setOptimizer(self, value):
+        return self._set(optimizer=value)
+
+    def setLoss(self, value):
+        return self._set(loss=value)
+
+    def setMetrics(self, value):
+        return self._set(metrics=value)
+
+    def setSeed(self, value):
+        return self._set(seed=value)
+
+    def setValidationSplit(self, value):
+        return self._set(validationSplit=value)
+
+    def setCheckpointDir(self, value):
+        return self._set(checkpointDir=value)
+
+    def setNumPartitions(self, value):
+        return self._set(numPartitions=value)
+
+    def setInferenceBatchSize(self, value):
+        return self._set(inferenceBatchSize=value)
+
+    # --- fit ----------------------------------------------------------------------------------
+    def _network(self):
+        if not self.isDefined(self.network):
+            raise ValueError(f"{type(self).__name__}: set network=... (a layers.Sequential) "
+                             "before fit")
+        model = network_from_json(self.getNetwork(), seed=self.getSeed())
+        model.compile(optimizer=optimizer_from_params(self.getOptimizer(),
+                                                      self.getLearningRate()),
+                      loss=loss_from_param(self.getLoss()), metrics=self.getMetrics())
+        return model
+
+    def _engine_options(self) -> dict:
+        opts = {"features_col": self.getFeaturesCol(), "label_col": self.getLabelCol(),
+                "allreduce": self.getAllreduce(), "iterations_per_job": self.getIterationsPerJob()}
+        if self.getNumPartitions() is not None:
+            opts["num_partitions"] = self.getNumPartitions()
+        if self.getCheckpointDir() is not None and engine_accepts("checkpoint_dir"):
+            opts["checkpoint_dir"] = self.getCheckpointDir()
+        return opts
+
+    def _fit(self, dataset):
+        fcol, lcol = self.getFeaturesCol(), self.getLabelCol()
+        feature_kind(dataset.schema, fcol)
+        _check_label(dataset.schema, lcol)
+        model = self._network()
+        data = dataset.select(fcol, lcol)
+        validation = None
+        if self.getValidationSplit() > 0:
+            split = self.getValidationSplit()
+            data, validation = data.randomSplit([1 - split, split], seed=self.getSeed())
+        history = model.fit(data, epochs=self.getMaxEpoch(), batch_size=self.getBatchSize(),
+                            seed=self.getSeed(), verbose=self.getVerbose(),
+                            validation_data=validation, **self._engine_options())
+        fitted = self._model_class(network=model)
+        fitted.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+        return self._copyValues(fitted)
+
+
+class NNRegressor(NNEstimator):
+    """``NNEstimator`` for regression: mean squared error by default, ``prediction`` a double.
+
+    ``RegressionEvaluator`` reads its output. See ``NNEstimator`` for the Params.
+    """
+
+    @keyword_only
+    def __init__(self, *, network=None, featuresCol="features", labelCol="label",
+                 predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
+                 optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
+                 checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
+                 verbose=0, inferenceBatchSize=4096):
+        super(NNEstimator, self).__init__()
+        self._set(**self._input_kwargs)
+
+
+class NNClassifier(NNEstimator, NNClassifierParams):
+    """``NNEstimator`` for classification; ``fit`` returns an ``NNClassificationModel``.
+
+    Labels are class indices ``0 .. K-1`` (numeric; index strings with ``StringIndexer``); the
+    network ends in ``K`` logits (loss ``sparse_categorical_crossentropy``, the default) or in
+    one logit for two classes (loss ``binary_crossentropy``). The model's ``rawPrediction``,
+    ``probability`` and ``prediction`` columns are what ``MulticlassClassificationEvaluator``
+    and ``BinaryClassificationEvaluator`` read.
+
+    Example:
+        >>> import layers as L
+        >>> net = L.Sequential([L.Dense(32, activation="relu", input_shape=(64,)), L.Dense(10)])
+        >>> clf = NNClassifier(network=net, maxEpoch=10, batchSize=64, learningRate=3e-3)
+        >>> pipeline = Pipeline(stages=[assembler, scaler, clf])   # doctest: +SKIP
+    """
+
+    _model_class = NNClassificationModel
+
+    @keyword_only
+    def __init__(self, *, network=None, featuresCol="features", labelCol="label",
+                 predictionCol="prediction", probabilityCol="probability",
+                 rawPredictionCol="rawPrediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
+                 optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, seed=0,
+                 validationSplit=0.0, checkpointDir=None, numPartitions=None, allreduce="auto",
+                 iterationsPerJob=8, verbose=0, inferenceBatchSize=4096):
+        super(NNEstimator, self).__init__()
+        self._set(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, *, network=None, featuresCol="features", labelCol="label",
+                  predictionCol="prediction", probabilityCol="probability",
+                  rawPredictionCol="rawPrediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
+                  optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, seed=0,
+                  validationSplit=0.0, checkpointDir=None, numPartitions=None, allreduce="auto",
+                  iterationsPerJob=8, verbose=0, inferenceBatchSize=4096):
+        """Set any of the Params by keyword."""
+        return self._set(**self._input_kwargs)
+
+    def setProbabilityCol(self, value):
+        return self._set(probabilityCol=value)
+
+    def setRawPredictionCol(self, value):
+        return self._set(rawPredictionCol=value)

@@ -1,0 +1,224 @@
+"""Spark ML Params of the rddtensor stages: camelCase names, type converters that validate.
+
+A converter turns a value into the Param's type and refuses a bad one with a ``ValueError`` that
+names the Param (``batchSize must be a positive integer, got 0``) when it is set, not later in a
+Spark task. Shared column Params come from ``pyspark.ml.param.shared``.
+"""
+from __future__ import annotations
+
+import json
+
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import (HasFeaturesCol, HasLabelCol, HasPredictionCol,
+                                     HasProbabilityCol, HasRawPredictionCol, HasSeed)
+
+from rddtensor.ml.network import network_json
+
+ALLREDUCE = ("auto", "sharded", "replicated")
+
+
+def _positive_int(name):
+    def convert(value):
+        v = TypeConverters.toInt(value)
+        if v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
+        return v
+    return convert
+
+
+def _positive_float(name):
+    def convert(value):
+        v = TypeConverters.toFloat(value)
+        if not v > 0:
+            raise ValueError(f"{name} must be a positive number, got {v}")
+        return v
+    return convert
+
+
+def _split(value):
+    v = TypeConverters.toFloat(value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"validationSplit must be in [0, 1), got {v}")
+    return v
+
+
+def _verbose(value):
+    v = TypeConverters.toInt(value)
+    if v not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {v}")
+    return v
+
+
+def _allreduce(value):
+    v = TypeConverters.toString(value)
+    if v not in ALLREDUCE:
+        raise ValueError(f"allreduce must be one of {ALLREDUCE}, got {v!r}")
+    return v
+
+
+def _optimizer(value):
+    """A name (``"adam"``), an ``optim`` optimizer or its ``{"class_name", "config"}`` dict ->
+    the name or the dict as JSON text."""
+    from optim import Optimizer, get_optimizer
+    from optim.optimizers import serialize_optimizer
+    if isinstance(value, Optimizer):
+        value = serialize_optimizer(value)
+    if isinstance(value, dict):
+        value = json.dumps(value, sort_keys=True)
+    value = TypeConverters.toString(value)
+    try:
+        get_optimizer(json.loads(value) if value.lstrip().startswith("{") else value)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"optimizer: {e}") from None
+    return value
+
+
+def _loss(value):
+    """A loss name (``"mse"``), an ``optim.Loss`` or its config dict -> the name or JSON text."""
+    from optim import Loss, get_loss
+    if isinstance(value, Loss):
+        value = value.get_config()
+    if isinstance(value, dict):
+        value = json.dumps(value, sort_keys=True)
+    value = TypeConverters.toString(value)
+    try:
+        loss_from_param(value)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"loss: {e}") from None
+    return value
+
+
+def loss_from_param(value: str):
+    from optim import get_loss
+    if value.lstrip().startswith("{"):
+        config = dict(json.loads(value))
+        return get_loss(config.pop("name"), **config)
+    return get_loss(value)
+
+
+def optimizer_from_params(name_or_json: str, learning_rate: float):
+    """The optimizer of the ``optimizer`` Param with its learning rate set to ``learningRate``."""
+    from optim import get_optimizer
+    from optim.optimizers import serialize_optimizer
+    spec = json.loads(name_or_json) if name_or_json.lstrip().startswith("{") else name_or_json
+    config = serialize_optimizer(get_optimizer(spec))
+    config["config"]["lr"] = float(learning_rate)
+    return get_optimizer(config)
+
+
+class HasInferenceBatchSize(Params):
+    inferenceBatchSize = Param(
+        Params._dummy(), "inferenceBatchSize",
+        "rows per forward pass in transform (each Arrow batch is cut into chunks of this size)",
+        typeConverter=_positive_int("inferenceBatchSize"))
+
+    def __init__(self):
+        super().__init__()
+        self._setDefault(inferenceBatchSize=4096)
+
+    def getInferenceBatchSize(self) -> int:
+        return self.getOrDefault(self.inferenceBatchSize)
+
+
+class NNModelParams(HasFeaturesCol, HasPredictionCol, HasInferenceBatchSize):
+    """Params of a fitted ``NNModel``."""
+
+
+class NNClassificationModelParams(NNModelParams, HasProbabilityCol, HasRawPredictionCol):
+    """Params of a fitted ``NNClassificationModel``."""
+
+
+class NNEstimatorParams(NNModelParams, HasLabelCol, HasSeed):
+    """Params of ``NNEstimator`` (and of its subclasses)."""
+
+    network = Param(Params._dummy(), "network",
+                    "the network to train: a layers.Sequential, its get_config() dict or that "
+                    "dict as JSON (kept as JSON; weights start from seed)",
+                    typeConverter=network_json)
+    batchSize = Param(Params._dummy(), "batchSize", "global mini-batch size for training",
+                      typeConverter=_positive_int("batchSize"))
+    maxEpoch = Param(Params._dummy(), "maxEpoch", "passes over the training data",
+                     typeConverter=_positive_int("maxEpoch"))
+    learningRate = Param(Params._dummy(), "learningRate", "the optimizer's learning rate",
+                         typeConverter=_positive_float("learningRate"))
+    optimizer = Param(Params._dummy(), "optimizer",
+                      "optimizer: a name (sgd, adam, adamw, rmsprop, adagrad, lars, lamb), an "
+                      "optim optimizer or its config dict; its lr is learningRate",
+                      typeConverter=_optimizer)
+    loss = Param(Params._dummy(), "loss",
+                 "loss: a name (e.g. sparse_categorical_crossentropy, mse), an optim loss or "
+                 "its config dict", typeConverter=_loss)
+    metrics = Param(Params._dummy(), "metrics", "metric names reported during training",
+                    typeConverter=TypeConverters.toListString)
+    validationSplit = Param(Params._dummy(), "validationSplit",
+                            "share of rows held out (randomSplit with seed) to validate after "
+                            "every epoch; 0 validates nothing", typeConverter=_split)
+    checkpointDir = Param(Params._dummy(), "checkpointDir",
+                          "directory for training checkpoints (passed to the engine's fit as "
+                          "checkpoint_dir when it supports it)",
+                          typeConverter=TypeConverters.toString)
+    numPartitions = Param(Params._dummy(), "numPartitions",
+                          "repartition the training data to this many shards (default: as given)",
+                          typeConverter=_positive_int("numPartitions"))
+    allreduce = Param(Params._dummy(), "allreduce",
+                      "all-reduce strategy: auto, sharded or replicated", typeConverter=_allreduce)
+    iterationsPerJob = Param(Params._dummy(), "iterationsPerJob",
+                             "training iterations run as one Spark job",
+                             typeConverter=_positive_int("iterationsPerJob"))
+    verbose = Param(Params._dummy(), "verbose",
+                    "0 silent, 1 progress bar, 2 one line per epoch", typeConverter=_verbose)
+
+    def __init__(self):
+        super().__init__()
+        self._setDefault(batchSize=32, maxEpoch=10, learningRate=1e-3, optimizer="adam",
+                         loss="mse", metrics=[], seed=0, validationSplit=0.0, allreduce="auto",
+                         iterationsPerJob=8, verbose=0)
+
+    def getNetwork(self) -> str:
+        return self.getOrDefault(self.network)
+
+    def getBatchSize(self) -> int:
+        return self.getOrDefault(self.batchSize)
+
+    def getMaxEpoch(self) -> int:
+        return self.getOrDefault(self.maxEpoch)
+
+    def getLearningRate(self) -> float:
+        return self.getOrDefault(self.learningRate)
+
+    def getOptimizer(self) -> str:
+        return self.getOrDefault(self.optimizer)
+
+    def getLoss(self) -> str:
+        return self.getOrDefault(self.loss)
+
+    def getMetrics(self) -> list:
+        return self.getOrDefault(self.metrics)
+
+    def getValidationSplit(self) -> float:
+        return self.getOrDefault(self.validationSplit)
+
+    def getCheckpointDir(self):
+        return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) \
+            else None
+
+    def getNumPartitions(self):
+        return self.getOrDefault(self.numPartitions) if self.isDefined(self.numPartitions) \
+            else None
+
+    def getAllreduce(self) -> str:
+        return self.getOrDefault(self.allreduce)
+
+    def getIterationsPerJob(self) -> int:
+        return self.getOrDefault(self.iterationsPerJob)
+
+    def getVerbose(self) -> int:
+        return self.getOrDefault(self.verbose)
+
+
+class NNClassifierParams(NNEstimatorParams, HasProbabilityCol, HasRawPredictionCol):
+    """Params of ``NNClassifier``."""
+
+    def __init__(self):
+        super().__init__()
+        self._setDefault(loss="sparse_categorical_crossentropy", metrics=["accuracy"])

@@ -1,0 +1,117 @@
+"""Saving and loading fitted models: ``MLWriter`` / ``MLReader`` for ``NNModel``.
+
+A saved model is a directory::
+
+    path/metadata/     Spark ML's JSON metadata (class, uid, Params, training history)
+    path/network/      the network as ``layers.Sequential.save`` writes it:
+                       model.json (architecture, loss) + weights.npz
+
+Nothing is pickled: metadata and config are JSON, weights load with ``allow_pickle=False``, so
+loading an untrusted directory cannot run code. ``PipelineModel.save`` / ``load`` call these for
+an NN stage like for any other Python stage. Paths without a scheme are local directories; a
+path with one (``hdfs://``, ``s3a://``, ``file:``) goes through Hadoop's FileSystem, which
+copies the network directory from or to a local temporary directory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from urllib.parse import urlparse
+
+from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
+
+
+def _is_local(path: str) -> bool:
+    return urlparse(path).scheme == ""
+
+
+def _hadoop(sc, path: str):
+    p = sc._jvm.org.apache.hadoop.fs.Path(path)
+    return p.getFileSystem(sc._jsc.hadoopConfiguration()), p
+
+
+def _exists(sc, path: str) -> bool:
+    if _is_local(path):
+        return os.path.exists(path)
+    fs, p = _hadoop(sc, path)
+    return bool(fs.exists(p))
+
+
+def save_network(model, path: str, sc) -> None:
+    """Write a built ``Sequential`` (without optimizer state) to ``path``, local or Hadoop."""
+    if _is_local(path):
+        model.save(path, include_optimizer=False)
+        return
+    tmp = tempfile.mkdtemp(prefix="rddtensor-save-")
+    try:
+        model.save(os.path.join(tmp, "network"), include_optimizer=False)
+        fs, dst = _hadoop(sc, path)
+        fs.copyFromLocalFile(False, True, sc._jvm.org.apache.hadoop.fs.Path(
+            "file://" + os.path.join(tmp, "network")), dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_network(path: str, sc):
+    """Read a network written by ``save_network`` (validated; never unpickles)."""
+    from layers.serialization import load_model
+    if _is_local(path):
+        return load_model(path)
+    tmp = tempfile.mkdtemp(prefix="rddtensor-load-")
+    try:
+        fs, src = _hadoop(sc, path)
+        if not fs.exists(src):
+            raise FileNotFoundError(f"no network directory at {path!r}")
+        local = os.path.join(tmp, "network")
+        fs.copyToLocalFile(False, src, sc._jvm.org.apache.hadoop.fs.Path("file://" + local),
+                           True)
+        return load_model(local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NNModelWriter(MLWriter):
+    """Writes an ``NNModel``: Spark ML metadata (with the training history) + the network."""
+
+    def __init__(self, instance):
+        super().__init__()
+        self.instance = instance
+
+    def saveImpl(self, path: str) -> None:
+        if not self.shouldOverwrite and _exists(self.sc, path):
+            raise FileExistsError(f"path {path!r} already exists; use "
+                                  "model.write().overwrite().save(path) to replace it")
+        from rddtensor import __version__
+        DefaultParamsWriter.saveMetadata(
+            self.instance, path, self.sc,
+            extraMetadata={"history": self.instance.history, "rddtensorVersion": __version__})
+        save_network(self.instance.network, os.path.join(path, "network"), self.sc)
+
+
+class NNModelReader(MLReader):
+    """Reads what ``NNModelWriter`` wrote, as the class named in its metadata."""
+
+    def __init__(self, cls):
+        super().__init__()
+        self.cls = cls
+
+    def load(self, path: str):
+        metadata = DefaultParamsReader.loadMetadata(path, self.sc)
+        cls = _model_class(metadata["class"], self.cls)
+        instance = cls()
+        instance._resetUid(metadata["uid"])
+        DefaultParamsReader.getAndSetParams(instance, metadata)
+        instance._set_network(load_network(os.path.join(path, "network"), self.sc))
+        instance.history = metadata.get("history", {})
+        return instance
+
+
+def _model_class(name: str, requested):
+    from rddtensor.ml import model as M
+    found = {c.__module__ + "." + c.__name__: c for c in (M.NNModel, M.NNClassificationModel)}
+    cls = found.get(name)
+    if cls is None or not issubclass(cls, requested):
+        raise ValueError(f"the saved stage is a {name}, not an {requested.__name__}; load it "
+                         "with its own class (or PipelineModel.load for a whole pipeline)")
+    return cls
