@@ -200,6 +200,9 @@ class LocalRunner:
         return evaluate_arrays(m, m.theta, X, y, loss=m.loss, metrics=m.metrics,
                                batch_size=batch_size)
 
+    def sync_weights(self):
+        pass  # model.theta is the live vector in-process
+
     def finish(self):
         pass
 
@@ -240,19 +243,32 @@ class _Progress:
 
 def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, verbose: int = 1,
              callbacks=()) -> History:
-    """Run ``epochs`` epochs of ``runner``: train, validate, record, report progress."""
+    """Run ``epochs`` epochs of ``runner``: train, validate, record, report progress.
+
+    ``callbacks`` (``layers.callbacks.Callback`` objects or functions ``f(epoch, logs)``) run at
+    the Keras hooks; one setting ``model.stop_training`` ends training after that epoch.
+    """
+    from layers.callbacks import CallbackList
     history = History({"epochs": epochs, "batch_size": batch_size, "engine": runner.engine,
                        "samples": runner.n_total})
     metrics = model.metrics
+    cbs = CallbackList(callbacks)
+    cbs.set_model(model, getattr(runner, "sync_weights", None))
+    model.stop_training = False
+    cbs.on_train_begin()
+    logs = {}
     for epoch in range(epochs):
+        cbs.on_epoch_begin(epoch)
         bar = _Progress(verbose, runner.n_total, epoch, epochs)
         stats = runner.train_epoch(epoch, bar.update)
         logs = stats_logs(metrics, stats)
         if validation is not None:
             logs.update(stats_logs(metrics, runner.evaluate(validation, batch_size), "val_"))
         bar.close(stats, logs)
+        cbs.on_epoch_end(epoch, logs)  # may add to logs (a scheduler's lr) before recording
         history.record(epoch, logs)
-        for cb in callbacks:
-            cb(epoch, logs)
+        if model.stop_training:
+            break
     runner.finish()
+    cbs.on_train_end(logs)
     return history

@@ -182,13 +182,18 @@ class DistributedRunner:
     def evaluate(self, shards, batch_size) -> dict:
         return evaluate_state(self.state, shards, batch_size)
 
-    def finish(self):
+    def sync_weights(self):
+        """Copy θ, the slots and the step from the executors into the driver's model (one
+        collect of O(P): for callbacks that save or read weights mid-fit)."""
         m = self.model
         theta, slots, t = self.state.gather()
         m.theta[...] = theta
         for k in m.slots:
             m.slots[k][...] = slots[k]
         m.step = t
+
+    def finish(self):
+        self.sync_weights()
         self.state.unpersist()
 
 
