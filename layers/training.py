@@ -217,7 +217,7 @@ class _Progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
                             leave=True, dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
 
     def update(self, n, stats):
         self.seen += n
@@ -234,8 +234,8 @@ class _Progress:
     def close(self, stats, logs):
         text = self._postfix(stats, logs)
         if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=True)
-            self.bar.close()
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.close()  # draws the final line once
         elif self.verbose >= 2:
             log.info("%s", text)
         return text
