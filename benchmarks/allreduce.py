@@ -195,8 +195,10 @@ def worker(contender: str, size: int, k: int, repeats: int) -> dict:
 
 
 def run_one(contender, size, k, repeats, timeout) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.allreduce", "--worker", contender, "--size", str(size),
-           "--k", str(k), "--repeats", str(repeats)]
+    # import the module by name (not ``-m``): as ``__main__`` its functions and their caches
+    # would be pickled by value into every task, regenerating the noise each time
+    cmd = [sys.executable, "-c", "import sys; from benchmarks.allreduce import main; main(sys.argv[1:])",
+           "--worker", contender, "--size", str(size), "--k", str(k), "--repeats", str(repeats)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -81,8 +81,8 @@ class Sharded:
     def initial(self, sc, theta, slots, bounds, t):
         # one broadcast per block: task i fetches block i only, and the driver JVM streams it
         # from a file (a parallelized collection would hold all of θ in the driver's heap)
-        handles = [sc.broadcast(own_record(i, t, a, z, theta[a:z],
-                                           {k: v[a:z] for k, v in slots.items()}))
+        handles = [sc.broadcast(b"".join(own_record(i, t, a, z, theta[a:z],
+                                                    {k: v[a:z] for k, v in slots.items()})))
                    for i, (a, z) in enumerate(bounds)]
         emit_state = self.emit_state
 
@@ -110,7 +110,7 @@ class Sharded:
             g = local_gradient(cfg, model, theta, t, j, shard_records, acc)
             for i, (a, z) in enumerate(bounds):
                 yield rawrdd.key(i)
-                yield wire.pack("grad", {"src": j, "t": t}, {"g": g[a:z]}, bf16=bf16)
+                yield wire.frames("grad", {"src": j, "t": t}, {"g": g[a:z]}, bf16=bf16)
             yield rawrdd.key(j)
             yield own  # the block's state rides back to its owner unchanged
         return run
@@ -174,12 +174,12 @@ class Replicated:
             pending, shard_records = rawrdd.pairs(records)
             t, w, slots = settle(model, pending)
             g = local_gradient(cfg, model, w, t, j, shard_records, acc)
-            grad = wire.pack("rgrad", {"src": j, "t": t}, {"g": g}, bf16=bf16)
+            grad = wire.frames("rgrad", {"src": j, "t": t}, {"g": g}, bf16=bf16)
             for d in range(n):
                 yield rawrdd.key(d)
                 yield grad
             yield rawrdd.key(j)
-            yield wire.pack("rstate", {"t": t}, {"w": w, **{"slot." + k: v for k, v in slots.items()}})
+            yield wire.frames("rstate", {"t": t}, {"w": w, **{"slot." + k: v for k, v in slots.items()}})
         return rawrdd.map_raw(rawrdd.zip_raw(rawrdd.shuffle_pairs(S, n), shards), run)
 
     @staticmethod

@@ -27,14 +27,14 @@ class StatsParam(AccumulatorParam):
         return a
 
 
-def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict) -> bytes:
+def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict) -> list:
     """Block ``[lo, hi)`` of θ_t with its optimizer slots: what its owner needs for a step."""
-    return wire.pack("own", {"i": i, "t": t, "lo": lo, "hi": hi},
+    return wire.frames("own", {"i": i, "t": t, "lo": lo, "hi": hi},
                      {"w": w, **{"slot." + k: v for k, v in slots.items()}})
 
 
-def theta_record(i: int, t: int, lo: int, hi: int, w, bf16: bool = False) -> bytes:
-    return wire.pack("theta", {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
+def theta_record(i: int, t: int, lo: int, hi: int, w, bf16: bool = False) -> list:
+    return wire.frames("theta", {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
                      bf16=("w",) if bf16 else ())
 
 

@@ -44,6 +44,15 @@ def pack(kind: str, meta: dict | None = None, arrays: dict | None = None,
 
     Arrays named in ``bf16`` travel as bfloat16 and are float32 again after ``unpack``.
     """
+    return b"".join(frames(kind, meta, arrays, bf16))
+
+
+def frames(kind: str, meta: dict | None = None, arrays: dict | None = None,
+           bf16: tuple = ()) -> list:
+    """``pack``'s record as a list of buffers (the header, then views of the arrays): what a
+    stage yields to send a record without copying the arrays into one ``bytes`` first
+    (``rddtensor.rawrdd.RawFrames`` writes them back to back). The arrays must not change
+    until the stage's generator resumes."""
     arrays = arrays or {}
     specs, offset, parts = [], 0, []
     for name, a in arrays.items():
@@ -61,7 +70,8 @@ def pack(kind: str, meta: dict | None = None, arrays: dict | None = None,
         parts.append(memoryview(a).cast("B") if a.size else b"")
         offset += a.nbytes
     header = json.dumps({"k": kind, "m": meta or {}, "a": specs}, separators=(",", ":")).encode()
-    return b"".join([_LEN.pack(len(header)), header, *parts])
+    header += b" " * ((-(_LEN.size + len(header))) % _ALIGN)  # arrays start 16-byte aligned
+    return [_LEN.pack(len(header)) + header, *parts]
 
 
 def unpack(buf) -> tuple[str, dict, dict]:
