@@ -214,7 +214,8 @@ class Sequential:
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
             shuffle: bool = True, seed: int = 0, verbose: int = 1, class_weight=None,
-            callbacks=(), **engine_options):
+            callbacks=(), checkpoint_dir=None, checkpoint_every=None, resume: bool = False,
+            **engine_options):
         """Train the model; returns a ``History`` with per-epoch loss and metrics.
 
         Args:
@@ -229,6 +230,13 @@ class Sequential:
                 same seed and data -> bit-identical weights.
             verbose: 0 silent, 1 progress bar (loss, samples/s), 2 one log line per epoch.
             class_weight: dict class -> weight multiplying each sample's loss.
+            checkpoint_dir: save checkpoints (weights, optimizer slots, step counters) in this
+                directory (``layers.checkpoint``; distributed fits: each partition writes its
+                own block).
+            checkpoint_every: save every this many optimizer steps (default: each epoch end).
+            resume: continue from the newest complete checkpoint in ``checkpoint_dir``;
+                ``epochs`` counts from the original start. Same seed and data: bit-identical
+                to an uninterrupted fit. Starts afresh when there is no checkpoint yet.
         """
         self._require_compiled("fit")
         epochs = positive_int(epochs, "epochs")
@@ -238,7 +246,9 @@ class Sequential:
             return fit_distributed(self, x, epochs=epochs, batch_size=batch_size,
                                    validation_data=validation_data, shuffle=shuffle, seed=seed,
                                    verbose=verbose, class_weight=class_weight,
-                                   callbacks=callbacks, **engine_options)
+                                   callbacks=callbacks, checkpoint_dir=checkpoint_dir,
+                                   checkpoint_every=checkpoint_every, resume=resume,
+                                   **engine_options)
         if engine_options:
             raise TypeError(f"unexpected arguments for in-process fit: {sorted(engine_options)}")
         X, y = self._check_arrays(x, y, "x", build_seed=seed)
@@ -250,10 +260,20 @@ class Sequential:
                 raise ValueError("validation_data must be numpy arrays (X, y) when x is numpy")
             validation_data = self._check_arrays(*validation_data, "validation_data")
         self._init_slots()
+        from layers import checkpoint
+        ckpt, resumed = checkpoint.start(
+            self, checkpoint_dir, checkpoint_every, resume,
+            settings={"seed": seed, "batch_size": batch_size, "shuffle": bool(shuffle),
+                      "n_total": len(X), "partitions": 1})
         runner = LocalRunner(self, X, y, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                             class_weight=class_weight)
-        return fit_loop(self, runner, epochs=epochs, validation=validation_data,
-                        batch_size=batch_size, verbose=verbose, callbacks=callbacks)
+                             class_weight=class_weight, t0=resumed.t0 if resumed else None,
+                             checkpoint=ckpt, resume_stats=resumed.stats if resumed else None)
+        history = fit_loop(self, runner, epochs=epochs, validation=validation_data,
+                           batch_size=batch_size, verbose=verbose, callbacks=callbacks,
+                           initial_epoch=resumed.epoch if resumed else 0)
+        if resumed:
+            history.params["resumed_from"] = resumed.path
+        return history
 
     def evaluate(self, x, y=None, *, batch_size: int = 4096, verbose: int = 0) -> dict:
         """Mean loss and metrics on ``x, y`` (numpy, or an RDD/DataFrame distributed)."""

@@ -171,19 +171,27 @@ class LocalRunner:
 
     engine = "in-process"
 
-    def __init__(self, model, X, y, *, batch_size, shuffle, seed, class_weight):
+    def __init__(self, model, X, y, *, batch_size, shuffle, seed, class_weight, t0=None,
+                 checkpoint=None, resume_stats=None):
         self.model, self.X, self.y = model, X, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.class_weight = class_weight
         self.n_total = len(X)
         self.grad = np.empty(model.layout.size, dtype=np.float32)
+        # resuming (layers.checkpoint): the step epoch 0 started from, and the stats of the
+        # resumed epoch's batches already done
+        self.t0 = model.step if t0 is None else int(t0)
+        self.checkpoint, self.resume_stats = checkpoint, resume_stats
 
     def train_epoch(self, epoch: int, on_progress) -> dict:
         m = self.model
         metrics, sizes = m.metrics, batch_sizes(self.n_total, self.batch_size)
-        stats = empty_stats(metrics)
+        stats, self.resume_stats = self.resume_stats or empty_stats(metrics), None
         batches = local_batches(self.n_total, self.batch_size, self.seed, epoch, self.shuffle)
-        for rows, n_batch in zip(batches, sizes):
+        done = m.step - self.t0 - epoch * len(sizes)  # batches of this epoch already done
+        for b, (rows, n_batch) in enumerate(zip(batches, sizes)):
+            if b < done:
+                continue
             m.step += 1
             g, s = gradient_step(m, m.theta, self.X[rows], self.y[rows], loss=m.loss,
                                  n_batch=int(n_batch), rng=step_rng(self.seed, m.step),
@@ -192,6 +200,8 @@ class LocalRunner:
             optimizer_step(m.optimizer, m.theta, g, m.slots, m.step, m.layout.split_segments())
             stats = merge_stats(metrics, stats, s)
             on_progress(int(n_batch), stats)
+            if self.checkpoint is not None and self.checkpoint.due(m.step, b == len(sizes) - 1):
+                self.checkpoint.save_local(m, self.t0, len(sizes), stats)
         return stats
 
     def evaluate(self, data, batch_size) -> dict:
@@ -242,7 +252,7 @@ class _Progress:
 
 
 def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, verbose: int = 1,
-             callbacks=()) -> History:
+             callbacks=(), initial_epoch: int = 0) -> History:
     """Run ``epochs`` epochs of ``runner``: train, validate, record, report progress.
 
     ``callbacks`` (``layers.callbacks.Callback`` objects or functions ``f(epoch, logs)``) run at
@@ -257,7 +267,7 @@ def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, ve
     model.stop_training = False
     cbs.on_train_begin()
     logs = {}
-    for epoch in range(epochs):
+    for epoch in range(initial_epoch, epochs):  # (initial_epoch > 0: resumed from a checkpoint)
         cbs.on_epoch_begin(epoch)
         bar = _Progress(verbose, runner.n_total, epoch, epochs)
         stats = runner.train_epoch(epoch, bar.update)

@@ -6,6 +6,16 @@ iteration all-reduces gradients through Spark's shuffle. The driver builds
 per-step stats through an accumulator (loss sum, rows, metric states: O(classes) per partition).
 After every job the state is cached and its lineage cut (``localCheckpoint``) and the previous
 state unpersisted, so cached blocks and driver memory stay flat however long the run.
+
+Surviving failures: every job is a function of the previous state (``S_{t+k} = f(S_t)``), so a
+retried or recomputed task recomputes the same records and no update is ever applied twice;
+per-step stats are keyed by ``(step, partition)``. A lost executor loses shuffle outputs (Spark
+recomputes them from the cut state) and cached blocks. The data shards are recomputed from their
+lineage; the cut state has none, so on a cluster with two or more executors it is stored with a
+second copy on another executor (``MEMORY_AND_DISK_2``): losing one executor loses no parameter
+block. Should every copy of a block be lost anyway (several executors at once), the fit reloads
+its newest checkpoint (``checkpoint_dir``) and replays the steps since (bit-identical: the steps
+are deterministic); without a checkpoint it stops with an error that says so.
 """
 from __future__ import annotations
 
@@ -14,17 +24,34 @@ import copy
 import numpy as np
 from pyspark import StorageLevel
 
+from layers import checkpoint as checkpoints
 from layers.base import positive_int
 from layers.batching import batch_sizes, steps_per_epoch
 from layers.params import block_bounds
 from layers.training import empty_stats, fit_loop, merge_stats, stats_logs
 from rddtensor import rawrdd, wire
 from rddtensor.allreduce import choose
-from rddtensor.errors import spark_errors
+from rddtensor.checkpoint import save_state
+from rddtensor.errors import spark_errors, task_error
+from rddtensor.faults import stats_param
 from rddtensor.shards import Shards, make_shards
-from rddtensor.stages import StatsParam, broadcast_emit, eval_stage, own_record, predict_stage
+from rddtensor.stages import broadcast_emit, eval_stage, own_record, predict_stage
 
 _LEVEL = StorageLevel.MEMORY_AND_DISK
+_LEVEL_2 = StorageLevel.MEMORY_AND_DISK_2
+_MAX_RECOVERIES = 3  # reloads of the last checkpoint per fit after the state was lost
+
+
+def state_level(sc) -> StorageLevel:
+    """Storage of a cut parameter state: memory and disk, plus a copy on a second executor when
+    there are two or more (local masters have one block manager: nowhere to copy to)."""
+    executors = sc._jsc.sc().getExecutorMemoryStatus().size() - 1  # minus the driver's
+    return _LEVEL_2 if executors >= 2 else _LEVEL
+
+
+def _state_lost(exc: BaseException) -> bool:
+    """A job failed because blocks of the cut state are gone (every executor holding a copy)."""
+    return task_error(exc) is None and "CHECKPOINT_RDD_BLOCK_ID_NOT_FOUND" in str(exc)
 
 
 def skeleton(model):
@@ -120,30 +147,67 @@ class DistributedRunner:
     engine = "distributed"
 
     def __init__(self, model, shards: Shards, strategy, *, batch_size, shuffle, seed,
-                 class_weight, iterations_per_job: int, wire_dtype: str = "float32"):
+                 class_weight, iterations_per_job: int, wire_dtype: str = "float32",
+                 t0: int | None = None, checkpoint=None, resume_stats=None):
         self.model, self.shards = model, shards
         self.sc = shards.rdd.ctx
         self.N = shards.n_partitions
         self.n_total = shards.n_total
         self.k = int(iterations_per_job)
-        self.t0 = model.step
+        self.t0 = model.step if t0 is None else int(t0)  # the step epoch 0 started from
+        self.checkpoint, self.resume_stats = checkpoint, resume_stats
+        self.recoveries = 0
         self.cfg = {"n_total": self.n_total, "batch_size": batch_size, "seed": seed,
                     "shuffle": shuffle, "offsets": shards.offsets, "t0": self.t0,
                     "batch_sizes": batch_sizes(self.n_total, batch_size).tolist(),
                     "class_weight": class_weight, "wire_bf16": wire_dtype == "bfloat16"}
         self.spe = steps_per_epoch(self.n_total, batch_size)
         self.state = ParameterState.from_driver(strategy, self.sc, model, self.N)
-        self.acc = self.sc.accumulator({}, StatsParam())
+        self.acc = self.sc.accumulator({}, stats_param(self.sc))
         self.t = model.step
         self.engine = f"distributed ({strategy.name} all-reduce, {self.N} partitions)"
 
     def _run_group(self, steps: int) -> dict:
-        """``steps`` iterations as one Spark job; returns their merged stats."""
+        """``steps`` iterations as one Spark job; returns their merged stats. If the state was
+        lost with its executors, reload the last checkpoint, replay up to here and run again."""
+        while True:
+            try:
+                return self._try_group(steps)
+            except Exception as exc:
+                if not _state_lost(exc):
+                    raise
+                self._recover(exc)
+
+    def _recover(self, exc):
+        found = self.checkpoint.latest() if self.checkpoint is not None else None
+        if found is None or found.step > self.t or self.recoveries >= _MAX_RECOVERIES:
+            why = ("no checkpoint to reload: pass checkpoint_dir=... (and checkpoint_every=...) "
+                   "so a fit can recover" if found is None or found.step > self.t else
+                   f"gave up after {self.recoveries} reloads of the last checkpoint")
+            raise RuntimeError(f"the parameter state at step {self.t} was lost with the "
+                               f"executors holding it; {why}") from exc
+        self.recoveries += 1
+        checkpoints.log.warning("parameter state at step %d lost with its executors: reloading "
+                                "%s and replaying %d steps", self.t, found.path,
+                                self.t - found.step)
+        target, m = self.t, self.model
+        theta, slots = found.load()
+        m.theta[...] = theta
+        for k in m.slots:
+            m.slots[k][...] = slots[k]
+        m.step = self.t = found.step
+        st = self.state
+        self.state = ParameterState.from_driver(st.strategy, self.sc, m, self.N)
+        st.unpersist()
+        while self.t < target:  # (the replayed steps' stats are rewritten, never merged twice)
+            self._try_group(min(self.k, target - self.t))
+
+    def _try_group(self, steps: int) -> dict:
         st = self.state
         S = st.S
         for _ in range(steps):
             S = st.strategy.iteration(S, self.shards.rdd, self.cfg, st.model, st.bounds, self.acc)
-        S.persist(_LEVEL)
+        S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
         try:
             with spark_errors():
@@ -169,14 +233,19 @@ class DistributedRunner:
 
     def train_epoch(self, epoch: int, on_progress) -> dict:
         metrics = self.model.metrics
-        stats = empty_stats(metrics)
+        stats, self.resume_stats = self.resume_stats or empty_stats(metrics), None
         start = self.t - self.t0 - epoch * self.spe  # steps of this epoch already done
         sizes = self.cfg["batch_sizes"]
+        ckpt = self.checkpoint
         while start < self.spe:
             steps = min(self.k, self.spe - start)
+            if ckpt is not None:
+                steps = ckpt.clip(self.t, steps)  # a job ends where a checkpoint is due
             stats = merge_stats(metrics, stats, self._run_group(steps))
             on_progress(int(sum(sizes[start:start + steps])), stats)
             start += steps
+            if ckpt is not None and ckpt.due(self.t, start == self.spe):
+                save_state(ckpt, self.state, self.model, self.t, self.t0, self.spe, stats)
         return stats
 
     def evaluate(self, shards, batch_size) -> dict:
@@ -200,7 +269,8 @@ class DistributedRunner:
 def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, shuffle=True,
                     seed=0, verbose=1, class_weight=None, callbacks=(), num_partitions=None,
                     iterations_per_job: int = 8, allreduce: str = "auto",
-                    wire_dtype: str = "float32", features_col="features", label_col="label"):
+                    wire_dtype: str = "float32", features_col="features", label_col="label",
+                    checkpoint_dir=None, checkpoint_every=None, resume: bool = False):
     """Train ``model`` on an RDD of ``(features, label)`` or a DataFrame, distributed.
 
     Same semantics as in-process ``fit``: the same global mini-batches (rows come from one
@@ -218,6 +288,14 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             (gradients and parameter copies cross the shuffle as bfloat16, half the bytes;
             owners keep float32 master weights and optimizer slots, as BigDL did).
         features_col, label_col: DataFrame columns.
+        checkpoint_dir: save checkpoints here (see ``layers.checkpoint``): each partition writes
+            its own parameter block and optimizer slots, the driver a manifest last. Must be a
+            path the driver and every executor see (shared filesystem on a cluster).
+        checkpoint_every: save every this many optimizer steps (default: every epoch end).
+        resume: continue from the newest complete checkpoint in ``checkpoint_dir`` (its
+            weights, slots and step; ``epochs`` counts from the original start, like Keras'
+            ``initial_epoch``); bit-identical to a run that was never interrupted. Starts afresh
+            when the directory holds none.
     """
     iterations_per_job = positive_int(iterations_per_job, "iterations_per_job")
     if wire_dtype not in ("float32", "bfloat16"):
@@ -246,17 +324,26 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                                  feature_shape=model.input_shape, features_col=features_col,
                                  label_col=label_col, n_records=n_records)
         model._init_slots()
+        ckpt, resumed = checkpoints.start(
+            model, checkpoint_dir, checkpoint_every, resume,
+            settings={"seed": seed, "batch_size": batch_size, "shuffle": bool(shuffle),
+                      "n_total": shards.n_total, "partitions": shards.n_partitions})
         if validation_data is not None:
             val = make_shards(validation_data, feature_shape=model.input_shape,
                               n_records=shards.n_partitions, features_col=features_col,
                               label_col=label_col, what="validation_data")
         runner = DistributedRunner(model, shards, strategy, batch_size=batch_size,
                                    shuffle=shuffle, seed=seed, class_weight=class_weight,
-                                   iterations_per_job=iterations_per_job, wire_dtype=wire_dtype)
+                                   iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,
+                                   t0=resumed.t0 if resumed else None, checkpoint=ckpt,
+                                   resume_stats=resumed.stats if resumed else None)
         history = fit_loop(model, runner, epochs=epochs, validation=val, batch_size=batch_size,
-                           verbose=verbose, callbacks=callbacks)
+                           verbose=verbose, callbacks=callbacks,
+                           initial_epoch=resumed.epoch if resumed else 0)
         history.params.update(partitions=shards.n_partitions, allreduce=strategy.name,
                               iterations_per_job=iterations_per_job, wire_dtype=wire_dtype)
+        if resumed:
+            history.params["resumed_from"] = resumed.path
         return history
     finally:
         shards.unpersist()

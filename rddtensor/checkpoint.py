@@ -1,0 +1,51 @@
+"""Distributed checkpoints: every parameter block is written by the partition that owns it.
+
+The file format, the save policy and resuming are in ``layers.checkpoint`` (shared with
+in-process fits). Here a checkpoint of a distributed fit is one Spark job over the parameter
+state's ``settled()`` RDD: partition i holds block i of θ_t and its optimizer slots, writes them
+to ``block-<i>-of-<N>.npz`` in the step directory and returns only the file's name, bounds, size
+and SHA-256; the driver writes the manifest once every block is in place. θ never travels to the
+driver. A retried write task rewrites the same bytes under the same name (idempotent).
+
+The directory must be visible to the driver and every executor at the same path (local disk
+for ``local[*]`` and ``local-cluster`` masters; NFS or a mounted bucket on a real cluster).
+"""
+from __future__ import annotations
+
+from layers.checkpoint import Checkpointer, _clear, block_name, step_dir, write_block
+from rddtensor import wire
+from rddtensor.errors import spark_errors
+
+
+def _writer(sdir: str, n: int):
+    def run(i, records):
+        for rec in records:
+            _, meta, arrays = wire.unpack(rec)
+            slots = {k[5:]: v for k, v in arrays.items() if k.startswith("slot.")}
+            yield write_block(sdir, meta["i"], n, meta["lo"], meta["hi"], meta["t"], arrays["w"],
+                              slots)
+    return run
+
+
+def write_state(state, sdir: str) -> list:
+    """Write every block of ``state`` (a ``ParameterState``) into ``sdir``, one file per owner;
+    returns the manifest entries (O(N) small dicts: the only thing the driver receives)."""
+    n = state.n_blocks
+    with spark_errors():
+        blocks = state.settled().mapPartitionsWithIndex(_writer(sdir, n)).collect()
+    files = sorted(b["file"] for b in blocks)
+    if files != [block_name(i, n) for i in range(n)]:
+        raise RuntimeError(f"checkpoint in {sdir!r} got blocks {files}, expected {n}")
+    return blocks
+
+
+def save_state(checkpointer: Checkpointer, state, model, step: int, t0: int,
+               steps_per_epoch: int, stats: dict) -> str:
+    """Save a distributed fit's ``state`` (a ``ParameterState`` holding θ at ``step``, and the
+    optimizer slots) with the step counters and ``stats`` of the unfinished epoch; returns the
+    checkpoint's directory. ``model`` is the driver's model: only its architecture and optimizer
+    are read, never its weights."""
+    sdir = step_dir(checkpointer.directory, step)
+    _clear(sdir)
+    blocks = write_state(state, sdir)
+    return checkpointer.commit(checkpointer.info(model, step, t0, steps_per_epoch, stats), blocks)
