@@ -14,8 +14,10 @@ from gradcheck import check_layer
 import layers as L
 from layers.base import layer_class
 from layers.conv import Conv1D, Conv2D, Conv2DTranspose
+import layers.conv as conv_module
 from layers.im2col import col2im, im2col
 from layers.pooling import MaxPool2D
+from layers.winograd import winograd_conv3x3
 from optim import Adam
 
 
@@ -135,6 +137,109 @@ def test_non_contiguous_input_gives_the_same_result():
     X = np.random.default_rng(1).standard_normal((7, 7, 2, 4)).transpose(3, 2, 0, 1)
     assert not X.flags.c_contiguous
     np.testing.assert_array_equal(layer(params, X), layer(params, np.ascontiguousarray(X)))
+
+
+# --- Winograd F(4x4, 3x3) -----------------------------------------------------------------------
+WINOGRAD_CASES = {  # case -> (filters, per-sample input shape, padding)
+    "same_multiple_of_4": (3, (2, 8, 8), 1),
+    "same_ragged": (4, (3, 7, 9), 1),
+    "valid": (2, (2, 6, 11), 0),
+    "pad2": (3, (2, 5, 5), 2),
+    "asymmetric": (2, (1, 5, 6), (2, 0)),
+    "single_tile": (1, (1, 3, 3), 0),
+}
+
+
+@pytest.fixture
+def winograd_always(monkeypatch):
+    """Route every eligible Conv2D (3x3, stride 1, one group) through Winograd."""
+    monkeypatch.setattr(conv_module, "WINOGRAD_MIN_CHANNELS", 1)
+
+
+def _winograd_layer(case):
+    filters, shape, padding = WINOGRAD_CASES[case]
+    layer = Conv2D(filters, 3, padding=padding)
+    return layer, _with_random_bias(_built(layer, shape, seed=1)), shape
+
+
+@pytest.mark.parametrize("case", list(WINOGRAD_CASES))
+def test_gradcheck_conv2d_winograd(case, winograd_always):
+    layer, params, shape = _winograd_layer(case)
+    check_layer(layer, shape, batch=2, params=params)
+
+
+@pytest.mark.parametrize("case", list(CONV2D_CASES))
+def test_gradcheck_conv2d_with_winograd_forced(case, winograd_always):
+    kwargs, shape = CONV2D_CASES[case]  # the non-3x3, strided or grouped ones stay on im2col
+    layer, params = _case_params(Conv2D, kwargs, shape)
+    check_layer(layer, shape, batch=2, params=params)
+
+
+@pytest.mark.parametrize("case", list(WINOGRAD_CASES))
+def test_winograd_matches_im2col(case, monkeypatch):
+    monkeypatch.setattr(conv_module, "WINOGRAD_MIN_CHANNELS", 10 ** 9)  # conv_nd: im2col
+    _, params, shape = _winograd_layer(case)
+    pad = WINOGRAD_CASES[case][2]
+    ph, pw = (pad, pad) if isinstance(pad, int) else pad
+    pads = ((ph, ph), (pw, pw))
+    X = np.random.default_rng(2).standard_normal((3, *shape))
+    Y, backprop = winograd_conv3x3(X, params["W"], params["b"], pads)
+    Y_ref, backprop_ref = conv_module.conv_nd(X, params["W"], params["b"], (1, 1), (1, 1), pads)
+    assert Y.shape == Y_ref.shape and Y.flags.c_contiguous
+    np.testing.assert_allclose(Y, Y_ref, rtol=1e-12, atol=1e-12)
+    dY = np.random.default_rng(3).standard_normal(Y.shape)
+    for got, ref in zip(backprop(dY), backprop_ref(dY)):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-12)
+
+
+def test_winograd_runs_where_it_pays():
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return winograd_conv3x3(*args)
+    X16, X2 = np.ones((2, 16, 6, 6)), np.ones((2, 2, 6, 6))
+    runs = [(Conv2D(16, 3, padding=1), X16, True),        # 16 -> 16 channels: Winograd
+            (Conv2D(6, 3, padding=1), X2, False),          # 2 -> 6: the transforms would dominate
+            (Conv2D(16, 3, strides=2), X16, False), (Conv2D(16, 3, dilation=2), X16, False),
+            (Conv2D(16, 3, groups=2), X16, False), (Conv2D(16, 5), X16, False)]
+    for layer, X, expected in runs:
+        calls.clear()
+        params = _built(layer, X.shape[1:])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(conv_module, "winograd_conv3x3", spy)
+            layer(params, X)
+        assert bool(calls) == expected, layer.get_config()
+
+
+@pytest.mark.parametrize("case", list(WINOGRAD_CASES))
+def test_conv2d_winograd_matches_torch(case, winograd_always):
+    torch = pytest.importorskip("torch")
+    layer, params, shape = _winograd_layer(case)
+    pad = tuple(layer.padding) if not isinstance(layer.padding, str) else layer.padding
+    X = np.random.default_rng(2).standard_normal((3, *shape))
+
+    def fn(Xt, Wt, bt):
+        return torch.nn.functional.conv2d(Xt, Wt, bt, padding=pad)
+    _compare_with_torch(layer, params, X, fn)
+
+
+def test_winograd_float32_matches_torch():
+    """float32 rounding of the transforms stays ~1e-6 of the output's scale (64 channels)."""
+    torch = pytest.importorskip("torch")
+    layer = Conv2D(64, 3, padding=1)
+    params = _with_random_bias(_built(layer, (64, 12, 12), dtype=np.float32))
+    X = np.random.default_rng(2).standard_normal((4, 64, 12, 12)).astype(np.float32)
+    Y, backprop = layer.forward(params, X)
+    dY = np.random.default_rng(3).standard_normal(Y.shape).astype(np.float32)
+    dX, grads = backprop(dY)
+    ref = _torch_grads(torch, lambda Xt, Wt, bt: torch.nn.functional.conv2d(Xt, Wt, bt, padding=1),
+                       X, params, dY)
+    for name, got in (("Y", Y), ("dX", dX), ("W", grads["W"]), ("b", grads["b"])):
+        assert got.dtype == np.float32, name
+        scale = np.abs(ref[name]).max()
+        np.testing.assert_allclose(got, ref[name], rtol=0, atol=2e-5 * scale, err_msg=name)
 
 
 # --- against PyTorch ----------------------------------------------------------------------------
@@ -485,7 +590,7 @@ def test_param_shapes_before_build():
 def test_docstring_examples_run():
     import doctest
 
-    import layers.conv as conv_module
     import layers.im2col as im2col_module
-    for module in (conv_module, im2col_module):
+    import layers.winograd as winograd_module
+    for module in (conv_module, im2col_module, winograd_module):
         assert doctest.testmod(module).failed == 0

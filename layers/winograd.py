@@ -1,0 +1,186 @@
+"""Winograd F(4x4, 3x3): a 3x3, stride-1 convolution with 4x fewer multiplications than im2col.
+
+The output is cut into 4x4 tiles; each reads a 6x6 input tile (overlapping by 2). In the
+transformed domain the convolution of one tile is an elementwise product, and summing over
+input channels turns the 36 elementwise products into 36 independent GEMMs
+(Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016)::
+
+    V = (B^T (x) B^T) tiles(Xpad)        (36, C, T)    T = batch * tiles per image
+    U = (G (x) G) W                      (36, O, C)
+    M = U @ V                            (36, O, T)    36 GEMMs of O x C x T
+    Y = untile((A^T (x) A^T) M)          (batch, O, H_out, W_out)
+
+The backward runs the same pieces transposed: ``dM = (A (x) A) tiles(dY)``, ``dU = dM V^T``
+(then ``dW = (G (x) G)^T dU``) and ``dV = U^T dM`` (then the adjoint of the input transform and
+an overlapping-tile add give ``dX``). Every transform is one small-by-large GEMM, so the only
+copies are the padded input, its tile matrix, and the output rearrangement.
+
+For a 64->64-channel 3x3 convolution on 32x32 images the GEMM work falls from 7.2 to about 2.8
+GFLOP per forward+backward. The price is float rounding of the transforms: float32 results
+differ from im2col's by about 1e-6 relative to the output's scale (float64 by about 1e-15).
+Works on NumPy and CuPy arrays alike.
+
+Example:
+    >>> import numpy as np
+    >>> from layers.winograd import winograd_conv3x3
+    >>> X = np.random.default_rng(0).standard_normal((2, 3, 7, 9))
+    >>> W = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
+    >>> Y, backprop = winograd_conv3x3(X, W, None, ((1, 1), (1, 1)))
+    >>> Y.shape
+    (2, 4, 7, 9)
+    >>> [a.shape for a in backprop(np.ones_like(Y))[:2]]
+    [(2, 3, 7, 9), (4, 3, 3, 3)]
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rddtensor.backend import get_array_module
+
+__all__ = ["winograd_conv3x3", "M_TILE"]
+
+#: output tile size per axis; the input tile is M_TILE + 2
+M_TILE = 4
+_R = M_TILE + 2
+
+# interpolation points 0, 1, -1, 2, -2 and infinity (Lavin & Gray's F(4x4, 3x3))
+_BT = np.array([[4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+_G = np.array([[1 / 4, 0, 0],
+               [-1 / 6, -1 / 6, -1 / 6],
+               [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6],
+               [0, 0, 1]], dtype=np.float64)
+_AT = np.array([[1, 1, 1, 1, 1, 0],
+                [0, 1, -1, 2, -2, 0],
+                [0, 1, 1, 4, 4, 0],
+                [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+# two-axis transforms as one matrix each: (P (x) P) acting on a row-major flattened tile
+_BTBT = np.kron(_BT, _BT)   # (36, 36): input tile -> transformed
+_GG = np.kron(_G, _G)       # (36, 9): 3x3 kernel -> transformed
+_ATAT = np.kron(_AT, _AT)   # (16, 36): transformed product -> 4x4 output tile
+
+_MATRICES: dict = {}
+
+
+def _matrices(xp, dtype):
+    """``(BtBt, GG, AtAt)`` in ``dtype`` as arrays of ``xp`` (cached for NumPy)."""
+    key = np.dtype(dtype).str
+    m = _MATRICES.get(key) if xp is np else None
+    if m is None:
+        m = tuple(xp.asarray(a.astype(dtype)) for a in (_BTBT, _GG, _ATAT))
+        if xp is np:
+            _MATRICES[key] = m
+    return m
+
+
+def _grid_slices(a, n):
+    """Every 4th position from ``a``: offset ``a`` of each of ``n`` tiles (stride 4)."""
+    return slice(a, a + M_TILE * (n - 1) + 1, M_TILE)
+
+
+def _input_tiles(xp, Xp, nth, ntw):
+    """``(36, C, batch * nth * ntw)``: the overlapping 6x6 tiles of ``Xp`` ``(batch, C, Hp, Wp)``.
+
+    One strided copy per tile offset (36 in all) reads rows and columns with stride 4.
+    """
+    N, C = Xp.shape[:2]
+    tiles = xp.empty((_R, _R, C, N, nth, ntw), Xp.dtype)
+    for a in range(_R):
+        for b in range(_R):
+            tiles[a, b] = Xp[:, :, _grid_slices(a, nth), _grid_slices(b, ntw)].swapaxes(0, 1)
+    return tiles.reshape(_R * _R, C, N * nth * ntw)
+
+
+def _to_grid(xp, A, nth, ntw):
+    """``(batch, ch, Ho, Wo)`` -> ``(batch, ch, nth, 4, ntw, 4)``, zero past ``Ho, Wo``."""
+    N, ch, Ho, Wo = A.shape
+    if Ho != M_TILE * nth or Wo != M_TILE * ntw:
+        full = xp.zeros((N, ch, nth * M_TILE, ntw * M_TILE), A.dtype)
+        full[:, :, :Ho, :Wo] = A
+        A = full
+    return A.reshape(N, ch, nth, M_TILE, ntw, M_TILE)
+
+
+def winograd_conv3x3(X, W, b, pads):
+    """A 3x3 cross-correlation, stride 1, dilation 1, one group, by Winograd F(4x4, 3x3).
+
+    ``Y[n, o, i, j] = b[o] + sum_{c, u, v} W[o, c, u, v] Xpad[n, c, i + u, j + v]``, the same
+    as ``layers.conv.conv_nd`` with a 3x3 kernel and unit strides.
+
+    Args:
+        X: ``(batch, C, H, W)``. W: ``(O, C, 3, 3)``. b: ``(O,)`` or ``None``.
+        pads: ``((top, bottom), (left, right))`` zero padding.
+
+    Returns:
+        ``Y`` of shape ``(batch, O, H_out, W_out)`` with ``H_out = H + top + bottom - 2``, and
+        ``backprop(dY) -> (dX, dW, db)``.
+    """
+    xp = get_array_module(X)
+    dtype = np.result_type(X.dtype, W.dtype)
+    N, C, H, Wd = X.shape
+    O = W.shape[0]
+    (pt, pb), (pl, pr) = pads
+    Ho, Wo = H + pt + pb - 2, Wd + pl + pr - 2
+    nth, ntw = -(-Ho // M_TILE), -(-Wo // M_TILE)
+    Hp, Wp = M_TILE * nth + 2, M_TILE * ntw + 2   # >= H + pt + pb: whole tiles, zeros past
+    T = N * nth * ntw
+    BtBt, GG, AtAt = _matrices(xp, dtype)
+
+    Xp = xp.zeros((N, C, Hp, Wp), dtype)
+    Xp[:, :, pt:pt + H, pl:pl + Wd] = X
+    V = xp.matmul(BtBt, _input_tiles(xp, Xp, nth, ntw).reshape(_R * _R, C * T))
+    V = V.reshape(_R * _R, C, T)
+    del Xp
+    U = xp.matmul(GG, W.astype(dtype, copy=False).reshape(O * C, 9).T).reshape(_R * _R, O, C)
+    # (16, O * T) = (4, 4, O, N, nth, ntw): output tiles, one strided copy per position
+    Yt = xp.matmul(AtAt, xp.matmul(U, V).reshape(_R * _R, O * T))
+    Yt = Yt.reshape(M_TILE, M_TILE, O, N, nth, ntw)
+    Y = xp.empty((N, O, nth * M_TILE, ntw * M_TILE), dtype)
+    Y6 = Y.reshape(N, O, nth, M_TILE, ntw, M_TILE)
+    for a in range(M_TILE):
+        for c in range(M_TILE):
+            Y6[:, :, :, a, :, c] = Yt[a, c].swapaxes(0, 1)
+    del Yt
+    if Ho != M_TILE * nth or Wo != M_TILE * ntw:
+        Y = xp.ascontiguousarray(Y[:, :, :Ho, :Wo])
+    if b is not None:
+        Y += b.reshape(1, O, 1, 1)
+
+    def backprop(dY):
+        dY6 = _to_grid(xp, dY, nth, ntw)
+        dYt = xp.empty((M_TILE, M_TILE, O, N, nth, ntw), dtype)
+        for a in range(M_TILE):
+            for c in range(M_TILE):
+                dYt[a, c] = dY6[:, :, :, a, :, c].swapaxes(0, 1)
+        dM = xp.matmul(AtAt.T, dYt.reshape(M_TILE * M_TILE, O * T)).reshape(_R * _R, O, T)
+        del dYt, dY6
+        dU = xp.matmul(dM, V.transpose(0, 2, 1))                          # (36, O, C)
+        dW = xp.matmul(dU.reshape(_R * _R, O * C).T, GG).reshape(W.shape)
+        dV = xp.matmul(U.transpose(0, 2, 1), dM)                          # (36, C, T)
+        del dM
+        dtiles = xp.matmul(BtBt.T, dV.reshape(_R * _R, C * T)).reshape(_R, _R, C, N, nth, ntw)
+        del dV
+        # overlapping 6x6 tiles at stride 4, summed channel-major (the order of dtiles): the
+        # first 4x4 of every tile covers the grid once (assigned), the rest adds on
+        dXp = xp.empty((C, N, Hp, Wp), dtype)
+        dXp[:, :, Hp - 2:] = 0
+        dXp[:, :, :, Wp - 2:] = 0
+        for a in range(_R):
+            for c in range(_R):
+                target = dXp[:, :, _grid_slices(a, nth), _grid_slices(c, ntw)]
+                if a < M_TILE and c < M_TILE:
+                    target[...] = dtiles[a, c]
+                else:
+                    target += dtiles[a, c]
+        del dtiles
+        dX = xp.empty((N, C, H, Wd), dtype)
+        dX[...] = dXp[:, :, pt:pt + H, pl:pl + Wd].swapaxes(0, 1)
+        db = None if b is None else dY.sum(axis=(0, 2, 3))
+        return dX, dW.astype(W.dtype, copy=False), db
+    return Y, backprop
