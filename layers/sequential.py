@@ -252,6 +252,7 @@ class Sequential:
         if engine_options:
             raise TypeError(f"unexpected arguments for in-process fit: {sorted(engine_options)}")
         X, y = self._check_arrays(x, y, "x", build_seed=seed)
+        self.check_label_range(y, "labels in y")
         if batch_size > len(X):
             raise ValueError(f"batch_size={batch_size} is larger than the {len(X)} training rows; "
                              f"use batch_size <= {len(X)} (full batch)")
@@ -259,6 +260,7 @@ class Sequential:
             if is_distributed_data(validation_data):
                 raise ValueError("validation_data must be numpy arrays (X, y) when x is numpy")
             validation_data = self._check_arrays(*validation_data, "validation_data")
+            self.check_label_range(validation_data[1], "labels in validation_data")
         self._init_slots()
         from layers import checkpoint
         ckpt, resumed = checkpoint.start(
@@ -310,7 +312,11 @@ class Sequential:
     # --- input checks ---------------------------------------------------------------------
     def _check_features(self, x, what, build_seed=None):
         import scipy.sparse as sp
-        X = x.tocsr().astype(np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
+        try:
+            X = x.tocsr().astype(np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as e:  # ragged rows, strings, None
+            raise ValueError(f"{what} must be a numeric array of shape (rows, features...), every "
+                             f"row the same length: {e}") from None
         if X.ndim < 2:
             raise ValueError(f"{what} must have a batch axis: shape (rows, features...), got {X.shape}")
         first = self.layers[0] if self.layers else None
@@ -324,6 +330,39 @@ class Sequential:
             bad = int(np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(axis=1))[0])
             raise ValueError(f"{what} contains NaN or inf (first at row {bad})")
         return X
+
+    def check_label_range(self, labels, what: str) -> None:
+        """Refuse labels that cannot be the model's classes before training starts.
+
+        Only for ``sparse_categorical_crossentropy``: labels must be integers in ``[0, C)``, C
+        the last layer's outputs. ``labels`` is an array of scalar labels or a precomputed
+        ``(min, max, all integers)`` (the distributed engine's summary of its shards).
+        """
+        if self.loss is None or self.loss.name != "sparse_categorical_crossentropy" or \
+                labels is None:
+            return
+        row = None
+        if isinstance(labels, tuple):
+            lo, hi, integral = labels
+        else:
+            y = np.asarray(labels)
+            if y.ndim != 1 or not len(y) or y.dtype.kind not in "biuf":
+                return
+            bad = (y < 0) | (y >= self.output_shape[-1]) | (y != np.floor(y))
+            if not bad.any():
+                return
+            row = int(np.argmax(bad))
+            lo, hi, integral = float(y.min()), float(y.max()), bool(np.all(y == np.floor(y)))
+        n = int(self.output_shape[-1])
+        if integral and lo >= 0 and hi < n:
+            return
+        raise ValueError(
+            f"{what} must be integers in [0, {n}): class ids for the {n} outputs of the last "
+            f"layer ({self.layers[-1].describe()}); got values from {lo:g} to {hi:g}"
+            + ("" if integral else ", not all integers")
+            + ("" if row is None else f" (first bad one at row {row})")
+            + (f". Re-index the labels, or give the last layer {int(hi) + 1} outputs"
+               if integral and lo >= 0 else f". Re-index the labels to 0, 1, ..., {n - 1}"))
 
     def _check_arrays(self, x, y, what, build_seed=None):
         if y is None:

@@ -1,13 +1,17 @@
 """Model files are data: ``model.json`` (architecture, compile settings) + ``weights.npz``.
 
-Weights load with ``allow_pickle=False`` and the config only names registered layer types, so a
-tampered model directory cannot run code. ``model.json`` is written last (after the arrays), so
-a directory without it is recognisably incomplete.
+Weights load with ``allow_pickle=False`` and must be numeric arrays of the layout's shapes; the
+config only names registered layer types, optimizers, losses and metrics (looked up in their
+registries, never imported or evaluated), and every layer validates its own settings, so a
+tampered model directory cannot run code and is refused with an error that names the file and
+the layer. ``model.json`` is written last (after the arrays), so a directory without it is
+recognisably incomplete.
 """
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -80,36 +84,89 @@ def _load_npz(path: str) -> dict:
             return {k: z[k] for k in z.files}
     except ValueError as e:  # object arrays need pickle: refuse
         raise ValueError(f"{path!r} holds non-numeric data ({e}); refusing to load it") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"corrupt weights file {path!r}: {e}") from None
 
 
-def load_model(path: str):
+def _build(meta: dict, meta_path: str):
+    """The architecture of ``model.json``, every layer type and setting checked."""
+    from layers.base import layer_class
     from layers.sequential import Sequential
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+        raise ValueError(f"{meta_path!r}: 'config' must hold a list of 'layers'")
+    layers = []
+    for i, c in enumerate(config["layers"]):
+        if not isinstance(c, dict) or not isinstance(c.get("class_name"), str) or \
+                not isinstance(c.get("config", {}), dict):
+            raise ValueError(f"{meta_path!r}: layer {i} must be {{'class_name': str, "
+                             f"'config': dict}}, got {str(c)[:80]}")
+        cls = layer_class(c["class_name"])  # registered types only: unknown names raise
+        try:
+            layers.append(cls.from_config(dict(c.get("config", {}))))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{meta_path!r}: layer {i} ({c['class_name']}) has an invalid "
+                             f"config: {e}") from None
+    model = Sequential(layers, name=config.get("name"))
+    shape = meta.get("input_shape")
+    if not isinstance(shape, list) or not shape or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(f"{meta_path!r}: input_shape must be a list of positive integers, got "
+                         f"{shape!r}")
+    try:
+        model.build(tuple(shape), seed=0)
+    except ValueError as e:
+        raise ValueError(f"{meta_path!r}: the layers do not fit together: {e}") from None
+    return model
+
+
+def _numeric(arrays: dict, path: str) -> dict:
+    for k, v in arrays.items():
+        if v.dtype.kind not in "biuf":
+            raise ValueError(f"{path!r}: array {k!r} has dtype {v.dtype}, expected numbers")
+    return arrays
+
+
+def _compile(model, c: dict) -> None:
+    """Compile settings from ``model.json``: names looked up in the optimizer, loss and metric
+    registries (an unknown name raises), settings validated by their classes."""
+    from optim import get_loss, get_metric
+    loss, metrics = c["loss"], c["metrics"]
+    if not isinstance(c["optimizer"], (str, dict)):
+        raise TypeError(f"optimizer must be a name or a config dict, got {c['optimizer']!r}")
+    if isinstance(loss, dict):
+        loss = dict(loss)
+        loss = get_loss(loss.pop("name"), **loss)
+    elif not isinstance(loss, str):
+        raise TypeError(f"loss must be a name or a config dict, got {loss!r}")
+    metrics = [get_metric(m) if isinstance(m, str) else get_metric(
+        m["name"], **{k: v for k, v in m.items() if k != "name"}) for m in metrics]
+    model.compile(optimizer=c["optimizer"], loss=loss, metrics=metrics)
+
+
+def load_model(path: str):
     meta = read_meta(path)
-    model = Sequential.from_config(meta["config"])
-    model.build(tuple(meta["input_shape"]), seed=0)
+    meta_path = os.path.join(path, "model.json")
+    model = _build(meta, meta_path)
     weights_path = os.path.join(path, "weights.npz")
     if not os.path.exists(weights_path):
         raise FileNotFoundError(f"model directory {path!r} has no weights.npz")
-    weights = _load_npz(weights_path)
+    weights = _numeric(_load_npz(weights_path), weights_path)
     missing = [k for k in model.layout.keys if k not in weights]
     if missing:
         raise ValueError(f"{weights_path!r} lacks weights {missing}")
-    model.set_weights([weights[k] for k in model.layout.keys])
+    try:
+        model.set_weights([weights[k] for k in model.layout.keys])
+    except ValueError as e:
+        raise ValueError(f"{weights_path!r}: {e}") from None
     if "compile" in meta:
-        from optim import get_loss, get_metric
-        c = meta["compile"]
-        loss, metrics = c["loss"], c["metrics"]
-        if isinstance(loss, dict):
-            loss = dict(loss)
-            loss = get_loss(loss.pop("name"), **loss)
-        metrics = [get_metric(m) if isinstance(m, str) else get_metric(
-            m["name"], **{k: v for k, v in m.items() if k != "name"}) for m in metrics]
-        model.compile(optimizer=c["optimizer"], loss=loss, metrics=metrics)
+        try:
+            _compile(model, meta["compile"])
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{meta_path!r}: invalid compile settings: {e}") from None
         opt_path = os.path.join(path, "optimizer.npz")
         if os.path.exists(opt_path) and "optimizer_step" in meta:
-            slots = _load_npz(opt_path)
+            slots = _numeric(_load_npz(opt_path), opt_path)
             if set(slots) == set(model.optimizer.slot_names) and all(
                     v.shape == (model.layout.size,) for v in slots.values()):
                 model.slots = {k: v.astype(np.float32) for k, v in slots.items()}

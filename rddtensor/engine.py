@@ -308,14 +308,17 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         if not shards.has_labels:
             raise ValueError("training data needs labels: an RDD of (features, label) pairs or a "
                              f"DataFrame with a {label_col!r} column")
-        if not model.built:
-            model.build(shards.feature_shape, seed=model.seed if model.seed is not None else seed)
-        if tuple(shards.feature_shape) != tuple(model.input_shape):
+        if model.input_shape is not None and \
+                tuple(shards.feature_shape) != tuple(model.input_shape):
             raise ValueError(f"features have shape {shards.feature_shape} but the first layer "
                              f"({model.layers[0].describe()}) expects {model.input_shape}")
+        if not model.built:
+            model.build(shards.feature_shape, seed=model.seed if model.seed is not None else seed)
         if batch_size > shards.n_total:
             raise ValueError(f"batch_size={batch_size} is larger than the {shards.n_total} "
                              f"training rows; use batch_size <= {shards.n_total} (full batch)")
+        model.check_label_range(shards.label_range, f"labels (column {label_col!r})"
+                                if hasattr(data, "columns") else "labels")
         strategy = choose(allreduce, model, shards.n_partitions)
         n_records = strategy.shard_records(shards.n_partitions)
         if n_records != shards.n_partitions:
@@ -332,6 +335,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             val = make_shards(validation_data, feature_shape=model.input_shape,
                               n_records=shards.n_partitions, features_col=features_col,
                               label_col=label_col, what="validation_data")
+            model.check_label_range(val.label_range, "labels of validation_data")
         runner = DistributedRunner(model, shards, strategy, batch_size=batch_size,
                                    shuffle=shuffle, seed=seed, class_weight=class_weight,
                                    iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,

@@ -24,6 +24,9 @@ class Shards:
     sizes: list
     feature_shape: tuple
     has_labels: bool
+    #: ``(min, max, all integers)`` of scalar labels over every row (``None``: no scalar labels)
+    label_range: tuple | None = None
+
 
     @property
     def n_partitions(self) -> int:
@@ -50,7 +53,7 @@ def _features_of(value):
     return value
 
 
-def _stack_rows(rows, feature_shape, has_labels, j):
+def _stack_rows(rows, feature_shape, has_labels, j, names=("features", "labels")):
     """``_stack``, but a partition of sparse vectors may stay one sparse matrix (see
     ``rddtensor.ml.columns.stack_sparse``) instead of being densified row by row."""
     rows = list(rows)
@@ -61,10 +64,41 @@ def _stack_rows(rows, feature_shape, has_labels, j):
         X = stack_sparse(feats, feature_shape, j)
         if X is not None:  # labels are checked by _stack, with a placeholder feature per row
             arrays = _stack([(0.0, r[1]) for r in rows] if has_labels else [0.0] * len(rows),
-                            (), has_labels, j)
+                            (), has_labels, j, names)
             arrays["X"] = X
             return arrays
-    return _stack(rows, feature_shape, has_labels, j)
+    return _stack(rows, feature_shape, has_labels, j, names)
+
+
+def _short(value, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _label_summary(y):
+    """``(min, max, all integers)`` of scalar labels, ``None`` for vector labels or no rows."""
+    if y is None or y.ndim != 1 or not len(y):
+        return None
+    return float(y.min()), float(y.max()), bool(y.dtype.kind in "biu" or np.all(y == np.floor(y)))
+
+
+def _check_columns(df, features_col, label_col):
+    """DataFrame column types, checked on the driver before any task runs."""
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import ArrayType, NumericType
+    from rddtensor.ml.columns import feature_kind
+    feature_kind(df.schema, features_col, "features_col")
+    if label_col:
+        t = df.schema[label_col].dataType
+        leaf = t
+        while isinstance(leaf, ArrayType):
+            leaf = leaf.elementType
+        if not isinstance(leaf, NumericType) and not isinstance(t, VectorUDT):
+            hint = (" (index string labels first, e.g. pyspark.ml.feature.StringIndexer)"
+                    if t.simpleString() == "string" else "")
+            raise ValueError(f"label_col={label_col!r}: column {label_col!r} has type "
+                             f"{t.simpleString()}; labels must be numeric (or a vector / array "
+                             f"of numbers for multi-output targets){hint}")
 
 
 def _wire_arrays(arrays):
@@ -74,7 +108,10 @@ def _wire_arrays(arrays):
     return encode_sparse(arrays)
 
 
-def _stack(rows, feature_shape, has_labels, j):
+def _stack(rows, feature_shape, has_labels, j, names=("features", "labels")):
+    """Stack partition ``j``'s rows; errors name the row, the partition and (``names``) what
+    the features and labels are called (DataFrame columns, see ``make_shards``)."""
+    feat, lab = names
     X_rows, y_rows = [], []
     for r, row in enumerate(rows):
         if has_labels:
@@ -85,25 +122,37 @@ def _stack(rows, feature_shape, has_labels, j):
             y_rows.append(label)
         else:
             feats = row
-        x = np.asarray(_features_of(feats), dtype=np.float32)
+        try:
+            x = np.asarray(_features_of(feats), dtype=np.float32)
+        except (TypeError, ValueError) as e:  # strings, None, ragged nested lists
+            raise ValueError(f"row {r} of partition {j}: {feat} must be numbers (a list, numpy "
+                             f"array or vector), got {type(feats).__name__} {_short(feats)} "
+                             f"({e})") from None
         if x.shape != feature_shape:
-            raise ValueError(f"row {r} of partition {j} has features of shape {x.shape}, "
+            raise ValueError(f"row {r} of partition {j} has {feat} of shape {x.shape}, "
                              f"expected {feature_shape} (every row needs the same feature length)")
         X_rows.append(x)
     X = np.stack(X_rows) if X_rows else np.zeros((0, *feature_shape), np.float32)
     if not np.isfinite(X).all():
         bad = int(np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(axis=1))[0])
-        raise ValueError(f"features contain NaN or inf (row {bad} of partition {j})")
+        raise ValueError(f"{feat} contain NaN or inf (row {bad} of partition {j})")
     arrays = {"X": X}
     if has_labels:
-        y = np.asarray([_features_of(v) for v in y_rows])
+        try:
+            y = np.asarray([_features_of(v) for v in y_rows])
+        except ValueError as e:  # labels of different lengths
+            raise ValueError(f"{lab} in partition {j} do not stack into one array ({e}); every "
+                             "row needs a label of the same shape") from None
         if y.dtype.kind not in "biuf":
-            raise ValueError(f"labels must be numeric, got {y.dtype} values in partition {j}")
+            bad = next((i for i, v in enumerate(y_rows)
+                        if v is None or isinstance(v, (str, bytes))), 0)
+            raise ValueError(f"{lab} must be numeric, got {y.dtype} values in partition {j} "
+                             f"(row {bad}: {_short(y_rows[bad]) if y_rows else ''})")
         if y.dtype.kind == "f":
             y = y.astype(np.float32)
             if not np.isfinite(y).all():
                 bad = int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))[0])
-                raise ValueError(f"labels contain NaN or inf (row {bad} of partition {j})")
+                raise ValueError(f"{lab} contain NaN or inf (row {bad} of partition {j})")
         arrays["y"] = y if len(y) else np.zeros(0, np.float32)
     return arrays
 
@@ -114,6 +163,7 @@ def _as_rows(data, features_col, label_col, what):
         missing = [c for c in (features_col, label_col) if c and c not in data.columns]
         if missing:
             raise ValueError(f"DataFrame has no column {missing[0]!r}; columns are {data.columns}")
+        _check_columns(data, features_col, label_col)
         if label_col:
             return data.select(features_col, label_col).rdd.map(lambda r: (r[0], r[1])), True
         return data.select(features_col).rdd.map(lambda r: r[0]), False
@@ -139,6 +189,9 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
         what: how error messages name this data ("training data", "validation_data", ...).
     """
     rows, has_labels = _as_rows(data, features_col, label_col, what)
+    is_df = hasattr(data, "select") and hasattr(data, "columns")
+    names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
+             if is_df else ("features", "labels"))
     if n_partitions is not None and n_partitions != rows.getNumPartitions():
         rows = rows.repartition(int(n_partitions))
     N = rows.getNumPartitions()
@@ -152,31 +205,38 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
         feature_shape = tuple(int(s) for s in feature_shape)
 
         def build(j, it):
-            arrays = _stack_rows(it, feature_shape, has_labels, j)
+            arrays = _stack_rows(it, feature_shape, has_labels, j, names)
             yield wire.pack("shard", {"j": j, "n": len(arrays["X"])}, _wire_arrays(arrays))
             for _ in range(n_records - 1):
                 yield wire.PAD
 
         shard_rdd = rawrdd.map_raw(rows, build).persist()
         try:
-            sizes = _sizes(shard_rdd)
+            sizes, labels = _sizes(shard_rdd)
         except BaseException:
             shard_rdd.unpersist()
             raise
     if sum(sizes) == 0:
         shard_rdd.unpersist()
         raise ValueError(f"the {what} is empty: no rows")
-    return Shards(shard_rdd, sizes, feature_shape, has_labels)
+    return Shards(shard_rdd, sizes, feature_shape, has_labels, label_range=labels)
 
 
-def _sizes(shard_rdd) -> list:
+def _sizes(shard_rdd):
+    """Rows per partition, and ``(min, max, all integers)`` of the scalar labels (or ``None``)."""
     def count(j, it):
-        n = 0
+        n, summary = 0, None
         for r in it:
             if len(r):
-                n = wire.unpack(r)[1]["n"]
-        yield (j, n)
-    return [n for _, n in sorted(shard_rdd.mapPartitionsWithIndex(count).collect())]
+                _, meta, arrays = wire.unpack(r)
+                n, summary = meta["n"], _label_summary(arrays.get("y"))
+        yield (j, n, summary)
+    parts = sorted(shard_rdd.mapPartitionsWithIndex(count).collect())
+    found = [p[2] for p in parts if p[2] is not None]
+    labels = None
+    if found and len(found) == sum(1 for p in parts if p[1]):
+        labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
+    return [p[1] for p in parts], labels
 
 
 def read_shard(records):
