@@ -213,11 +213,14 @@ def train(args) -> int:
         if getattr(args, key) is not None:
             fit_cfg[key] = getattr(args, key)
     model = build_model(config)
-    from rddtensor.readers import read_dataset
+    from rddtensor.readers import guess_format, read_dataset
+    fmt = args.format or data_cfg.get("format")
     spark, owned = start_spark(args, "rddtensor-train")
     try:
+        if fmt in (None, "auto") and os.path.exists(args.data):
+            fmt = guess_format(args.data)
         label = args.label_col or data_cfg.get("label", "label")
-        df, fcol, classes = read_dataset(spark, args.data, args.format or data_cfg.get("format"),
+        df, fcol, classes = read_dataset(spark, args.data, fmt,
                                          features=data_cfg.get("features"), label=label,
                                          num_features=data_cfg.get("num_features"))
         if label not in df.columns:
@@ -244,7 +247,7 @@ def train(args) -> int:
             spark.stop()
     model.save(args.output)
     extra = {"features": data_cfg.get("features"), "label": label, "classes": classes,
-             "format": args.format or data_cfg.get("format"), "history": history.history}
+             "format": fmt, "history": history.history}
     with open(os.path.join(args.output, "training.json"), "w") as f:
         json.dump(extra, f, indent=1)
     png = _plot(history, os.path.join(args.output, "training_curves.png"))
