@@ -57,9 +57,16 @@ def _check_step(step) -> int:
     return int(step)
 
 
+def _sigmoid_pair(xp, nonneg, e):
+    # (sigmoid(v), sigmoid(-v)) from v >= 0 and e = exp(-|v|), as layers.activations: the
+    # numerator max(e, v >= 0) picks 1 or e without where(), which branches per element
+    d = 1.0 + e
+    return xp.maximum(e, nonneg) / d, xp.maximum(e, ~nonneg) / d
+
+
 def _sigmoid(xp, X):
     e = xp.exp(-xp.abs(X))  # in (0, 1]: never overflows
-    return xp.where(X >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return _sigmoid_pair(xp, X >= 0, e)[0]
 
 
 # --- generic references -------------------------------------------------------------------------
@@ -147,9 +154,7 @@ def gelu_tanh_backward_generic(dY, X):
     """
     xp = get_array_module(dY, X)
     v = 2.0 * _SQRT_2_OVER_PI * (X + _GELU_C * X * X * X)
-    e = xp.exp(-xp.abs(v))
-    lo, hi = e / (1.0 + e), 1.0 / (1.0 + e)
-    S, S_neg = xp.where(v >= 0, hi, lo), xp.where(v >= 0, lo, hi)
+    S, S_neg = _sigmoid_pair(xp, v >= 0, xp.exp(-xp.abs(v)))
     dv = 2.0 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * X * X)
     return dY * (S + X * S * S_neg * dv)
 
