@@ -41,11 +41,17 @@ import time
 from pathlib import Path
 
 __all__ = ["RESULTS_DIR", "match_threads", "environment", "background_load", "wait_for_idle",
-           "time_interleaved", "ratio", "markdown_table", "write_results"]
+           "time_interleaved", "ratio", "markdown_table", "write_results", "load_average",
+           "gpus", "java_version_string", "summarize", "run_json_subprocess"]
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Where every benchmark writes ``<name>.json`` and ``<name>.md``.
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: Where every benchmark writes ``<name>.json`` and ``<name>.md``; the environment variable
+#: ``RDDTENSOR_BENCH_RESULTS`` moves it (the harness's quick CI test writes to a temporary folder).
+RESULTS_DIR = Path(os.environ.get("RDDTENSOR_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
+#: Software whose version every results JSON records, as ``versions[key]`` (not imported).
+_DISTRIBUTIONS = {"numpy": ("numpy",), "pyspark": ("pyspark",), "torch": ("torch",),
+                  "cupy": ("cupy", "cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x"),
+                  "scipy": ("scipy",), "pyarrow": ("pyarrow",)}
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -185,18 +191,70 @@ def _git(*args) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _installed_version(names) -> str | None:
+    from importlib import metadata
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def java_version_string() -> str | None:
+    """First line of ``java -version`` (JAVA_HOME's java first), or ``None`` without Java."""
+    home = os.environ.get("JAVA_HOME")
+    exe = os.path.join(home, "bin", "java") if home else "java"
+    try:
+        out = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = (out.stderr or out.stdout).strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def gpus() -> list:
+    """``[{"name", "memory_mib"}]`` per NVIDIA GPU that ``nvidia-smi`` lists (``[]`` without)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    rows = [line.split(",") for line in out.stdout.strip().splitlines() if line.strip()]
+    return [{"name": r[0].strip(), "memory_mib": int(r[1]) if r[1].strip().isdigit() else None}
+            for r in rows if len(r) >= 2]
+
+
+def load_average():
+    """``os.getloadavg()`` (1, 5, 15 minutes) as a list, or ``None`` where unavailable."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(modules=("numpy", "torch")) -> dict:
     """Machine, software versions and source revision, as recorded in every results JSON.
 
+    Always recorded: cores, CPU model, memory, GPUs (``nvidia-smi``), the load average when
+    called, and the versions of Python, Java, Spark, NumPy, CuPy and PyTorch (from the installed
+    package metadata, without importing them; ``None`` when not installed).
+
     Args:
-        modules: import names whose ``__version__`` to record (missing ones are ``None``).
+        modules: import names whose ``__version__`` to record as imported (missing: ``None``);
+            these override the metadata version of the same name.
 
     Returns:
         ``{"machine": {...}, "versions": {...}, "git": {"commit", "dirty"}, "created": ...}``;
         ``dirty`` is True when tracked files differ from the commit (the numbers then describe
         a working tree, not the commit alone).
     """
-    versions = {"python": platform.python_version()}
+    versions = {"python": platform.python_version(), "java": java_version_string()}
+    for key, names in _DISTRIBUTIONS.items():
+        versions[key] = _installed_version(names)
     for name in modules:
         try:
             versions[name] = getattr(__import__(name), "__version__", None)
@@ -207,6 +265,7 @@ def environment(modules=("numpy", "torch")) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "usable_cores": usable_cores(),
                     "cpu_model": _cpu_model(), "memory_bytes": _memory_bytes(),
+                    "gpus": gpus(), "load_average": load_average(),
                     "platform": platform.platform()},
         "versions": versions,
         "git": {"commit": _git("rev-parse", "HEAD"),
@@ -235,6 +294,13 @@ def wait_for_idle(max_wait_s: float = 120.0, threshold: float = 0.05, quiet_s: i
 
 
 # --- timing -------------------------------------------------------------------------------------
+def summarize(samples, unit: str = "s") -> dict:
+    """``{"unit", "median", "min", "max", "n", "samples"}`` of a list of measurements."""
+    samples = [float(x) for x in samples]
+    return {"unit": unit, "median": statistics.median(samples), "min": min(samples),
+            "max": max(samples), "n": len(samples), "samples": samples}
+
+
 def _summary(samples: list[float], background: list) -> dict:
     return {"unit": "ms", "median": statistics.median(samples), "min": min(samples),
             "max": max(samples), "samples": samples, "background": background}
@@ -307,6 +373,30 @@ def ratio(a: dict, b: dict) -> dict:
     paired = [x / y for x, y in zip(a["samples"], b["samples"])]
     return {"of_medians": a["median"] / b["median"], "paired_median": statistics.median(paired),
             "paired_min": min(paired), "paired_max": max(paired)}
+
+
+# --- subprocesses -------------------------------------------------------------------------------
+def run_json_subprocess(cmd: list, timeout: float, env: dict | None = None) -> dict:
+    """Run ``cmd`` from the repository root; return the last stdout line that parses as JSON.
+
+    A benchmark runs each contender in a fresh process (its own Spark master, thread pools and
+    peak memory) whose last line is its result. On failure: ``{"error": ...}`` with the exit
+    code, a timeout, or the last lines of stderr that mention an error.
+    """
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+                              env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    err = [line for line in proc.stderr.splitlines() if "rror" in line][-3:]
+    return {"error": " | ".join(err) or f"exit {proc.returncode}",
+            "stderr_tail": proc.stderr[-2000:]}
 
 
 # --- output -------------------------------------------------------------------------------------
