@@ -21,17 +21,23 @@ from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, loss_fro
 
 
 def engine_accepts(option: str) -> bool:
-    """Whether the distributed engine's ``fit`` takes keyword ``option`` (e.g. checkpoint_dir)."""
+    """Whether a distributed ``fit`` takes keyword ``option`` (e.g. ``checkpoint_dir``)."""
+    from layers.sequential import Sequential
     from rddtensor.engine import fit_distributed
-    return option in inspect.signature(fit_distributed).parameters
+    return option in inspect.signature(Sequential.fit).parameters or \
+        option in inspect.signature(fit_distributed).parameters
 
 
-def _check_label(schema, col: str):
-    from pyspark.sql.types import NumericType
+def _check_label(schema, col: str, scalar: bool):
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import ArrayType, NumericType
     if col not in schema.names:
         raise ValueError(f"labelCol={col!r}: the DataFrame has no column {col!r}; its columns "
                          f"are {schema.names}")
     t = schema[col].dataType
+    if not scalar and (isinstance(t, VectorUDT) or (isinstance(t, ArrayType) and
+                                                     isinstance(t.elementType, NumericType))):
+        return  # vector targets: a network with several outputs
     if not isinstance(t, NumericType):
         hint = " (index string labels with pyspark.ml.feature.StringIndexer)" \
             if t.typeName() == "string" else ""
@@ -43,7 +49,8 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
 
     Features come from ``featuresCol`` (a vector column, dense or sparse; ``array<float>`` /
     ``array<int>`` sequences; image structs from ``spark.read.format("image")``, decoded to
-    NCHW float32 in [0, 1], RGB), targets from the numeric ``labelCol``. Training is
+    NCHW float32 in [0, 1], RGB), targets from ``labelCol`` (numeric; a vector or array column
+    for a network with several outputs). Training is
     ``maxEpoch`` epochs of synchronous mini-batch SGD with global batch ``batchSize`` on the
     distributed engine; the optimizer is ``optimizer`` with learning rate ``learningRate``.
 
@@ -144,7 +151,7 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
     def _fit(self, dataset):
         fcol, lcol = self.getFeaturesCol(), self.getLabelCol()
         feature_kind(dataset.schema, fcol)
-        _check_label(dataset.schema, lcol)
+        _check_label(dataset.schema, lcol, scalar=self._model_class is NNClassificationModel)
         model = self._network()
         data = dataset.select(fcol, lcol)
         validation = None

@@ -75,7 +75,7 @@ def _optimizer(value):
 
 def _loss(value):
     """A loss name (``"mse"``), an ``optim.Loss`` or its config dict -> the name or JSON text."""
-    from optim import Loss, get_loss
+    from optim import Loss
     if isinstance(value, Loss):
         value = value.get_config()
     if isinstance(value, dict):
