@@ -2,20 +2,33 @@
 
 Layers (float32): Dense 512->512 on a (256, 512) batch; Conv2D 3x3, 64->64 channels, padding 1
 on (32, 64, 32, 32); LSTM with 128 units over 50 steps of 128 features, batch 32
-(``return_sequences=True``). One call = forward, then backward of ``sum(Y * R)`` for a fixed
-``R`` (input and weight gradients). Both libraries get the same weights (PyTorch layouts) and
-inputs; a check asserts their outputs agree before anything is timed. Thread counts are matched
-with ``benchmarks.common.match_threads`` and the timed blocks alternate (``time_interleaved``).
+(``return_sequences=True``). One call = forward, then backward with output gradient ``R``
+(a fixed random array), computing the input and the weight gradients on both sides: PyTorch
+runs ``Y.backward(R)`` on an input with ``requires_grad=True``. Both libraries get the same
+weights (PyTorch layouts) and inputs; a check asserts their outputs agree before anything is
+timed. Thread counts are matched with ``benchmarks.common.match_threads`` and the timed blocks
+alternate (``time_interleaved``).
+
+NumPy's GEMMs run on its bundled OpenBLAS, which picks its kernels from the CPU model at load
+time. OpenBLAS up to 0.3.31 does not know AMD Zen 5 (CPU family 26) and falls back to its AVX2
+(Haswell) kernels there, while PyTorch's MKL uses AVX-512 (OpenBLAS issue #6029, fixed by pull
+request #6033). ``--openblas-coretype SkylakeX`` sets ``OPENBLAS_CORETYPE`` before NumPy loads,
+OpenBLAS's documented override, to measure with its AVX-512 kernels; by default the environment
+is left as it is. The table footer names the kernels OpenBLAS reported.
 
 Usage::
 
-    python -m benchmarks.layers [--quick] [--threads T] [--repeats R]
+    python -m benchmarks.layers [--quick] [--threads T] [--repeats R] [--openblas-coretype NAME]
 
-Writes ``benchmarks/results/layers.json`` and ``layers.md`` (``layers_quick.*`` with --quick).
+Writes ``benchmarks/results/layers.json`` and ``layers.md`` (``layers_quick.*`` with --quick,
+``layers_<name>.*`` with --openblas-coretype).
 """
 from __future__ import annotations
 
 import argparse
+import os
+
+import sys
 
 from benchmarks.common import (background_load, environment, markdown_table, match_threads, ratio,
                                time_interleaved, write_results)
@@ -82,7 +95,7 @@ def make_case(kind, shape):
     def theirs():
         net.zero_grad(set_to_none=True)
         Xt.grad = None
-        (torch_out() * Rt).sum().backward()
+        torch_out().backward(Rt)  # the gradient of sum(Y * R), without computing that sum
     return ours, theirs
 
 
@@ -91,10 +104,20 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--openblas-coretype", default=None, metavar="NAME",
+                    help="set OPENBLAS_CORETYPE (e.g. SkylakeX) before NumPy loads")
     a = ap.parse_args(argv)
+    if a.openblas_coretype:
+        if "numpy" in sys.modules:
+            raise RuntimeError("--openblas-coretype must be applied before numpy is imported; "
+                               "run python -m benchmarks.layers in a fresh process")
+        os.environ["OPENBLAS_CORETYPE"] = a.openblas_coretype
     threads = match_threads(a.threads)
+    blas = sorted({f"{p['internal_api']} {p['architecture']}" for p in threads.get("pools", [])
+                   if p.get("user_api") == "blas"})
     calls, repeats, warmup = (2, 2, 1) if a.quick else (5, a.repeats or 9, 3)
     load = background_load(0.5)
+    load_avg = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     rows, results = [], {}
     for label, (kind, shape) in CASES.items():
         ours, theirs = make_case(kind, shape)
@@ -106,14 +129,21 @@ def main(argv=None):
                      f"{q['of_medians']:.2f}x", f"{q['paired_min']:.2f}-{q['paired_max']:.2f}x"])
     table = markdown_table(["layer (forward+backward)", "rddtensor ms", "PyTorch CPU ms",
                             "ratio (medians)", "paired ratio range"], rows)
-    table += (f"\n\nThreads: {threads['threads']} for both (`match_threads`); background load "
-              f"before the run: {load}. Command: `python -m benchmarks.layers"
-              f"{' --quick' if a.quick else ''}`.\n")
+    flags = (" --quick" if a.quick else "") + (f" --openblas-coretype {a.openblas_coretype}"
+                                                if a.openblas_coretype else "")
+    table += (f"\n\nThreads: {threads['threads']} for both (`match_threads`); NumPy's BLAS: "
+              f"{', '.join(blas) or 'unknown'}"
+              f"{' (OPENBLAS_CORETYPE=' + a.openblas_coretype + ')' if a.openblas_coretype else ''}"
+              f"; background load before the run: {load}, load average {load_avg}. Command: "
+              f"`python -m benchmarks.layers{flags}`.\n")
     payload = {"benchmark": "layers", "environment": environment(("numpy", "torch")),
-               "threads": threads, "background_load": load,
+               "threads": threads, "blas": blas, "openblas_coretype": a.openblas_coretype,
+               "background_load": load, "load_average": load_avg,
                "parameters": {"calls": calls, "repeats": repeats, "warmup": warmup},
                "results": results}
-    path = write_results("layers" + ("_quick" if a.quick else ""), payload, table)
+    name = "layers" + ("_quick" if a.quick else "") + (
+        f"_{a.openblas_coretype.lower()}" if a.openblas_coretype else "")
+    path = write_results(name, payload, table)
     print(table)
     print(f"wrote {path}")
     return payload
