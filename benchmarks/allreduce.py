@@ -117,8 +117,7 @@ def _rddtensor(sc, size, mode, k, repeats):
     model._init_slots()
     rows = [(np.ones(1, np.float32), np.zeros(1, np.float32)) for _ in range(2 * N_PARTITIONS)]
     strategy = STRATEGIES[mode.split("-")[0]]()
-    shards = make_shards(sc.parallelize(rows, N_PARTITIONS),
-                         n_records=strategy.shard_records(N_PARTITIONS))
+    shards = make_shards(sc.parallelize(rows, N_PARTITIONS))
     # epochs of one full-batch step each: the engine never runs out of steps in an epoch
     runner = DistributedRunner(model, shards, strategy, batch_size=len(rows), shuffle=False,
                                seed=0, class_weight=None, iterations_per_job=k,

@@ -24,43 +24,23 @@ import numpy as np
 
 from layers.training import apply_update, optimizer_step
 from rddtensor import rawrdd, wire
-from rddtensor.stages import (assemble, local_gradient, own_record, split_own, sum_in_order,
-                              theta_record)
+from rddtensor.stages import (assemble, chunks_of, local_gradient, own_record, read_own,
+                              scratch, split_own, split_records, theta_record)
 
 PASS_SECONDS = 0.09       # measured cost of one Python pass on local[2] (DESIGN.md)
 BYTES_PER_SECOND = 5e8    # measured shuffle throughput per partition, local disk
 
 
-def _unpack_all(records):
-    return [wire.unpack(r) for r in records if len(r)]
-
-
-def _grads_and_state(records, grad_kind: str, state_kind: str):
-    """``(sum of the gradient slices in source order, state meta, writable w, writable slots)``.
-
-    ``None`` for the sum when no gradient arrived (the replicated strategy's first pass).
-    """
-    grads, state = [], None
-    for kind, meta, arrays in _unpack_all(records):
-        if kind == grad_kind:
-            grads.append((meta["src"], arrays["g"]))
-        elif kind == state_kind:
-            state = (meta, arrays)
-    meta, arrays = state
-    w, slots = split_own(arrays)
-    if not grads:
-        return None, meta, w, slots
-    return sum_in_order(grads), meta, np.array(w), {k: np.array(v) for k, v in slots.items()}
+def _keyed(dest: int, records):
+    for rec in records:
+        yield rawrdd.key(dest)
+        yield rec
 
 
 class Sharded:
     """Reduce-scatter gradients to block owners, update there, all-gather θ (two passes)."""
 
     name = "sharded"
-
-    @staticmethod
-    def shard_records(n: int) -> int:
-        return n  # the all-gather delivers one block per owner
 
     @staticmethod
     def check(model):
@@ -73,17 +53,19 @@ class Sharded:
     @staticmethod
     def emit_state(i, t, bounds, w, slots, bf16=False):
         lo, hi = bounds[i]
-        other = theta_record(i, t, lo, hi, w, bf16) if len(bounds) > 1 else None
-        for d in range(len(bounds)):
-            yield rawrdd.key(d)
-            yield own_record(i, t, lo, hi, w, slots) if d == i else other
+        yield from _keyed(i, own_record(i, t, lo, hi, w, slots))
+        if len(bounds) > 1:
+            other = list(theta_record(i, t, lo, hi, w, bf16))
+            for d in range(len(bounds)):
+                if d != i:
+                    yield from _keyed(d, other)
 
     def initial(self, sc, theta, slots, bounds, t):
         # one broadcast per block: task i fetches block i only, and the driver JVM streams it
         # from a file (a parallelized collection would hold all of θ in the driver's heap)
-        handles = [sc.broadcast(b"".join(own_record(i, t, a, z, theta[a:z],
-                                                    {k: v[a:z] for k, v in slots.items()})))
-                   for i, (a, z) in enumerate(bounds)]
+        handles = [sc.broadcast(wire.pack("own", {}, {"w": theta[a:z],
+                                                     **{"slot." + k: v[a:z] for k, v in slots.items()}}))
+                   for a, z in bounds]
         emit_state = self.emit_state
 
         def emit(i, records):
@@ -97,7 +79,7 @@ class Sharded:
     def iteration(self, S, shards, cfg, model, bounds, acc):
         n = len(bounds)
         AG = rawrdd.shuffle_pairs(S, n)
-        RS = rawrdd.shuffle_raw(rawrdd.zip_raw(AG, shards), self._gradient(cfg, model, bounds, acc), n)
+        RS = rawrdd.shuffle_raw(rawrdd.co_union(AG, shards), self._gradient(cfg, model, bounds, acc), n)
         return rawrdd.map_raw(RS, self._update(model, bounds, cfg.get("wire_bf16", False)))
 
     @staticmethod
@@ -105,21 +87,27 @@ class Sharded:
         bf16 = ("g",) if cfg.get("wire_bf16") else ()
 
         def run(j, records):
-            ag, shard_records = rawrdd.pairs(records)
-            t, theta, own = assemble(ag, model.layout.size)
-            g = local_gradient(cfg, model, theta, t, j, shard_records, acc)
+            params, shard = split_records(records)
+            t, theta = assemble(params, model.layout.size)
+            g = local_gradient(cfg, model, theta, t, j, shard, acc)
             for i, (a, z) in enumerate(bounds):
-                yield rawrdd.key(i)
-                yield wire.frames("grad", {"src": j, "t": t}, {"g": g[a:z]}, bf16=bf16)
-            yield rawrdd.key(j)
-            yield own  # the block's state rides back to its owner unchanged
+                yield from _keyed(i, wire.chunks("grad", {"src": j, "t": t}, {"g": g[a:z]}, bf16))
+            # the block's state rides back to its owner unchanged
+            yield from _keyed(j, (raw for kind, _, _, raw in params if kind == "own"))
         return run
 
     def _update(self, model, bounds, bf16=False):
         emit_state = self.emit_state
+        n = len(bounds)
 
         def run(i, records):
-            g, meta, w, slots = _grads_and_state(records, "grad", "own")
+            params, _ = split_records(records)
+            meta, w, slots = read_own(params)
+            grads = chunks_of(params, "grad")
+            if grads.sources() != list(range(n)):
+                raise RuntimeError(f"block {i} got gradients from partitions {grads.sources()}, "
+                                   f"expected all {n}")
+            g = grads.sum_into("g", scratch("gsum", w.size))
             train, bufs = model.layout.split_segments(*bounds[i])
             apply_update(model.optimizer, w, g, slots, meta["t"] + 1,
                          segments=train, buffer_segments=bufs)
@@ -129,11 +117,8 @@ class Sharded:
     @staticmethod
     def own_block(model, bounds):
         def read(i, records):
-            for kind, meta, arrays in _unpack_all(records):
-                if kind == "own":
-                    w, slots = split_own(arrays)
-                    return meta, w, slots
-            raise RuntimeError(f"partition {i} of the parameter state holds no block")
+            params, _ = split_records(records)
+            return read_own(params)
         return read
 
 
@@ -143,27 +128,19 @@ class Replicated:
     name = "replicated"
 
     @staticmethod
-    def shard_records(n: int) -> int:
-        return n + 1  # N gradients + the partition's own state
-
-    @staticmethod
     def check(model):
         pass
 
     def initial(self, sc, theta, slots, bounds, t):
-        n = len(bounds)
         handle = sc.broadcast(wire.pack("rstate", {"t": t},
                                         {"w": theta, **{"slot." + k: v for k, v in slots.items()}}))
 
         def emit(j, records):
             for _ in records:
                 pass
-            yield rawrdd.key(j)
-            yield handle.value
-            for k in range(n):  # placeholders keep the record count fixed for zip
-                yield rawrdd.key(j)
-                yield wire.pack("nograd", {"src": k})
-        return rawrdd.map_raw(sc.parallelize(range(n), n), emit), [handle]
+            _, meta, arrays = wire.unpack(handle.value)
+            return _keyed(j, wire.chunks("rstate", meta, arrays))
+        return rawrdd.map_raw(sc.parallelize(range(len(bounds)), len(bounds)), emit), [handle]
 
     def iteration(self, S, shards, cfg, model, bounds, acc):
         n = len(bounds)
@@ -171,23 +148,31 @@ class Replicated:
         bf16 = ("g",) if cfg.get("wire_bf16") else ()
 
         def run(j, records):
-            pending, shard_records = rawrdd.pairs(records)
-            t, w, slots = settle(model, pending)
-            g = local_gradient(cfg, model, w, t, j, shard_records, acc)
-            grad = wire.frames("rgrad", {"src": j, "t": t}, {"g": g}, bf16=bf16)
+            params, shard = split_records(records)
+            t, w, slots = settle(model, params)
+            g = local_gradient(cfg, model, w, t, j, shard, acc)
+            grad = list(wire.chunks("rgrad", {"src": j, "t": t}, {"g": g}, bf16))
             for d in range(n):
-                yield rawrdd.key(d)
-                yield grad
-            yield rawrdd.key(j)
-            yield wire.frames("rstate", {"t": t}, {"w": w, **{"slot." + k: v for k, v in slots.items()}})
-        return rawrdd.map_raw(rawrdd.zip_raw(rawrdd.shuffle_pairs(S, n), shards), run)
+                yield from _keyed(d, grad)
+            yield from _keyed(j, wire.chunks("rstate", {"t": t},
+                                             {"w": w, **{"slot." + k: v for k, v in slots.items()}}))
+        return rawrdd.map_raw(rawrdd.co_union(rawrdd.shuffle_pairs(S, n), shards), run)
 
     @staticmethod
-    def settle(model, records):
+    def settle(model, params):
         """θ_t and slots after applying the pending gradients (if any): ``(t, w, slots)``."""
-        g, meta, w, slots = _grads_and_state(records, "rgrad", "rstate")
-        t = meta["t"]
-        if g is not None:
+        state = chunks_of(params, "rstate")
+        if state.meta is None:
+            raise RuntimeError("the partition holds no parameter state")
+        t = state.meta["t"]
+        arrays = {name: state.into(name, scratch("state." + name, state.sizes[(0, name)]))
+                  for name in state.names()}
+        w, slots = split_own(arrays)
+        grads = chunks_of(params, "rgrad")
+        if grads.meta is not None:
+            if grads.meta["t"] != t:
+                raise RuntimeError(f"gradients of step {grads.meta['t'] + 1} met the state of step {t}")
+            g = grads.sum_into("g", scratch("gsum", w.size))
             optimizer_step(model.optimizer, w, g, slots, t + 1, model.layout.split_segments())
             t += 1
         return t, w, slots
@@ -196,7 +181,8 @@ class Replicated:
         settle = self.settle
 
         def read(i, records):
-            t, w, slots = settle(model, records)
+            params, _ = split_records(records)
+            t, w, slots = settle(model, params)
             lo, hi = bounds[i]
             return ({"i": i, "t": t, "lo": lo, "hi": hi}, w[lo:hi],
                     {k: v[lo:hi] for k, v in slots.items()})

@@ -13,17 +13,14 @@ for ``local[*]`` and ``local-cluster`` masters; NFS or a mounted bucket on a rea
 from __future__ import annotations
 
 from layers.checkpoint import Checkpointer, _clear, block_name, step_dir, write_block
-from rddtensor import wire
 from rddtensor.errors import spark_errors
+from rddtensor.stages import read_own, split_records
 
 
 def _writer(sdir: str, n: int):
     def run(i, records):
-        for rec in records:
-            _, meta, arrays = wire.unpack(rec)
-            slots = {k[5:]: v for k, v in arrays.items() if k.startswith("slot.")}
-            yield write_block(sdir, meta["i"], n, meta["lo"], meta["hi"], meta["t"], arrays["w"],
-                              slots)
+        meta, w, slots = read_own(split_records(records)[0])
+        yield write_block(sdir, meta["i"], n, meta["lo"], meta["hi"], meta["t"], w, slots)
     return run
 
 

@@ -35,7 +35,8 @@ from rddtensor.checkpoint import save_state
 from rddtensor.errors import spark_errors, task_error
 from rddtensor.faults import stats_param
 from rddtensor.shards import Shards, make_shards
-from rddtensor.stages import broadcast_emit, eval_stage, own_record, predict_stage
+from rddtensor.stages import (broadcast_emit, chunks_of, eval_stage, own_record, predict_stage,
+                              split_records)
 
 _LEVEL = StorageLevel.MEMORY_AND_DISK
 _LEVEL_2 = StorageLevel.MEMORY_AND_DISK_2
@@ -81,12 +82,13 @@ class ParameterState:
         return len(self.bounds)
 
     def settled(self):
-        """Partition i: one ``own`` record with block i of θ_t and its slots."""
+        """Partition i: block i of θ_t and its slots as ``own`` chunk records (decode a
+        partition with ``stages.read_own(stages.split_records(records)[0])``)."""
         own_block = self.strategy.own_block(self.model, self.bounds)
 
         def run(i, records):
-            meta, w, slots = own_block(i, list(records))
-            yield own_record(meta["i"], meta["t"], meta["lo"], meta["hi"], w, slots)
+            meta, w, slots = own_block(i, records)
+            return own_record(meta["i"], meta["t"], meta["lo"], meta["hi"], w, slots)
         return rawrdd.map_raw(rawrdd.shuffle_pairs(self.S, self.n_blocks), run)
 
     def broadcast(self, n_dest: int):
@@ -103,11 +105,9 @@ class ParameterState:
         theta, slots, t = np.empty(size, np.float32), {}, 0
         for rec in parts:
             _, meta, arrays = wire.unpack(rec)
-            lo, hi, t = meta["lo"], meta["hi"], meta["t"]
-            theta[lo:hi] = arrays["w"]
-            for k, v in arrays.items():
-                if k.startswith("slot."):
-                    slots.setdefault(k[5:], np.empty(size, np.float32))[lo:hi] = v
+            name, a, t = meta["name"], meta["lo"] + meta["at"], meta["t"]
+            out = theta if name == "w" else slots.setdefault(name[5:], np.empty(size, np.float32))
+            out[a:a + arrays["x"].size] = arrays["x"]
         return theta, slots, t
 
     def tensor(self, name: str = "w"):
@@ -116,10 +116,10 @@ class ParameterState:
         size, n = self.model.layout.size, self.n_blocks
 
         def view(i, records):
-            (_, meta, arrays), = [wire.unpack(r) for r in records]
-            x = arrays["w" if name == "w" else "slot." + name]
-            yield wire.pack("block", {"i": i, "lo": meta["lo"], "hi": meta["hi"], "size": size,
-                                      "n": n}, {"x": x})
+            got = chunks_of(split_records(records)[0], "own")
+            x = got.into("w" if name == "w" else "slot." + name)
+            yield wire.frames("block", {"i": i, "lo": got.meta["lo"], "hi": got.meta["hi"],
+                                        "size": size, "n": n}, {"x": x})
         return BlockTensor(rawrdd.map_raw(self.settled(), view), size, n, np.float32)
 
     def unpersist(self):
@@ -133,7 +133,7 @@ def evaluate_state(state: ParameterState, shards: Shards, batch_size: int) -> di
     """Loss/metric stats of the weights in ``state`` over ``shards`` (zip with a broadcast)."""
     AG = state.broadcast(shards.n_partitions)
     with spark_errors():
-        parts = rawrdd.zip_raw(AG, shards.rdd).mapPartitionsWithIndex(
+        parts = rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(
             eval_stage(state.model, batch_size)).collect()
     stats = empty_stats(state.model.metrics)
     for _, s in sorted(parts, key=lambda p: p[0]):
@@ -206,7 +206,8 @@ class DistributedRunner:
         st = self.state
         S = st.S
         for _ in range(steps):
-            S = st.strategy.iteration(S, self.shards.rdd, self.cfg, st.model, st.bounds, self.acc)
+            S = st.strategy.iteration(S, self.shards.keyed(), self.cfg, st.model, st.bounds,
+                                      self.acc)
         S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
         try:
@@ -320,12 +321,6 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         model.check_label_range(shards.label_range, f"labels (column {label_col!r})"
                                 if hasattr(data, "columns") else "labels")
         strategy = choose(allreduce, model, shards.n_partitions)
-        n_records = strategy.shard_records(shards.n_partitions)
-        if n_records != shards.n_partitions:
-            shards.unpersist()
-            shards = make_shards(data, n_partitions=shards.n_partitions,
-                                 feature_shape=model.input_shape, features_col=features_col,
-                                 label_col=label_col, n_records=n_records)
         model._init_slots()
         ckpt, resumed = checkpoints.start(
             model, checkpoint_dir, checkpoint_every, resume,
@@ -333,8 +328,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                       "n_total": shards.n_total, "partitions": shards.n_partitions})
         if validation_data is not None:
             val = make_shards(validation_data, feature_shape=model.input_shape,
-                              n_records=shards.n_partitions, features_col=features_col,
-                              label_col=label_col, what="validation_data")
+                              features_col=features_col, label_col=label_col,
+                              what="validation_data")
             model.check_label_range(val.label_range, "labels of validation_data")
         runner = DistributedRunner(model, shards, strategy, batch_size=batch_size,
                                    shuffle=shuffle, seed=seed, class_weight=class_weight,
@@ -390,7 +385,7 @@ def predict_distributed(model, data, *, batch_size: int = 4096, features_col="fe
                          label_col="label" if labelled else None)
     state = _driver_state(model, shards)
     AG = state.broadcast(shards.n_partitions)
-    return rawrdd.zip_raw(AG, shards.rdd).mapPartitionsWithIndex(
+    return rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(
         predict_stage(state.model, batch_size))
 
 

@@ -1,12 +1,13 @@
 """Raw-bytes RDD plumbing: Python stages that emit bytes records, a shuffle keyed by destination
-partition, and partition-wise zips — the three moves the training iteration is made of.
+partition, and partition-wise unions — the three moves the training iteration is made of.
 
 PySpark pickles every record by default and its ``partitionBy`` pickles lists of pairs; here a
 record is one ``bytes`` object (see ``rddtensor.wire``) that the JVM stores, shuffles and hands
-back untouched. ``zip_raw`` pairs partition ``j`` of two RDDs without a shuffle (the JVM's
-``zip``), which is how a task sees both the shuffled parameters and its cached data shard; it
-requires both sides to hold the same number of records per partition, so every stage here emits
-a fixed record count.
+back untouched. ``co_union`` appends partition ``j`` of one shuffle output to partition ``j`` of
+another without a shuffle (Spark's partitioner-aware union), which is how a task sees both the
+shuffled parameters and its cached data shard (``pin``), whatever the number of records on each
+side. ``zip_raw`` (the JVM's ``zip``, equal record counts) pairs the one-record partitions of
+block tensors.
 """
 from __future__ import annotations
 
@@ -92,6 +93,34 @@ def shuffle_pairs(keyed: RDD, n_partitions: int) -> RDD:
     pairs = jvm.PairwiseRDD(keyed._jrdd.rdd()).asJavaPairRDD()
     partitioner = jvm.PythonPartitioner(int(n_partitions), id(_identity_partition))
     return raw(jvm.PythonRDD.valueOfPair(pairs.partitionBy(partitioner)), ctx)
+
+
+def pin(rdd: RDD, n_partitions: int) -> RDD:
+    """``rdd``'s non-empty records, each kept in its partition but carried by a shuffle, so that
+    the result has the partitioner of ``shuffle_pairs``' outputs (for ``co_union``). Cached:
+    the caller unpersists it."""
+    def keep(j, records):
+        for r in records:
+            if len(r):
+                yield key(j)
+                yield r
+    return shuffle_raw(rdd, keep, n_partitions).persist()
+
+
+def co_union(*rdds: RDD) -> RDD:
+    """Partition ``j`` of the result is partition ``j`` of each RDD in turn (no shuffle).
+
+    The RDDs must come from ``shuffle_pairs`` / ``pin`` with the same partition count: Spark
+    then unions them partition by partition (``PartitionerAwareUnionRDD``), whatever the number
+    of records in each. This is how a task sees the shuffled parameters and its data shard.
+    """
+    first = rdds[0]
+    out = first._jrdd
+    for r in rdds[1:]:
+        out = out.union(r._jrdd)
+    if out.getNumPartitions() != first.getNumPartitions():
+        raise RuntimeError("co_union needs RDDs partitioned alike (shuffle_pairs or pin outputs)")
+    return raw(out, first.ctx)
 
 
 def zip_raw(a: RDD, b: RDD) -> RDD:

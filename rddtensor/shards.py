@@ -8,7 +8,7 @@ output (one record from each of the N parameter owners). Uneven and empty partit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,9 +24,9 @@ class Shards:
     sizes: list
     feature_shape: tuple
     has_labels: bool
+    _keyed: object = field(default=None, repr=False, compare=False)
     #: ``(min, max, all integers)`` of scalar labels over every row (``None``: no scalar labels)
     label_range: tuple | None = None
-
 
     @property
     def n_partitions(self) -> int:
@@ -40,8 +40,18 @@ class Shards:
     def offsets(self) -> list:
         return [int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)[:-1]])] if self.sizes else []
 
+    def keyed(self):
+        """The shards carried by a shuffle into the same partitions (built once, cached), so
+        that ``rawrdd.co_union`` can append shard j to partition j of any parameter shuffle."""
+        if self._keyed is None:
+            self._keyed = rawrdd.pin(self.rdd, self.n_partitions)
+        return self._keyed
+
     def unpersist(self):
         self.rdd.unpersist()
+        if self._keyed is not None:
+            self._keyed.unpersist()
+            self._keyed = None
 
 
 def _features_of(value):

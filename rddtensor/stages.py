@@ -27,19 +27,55 @@ class StatsParam(AccumulatorParam):
         return a
 
 
-def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict) -> list:
-    """Block ``[lo, hi)`` of θ_t with its optimizer slots: what its owner needs for a step."""
-    return wire.frames("own", {"i": i, "t": t, "lo": lo, "hi": hi},
-                     {"w": w, **{"slot." + k: v for k, v in slots.items()}})
+def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict):
+    """Block ``[lo, hi)`` of θ_t with its optimizer slots, what its owner needs for a step:
+    chunk records of kind ``own`` (``wire.chunks``)."""
+    return wire.chunks("own", {"i": i, "t": t, "lo": lo, "hi": hi},
+                       {"w": w, **{"slot." + k: v for k, v in slots.items()}})
 
 
-def theta_record(i: int, t: int, lo: int, hi: int, w, bf16: bool = False) -> list:
-    return wire.frames("theta", {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
-                     bf16=("w",) if bf16 else ())
+def theta_record(i: int, t: int, lo: int, hi: int, w, bf16: bool = False):
+    """Block ``[lo, hi)`` of θ_t for a non-owner: chunk records of kind ``theta``."""
+    return wire.chunks("theta", {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
+                       bf16=("w",) if bf16 else ())
 
 
 def split_own(arrays: dict):
     return arrays["w"], {k[5:]: v for k, v in arrays.items() if k.startswith("slot.")}
+
+
+def split_records(records):
+    """A task's input as ``(parameter records, data shard records)``: each parameter record is
+    ``(kind, meta, x, raw bytes)`` (a decoded chunk), shard records stay raw bytes."""
+    params, shard = [], []
+    for r in records:
+        if not len(r):
+            continue
+        kind, meta, arrays = wire.unpack(r)
+        if kind == "shard":
+            shard.append(r)
+        else:
+            params.append((kind, meta, arrays["x"], r))
+    return params, shard
+
+
+def chunks_of(params, kind: str) -> wire.Chunks:
+    """The chunk records of ``kind`` among decoded parameter records."""
+    got = wire.Chunks()
+    for k, meta, x, _ in params:
+        if k == kind:
+            got.add(meta, x)
+    return got
+
+
+def read_own(params):
+    """``(meta, w, slots)`` of the ``own`` block among decoded parameter records (new,
+    writable arrays)."""
+    got = chunks_of(params, "own")
+    if got.meta is None:
+        raise RuntimeError("the partition holds no parameter block")
+    arrays = {name: got.into(name) for name in got.names()}
+    return got.meta, *split_own(arrays)
 
 
 _SCRATCH: dict = {}
@@ -56,19 +92,22 @@ def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
     return buf
 
 
-def assemble(records, size: int, dtype=np.float32):
-    """θ from the blocks (``own``/``theta`` records) of an all-gather partition: ``(t, θ, own)``."""
+def assemble(params, size: int, dtype=np.float32):
+    """θ_t from the blocks (``own``/``theta`` chunks) of an all-gather partition: ``(t, θ)``."""
     theta = scratch("theta", size, dtype)
-    t, own = None, None
-    for r in records:
-        kind, meta, arrays = wire.unpack(r)
-        if kind == "own":
-            own = r
+    t, filled = None, 0
+    for kind, meta, x, _ in params:
+        if kind not in ("own", "theta") or meta["name"] != "w":
+            continue
         if t is not None and meta["t"] != t:
             raise RuntimeError(f"all-gather mixed parameter versions {meta['t']} and {t}")
         t = meta["t"]
-        theta[meta["lo"]:meta["hi"]] = arrays["w"]
-    return t, theta, own
+        a = meta["lo"] + meta["at"]
+        theta[a:a + x.size] = x
+        filled += x.size
+    if filled != size:
+        raise RuntimeError(f"all-gather delivered {filled} of {size} parameters")
+    return t, theta
 
 
 # --- worker-local cache of batch plans (speed only: a miss recomputes the same plan) -----------
@@ -104,32 +143,25 @@ def local_gradient(cfg: dict, model, theta, t: int, j: int, shard_records, acc):
     return g
 
 
-def sum_in_order(parts):
-    """Sum ``[(src, array), ...]`` in source order (bit-reproducible whatever the arrival order)."""
-    parts = sorted(parts, key=lambda p: p[0])
-    g = np.array(parts[0][1])
-    for _, x in parts[1:]:
-        g += x
-    return g
-
-
 def broadcast_emit(n_dest: int, own_block):
     """Each owner sends its (settled) block of θ to ``n_dest`` partitions of other data
     (validation, prediction): one record per owner per destination."""
     def run(i, records):
         meta, w, _ = own_block(i, list(records))
-        rec = theta_record(meta["i"], meta["t"], meta["lo"], meta["hi"], w)
+        recs = list(theta_record(meta["i"], meta["t"], meta["lo"], meta["hi"], w))
         for d in range(n_dest):
-            yield rawrdd.key(d)
-            yield rec
+            for rec in recs:
+                yield rawrdd.key(d)
+                yield rec
     return run
 
 
 def eval_stage(model, batch_size: int):
-    """Partition j of ``zip(AG, D)``: loss and metric stats of θ on all its rows (eval mode)."""
+    """Partition j of ``co_union(AG, D)``: loss and metric stats of θ on all its rows (eval
+    mode)."""
     def run(j, records):
-        ag, shard_recs = rawrdd.pairs(records)
-        _, theta, _ = assemble(ag, model.layout.size)
+        ag, shard_recs = split_records(records)
+        _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
         stats = evaluate_arrays(model, theta, arrays["X"], arrays["y"], loss=model.loss,
                                 metrics=model.metrics, batch_size=batch_size)
@@ -138,10 +170,10 @@ def eval_stage(model, batch_size: int):
 
 
 def predict_stage(model, batch_size: int):
-    """Partition j of ``zip(AG, D)``: model outputs for its rows, in row order."""
+    """Partition j of ``co_union(AG, D)``: model outputs for its rows, in row order."""
     def run(j, records):
-        ag, shard_recs = rawrdd.pairs(records)
-        _, theta, _ = assemble(ag, model.layout.size)
+        ag, shard_recs = split_records(records)
+        _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
         X, params = arrays["X"], model.layout.unflatten(theta)
         for a in range(0, len(X), batch_size):

@@ -53,3 +53,76 @@ def test_unknown_wire_dtype_is_named(sc):
     rdd = sc.parallelize([(np.ones(3, np.float32), np.zeros(2, np.float32))] * 4, 2)
     with pytest.raises(ValueError, match="wire_dtype must be 'float32' or 'bfloat16', got 'int8'"):
         m.fit(rdd, epochs=1, batch_size=2, verbose=0, wire_dtype="int8")
+
+
+def _decoded(records):
+    return [wire.unpack(b"".join(r) if isinstance(r, list) else r) for r in records]
+
+
+@pytest.mark.parametrize("n", [0, 1, 100_000, 3 * 65_536])
+def test_chunks_carry_an_array_in_bounded_records_and_put_it_back(n, monkeypatch):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    recs = _decoded(wire.chunks("own", {"i": 1}, {"w": x, "slot.m": x * 2}))
+    assert all(len(a["x"]) * 4 <= wire.CHUNK_BYTES for _, _, a in recs)
+    assert len(recs) == 2 * max(1, -(-n // (wire.CHUNK_BYTES // 4)))
+    got = wire.Chunks()
+    for kind, meta, arrays in reversed(recs):  # arrival order does not matter
+        assert kind == "own" and meta["i"] == 1
+        got.add(meta, arrays["x"])
+    np.testing.assert_array_equal(got.into("w"), x)
+    out = np.zeros(n + 3, np.float32)
+    got.into("slot.m", out, offset=3)
+    np.testing.assert_array_equal(out[3:], x * 2)
+
+
+def test_chunk_sum_is_in_source_order_whatever_the_arrival_order():
+    rng = np.random.default_rng(0)
+    gs = [rng.standard_normal(70_000).astype(np.float32) * 10.0 ** k for k in (0, 7, -7)]
+    recs = [r for src, g in enumerate(gs) for r in _decoded(wire.chunks("g", {"src": src}, {"g": g}))]
+    expected = (gs[0] + gs[1]) + gs[2]
+    for order in (recs, recs[::-1], recs[1::2] + recs[::2]):
+        got = wire.Chunks()
+        for _, meta, arrays in order:
+            got.add(meta, arrays["x"])
+        out = got.sum_into("g", np.empty(70_000, np.float32))
+        assert np.array_equal(out, expected)  # bit-identical
+
+
+def test_missing_chunks_are_an_error_not_zeros():
+    recs = _decoded(wire.chunks("g", {}, {"g": np.ones(100_000, np.float32)}))
+    got = wire.Chunks()
+    for _, meta, arrays in recs[:-1]:
+        got.add(meta, arrays["x"])
+    with pytest.raises(RuntimeError, match="cover"):
+        got.into("g")
+
+
+def test_frames_records_cross_spark_unjoined_and_co_union_keeps_partitions(sc):
+    from rddtensor import rawrdd
+    big = np.arange(300_000, dtype=np.float32)
+
+    def emit(j, records):
+        for _ in records:
+            pass
+        for d in range(3):
+            for rec in wire.chunks("blk", {"src": j}, {"x": big + j}):
+                yield rawrdd.key(d)
+                yield rec
+    S = rawrdd.shuffle_raw(sc.parallelize(range(3), 3), emit, 3)
+    data = rawrdd.pin(rawrdd.map_raw(sc.parallelize(range(3), 3),
+                                     lambda j, it: [wire.pack("shard", {"j": j})] + [wire.PAD] * len(list(it))), 3)
+    both = rawrdd.co_union(S, data)
+    assert both.getNumPartitions() == 3
+
+    def check(j, records):
+        got, shard = wire.Chunks(), []
+        for r in records:
+            kind, meta, arrays = wire.unpack(r)
+            if kind == "shard":
+                shard.append(meta["j"])
+            else:
+                got.add(meta, arrays["x"])
+        yield j, shard, [float(got.into("x", src=s)[-1]) for s in got.sources()]
+    out = sorted(both.mapPartitionsWithIndex(check).collect())
+    assert out == [(j, [j], [299_999.0, 300_000.0, 300_001.0]) for j in range(3)]
+    data.unpersist()
