@@ -387,15 +387,16 @@ class LSTM(Recurrent):
         u = self.units
         dtype = XW.dtype
         W_hhT = (params["W_hh"] * self._gate_scale(xp, dtype)).T
-        A = xp.empty((T, batch, gu), dtype)        # activated gates g, f, i, o
+        A = XW                                     # becomes the activated gates g, f, i, o
         H = xp.zeros((T + 1, batch, u), dtype)     # states after each step (carried at padding)
         C = xp.zeros((T + 1, batch, u), dtype)
         TC = xp.empty((T, batch, u), dtype)        # tanh of each step's new cell state
+        hw = xp.empty((batch, gu), dtype)
         ig = xp.empty((batch, u), dtype)
         for t in range(T):
             a = A[t]
-            xp.matmul(H[t], W_hhT, out=a)
-            a += XW[t]
+            xp.matmul(H[t], W_hhT, out=hw)
+            a += hw
             xp.tanh(a, out=a)
             s = a[:, u:]
             s *= 0.5
