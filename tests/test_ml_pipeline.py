@@ -296,3 +296,17 @@ def test_generic_estimator_with_vector_targets_and_validation_split(spark):
     X_sorted = column(out, "features").astype(np.float32)
     np.testing.assert_allclose(column(out, "prediction"), model.network.predict(X_sorted),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_dir_is_passed_to_the_engine_when_it_takes_one(spark, tmp_path):
+    from rddtensor.ml.estimator import engine_accepts
+    if not engine_accepts("checkpoint_dir"):
+        pytest.skip("this engine's fit has no checkpoint_dir yet: the Param is only stored")
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(64, 2))
+    df = spark.createDataFrame([(Vectors.dense(x), float(x.sum())) for x in X],
+                               ["features", "label"])
+    ckpt = tmp_path / "ckpt"
+    NNRegressor(network=L.Sequential([L.Dense(1, input_shape=(2,))]), maxEpoch=1, batchSize=32,
+                checkpointDir=str(ckpt)).fit(df)
+    assert ckpt.exists() and any(ckpt.iterdir())
