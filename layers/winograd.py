@@ -64,6 +64,10 @@ _AT = np.array([[1, 1, 1, 1, 1, 0],
 _BTBT = np.kron(_BT, _BT)   # (36, 36): input tile -> transformed
 _GG = np.kron(_G, _G)       # (36, 9): 3x3 kernel -> transformed
 _ATAT = np.kron(_AT, _AT)   # (16, 36): transformed product -> 4x4 output tile
+# the product slot whose output-transform column is all ones (the point 1 on both axes): a
+# bias added there reaches every output once, and summing dM there sums dY, so the bias and
+# its gradient cost O x T instead of a pass over the whole output
+_BIAS_SLOT = int(np.flatnonzero((_ATAT == 1).all(axis=0))[0])
 
 _MATRICES: dict = {}
 
@@ -138,9 +142,12 @@ def winograd_conv3x3(X, W, b, pads):
     V = V.reshape(_R * _R, C, T)
     del Xp
     U = xp.matmul(GG, W.astype(dtype, copy=False).reshape(O * C, 9).T).reshape(_R * _R, O, C)
+    Mt = xp.matmul(U, V)                                                   # (36, O, T)
+    if b is not None:
+        Mt[_BIAS_SLOT] += b.astype(dtype, copy=False)[:, None]
     # (16, O * T) = (4, 4, O, N, nth, ntw): output tiles, one strided copy per position
-    Yt = xp.matmul(AtAt, xp.matmul(U, V).reshape(_R * _R, O * T))
-    Yt = Yt.reshape(M_TILE, M_TILE, O, N, nth, ntw)
+    Yt = xp.matmul(AtAt, Mt.reshape(_R * _R, O * T)).reshape(M_TILE, M_TILE, O, N, nth, ntw)
+    del Mt
     Y = xp.empty((N, O, nth * M_TILE, ntw * M_TILE), dtype)
     Y6 = Y.reshape(N, O, nth, M_TILE, ntw, M_TILE)
     for a in range(M_TILE):
@@ -149,8 +156,6 @@ def winograd_conv3x3(X, W, b, pads):
     del Yt
     if Ho != M_TILE * nth or Wo != M_TILE * ntw:
         Y = xp.ascontiguousarray(Y[:, :, :Ho, :Wo])
-    if b is not None:
-        Y += b.reshape(1, O, 1, 1)
 
     def backprop(dY):
         dY6 = _to_grid(xp, dY, nth, ntw)
@@ -160,6 +165,7 @@ def winograd_conv3x3(X, W, b, pads):
                 dYt[a, c] = dY6[:, :, :, a, :, c].swapaxes(0, 1)
         dM = xp.matmul(AtAt.T, dYt.reshape(M_TILE * M_TILE, O * T)).reshape(_R * _R, O, T)
         del dYt, dY6
+        db = None if b is None else dM[_BIAS_SLOT].sum(axis=1).astype(b.dtype, copy=False)
         dU = xp.matmul(dM, V.transpose(0, 2, 1))                          # (36, O, C)
         dW = xp.matmul(dU.reshape(_R * _R, O * C).T, GG).reshape(W.shape)
         dV = xp.matmul(U.transpose(0, 2, 1), dM)                          # (36, C, T)
@@ -181,6 +187,5 @@ def winograd_conv3x3(X, W, b, pads):
         del dtiles
         dX = xp.empty((N, C, H, Wd), dtype)
         dX[...] = dXp[:, :, pt:pt + H, pl:pl + Wd].swapaxes(0, 1)
-        db = None if b is None else dY.sum(axis=(0, 2, 3))
         return dX, dW.astype(W.dtype, copy=False), db
     return Y, backprop
