@@ -15,8 +15,12 @@ DEFAULT_CONF = {
     "spark.python.worker.reuse": "true",  # keeps worker-local caches warm between tasks
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     # JVM <-> Python worker stream buffer (default 64 KB): parameter blocks are megabytes, and
-    # Spark 4's runner writes at most about one buffer per select() round
-    "spark.buffer.size": str(1 << 20),
+    # Spark 4's runner writes at most about one buffer per select() round. 256 KiB, not more:
+    # G1 allocates arrays of half a heap region (512 KiB at a 1 GiB heap) or more as humongous
+    # old-generation objects, and these buffers are allocated per task; so are the chunks in
+    # which cached blocks are serialized (unrollMemoryThreshold, default 1 MiB).
+    "spark.buffer.size": str(1 << 18),
+    "spark.storage.unrollMemoryThreshold": str(1 << 18),
     # one BLAS thread per task: Spark already runs one task per core
     "spark.executorEnv.OMP_NUM_THREADS": "1",
     "spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
