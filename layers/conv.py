@@ -3,7 +3,8 @@
 Channels-first (``(batch, channels, length)``, NCHW) with PyTorch weight layouts, so a PyTorch
 ``state_dict`` maps straight in. The compute is two pure functions, ``conv_nd`` and
 ``conv_transpose_nd``, each ``f(X, W, b, ...) -> (Y, backprop)``: one im2col copy and one GEMM
-forward, two GEMMs and one col2im backward (see ``layers.im2col``). They take any number of
+forward; backward a GEMM for the weights and, for the data, one GEMM per kernel offset added
+straight into place (``matmul_col2im``; see ``layers.im2col``). They take any number of
 spatial axes; the layers pin it. On NumPy, a 3x3 stride-1 ungrouped 2-D convolution with enough
 channels runs Winograd F(4x4, 3x3) instead (``layers.winograd``: 4x fewer multiplications, the
 same result to float rounding).
@@ -16,7 +17,7 @@ import numpy as np
 
 from layers.activations import activation_config, get_activation
 from layers.base import Layer, positive_int, register
-from layers.im2col import SPATIAL_AXES, col2im, conv_output_size, im2col, int_tuple
+from layers.im2col import SPATIAL_AXES, conv_output_size, im2col, int_tuple, matmul_col2im
 from layers.initializers import get_initializer, initialize
 from layers.winograd import winograd_conv3x3
 from rddtensor.backend import get_array_module
@@ -96,8 +97,8 @@ def conv_nd(X, W, b, strides, dilation, pads, groups=1):
         dY2 = _to_channel_major(xp, dY).reshape(groups, O // groups, NP)
         dW = xp.matmul(dY2, cols.transpose(0, 2, 1)).reshape(W.shape)
         db = None if b is None else dY2.reshape(O, NP).sum(axis=1)
-        dcols = xp.matmul(W3.transpose(0, 2, 1), dY2)
-        dX = col2im(dcols, x_shape, kernel, strides, dilation, pads, out)
+        dX = matmul_col2im(W3.transpose(0, 2, 1), dY2, x_shape, kernel, strides, dilation,
+                           pads, out)
         return dX, dW, db
     return Y, backprop
 
@@ -129,8 +130,8 @@ def conv_transpose_nd(X, W, b, strides, dilation, padding, output_padding):
     pads = tuple((p, p) for p in padding)
     X2 = _to_channel_major(xp, X)                      # (C_in, N * P)
     W2 = W.reshape(C_in, C_out * math.prod(kernel))    # (C_in, C_out * K)
-    Y = col2im(xp.matmul(W2.T, X2), (N, C_out, *out), kernel, strides, dilation, pads,
-               tuple(spatial))
+    Y = matmul_col2im(W2.T[None], X2[None], (N, C_out, *out), kernel, strides, dilation, pads,
+                      tuple(spatial))
     if b is not None:
         Y += b.reshape(1, C_out, *(1,) * len(out))
 

@@ -7,9 +7,11 @@ A convolution becomes one GEMM over a column matrix::
     Y    = W.reshape(O, C * K) @ cols.reshape(C * K, -1)     # (O, batch * P)
 
 ``im2col`` reads the windows through a zero-copy strided view (``as_strided``) and copies them
-once into that order; ``col2im`` is its adjoint (the data gradient, and the forward of a
-transposed convolution) and accumulates with one strided slice-add per kernel offset, so the only
-Python loop runs over the ``K = prod(kernel)`` offsets, never over the batch or the pixels.
+once into that order; ``col2im`` is its adjoint and accumulates with one strided slice-add per
+kernel offset, so the only Python loop runs over the ``K = prod(kernel)`` offsets, never over
+the batch or the pixels. ``matmul_col2im(A, B)`` is ``col2im(A @ B)`` (the data gradient, and
+the forward of a transposed convolution) with one GEMM per offset, so the ``K`` times larger
+product never exists.
 Everything keeps the dtype of its input (float32 stays float32) and works on NumPy and CuPy
 arrays alike.
 
@@ -33,7 +35,7 @@ import numpy as np
 from rddtensor.backend import get_array_module
 
 __all__ = ["conv_output_size", "pad_spatial", "crop_spatial", "window_view", "offset_slices",
-           "im2col", "col2im", "int_tuple", "SPATIAL_AXES"]
+           "im2col", "col2im", "matmul_col2im", "int_tuple", "SPATIAL_AXES"]
 
 #: names of the spatial axes per rank, for error messages ("(batch, channels, height, width)")
 SPATIAL_AXES = {1: "length", 2: "height, width"}
@@ -126,6 +128,36 @@ def col2im(cols, x_shape, kernel, strides, dilation, pads, out):
     acc = xp.zeros((C, N, *padded), dtype=cols.dtype)
     for i, sl in offset_slices(kernel, strides, dilation, out):
         acc[(slice(None), slice(None), *sl)] += cols[:, i]
+    acc = crop_spatial(acc, pads, (C, N, *x_shape[2:]))
+    return xp.ascontiguousarray(acc.swapaxes(0, 1))
+
+
+def matmul_col2im(A, B, x_shape, kernel, strides, dilation, pads, out):
+    """``col2im(A @ B, ...)`` without the ``K`` times larger product: one GEMM per kernel offset.
+
+    Args:
+        A: ``(groups, C / groups * K, M)``, rows ordered (channel, kernel offset) like im2col's.
+        B: ``(groups, M, batch * P)``.
+        x_shape, kernel, strides, dilation, pads, out: as in ``col2im``.
+
+    Returns:
+        ``dX`` of shape ``x_shape``, C-contiguous. Each offset's ``(C, batch * P)`` product is
+        added into the padded input as soon as it exists, so the working set stays ``1 / K`` of
+        the column matrix (for a 3x3 kernel on 64 channels of 32 x 32 images at batch 32, 8 MB
+        instead of 75 MB that a fresh allocation would page-fault in on every call).
+    """
+    xp = get_array_module(A, B)
+    N, C = x_shape[:2]
+    K = math.prod(kernel)
+    groups, M = A.shape[0], A.shape[2]
+    A4 = A.reshape(groups, C // groups, K, M)
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(x_shape[2:], pads))
+    acc = xp.zeros((C, N, *padded), dtype=xp.result_type(A, B))
+    part = xp.empty((groups, C // groups, B.shape[2]), dtype=acc.dtype)
+    part_view = part.reshape(C, N, *out)
+    for i, sl in offset_slices(kernel, strides, dilation, out):
+        xp.matmul(A4[:, :, i], B, out=part)
+        acc[(slice(None), slice(None), *sl)] += part_view
     acc = crop_spatial(acc, pads, (C, N, *x_shape[2:]))
     return xp.ascontiguousarray(acc.swapaxes(0, 1))
 

@@ -15,7 +15,7 @@ import layers as L
 from layers.base import layer_class
 from layers.conv import Conv1D, Conv2D, Conv2DTranspose
 import layers.conv as conv_module
-from layers.im2col import col2im, im2col
+from layers.im2col import col2im, im2col, matmul_col2im
 from layers.pooling import MaxPool2D
 from layers.winograd import winograd_conv3x3
 from optim import Adam
@@ -129,6 +129,24 @@ def test_col2im_is_the_adjoint_of_im2col(kernel, strides, dilation, pads):
     dX = col2im(C, X.shape, kernel, strides, dilation, pads, out)
     assert dX.shape == X.shape
     np.testing.assert_allclose(np.sum(cols * C), np.sum(X * dX), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,strides,dilation,pads,groups", [
+    ((3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1),
+    ((2, 3), (2, 3), (2, 1), ((0, 1), (2, 0)), 3),
+    ((4,), (3,), (2,), ((1, 2),), 1),
+])
+def test_matmul_col2im_equals_col2im_of_the_product(kernel, strides, dilation, pads, groups):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((2, 6, *(9,) * len(kernel)))
+    _, out = im2col(X, kernel, strides, dilation, pads)
+    K, P = int(np.prod(kernel)), 2 * int(np.prod(out))
+    A = rng.standard_normal((groups, 6 // groups * K, 5))
+    B = rng.standard_normal((groups, 5, P))
+    dX = matmul_col2im(A, B, X.shape, kernel, strides, dilation, pads, out)
+    ref = col2im(np.matmul(A, B), X.shape, kernel, strides, dilation, pads, out)
+    assert dX.shape == X.shape and dX.flags.c_contiguous
+    np.testing.assert_allclose(dX, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_non_contiguous_input_gives_the_same_result():
