@@ -96,13 +96,44 @@ def _jvm_peak_heap_mb(sc) -> float:
     return peak / 2**20
 
 
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process and all its descendants (the
+    driver JVM, its Python workers), read from /proc: unlike wall time, barely moved by other
+    load on the machine. Includes what exited children used. 0.0 where /proc is missing."""
+    root = os.getpid() if root is None else root
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parent, cpu = {}, {}
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(pid)] = int(fields[1])
+        cpu[int(pid)] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    total = 0.0
+    for pid, c in cpu.items():
+        p = pid
+        while p and p != root:
+            p = parent.get(p, 0)
+        if p == root:
+            total += c
+    return total
+
+
+_CPU: list = []  # CPU ms per iteration of each timed group (same order as the samples)
+
+
 def _time_groups(run_group, k: int, repeats: int) -> list:
     run_group(k)  # warm-up: workers, imports, first shuffle files
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
         run_group(k)
         out.append((time.perf_counter() - t0) * 1e3 / k)
+        _CPU.append((tree_cpu_seconds() - c0) * 1e3 / k)
     return out
 
 
@@ -186,6 +217,7 @@ def worker(contender: str, size: int, k: int, repeats: int) -> dict:
         samples = _floor(sc, 2 if contender == "floor-2pass" else 1, k, repeats)
     out = {"contender": contender, "P": size, "samples_ms": samples,
            "median_ms": float(np.median(samples)), "min_ms": min(samples), "max_ms": max(samples),
+           "cpu_ms_samples": list(_CPU), "median_cpu_ms": float(np.median(_CPU)),
            "driver_jvm_peak_heap_mb": _jvm_peak_heap_mb(sc),
            "driver_python_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "wall_s": time.perf_counter() - t0}
