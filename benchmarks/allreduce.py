@@ -272,14 +272,15 @@ def main(argv=None):
         ml = by.get("mllib", {}).get("median_ms")
         for c, r in by.items():
             if "error" in r:
-                rows.append([f"{size:.0e}", c, "failed: " + r["error"][:80], "", "", "", "", ""])
+                rows.append([f"{size:.0e}", c, "failed: " + r["error"][:80], "", "", "", "", "", ""])
                 continue
             speedup = ml / r["median_ms"] if ml and c != "mllib" else None
             rows.append([f"{size:.0e}", c, r["median_ms"], r["min_ms"], r["max_ms"],
-                         f"{speedup:.2f}x" if speedup else "", r["driver_jvm_peak_heap_mb"],
-                         r["driver_python_peak_rss_mb"]])
+                         f"{speedup:.2f}x" if speedup else "", r.get("median_cpu_ms", ""),
+                         r["driver_jvm_peak_heap_mb"], r["driver_python_peak_rss_mb"]])
     table = markdown_table(["P", "contender", "median ms/iter", "min", "max", "vs mllib",
-                            "driver JVM peak heap MB", "driver Python peak RSS MB"], rows)
+                            "CPU ms/iter (all processes)", "driver JVM peak heap MB",
+                            "driver Python peak RSS MB"], rows)
     payload = {"benchmark": "allreduce", "environment": environment(("numpy", "pyspark")),
                "parameters": {"sizes": sizes, "iterations_per_group": k, "repeats": repeats,
                               "partitions": N_PARTITIONS, "master": "local[2]",
