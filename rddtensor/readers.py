@@ -59,7 +59,8 @@ def read_dataset(spark, path: str, fmt: str | None = None, *, features=None,
     Returns:
         ``(df, features_col, classes)``; ``classes`` is the image class names (else ``None``).
     """
-    if not os.path.exists(path) and "://" not in path:
+    local = spark.sparkContext.master.startswith("local")  # else a path may name HDFS etc.
+    if local and "://" not in path and not os.path.exists(path):
         raise FileNotFoundError(f"no data at {path!r}")
     fmt = guess_format(path) if fmt in (None, "auto") else fmt
     if fmt not in FORMATS:
