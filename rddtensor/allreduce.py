@@ -17,6 +17,11 @@ the broadcast handles to destroy once that state is cut loose from its lineage.
 A strategy produces the *state RDD* ``S``: the raw pre-shuffle records of the last pass
 (``key(dest), payload`` pairs). ``iteration`` maps ``S_t -> S_{t+1}``; ``own_block`` reads the
 settled block i of θ_t (and its slots) from partition i of ``shuffle_pairs(S_t)``.
+
+Every parameter-sized array crosses Spark as 256 KiB chunk records (``wire.chunks``: the JVM
+never holds a humongous array), and a gradient pass sees the shuffled parameters and its data
+shard through ``rawrdd.co_union`` (no record-count bookkeeping). Gradients are summed chunk by
+chunk in source order (``wire.Chunks.sum_into``): bit-reproducible whatever the arrival order.
 """
 from __future__ import annotations
 
