@@ -11,7 +11,8 @@ one group of iterations); samples/s of an epoch = rows / epoch wall time from ep
 callbacks; the first epoch (start-up, worker imports, caches) is dropped, the rest are the
 samples. Scaling efficiency = samples/s on ``local[2]`` / (2 x samples/s on ``local[1]``).
 
-Contenders, each in a fresh process (its own Spark master, its own thread pools):
+Contenders, each in a fresh process (its own Spark master, its own thread pools; with
+``--quick`` all in this one, one after another):
 
 - ``rddtensor-inprocess``: ``model.fit(X, y)``, NumPy BLAS on all cores.
 - ``rddtensor-local1`` / ``rddtensor-local2``: ``model.fit(rdd)`` on ``local[1]`` / ``local[2]``
@@ -189,8 +190,12 @@ def parse_args(argv=None):
     p.add_argument("--step-seconds", type=float, default=FULL["step_seconds"])
     p.add_argument("--wait-idle", type=float, default=None)
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--inline", action="store_true",
+                   help="run every contender in this process, one after another (the default "
+                        "with --quick: saves three process and JVM starts)")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.inline = a.inline or a.quick
     counts = QUICK if a.quick else FULL
     for k in ("epochs", "steps", "wait_idle"):
         if getattr(a, k) is None:
@@ -209,9 +214,13 @@ def run(a) -> dict:
     load_before = load_average()
     results = {}
     for name in CONTENDERS:
-        cmd = [sys.executable, "-m", "benchmarks.cnn_throughput", "--worker", name,
-               "--batch", str(batch), "--steps", str(a.steps), "--epochs", str(a.epochs)]
-        r = run_json_subprocess(cmd, a.timeout)
+        if a.inline:
+            r = worker(name, batch, a.steps, a.epochs)
+        else:
+            cmd = [sys.executable, "-c", "import sys; from benchmarks.cnn_throughput import main; "
+                   "main(sys.argv[1:])", "--worker", name, "--batch", str(batch),
+                   "--steps", str(a.steps), "--epochs", str(a.epochs)]
+            r = run_json_subprocess(cmd, a.timeout)
         if "samples_per_s" in r:
             s = r["samples_per_s"]
             r["summary"] = {"unit": "samples/s", "median": statistics.median(s), "min": min(s),
@@ -229,7 +238,7 @@ def run(a) -> dict:
         "description": "training samples/s of a small CNN on 1x28x28 inputs; scaling 1 -> 2 "
                        "partitions",
         **environment(("numpy", "torch", "pyspark")),
-        "parameters": {"batch": batch, "steps_per_epoch": a.steps, "epochs": a.epochs,
+        "parameters": {"batch": batch, "inline": a.inline, "steps_per_epoch": a.steps, "epochs": a.epochs,
                        "warmup_epochs": 1, "quick": a.quick, "lr": LR, "optimizer": "adam",
                        "input_shape": [1, 28, 28], "calibration": cal,
                        "network": "Conv2D(8,3,same,relu)-MaxPool2-Conv2D(16,3,same,relu)-"

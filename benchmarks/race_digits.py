@@ -51,9 +51,12 @@ MAX_EPOCHS = 40
 MLPC_MAX_ITER = 1600
 
 # candidate settings per contender ("best documented settings": a small grid each)
+# (a step-by-step search in-process found Adam lr 0.01 reaching 0.97 in 24 / 22 / 21 steps at
+# batch 4096 / 8192 / 26,940; LAMB, LARS and linear warm-up took more steps at these sizes)
 _ADAM_BIG = [{"optimizer": "adam", "lr": 0.01, "batch": 4096},
-             {"optimizer": "adam", "lr": 0.02, "batch": 8192},
-             {"optimizer": "lamb", "lr": 0.02, "batch": 8192, "warmup": 3}]
+             {"optimizer": "adam", "lr": 0.01, "batch": 8192},
+             {"optimizer": "adam", "lr": 0.01, "batch": 13470},
+             {"optimizer": "lamb", "lr": 0.02, "batch": 8192}]
 _ADAM_SMALL = [{"optimizer": "adam", "lr": 0.003, "batch": 256},
                {"optimizer": "adam", "lr": 0.01, "batch": 1024},
                {"optimizer": "adam", "lr": 0.01, "batch": 4096}]
@@ -61,7 +64,7 @@ CANDIDATES = {
     "rddtensor-distributed": _ADAM_BIG,
     "rddtensor-inprocess": _ADAM_SMALL,
     "mllib-mlpc": [{"solver": "l-bfgs", "block_size": 128}, {"solver": "l-bfgs", "block_size": 1024},
-                   {"solver": "gd", "block_size": 128, "step_size": 0.03}],
+                   {"solver": "gd", "block_size": 128, "step_size": 0.03, "search_cap": 320}],
     "torchdistributor": [{"optimizer": "adam", "lr": 0.01, "batch": 1024},
                          {"optimizer": "adam", "lr": 0.01, "batch": 4096}],
     "pytorch": [{"optimizer": "adam", "lr": c["lr"], "batch": c["batch"]} for c in _ADAM_SMALL],
@@ -100,7 +103,7 @@ def iterations_to_target(cfg, data) -> dict:
     from benchmarks.race_contenders import train_mlpc
     probes, lo, hi, it = {}, 0, None, 10
     t0 = time.perf_counter()
-    while hi is None and it <= MLPC_MAX_ITER:
+    while hi is None and it <= cfg.get("search_cap", MLPC_MAX_ITER):
         probes[it] = train_mlpc(cfg, it, data)["accuracy"]
         lo, hi = (lo, it) if probes[it] >= TARGET else (it, None)
         it *= 2
@@ -177,23 +180,39 @@ def ratios(results: dict) -> dict:
 def profile_distributed(cfg, budget, data) -> dict:
     """Per-iteration cost of rddtensor's distributed fit, split into stages and compute.
 
-    Two fits (1 epoch and ``budget`` epochs) give the per-step cost and the fixed cost of a fit;
-    Spark's REST API gives per-stage times and bytes of the longer one; one partition's gradient
+    Two fits of 1 epoch and two of ``budget`` epochs (the faster of each pair) give the per-step
+    cost and the fixed cost of a fit; Spark's REST API gives per-stage times and bytes of the
+    last long one; one partition's gradient
     step (half the batch, one BLAS thread) is timed in this process for the compute share.
     """
     from benchmarks import spark_profile
     from benchmarks.race_contenders import train_rddtensor_distributed
     sc = data["spark"].sparkContext
-    one = train_rddtensor_distributed(cfg, 1, data)
-    before = spark_profile.completed_stage_ids(sc)
-    full = train_rddtensor_distributed(cfg, budget, data)
-    stages = spark_profile.stages_since(sc, before)
+    ones = [train_rddtensor_distributed(cfg, 1, data) for _ in range(2)]
+    fulls = []
+    for _ in range(2):
+        before = spark_profile.completed_stage_ids(sc)
+        fulls.append(train_rddtensor_distributed(cfg, budget, data))
+        stages = spark_profile.stages_since(sc, before)
+    one = min(ones, key=lambda r: r["wall_s"])  # the least disturbed of two
+    full = min(fulls, key=lambda r: r["wall_s"])
     per_step = (full["wall_s"] - one["wall_s"]) / max(full["steps"] - one["steps"], 1)
     return {"fit_1_epoch": one, "fit_budget": full,
+            "fit_1_epoch_walls_s": [r["wall_s"] for r in ones],
+            "fit_budget_walls_s": [r["wall_s"] for r in fulls],
             "ms_per_step_marginal": 1e3 * per_step,
             "fixed_cost_s": one["wall_s"] - one["steps"] * per_step,
             "stages": spark_profile.summarize_stages(stages, full["steps"]),
             "python_compute_ms": spark_profile.step_compute_ms(cfg, data["arrays"], parts=2)}
+
+
+def mllib_blas(spark) -> str | None:
+    """The BLAS class MLlib uses in the driver JVM (native, or the Java/Vector-API fallback)."""
+    try:
+        return spark.sparkContext._jvm.dev.ludovic.netlib.blas.BLAS.getInstance() \
+            .getClass().getName()
+    except Exception:  # noqa: BLE001 (a fact for the JSON, never fatal)
+        return None
 
 
 # --- run ------------------------------------------------------------------------------------------
@@ -273,6 +292,7 @@ def run(args) -> dict:
         "results": results,
         "ratio_rddtensor_distributed_over": ratios(results),
         "profile": profile,
+        "mllib_blas": mllib_blas(data["spark"]) if "spark" in data else None,
         "contenders_ran": sorted(results),
     }
     if "spark" in data:

@@ -52,7 +52,7 @@ MASTERS = ("local[2]", "local-cluster[2,1,1024]")
 CONTENDERS = ("sharded", "mllib")
 CORES = 2
 FULL = {"sizes": "1e5,1e6,1e7,1e8", "partitions": "2,4,8,16", "k": 4, "repeats": 3}
-QUICK = {"sizes": "1e4", "partitions": "2,4", "k": 2, "repeats": 2}
+QUICK = {"sizes": "1e4", "partitions": "2,4", "k": 2, "repeats": 1}
 CLUSTER_N = (64, 128, 256, 512)
 CLUSTER_GBIT = (10, 25)
 CLUSTER_P = (1e6, 1e7, 1e8)
@@ -148,24 +148,28 @@ def measure_point(sc, contender, size, n, k, repeats) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
-def worker(master, sizes, partitions, contenders, k, repeats, launch: bool):
+def worker(masters, sizes, partitions, contenders, k, repeats, launch: bool, quick: bool):
+    """Measure every point on each of ``masters`` (``;``-separated), one session at a time."""
     from rddtensor.session import get_spark
-    spark = get_spark(master, app_name="bench-scaling",
-                      conf={"spark.driver.memory": "1g", "spark.ui.enabled": "false",
-                            "spark.executorEnv.PYTHONPATH": ROOT})
-    sc = spark.sparkContext
-    if launch:
-        print(json.dumps({"master": master, "task_launch": task_launch_ms(sc)}), flush=True)
-    for size in sizes:
-        for c in contenders:
-            for n in partitions:
-                kk = k if size < 10**8 else 1
-                r = measure_point(sc, c, size, n, kk, repeats)
-                print(json.dumps({"master": master, "contender": c, "P": size, "N": n, **r}),
-                      flush=True)
-    app = sc.applicationId
-    spark.stop()
-    _remove_work_dir(app)
+    for master in masters.split(";"):
+        spark = get_spark(master, app_name="bench-scaling",
+                          conf={"spark.driver.memory": "1g", "spark.ui.enabled": "false",
+                                "spark.executorEnv.PYTHONPATH": ROOT})
+        sc = spark.sparkContext
+        if launch and master.startswith("local["):
+            counts = (16, 64, 256) if quick else (64, 256, 1024)
+            print(json.dumps({"master": master, "task_launch": task_launch_ms(sc, counts)}),
+                  flush=True)
+        for size in sizes:
+            for c in contenders:
+                for n in partitions:
+                    kk = k if size < 10**8 else 1
+                    r = measure_point(sc, c, size, n, kk, repeats)
+                    print(json.dumps({"master": master, "contender": c, "P": size, "N": n, **r}),
+                          flush=True)
+        app = sc.applicationId
+        spark.stop()
+        _remove_work_dir(app)
 
 
 def _remove_work_dir(app_id):
@@ -207,7 +211,7 @@ def fit(points, contender) -> dict | None:
     import numpy as np
     from scipy.optimize import nnls
     pts = [p for p in points if p["contender"] == contender and "median_ms" in p]
-    if len(pts) < 3:
+    if len(pts) < 2:  # (quick runs fit 2 points: the code path, not a model)
         return None
     A = np.array([_features(contender, p["N"], p["P"]) for p in pts])
     t = np.array([p["median_ms"] / 1e3 for p in pts])
@@ -280,24 +284,21 @@ def _worker_args(a, master, sizes, contenders, launch):
     args = [master, "--sizes", ",".join(str(s) for s in sizes), "--partitions",
             ",".join(map(str, a.partitions)), "--contenders", ",".join(contenders),
             "--k", str(a.k), "--repeats", str(a.repeats)]
-    return args + (["--launch"] if launch else [])
+    return args + (["--launch"] if launch else []) + (["--quick"] if a.quick else [])
 
 
 def run(a) -> dict:
     load_before = load_average()
     lines = []
-    for master in a.masters:
-        # quick: one process per master; full: one per (P, contender), so a crash at 1e8
-        # (memory) loses only its own points
-        jobs = ([(a.sizes, a.contenders)] if a.quick else
-                [([s], [c]) for s in a.sizes for c in a.contenders])
-        for i, (sizes, contenders) in enumerate(jobs):
-            got = run_worker(_worker_args(a, master, sizes, contenders,
-                                          launch=(i == 0 and master.startswith("local["))),
-                             a.timeout)
-            for x in got:
-                print(json.dumps({k: v for k, v in x.items() if k != "samples_ms"}), flush=True)
-            lines += got
+    # quick: one process for everything; full: one per (master, P, contender), so that a crash
+    # at 1e8 (memory) loses only its own points
+    jobs = ([(";".join(a.masters), a.sizes, a.contenders)] if a.quick else
+            [(m, [s], [c]) for m in a.masters for s in a.sizes for c in a.contenders])
+    for i, (masters, sizes, contenders) in enumerate(jobs):
+        got = run_worker(_worker_args(a, masters, sizes, contenders, launch=(i == 0)), a.timeout)
+        for x in got:
+            print(json.dumps({k: v for k, v in x.items() if k != "samples_ms"}), flush=True)
+        lines += got
     points = [x for x in lines if "contender" in x]
     launch = next((x["task_launch"] for x in lines if "task_launch" in x), None)
     errors = [x for x in lines if "worker_error" in x]
@@ -355,7 +356,7 @@ def table(payload) -> str:
 def main(argv=None):
     a = parse_args(argv)
     if a.worker:
-        worker(a.worker, a.sizes, a.partitions, a.contenders, a.k, a.repeats, a.launch)
+        worker(a.worker, a.sizes, a.partitions, a.contenders, a.k, a.repeats, a.launch, a.quick)
         return None
     payload = run(a)
     text = table(payload)
