@@ -333,8 +333,24 @@ class Checkpointer:
     def latest(self) -> Checkpoint | None:
         return latest(self.directory)
 
-    def restore(self, model, ckpt: Checkpoint) -> Resume:
-        """Load ``ckpt`` into ``model`` (θ, slots, step) after checking it belongs to this fit."""
+    def newest_loadable(self):
+        """``(checkpoint, θ, slots)`` of the newest complete checkpoint whose blocks all check
+        out against its manifest, or ``None``; damaged ones are skipped with a warning."""
+        for _, sdir in reversed(list_checkpoints(self.directory)):
+            if not os.path.exists(os.path.join(sdir, MANIFEST)):
+                continue  # a save that did not finish
+            try:
+                ckpt = read(sdir)
+                theta, slots = ckpt.load()
+            except CheckpointError as e:
+                log.warning("skipping checkpoint %s: %s", sdir, e)
+                continue
+            return ckpt, theta, slots
+        return None
+
+    def restore(self, model, ckpt: Checkpoint, arrays=None) -> Resume:
+        """Load ``ckpt`` into ``model`` (θ, slots, step) after checking it belongs to this fit;
+        ``arrays``: its ``(θ, slots)`` if already loaded."""
         meta = ckpt.meta
         for k in _SETTINGS:
             if k in self.settings and meta.get(k) != self.settings[k]:
@@ -352,7 +368,7 @@ class Checkpointer:
             log.warning("resuming from %s, written with %s partitions, on %s: the weights are "
                         "the same, later sums run in another order (float rounding)",
                         ckpt.path, meta.get("partitions"), self.settings.get("partitions"))
-        theta, slots = ckpt.load()
+        theta, slots = ckpt.load() if arrays is None else arrays
         model.theta[...] = theta
         model.slots = {k: slots[k] for k in model.optimizer.slot_names}
         model.step = ckpt.step
@@ -396,15 +412,17 @@ def start(model, checkpoint_dir, checkpoint_every, resume: bool, *, settings: di
             raise ValueError("checkpoint_every needs checkpoint_dir=...: where to write them")
         return None, None
     ckpt = Checkpointer(checkpoint_dir, checkpoint_every, settings=settings)
-    found = ckpt.latest()
     if not resume:
+        found = ckpt.latest()
         if found is not None:
             raise ValueError(f"checkpoint_dir {ckpt.directory!r} already holds checkpoints "
                              f"(newest: step {found.step}); pass resume=True to continue from "
                              "it, or use an empty directory")
         return ckpt, None
-    if found is None:
+    loaded = ckpt.newest_loadable()
+    if loaded is None:
         log.info("resume=True: no complete checkpoint in %s, starting from step %d",
                  ckpt.directory, model.step)
         return ckpt, None
-    return ckpt, ckpt.restore(model, found)
+    found, theta, slots = loaded
+    return ckpt, ckpt.restore(model, found, (theta, slots))

@@ -204,7 +204,8 @@ class DistributedRunner:
             self.since_gc = 0
 
     def _recover(self, exc):
-        found = self.checkpoint.latest() if self.checkpoint is not None else None
+        loaded = self.checkpoint.newest_loadable() if self.checkpoint is not None else None
+        found = loaded[0] if loaded else None
         if found is None or found.step > self.t or self.recoveries >= _MAX_RECOVERIES:
             why = ("no checkpoint to reload: pass checkpoint_dir=... (and checkpoint_every=...) "
                    "so a fit can recover" if found is None or found.step > self.t else
@@ -216,7 +217,7 @@ class DistributedRunner:
                                 "%s and replaying %d steps", self.t, found.path,
                                 self.t - found.step)
         target, m = self.t, self.model
-        theta, slots = found.load()
+        _, theta, slots = loaded
         m.theta[...] = theta
         for k in m.slots:
             m.slots[k][...] = slots[k]

@@ -142,6 +142,12 @@ def test_damaged_block_is_detected_and_skipped(tmp_path, caplog):
     open(path, "wb").write(bytes(data))
     with pytest.raises(C.CheckpointError, match="damaged: its SHA-256 does not match"):
         C.read(C.step_dir(d, 8)).load()
+    # resume passes over it, says so, and continues from the one before
+    with caplog.at_level(logging.WARNING, logger="rddtensor"):
+        h = model().fit(X, Y, epochs=2, checkpoint_dir=d, checkpoint_every=4, resume=True, **FIT)
+    assert h.params["resumed_from"] == C.step_dir(d, 4)
+    assert "skipping checkpoint" in caplog.text and "SHA-256 does not match" in caplog.text
+    caplog.clear()
     # a truncated block has the wrong size: the newest usable checkpoint is the one before
     open(path, "wb").write(bytes(data[:100]))
     with caplog.at_level(logging.WARNING, logger="rddtensor"):
