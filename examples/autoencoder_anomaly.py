@@ -47,7 +47,7 @@ def main():
     ], seed=0)
     model.compile(optimizer=Adam(5e-3), loss="mse")
     train_rdd = sc.parallelize([(x, x) for x in train], 2)
-    model.fit(train_rdd, epochs=8 if QUICK else 25, batch_size=64)
+    model.fit(train_rdd, epochs=8 if QUICK else 20, batch_size=128)
 
     threshold = np.percentile(reconstruction_errors(model, train_rdd), 99)
     test = np.concatenate([normal, shuffled])

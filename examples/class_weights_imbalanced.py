@@ -32,7 +32,7 @@ def train(df, class_weight):
     model = L.Sequential([L.Dense(16, activation="relu", input_shape=(4,)), L.Dense(1)], seed=0)
     model.compile(optimizer=Adam(1e-2), loss="binary_crossentropy",
                   metrics=["recall_binary", "precision_binary"])
-    model.fit(df, epochs=4 if QUICK else 12, batch_size=256, class_weight=class_weight,
+    model.fit(df, epochs=5 if QUICK else 10, batch_size=500, class_weight=class_weight,
               verbose=0)
     return model
 
@@ -40,7 +40,7 @@ def train(df, class_weight):
 def main():
     spark = get_spark()
     spark.sparkContext.setLogLevel("ERROR")
-    train_df, test_df = make_data(spark, 6000, seed=0), make_data(spark, 4000, seed=1)
+    train_df, test_df = make_data(spark, 4000, seed=0), make_data(spark, 4000, seed=1)
     counts = dict(train_df.groupBy("label").count().collect())
     weights = {0: 1.0, 1: counts[0.0] / counts[1.0]}
     print(f"training rows per class: {counts}; class weights {weights}")

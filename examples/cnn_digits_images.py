@@ -58,7 +58,7 @@ def main():
         model.fit(train, epochs=5 if QUICK else 12, batch_size=128, features_col="image")
         acc = model.evaluate(test.select(F.col("image").alias("features"), "label"))["accuracy"]
     print(f"held-out accuracy {acc:.4f}")
-    assert acc >= (0.93 if QUICK else 0.96), f"the CNN should classify the digit images, got {acc:.3f}"
+    assert acc >= (0.93 if QUICK else 0.96), f"the CNN should classify the digits, got {acc:.3f}"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def windows(x):
 def main():
     spark = get_spark()
     spark.sparkContext.setLogLevel("ERROR")
-    x = series(24 * (60 if QUICK else 180))
+    x = series(24 * (60 if QUICK else 120))
     X, y = windows(x)
     split = int(0.8 * len(X))
     df = spark.createDataFrame([(w.tolist(), float(t)) for w, t in zip(X[:split], y[:split])],
@@ -43,7 +43,7 @@ def main():
 
     model = L.Sequential([L.GRU(16, input_shape=(WINDOW, 1)), L.Dense(1)], seed=0)
     model.compile(optimizer=Adam(1e-2), loss="mse", metrics=["rmse"])
-    model.fit(df, epochs=6 if QUICK else 15, batch_size=64)
+    model.fit(df, epochs=6 if QUICK else 12, batch_size=128)
 
     forecast = model.predict(X[split:]).ravel()
     rmse = float(np.sqrt(np.mean((forecast - y[split:]) ** 2)))

@@ -32,11 +32,11 @@ def make_data(spark, n, seed=0):
 def main():
     spark = get_spark()
     spark.sparkContext.setLogLevel("ERROR")
-    df = make_data(spark, 2_000 if QUICK else 20_000).repartition(2)
+    df = make_data(spark, 2_000 if QUICK else 10_000).repartition(2)
 
     model = L.Sequential([L.Dense(1, input_shape=(3,))], seed=0)
     model.compile(optimizer=SGD(0.2), loss="mse", metrics=["rmse"])
-    model.fit(df, epochs=3 if QUICK else 10, batch_size=256)
+    model.fit(df, epochs=3 if QUICK else 5, batch_size=256 if QUICK else 500)
 
     W, b = model.get_weights()
     rmse = model.evaluate(df)["rmse"]

@@ -37,7 +37,7 @@ def main():
     weight_decay = 1e-2  # the L2 penalty (weight_decay / 2) * |w|^2 of the SVM objective
     model.compile(optimizer=SGD(0.1, momentum=0.9, weight_decay=weight_decay), loss="hinge",
                   metrics=["accuracy"])
-    model.fit(train, epochs=6 if QUICK else 20, batch_size=100)
+    model.fit(train, epochs=6 if QUICK else 12, batch_size=100)
 
     W, b = model.get_weights()
     scores = model.predict(X_test).ravel()
@@ -48,7 +48,8 @@ def main():
     ref = ref.coef_.ravel()
     cosine = float(W.ravel() @ ref / np.linalg.norm(W) / np.linalg.norm(ref))
     print(f"hyperplane w = {np.round(W.ravel(), 3)}, b = {b[0]:.3f}; train accuracy "
-          f"{train_acc:.3f}, test accuracy {test_acc:.3f}; cosine to sklearn LinearSVC {cosine:.4f}")
+          f"{train_acc:.3f}, test accuracy {test_acc:.3f}; "
+          f"cosine to sklearn LinearSVC {cosine:.4f}")
     assert train_acc == 1.0 and test_acc == 1.0, "the SVM does not separate the two clouds"
     assert cosine > 0.99, "the hyperplane's direction differs from LinearSVC's"
 

@@ -38,7 +38,7 @@ def main():
     sc = get_spark().sparkContext
     sc.setLogLevel("ERROR")
     rng = np.random.default_rng(0)
-    n = 3000 if QUICK else 8000
+    n = 3000 if QUICK else 5000
     reviews = sc.parallelize([review(rng) for _ in range(n)], 2)
 
     # vocabulary from the data, id 0 reserved for padding
@@ -59,7 +59,7 @@ def main():
     ], seed=0)
     model.compile(optimizer=Adam(1e-2), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    model.fit(train, epochs=5 if QUICK else 10, batch_size=128)
+    model.fit(train, epochs=5 if QUICK else 8, batch_size=128)
     acc = model.evaluate(test)["accuracy"]
 
     probe = ["it was good", "it was not good", "the cable arrived broken", "not bad at all"]

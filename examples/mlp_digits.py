@@ -38,7 +38,7 @@ def main():
     ], seed=0)
     model.compile(optimizer=Adam(1e-2), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    model.fit(train, epochs=6 if QUICK else 20, batch_size=128, validation_data=test)
+    model.fit(train, epochs=6 if QUICK else 12, batch_size=128, validation_data=test)
     acc = model.evaluate(test)["accuracy"]
 
     with tempfile.TemporaryDirectory() as tmp:

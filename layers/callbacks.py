@@ -77,7 +77,8 @@ class LambdaCallback(Callback):
                         ("on_epoch_end", on_epoch_end), ("on_train_end", on_train_end)):
             if f is not None:
                 if not callable(f):
-                    raise TypeError(f"LambdaCallback {name} must be callable, got {type(f).__name__}")
+                    raise TypeError(f"LambdaCallback {name} must be callable, "
+                                    f"got {type(f).__name__}")
                 setattr(self, name, f)
 
 
@@ -283,7 +284,8 @@ class LearningRateScheduler(Callback):
         self.schedule, self.verbose, self.lr = schedule, verbose, None
         try:
             params = inspect.signature(schedule).parameters.values()
-            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            positional = [p for p in params
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
             self._two_args = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
         except (TypeError, ValueError):  # builtins without a signature
             self._two_args = True

@@ -319,11 +319,14 @@ def info(args) -> int:
     print(f"java      {jv if jv else 'NOT FOUND (Spark needs Java 17+)'}")
     print(f"master    {args.master or 'local[*] (embedded; --master to choose a cluster)'}")
     gpu = backend.device_count()
-    print(f"cupy      {'installed' if backend.has_cupy() else 'not installed'}; GPUs visible: {gpu}")
+    cupy = "installed" if backend.has_cupy() else "not installed"
+    print(f"cupy      {cupy}; GPUs visible: {gpu}")
     if args.spark:
         spark, owned = start_spark(args, "rddtensor-info")
         sc = spark.sparkContext
-        executors = sc._jsc.sc().getExecutorMemoryStatus().size() - (0 if "local" in sc.master else 1)
+        # block managers: the driver's, plus one per executor on a cluster (local: just one)
+        executors = sc._jsc.sc().getExecutorMemoryStatus().size()
+        executors -= 0 if sc.master.startswith("local") else 1
         gpus = sc.getConf().get("spark.executor.resource.gpu.amount", "0")
         print(f"spark     {spark.version} on {sc.master}: default parallelism "
               f"{sc.defaultParallelism}, {executors} executor(s), GPUs per executor {gpus}")
