@@ -9,13 +9,17 @@ so nothing is pruned and nothing is collected to the driver.
 
 Contenders, timed in interleaved blocks in one Spark session (``local[2]``):
 
-- ``rddtensor``: ``NNClassificationModel.transform`` (``mapInArrow``: whole Arrow batches
-  decoded with numpy, one GEMM per layer per ``inferenceBatchSize`` rows);
+- ``rddtensor``: ``NNClassificationModel.transform`` (a scalar Arrow UDF: only the features
+  column goes to Python, decoded with numpy, one GEMM per layer per ``inferenceBatchSize``
+  rows; only the outputs come back);
 - ``mllib``: ``MultilayerPerceptronClassificationModel.transform`` (JVM, row at a time);
-- ``mapInPandas``: the same network through ``mapInPandas`` (vectors arrive as Python objects
-  per row and leave as ``DenseVector`` objects): why ``transform`` uses ``mapInArrow``;
+- ``rddtensor-mapInArrow``: the same model through its ``mapInArrow`` plan (what PySpark < 4.1
+  gets): whole rows go to Python and back;
+- ``mapInPandas``: the same network through ``mapInPandas`` (vectors arrive as one Python dict
+  per row and must leave as ``DenseVector`` objects, the passed-through input column too): why
+  ``transform`` uses ``mapInArrow``;
 - ``arrow-floor``: ``mapInArrow`` appending constant columns, no decoding or compute: the cost
-  of moving the rows to Python and back.
+  of moving whole rows to Python and back.
 
 Run (the README's numbers):
 
@@ -31,7 +35,7 @@ import time
 from benchmarks.common import (environment, markdown_table, ratio, time_interleaved,
                                wait_for_idle, write_results)
 
-CONTENDERS = ("rddtensor", "mllib", "mapInPandas", "arrow-floor")
+CONTENDERS = ("rddtensor", "mllib", "rddtensor-mapInArrow", "mapInPandas", "arrow-floor")
 
 
 def _session(driver_memory: str):
@@ -92,7 +96,7 @@ def pandas_transform(df, net, batch_size: int):
     """The same prediction through ``mapInPandas`` (vector objects per row, in and out)."""
     import numpy as np
     import pandas as pd
-    from pyspark.ml.linalg import DenseVector, VectorUDT
+    from pyspark.ml.linalg import DenseVector, SparseVector, VectorUDT
     from pyspark.sql.types import DoubleType, StructField, StructType
 
     from rddtensor.ml import network
@@ -102,7 +106,12 @@ def pandas_transform(df, net, batch_size: int):
     def run(frames):
         model = cache.get("m") or cache.setdefault("m", network.decode(payload.value))
         for pdf in frames:
-            X = np.stack([v.toArray() for v in pdf["features"]]).astype(np.float32)
+            # Spark 4 hands VectorUDT values to pandas as {type, size, indices, values} dicts
+            # but wants Vector objects back, also for the passed-through input column
+            vecs = [DenseVector(v["values"]) if v["type"] == 1 else
+                    SparseVector(v["size"], v["indices"], v["values"]) for v in pdf["features"]]
+            X = np.stack([v.toArray() for v in vecs]).astype(np.float32)
+            pdf = pdf.assign(features=vecs)
             Y = np.concatenate([model.forward(model.params, X[a:a + batch_size])[0]
                                 for a in range(0, len(X), batch_size)]).astype(np.float64)
             P = np.exp(Y - Y.max(1, keepdims=True))
@@ -137,6 +146,16 @@ def floor_transform(df, n_out: int):
     return df.mapInArrow(run, schema)
 
 
+def transform_with(model, df, mode: str):
+    """``model.transform(df)`` with the plan ``mode`` (see ``rddtensor.ml.transform.MODE``)."""
+    from rddtensor.ml import transform as T
+    before, T.MODE = T.MODE, mode
+    try:
+        return model.transform(df)
+    finally:
+        T.MODE = before
+
+
 def _noop(out):
     out.write.format("noop").mode("overwrite").save()
 
@@ -146,7 +165,7 @@ def agreement(df, mlpc, nn_model, rows: int = 20000) -> dict:
     import numpy as np
     sample = df.limit(rows).cache()
     a = mlpc.transform(sample).select("probability", "prediction").collect()
-    b = nn_model.transform(sample).select("probability", "prediction").collect()
+    b = transform_with(nn_model, sample, "udf").select("probability", "prediction").collect()
     sample.unpersist()
     Pa = np.array([r.probability.toArray() for r in a])
     Pb = np.array([r.probability.toArray() for r in b])
@@ -182,7 +201,8 @@ def main(argv=None):
     check = agreement(df, mlpc, nn_model)
     print(f"data: {rows} rows in {data_s:.1f}s; agreement {check}", flush=True)
 
-    fns = {"rddtensor": lambda: _noop(nn_model.transform(df)),
+    fns = {"rddtensor": lambda: _noop(transform_with(nn_model, df, "udf")),
+           "rddtensor-mapInArrow": lambda: _noop(transform_with(nn_model, df, "map")),
            "mllib": lambda: _noop(mlpc.transform(df)),
            "mapInPandas": lambda: _noop(pandas_transform(df, net, a.inference_batch)),
            "arrow-floor": lambda: _noop(floor_transform(df, layers[-1]))}

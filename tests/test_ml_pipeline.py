@@ -77,9 +77,14 @@ def test_pipeline_fits_and_predicts(fitted, data):
     assert len(nn.history["loss"]) == 4 and nn.history["loss"][-1] < nn.history["loss"][0]
 
 
-def test_transform_equals_in_process_predict(fitted, data):
+@pytest.mark.parametrize("mode", ["udf", "map"])
+def test_transform_equals_in_process_predict(fitted, data, mode, monkeypatch):
+    from rddtensor.ml import transform as T
+    monkeypatch.setattr(T, "MODE", mode)  # the Arrow UDF plan, and mapInArrow (PySpark < 4.1)
     _, test = data
     out = fitted.transform(test)
+    assert set(out.columns) == set(test.columns) | {"raw", "features", "rawPrediction",
+                                                     "probability", "prediction"}
     net = fitted.stages[-1].network
     X = column(out, "features").astype(np.float32)
     logits = net.predict(X)

@@ -53,7 +53,11 @@ def by_id(rows):
             np.stack([r.rawPrediction.toArray() for r in rows]))
 
 
-def test_streaming_query_equals_batch_transform(spark, digits_dir, pipeline_model, tmp_path):
+@pytest.mark.parametrize("mode", ["udf", "map"])
+def test_streaming_query_equals_batch_transform(spark, digits_dir, pipeline_model, tmp_path,
+                                                mode, monkeypatch):
+    from rddtensor.ml import transform as T
+    monkeypatch.setattr(T, "MODE", mode)  # the Arrow UDF plan, and mapInArrow (PySpark < 4.1)
     path, d = digits_dir
     batch = spark.read.parquet(path)
     cols = ["id", "prediction", "probability", "rawPrediction"]
@@ -61,12 +65,12 @@ def test_streaming_query_equals_batch_transform(spark, digits_dir, pipeline_mode
     stream = spark.readStream.schema(batch.schema).option("maxFilesPerTrigger", 1).parquet(path)
     assert stream.isStreaming
     query = (pipeline_model.transform(stream).select(*cols).writeStream.format("memory")
-             .queryName("nn_stream_test").trigger(availableNow=True)
+             .queryName(f"nn_stream_{mode}").trigger(availableNow=True)
              .option("checkpointLocation", str(tmp_path / "ckpt")).start())
     try:
         query.awaitTermination(300)
         assert query.exception() is None
-        got = by_id(spark.table("nn_stream_test").collect())
+        got = by_id(spark.table(f"nn_stream_{mode}").collect())
     finally:
         query.stop()
     ids, prediction, probability, raw = got

@@ -3,7 +3,8 @@
 - ``NNEstimator`` / ``NNRegressor`` / ``NNClassifier``: Estimators whose ``fit`` trains a
   ``layers.Sequential`` with the distributed engine and returns
 - ``NNModel`` / ``NNClassificationModel``: Models whose ``transform`` predicts on Arrow batches
-  (``mapInArrow``), on batch and streaming DataFrames alike.
+  (a scalar Arrow UDF; ``mapInArrow`` on older PySpark), on batch and streaming DataFrames
+  alike.
 
 All of them have camelCase Params (``featuresCol``, ``labelCol``, ``batchSize``, ``maxEpoch``,
 ``learningRate``, ...), ``copy`` and ``explainParams``, and persist with ``write().save(path)`` /

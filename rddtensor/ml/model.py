@@ -9,15 +9,15 @@ from rddtensor.ml import network as net
 from rddtensor.ml.columns import feature_kind
 from rddtensor.ml.params import NNClassificationModelParams, NNModelParams
 from rddtensor.ml.persistence import NNModelReader, NNModelWriter
-from rddtensor.ml.transform import arrow_predictor
+from rddtensor.ml.transform import transform as arrow_transform
 
 
 class NNModel(Model, NNModelParams, MLWritable, MLReadable):
     """A trained network as a Spark ML ``Model``: ``transform`` appends its predictions.
 
     ``prediction`` is a double for a network with one output and a vector for several. The
-    prediction runs on Arrow batches (``mapInArrow``) with the weights shipped once per
-    executor, so it also runs on a streaming DataFrame.
+    prediction runs on Arrow batches (a scalar Arrow UDF, or ``mapInArrow`` on PySpark < 4.1)
+    with the weights shipped once per executor, so it also runs on a streaming DataFrame.
 
     Args:
         network: a built ``layers.Sequential`` (weights included), e.g. trained with
@@ -104,7 +104,6 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         return token, self._shipped[2]
 
     def _transform(self, dataset):
-        from pyspark.sql.types import StructField, StructType
         fcol = self.getFeaturesCol()
         kind = feature_kind(dataset.schema, fcol)
         columns = self._output_columns()
@@ -115,14 +114,11 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         if len(set(columns.values())) != len(columns):
             raise ValueError("output columns must have different names, got " + ", ".join(
                 f"{_PARAM[k]}={v!r}" for k, v in columns.items()))
-        types = self._output_types()
-        schema = StructType(dataset.schema.fields +
-                            [StructField(name, types[key]) for key, name in columns.items()])
         token, payload = self._ship(dataset.sparkSession)
-        fn = arrow_predictor(payload, token, features_col=fcol, kind=kind, columns=columns,
-                             classifier=self._classifier,
-                             batch_size=self.getInferenceBatchSize())
-        return dataset.mapInArrow(fn, schema)
+        return arrow_transform(dataset, payload, token, features_col=fcol, kind=kind,
+                               columns=columns, types=self._output_types(),
+                               classifier=self._classifier,
+                               batch_size=self.getInferenceBatchSize())
 
     # --- persistence --------------------------------------------------------------------------
     def write(self):
