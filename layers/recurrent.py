@@ -422,12 +422,23 @@ class LSTM(Recurrent):
         g, f, i, o = A4[:, :, 0], A4[:, :, 1], A4[:, :, 2], A4[:, :, 3]
         # (dg, df, di) = dc * F3, do = dh * Fo, with dc = dc_{t+1} f_{t+1} + dh * Fc: the
         # factors do not depend on the loop, so they are computed for all steps at once
+        # (in place through one scratch array: fresh temporaries cost page faults here)
         F3 = xp.empty((T, batch, 3, u), A.dtype)
-        F3[:, :, 0] = i * (1.0 - g * g)
-        F3[:, :, 1] = C[:-1] * f * (1.0 - f)
-        F3[:, :, 2] = g * i * (1.0 - i)
-        Fo = TC * o * (1.0 - o)
-        Fc = o * (1.0 - TC * TC)
+        tmp = xp.multiply(g, g)
+        xp.subtract(1.0, tmp, out=tmp)
+        xp.multiply(i, tmp, out=F3[:, :, 0])
+        xp.subtract(1.0, f, out=tmp)
+        tmp *= f
+        xp.multiply(C[:-1], tmp, out=F3[:, :, 1])
+        xp.subtract(1.0, i, out=tmp)
+        tmp *= i
+        xp.multiply(g, tmp, out=F3[:, :, 2])
+        Fo = xp.subtract(1.0, o)
+        Fo *= o
+        Fo *= TC
+        Fc = xp.multiply(TC, TC, out=tmp)
+        xp.subtract(1.0, Fc, out=Fc)
+        Fc *= o
         W_hh = params["W_hh"]
         dG = xp.empty((T, batch, gu), A.dtype)
         dG4 = dG.reshape(T, batch, 4, u)
