@@ -5,7 +5,7 @@ like any MLlib estimator's; ``CrossValidator`` fits a copy of the pipeline for e
 and fold (each a distributed training run), averages the evaluator's metric and refits the best
 on all the training data.
 
-Run:  python examples/cross_validator.py    (RDDTENSOR_QUICK=1: fewer rows, epochs, grid points)
+Run:  python examples/cross_validator.py    (RDDTENSOR_QUICK=1: 600 digits instead of 1797)
 """
 import os
 
@@ -40,12 +40,12 @@ def main():
     train, test = digits(spark, 600 if QUICK else None)
 
     net = L.Sequential([L.Dense(32, activation="relu", input_shape=(64,)), L.Dense(10)])
-    clf = NNClassifier(network=net, maxEpoch=2 if QUICK else 5, seed=0)
+    clf = NNClassifier(network=net, maxEpoch=2, seed=0)
     pipeline = Pipeline(stages=[VectorAssembler(inputCols=PIXELS, outputCol="raw"),
                                 StandardScaler(inputCol="raw", outputCol="features"), clf])
     grid = (ParamGridBuilder()
-            .addGrid(clf.learningRate, [1e-4, 3e-2] if QUICK else [1e-4, 1e-3, 1e-2])
-            .addGrid(clf.batchSize, [32, 128])
+            .addGrid(clf.learningRate, [1e-4, 3e-2])
+            .addGrid(clf.batchSize, [32, 128] if QUICK else [64, 256])
             .build())
     evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
     cv = CrossValidator(estimator=pipeline, estimatorParamMaps=grid, evaluator=evaluator,
@@ -60,7 +60,7 @@ def main():
     print(f"best: learningRate={best[clf.learningRate]:g}, batchSize={best[clf.batchSize]}; "
           f"test accuracy {acc:.3f}")
     assert best[clf.learningRate] > 1e-4  # 1e-4 barely moves the weights in a few epochs
-    assert acc > (0.7 if QUICK else 0.9), acc
+    assert acc > (0.7 if QUICK else 0.85), acc
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main():
                                rawPredictionCol="rf_raw"),
         VectorAssembler(inputCols=["pixels", "rf_probability"], outputCol="stacked"),
         StandardScaler(inputCol="stacked", outputCol="features"),
-        NNClassifier(network=net, maxEpoch=3 if QUICK else 10, batchSize=128,
+        NNClassifier(network=net, maxEpoch=3 if QUICK else 6, batchSize=128,
                      learningRate=5e-3, seed=0),
     ])
     model = pipeline.fit(train)

@@ -40,7 +40,7 @@ def main():
     pipeline = Pipeline(stages=[
         VectorAssembler(inputCols=PIXELS, outputCol="raw"),
         StandardScaler(inputCol="raw", outputCol="features"),
-        NNClassifier(network=net, maxEpoch=3 if QUICK else 10, batchSize=64, learningRate=5e-3)])
+        NNClassifier(network=net, maxEpoch=3 if QUICK else 6, batchSize=128, learningRate=1e-2)])
 
     with tempfile.TemporaryDirectory() as tmp:
         pipeline.fit(train.repartition(2)).write().save(os.path.join(tmp, "model"))
