@@ -1,13 +1,16 @@
 """Every script in ``examples/`` runs to the end and asserts its headline result.
 
-Each example runs in its own process (its own Spark session, as a user would run it) with
-``RDDTENSOR_QUICK=1``, which shrinks its rows and epochs. Examples are picked up by glob: a new
-``examples/*.py`` is tested without touching this file, and must follow the convention checked in
-``test_example_follows_the_convention``.
+Examples run with ``RDDTENSOR_QUICK=1``, which shrinks their rows and epochs, inside this test
+session (``runpy``, in a temporary directory) so that they share its Spark session: a fresh JVM
+per example cost 10-30 s each, most of the examples' time in CI. One example also runs as a user
+runs it, ``python examples/NAME.py`` in a process of its own. Examples are picked up by glob: a
+new ``examples/*.py`` is tested without touching this file, and must follow the convention
+checked in ``test_example_follows_the_convention``.
 """
 import ast
 import glob
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -44,7 +47,22 @@ def test_example_follows_the_convention(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=_name)
-def test_example_runs_and_asserts_its_result(path, tmp_path):
+def test_example_runs_and_asserts_its_result(path, spark, tmp_path, monkeypatch):
+    monkeypatch.setenv("RDDTENSOR_QUICK", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [path])
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:  # an example may end with sys.exit(main())
+        assert e.code in (0, None), f"{_name(path)} exited with {e.code}"
+    finally:
+        for q in spark.streams.active:  # a failed streaming example must not leak its query
+            q.stop()
+
+
+@pytest.mark.slow
+def test_an_example_runs_as_a_script(tmp_path):
+    path = os.path.join(ROOT, "examples", "linear_regression.py")
     env = dict(os.environ, RDDTENSOR_QUICK="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
