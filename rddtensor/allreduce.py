@@ -81,8 +81,8 @@ class Sharded:
             return emit_state(i, t, bounds, w, sl)
         return rawrdd.map_raw(sc.parallelize(range(len(bounds)), len(bounds)), emit), handles
 
-    def iteration(self, S, shards, cfg, model, bounds, acc):
-        n = len(bounds)
+    def iteration(self, S, shards, cfg, model, bounds, acc, pending_model=None):
+        n = len(bounds)  # (no update is pending in a sharded state: pending_model is unused)
         AG = rawrdd.shuffle_pairs(S, n)
         RS = rawrdd.shuffle_raw(rawrdd.co_union(AG, shards), self._gradient(cfg, model, bounds, acc), n)
         return rawrdd.map_raw(RS, self._update(model, bounds, cfg.get("wire_bf16", False)))
@@ -147,14 +147,17 @@ class Replicated:
             return _keyed(j, wire.chunks("rstate", meta, arrays))
         return rawrdd.map_raw(sc.parallelize(range(len(bounds)), len(bounds)), emit), [handle]
 
-    def iteration(self, S, shards, cfg, model, bounds, acc):
+    def iteration(self, S, shards, cfg, model, bounds, acc, pending_model=None):
+        """``S_t -> S_{t+1}``; the update pending in ``S_t`` is applied with
+        ``pending_model``'s optimizer (default ``model``'s)."""
         n = len(bounds)
         settle = self.settle
         bf16 = ("g",) if cfg.get("wire_bf16") else ()
+        pending_model = model if pending_model is None else pending_model
 
         def run(j, records):
             params, shard = split_records(records)
-            t, w, slots = settle(model, params)
+            t, w, slots = settle(pending_model, params)
             g = local_gradient(cfg, model, w, t, j, shard, acc)
             grad = list(wire.chunks("rgrad", {"src": j, "t": t}, {"g": g}, bf16))
             for d in range(n):

@@ -64,10 +64,17 @@ def _state_lost(exc: BaseException) -> bool:
     return task_error(exc) is None and "CHECKPOINT_RDD_BLOCK_ID_NOT_FOUND" in str(exc)
 
 
-def skeleton(model):
-    """A copy of ``model`` without its weights, for task closures (kilobytes, not O(P))."""
+def skeleton(model, freeze_optimizer: bool = False):
+    """A copy of ``model`` without its weights, for task closures (kilobytes, not O(P)).
+
+    With ``freeze_optimizer`` the copy gets its own copy of the optimizer: the settings (e.g. a
+    learning rate a callback changes between epochs) of the job it is shipped with, kept with
+    the state that job produces for the updates still pending in it.
+    """
     s = copy.copy(model)
     s.theta, s.params, s.slots = None, {}, {}
+    if freeze_optimizer:
+        s.optimizer = copy.deepcopy(model.optimizer)
     return s
 
 
@@ -231,9 +238,12 @@ class DistributedRunner:
     def _try_group(self, steps: int) -> dict:
         st = self.state
         S = st.S
+        job = skeleton(self.model, freeze_optimizer=True)
         for _ in range(steps):
-            S = st.strategy.iteration(S, self.shards.keyed(), self.cfg, st.model, st.bounds,
-                                      self.acc)
+            # updates pending in S (the replicated strategy's last step) use the optimizer
+            # settings of the job that computed their gradients, later ones this job's
+            S = st.strategy.iteration(S, self.shards.keyed(), self.cfg, job, st.bounds,
+                                      self.acc, pending_model=st.model if S is st.S else job)
         S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
         try:
@@ -243,7 +253,7 @@ class DistributedRunner:
             S.unpersist(blocking=False)
             raise
         st.unpersist()
-        self.state = ParameterState(st.strategy, S, st.model, st.bounds)
+        self.state = ParameterState(st.strategy, S, job, st.bounds)
         steps_done = range(self.t + 1, self.t + steps + 1)
         self.t += steps
         return self._take_stats(steps_done)

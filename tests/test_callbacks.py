@@ -206,11 +206,7 @@ def test_distributed_checkpoints_and_early_stopping_see_current_weights(rdds, tm
 
 
 @pytest.mark.spark
-@pytest.mark.parametrize("allreduce", [
-    "sharded",
-    pytest.param("replicated", marks=pytest.mark.xfail(strict=True, reason=(
-        "the replicated all-reduce applies a job's last update at the start of the next job, "
-        "with that job's optimizer: a rate changed between epochs reaches one step early")))])
+@pytest.mark.parametrize("allreduce", ["sharded", "replicated"])
 def test_distributed_learning_rate_scheduler_reaches_the_executors(rdds, allreduce):
     X, y, rdd = rdds
 
