@@ -64,6 +64,18 @@ def _state_lost(exc: BaseException) -> bool:
     return task_error(exc) is None and "CHECKPOINT_RDD_BLOCK_ID_NOT_FOUND" in str(exc)
 
 
+def quiet_unpersist_warning(sc) -> None:
+    """Spark logs a warning whenever a locally checkpointed RDD is unpersisted ("cannot be
+    recomputed"): the engine does exactly that, on purpose, after every job (the next state is
+    cached and cut first). Turn that logger (PythonRDD's) down to errors."""
+    try:
+        log4j = sc._jvm.org.apache.logging.log4j
+        log4j.core.config.Configurator.setLevel("org.apache.spark.api.python.PythonRDD",
+                                                log4j.Level.ERROR)
+    except Exception:  # another logging backend: the warning stays, nothing else changes
+        pass
+
+
 def skeleton(model, freeze_optimizer: bool = False):
     """A copy of ``model`` without its weights, for task closures (kilobytes, not O(P)).
 
@@ -181,6 +193,7 @@ class DistributedRunner:
         self.spe = steps_per_epoch(self.n_total, batch_size)
         self.state = ParameterState.from_driver(strategy, self.sc, model, self.N)
         self.acc = self.sc.accumulator({}, stats_param(self.sc))
+        quiet_unpersist_warning(self.sc)
         self.t = model.step
         self.engine = f"distributed ({strategy.name} all-reduce, {self.N} partitions)"
 
