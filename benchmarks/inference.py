@@ -13,6 +13,9 @@ Contenders, timed in interleaved blocks in one Spark session (``local[2]``):
   column goes to Python, decoded with numpy, one GEMM per layer per ``inferenceBatchSize``
   rows; only the outputs come back);
 - ``mllib``: ``MultilayerPerceptronClassificationModel.transform`` (JVM, row at a time);
+- ``rddtensor-udt``: the same Arrow UDF fed the ``VectorUDT`` column itself (what wide, sparse
+  vectors get) instead of ``vector_to_array(features, "float32")``: a UDT value costs ~20 us
+  per row on its way into Python;
 - ``rddtensor-mapInArrow``: the same model through its ``mapInArrow`` plan (what PySpark < 4.1
   gets): whole rows go to Python and back;
 - ``mapInPandas``: the same network through ``mapInPandas`` (vectors arrive as one Python dict
@@ -35,7 +38,8 @@ import time
 from benchmarks.common import (environment, markdown_table, ratio, time_interleaved,
                                wait_for_idle, write_results)
 
-CONTENDERS = ("rddtensor", "mllib", "rddtensor-mapInArrow", "mapInPandas", "arrow-floor")
+CONTENDERS = ("rddtensor", "mllib", "rddtensor-udt", "rddtensor-mapInArrow", "mapInPandas",
+              "arrow-floor")
 
 
 def _session(driver_memory: str):
@@ -146,14 +150,18 @@ def floor_transform(df, n_out: int):
     return df.mapInArrow(run, schema)
 
 
-def transform_with(model, df, mode: str):
-    """``model.transform(df)`` with the plan ``mode`` (see ``rddtensor.ml.transform.MODE``)."""
+def transform_with(model, df, mode: str, dense_max=None):
+    """``model.transform(df)`` with the plan ``mode`` (``rddtensor.ml.transform.MODE``) and
+    optionally another ``DENSE_VECTOR_MAX``."""
     from rddtensor.ml import transform as T
-    before, T.MODE = T.MODE, mode
+    before = T.MODE, T.DENSE_VECTOR_MAX
+    T.MODE = mode
+    if dense_max is not None:
+        T.DENSE_VECTOR_MAX = dense_max
     try:
         return model.transform(df)
     finally:
-        T.MODE = before
+        T.MODE, T.DENSE_VECTOR_MAX = before
 
 
 def _noop(out):
@@ -202,6 +210,7 @@ def main(argv=None):
     print(f"data: {rows} rows in {data_s:.1f}s; agreement {check}", flush=True)
 
     fns = {"rddtensor": lambda: _noop(transform_with(nn_model, df, "udf")),
+           "rddtensor-udt": lambda: _noop(transform_with(nn_model, df, "udf", dense_max=0)),
            "rddtensor-mapInArrow": lambda: _noop(transform_with(nn_model, df, "map")),
            "mllib": lambda: _noop(mlpc.transform(df)),
            "mapInPandas": lambda: _noop(pandas_transform(df, net, a.inference_batch)),

@@ -118,7 +118,8 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         return arrow_transform(dataset, payload, token, features_col=fcol, kind=kind,
                                columns=columns, types=self._output_types(),
                                classifier=self._classifier,
-                               batch_size=self.getInferenceBatchSize())
+                               batch_size=self.getInferenceBatchSize(),
+                               input_shape=self.network.input_shape)
 
     # --- persistence --------------------------------------------------------------------------
     def write(self):

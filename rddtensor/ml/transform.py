@@ -9,8 +9,9 @@ network in chunks of ``inferenceBatchSize`` rows.
 Two plans, both narrow and both valid on a streaming DataFrame:
 
 - a scalar Arrow UDF (``arrow_udf``, PySpark >= 4.1; the default where available): only the
-  features column goes to Python and only the outputs come back, as one struct column that a
-  projection splits; the other columns stay in the JVM;
+  features column goes to Python (vectors up to ``DENSE_VECTOR_MAX`` wide as float32 arrays)
+  and only the outputs come back, as one struct column that a projection splits; the other
+  columns stay in the JVM;
 - ``mapInArrow`` (older PySpark): whole rows go to Python and back, the outputs appended.
 
 On the 2-core machine the UDF plan is the faster one (``benchmarks/inference.py``): with
@@ -147,9 +148,23 @@ def has_arrow_udf() -> bool:
 #: whole rows travel) or ``"auto"`` (``"udf"`` where PySpark has ``arrow_udf``).
 MODE = "auto"
 
+#: Vector columns at most this wide reach the Arrow UDF as ``vector_to_array(col, "float32")``:
+#: a ``VectorUDT`` value costs ~20 us per row on its way into a Python UDF whatever its size
+#: (measured on the 2-core machine for 8 to 512 features), a float array ~15 ns per element.
+#: Wider vectors travel as the UDT struct and sparse batches stay sparse (``SparseRows``).
+DENSE_VECTOR_MAX = 2048
+
+
+def udf_input(dataset, features_col: str, kind: str, n_features: int):
+    """The column the Arrow UDF reads, and its kind (see ``DENSE_VECTOR_MAX``)."""
+    if kind == "vector" and n_features <= DENSE_VECTOR_MAX:
+        from pyspark.ml.functions import vector_to_array
+        return vector_to_array(dataset[features_col], "float32"), "array"
+    return dataset[features_col], kind
+
 
 def transform(dataset, payload, token: str, *, features_col: str, kind: str, columns: dict,
-              types: dict, classifier: bool, batch_size: int):
+              types: dict, classifier: bool, batch_size: int, input_shape=None):
     """``dataset`` with the output ``columns`` (``{output: name}``, Spark ``types``) appended."""
     from pyspark.sql.types import StructField, StructType
     fields = [StructField(name, types[key]) for key, name in columns.items()]
@@ -157,9 +172,11 @@ def transform(dataset, payload, token: str, *, features_col: str, kind: str, col
                 batch_size=batch_size)
     if MODE == "udf" or (MODE == "auto" and has_arrow_udf()):
         from pyspark.sql.functions import col
+        n_features = int(np.prod(input_shape)) if input_shape else 0
+        features, opts["kind"] = udf_input(dataset, features_col, kind, n_features)
         udf = arrow_udf_predictor(payload, token, return_type=StructType(fields), **opts)
         tmp = f"__rddtensor_{token}"
-        out = dataset.withColumn(tmp, udf(dataset[features_col]))
+        out = dataset.withColumn(tmp, udf(features))
         return out.select(*[dataset[c] for c in dataset.columns],
                           *[col(tmp)[name].alias(name) for name in columns.values()])
     schema = StructType(dataset.schema.fields + fields)
