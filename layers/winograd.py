@@ -12,13 +12,15 @@ input channels turns the 36 elementwise products into 36 independent GEMMs
 
 The backward runs the same pieces transposed: ``dM = (A (x) A) tiles(dY)``, ``dU = dM V^T``
 (then ``dW = (G (x) G)^T dU``) and ``dV = U^T dM`` (then the adjoint of the input transform and
-an overlapping-tile add give ``dX``). Every transform is one small-by-large GEMM, so the only
-copies are the padded input, its tile matrix, and the output rearrangement.
+an overlapping-tile add give ``dX``). Every transform is one small-by-large GEMM; the copies
+are the padding, the tile gathers (strided, one per tile offset) and their adjoints.
 
-For a 64->64-channel 3x3 convolution on 32x32 images the GEMM work falls from 7.2 to about 2.8
-GFLOP per forward+backward. The price is float rounding of the transforms: float32 results
-differ from im2col's by about 1e-6 relative to the output's scale (float64 by about 1e-15).
-Works on NumPy and CuPy arrays alike.
+For a 64->64-channel 3x3 convolution on 32x32 images at batch 32 the GEMM work falls from 7.2
+to about 2.8 GFLOP per forward+backward, and one thread took 51 instead of 94 ms (CPU time).
+The price is float rounding of the transforms: float32 results differ from im2col's by about
+1e-6 relative to the output's scale (float64 by about 1e-15). The code is written with
+``get_array_module``, but ``layers.conv.conv_nd`` picks it for NumPy arrays only (on a GPU the
+im2col GEMM stays; not measured there).
 
 Example:
     >>> import numpy as np
@@ -101,14 +103,63 @@ def _input_tiles(xp, Xp, nth, ntw):
     return tiles.reshape(_R * _R, C, N * nth * ntw)
 
 
-def _to_grid(xp, A, nth, ntw):
-    """``(batch, ch, Ho, Wo)`` -> ``(batch, ch, nth, 4, ntw, 4)``, zero past ``Ho, Wo``."""
-    N, ch, Ho, Wo = A.shape
+def _untile_output(xp, Yt, shape):
+    """``(4, 4, O, batch, nth, ntw)`` output tiles -> ``(batch, O, Ho, Wo)``, C-contiguous.
+
+    One strided copy per position in the tile (16 in all), then a crop if ``Ho``, ``Wo`` are
+    not multiples of 4.
+    """
+    N, O, Ho, Wo = shape
+    nth, ntw = Yt.shape[-2:]
+    Y = xp.empty((N, O, nth * M_TILE, ntw * M_TILE), Yt.dtype)
+    Y6 = Y.reshape(N, O, nth, M_TILE, ntw, M_TILE)
+    for a in range(M_TILE):
+        for c in range(M_TILE):
+            Y6[:, :, :, a, :, c] = Yt[a, c].swapaxes(0, 1)
     if Ho != M_TILE * nth or Wo != M_TILE * ntw:
-        full = xp.zeros((N, ch, nth * M_TILE, ntw * M_TILE), A.dtype)
-        full[:, :, :Ho, :Wo] = A
-        A = full
-    return A.reshape(N, ch, nth, M_TILE, ntw, M_TILE)
+        Y = xp.ascontiguousarray(Y[:, :, :Ho, :Wo])
+    return Y
+
+
+def _output_grad_tiles(xp, dY, nth, ntw, dtype):
+    """``(batch, O, Ho, Wo)`` -> ``(16, O * batch * nth * ntw)`` tiles, zero past the output."""
+    N, O, Ho, Wo = dY.shape
+    if Ho != M_TILE * nth or Wo != M_TILE * ntw:
+        full = xp.zeros((N, O, nth * M_TILE, ntw * M_TILE), dtype)
+        full[:, :, :Ho, :Wo] = dY
+        dY = full
+    dY6 = dY.reshape(N, O, nth, M_TILE, ntw, M_TILE)
+    dYt = xp.empty((M_TILE, M_TILE, O, N, nth, ntw), dtype)
+    for a in range(M_TILE):
+        for c in range(M_TILE):
+            dYt[a, c] = dY6[:, :, :, a, :, c].swapaxes(0, 1)
+    return dYt.reshape(M_TILE * M_TILE, O * N * nth * ntw)
+
+
+def _add_input_tiles(xp, dtiles, x_shape, pads):
+    """Adjoint of ``_input_tiles`` and the padding: ``(6, 6, C, batch, nth, ntw)`` -> ``dX``.
+
+    The tiles overlap by 2 at stride 4; they are summed channel-major (their own order, one
+    strided copy or add per tile offset): the first 4x4 of every tile covers the grid once and
+    is assigned, the last two rows and columns add on. Then one crop-and-transpose copy.
+    """
+    N, C, H, Wd = x_shape
+    (pt, _), (pl, _) = pads
+    nth, ntw = dtiles.shape[-2:]
+    Hp, Wp = M_TILE * nth + 2, M_TILE * ntw + 2
+    dXp = xp.empty((C, N, Hp, Wp), dtiles.dtype)
+    dXp[:, :, Hp - 2:] = 0
+    dXp[:, :, :, Wp - 2:] = 0
+    for a in range(_R):
+        for c in range(_R):
+            target = dXp[:, :, _grid_slices(a, nth), _grid_slices(c, ntw)]
+            if a < M_TILE and c < M_TILE:
+                target[...] = dtiles[a, c]
+            else:
+                target += dtiles[a, c]
+    dX = xp.empty(x_shape, dtiles.dtype)
+    dX[...] = dXp[:, :, pt:pt + H, pl:pl + Wd].swapaxes(0, 1)
+    return dX
 
 
 def winograd_conv3x3(X, W, b, pads):
@@ -127,16 +178,15 @@ def winograd_conv3x3(X, W, b, pads):
     """
     xp = get_array_module(X)
     dtype = np.result_type(X.dtype, W.dtype)
-    N, C, H, Wd = X.shape
+    N, C, H, Wd = x_shape = X.shape  # backprop keeps the shape, not the input
     O = W.shape[0]
     (pt, pb), (pl, pr) = pads
     Ho, Wo = H + pt + pb - 2, Wd + pl + pr - 2
     nth, ntw = -(-Ho // M_TILE), -(-Wo // M_TILE)
-    Hp, Wp = M_TILE * nth + 2, M_TILE * ntw + 2   # >= H + pt + pb: whole tiles, zeros past
     T = N * nth * ntw
     BtBt, GG, AtAt = _matrices(xp, dtype)
-
-    Xp = xp.zeros((N, C, Hp, Wp), dtype)
+    # zero padding up to whole tiles: (4 nth + 2) x (4 ntw + 2) >= the padded input
+    Xp = xp.zeros((N, C, M_TILE * nth + 2, M_TILE * ntw + 2), dtype)
     Xp[:, :, pt:pt + H, pl:pl + Wd] = X
     V = xp.matmul(BtBt, _input_tiles(xp, Xp, nth, ntw).reshape(_R * _R, C * T))
     V = V.reshape(_R * _R, C, T)
@@ -145,47 +195,21 @@ def winograd_conv3x3(X, W, b, pads):
     Mt = xp.matmul(U, V)                                                   # (36, O, T)
     if b is not None:
         Mt[_BIAS_SLOT] += b.astype(dtype, copy=False)[:, None]
-    # (16, O * T) = (4, 4, O, N, nth, ntw): output tiles, one strided copy per position
-    Yt = xp.matmul(AtAt, Mt.reshape(_R * _R, O * T)).reshape(M_TILE, M_TILE, O, N, nth, ntw)
+    Yt = xp.matmul(AtAt, Mt.reshape(_R * _R, O * T))                      # (16, O * T)
     del Mt
-    Y = xp.empty((N, O, nth * M_TILE, ntw * M_TILE), dtype)
-    Y6 = Y.reshape(N, O, nth, M_TILE, ntw, M_TILE)
-    for a in range(M_TILE):
-        for c in range(M_TILE):
-            Y6[:, :, :, a, :, c] = Yt[a, c].swapaxes(0, 1)
+    Y = _untile_output(xp, Yt.reshape(M_TILE, M_TILE, O, N, nth, ntw), (N, O, Ho, Wo))
     del Yt
-    if Ho != M_TILE * nth or Wo != M_TILE * ntw:
-        Y = xp.ascontiguousarray(Y[:, :, :Ho, :Wo])
 
     def backprop(dY):
-        dY6 = _to_grid(xp, dY, nth, ntw)
-        dYt = xp.empty((M_TILE, M_TILE, O, N, nth, ntw), dtype)
-        for a in range(M_TILE):
-            for c in range(M_TILE):
-                dYt[a, c] = dY6[:, :, :, a, :, c].swapaxes(0, 1)
-        dM = xp.matmul(AtAt.T, dYt.reshape(M_TILE * M_TILE, O * T)).reshape(_R * _R, O, T)
-        del dYt, dY6
+        dM = xp.matmul(AtAt.T, _output_grad_tiles(xp, dY, nth, ntw, dtype))
+        dM = dM.reshape(_R * _R, O, T)
         db = None if b is None else dM[_BIAS_SLOT].sum(axis=1).astype(b.dtype, copy=False)
         dU = xp.matmul(dM, V.transpose(0, 2, 1))                          # (36, O, C)
         dW = xp.matmul(dU.reshape(_R * _R, O * C).T, GG).reshape(W.shape)
         dV = xp.matmul(U.transpose(0, 2, 1), dM)                          # (36, C, T)
         del dM
-        dtiles = xp.matmul(BtBt.T, dV.reshape(_R * _R, C * T)).reshape(_R, _R, C, N, nth, ntw)
+        dtiles = xp.matmul(BtBt.T, dV.reshape(_R * _R, C * T))
         del dV
-        # overlapping 6x6 tiles at stride 4, summed channel-major (the order of dtiles): the
-        # first 4x4 of every tile covers the grid once (assigned), the rest adds on
-        dXp = xp.empty((C, N, Hp, Wp), dtype)
-        dXp[:, :, Hp - 2:] = 0
-        dXp[:, :, :, Wp - 2:] = 0
-        for a in range(_R):
-            for c in range(_R):
-                target = dXp[:, :, _grid_slices(a, nth), _grid_slices(c, ntw)]
-                if a < M_TILE and c < M_TILE:
-                    target[...] = dtiles[a, c]
-                else:
-                    target += dtiles[a, c]
-        del dtiles
-        dX = xp.empty((N, C, H, Wd), dtype)
-        dX[...] = dXp[:, :, pt:pt + H, pl:pl + Wd].swapaxes(0, 1)
+        dX = _add_input_tiles(xp, dtiles.reshape(_R, _R, C, N, nth, ntw), x_shape, pads)
         return dX, dW.astype(W.dtype, copy=False), db
     return Y, backprop
