@@ -78,7 +78,11 @@ def summarize_stages(stages: list, iterations: int) -> dict:
     for s in stages:
         key = s.get("name", "?").split(" at ")[0]
         names[key] = names.get(key, 0) + 1
-    return {"available": True, "stages": len(stages), "iterations": it,
+    listing = [{"id": s["stageId"], "name": s.get("name", "?").split(" at ")[0],
+                "tasks": s.get("numTasks"), "wall_ms": w, "run_ms": s.get("executorRunTime"),
+                "shuffle_write_bytes": s.get("shuffleWriteBytes")}
+               for s, w in zip(stages, walls)]
+    return {"available": True, "stages": len(stages), "iterations": it, "listing": listing,
             "stages_per_iteration": len(stages) / it, "span_ms": last - first,
             "sum_stage_wall_ms": sum(walls), "totals": tot, "per_iteration": per_iter,
             "stage_kinds": names,
