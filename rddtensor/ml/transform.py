@@ -172,6 +172,11 @@ def transform(dataset, payload, token: str, *, features_col: str, kind: str, col
                 batch_size=batch_size)
     if MODE == "udf" or (MODE == "auto" and has_arrow_udf()):
         from pyspark.sql.functions import col
+        # Spark 4 may feed an Arrow UDF straight from a columnar scan (Parquet); its
+        # row-to-column converter then fails on any vector (UDT) column of the same rows
+        # ("[UNSUPPORTED_DATATYPE] UDT"), so keep the row path for this session's Arrow UDFs
+        dataset.sparkSession.conf.set(
+            "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled", "false")
         n_features = int(np.prod(input_shape)) if input_shape else 0
         features, opts["kind"] = udf_input(dataset, features_col, kind, n_features)
         udf = arrow_udf_predictor(payload, token, return_type=StructType(fields), **opts)
