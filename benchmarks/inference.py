@@ -32,7 +32,7 @@ Run (the README's numbers):
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import time
 
 from benchmarks.common import (environment, markdown_table, ratio, time_interleaved,
@@ -197,6 +197,7 @@ def main(argv=None):
     layers = [int(x) for x in a.layers.split(",")]
     contenders = a.contenders.split(",")
     idle = wait_for_idle(max_wait_s=60)
+    load_before = os.getloadavg()
     spark = _session(a.driver_memory)
 
     from rddtensor.ml import NNClassificationModel
@@ -221,15 +222,18 @@ def main(argv=None):
     ratios = {c: ratio(timing["mllib"], timing[c]) for c in timing if c != "mllib"} \
         if "mllib" in timing else {}
 
+    load_after = os.getloadavg()
     table_rows = []
     for c, t in timing.items():
-        r = ratios.get(c, {}).get("of_medians")
-        bg = [x for x in t["background"] if x is not None]
+        r = ratios.get(c, {})
         table_rows.append([c, t["median"] / 1e3, t["min"] / 1e3, t["max"] / 1e3, rows_per_s[c],
-                           f"{r:.2f}x" if r else ("1.00x" if c == "mllib" else ""),
-                           statistics.median(bg) if bg else ""])
+                           f"{r['of_medians']:.2f}x" if r else "1.00x",
+                           f"{r['paired_min']:.2f}-{r['paired_max']:.2f}x" if r else ""])
     table = markdown_table(["contender", "median s", "min s", "max s", "rows/s",
-                            "speed vs mllib", "other load (cores share)"], table_rows)
+                            "speed vs mllib (medians)", "per-repeat range"], table_rows)
+    table += (f"\n\n{rows:,} rows, layers {layers}, {repeats} repeats; load average (1, 5, 15 min) "
+              f"before {tuple(round(x, 1) for x in load_before)}, after "
+              f"{tuple(round(x, 1) for x in load_after)} (2 cores)")
     command = "python -m benchmarks.inference " + (" ".join(argv) if argv is not None else
                                                    " ".join(__import__("sys").argv[1:]))
     payload = {"benchmark": "inference", "environment": environment(("numpy", "pyspark",
@@ -241,6 +245,9 @@ def main(argv=None):
                               "arrow_max_records_per_batch": spark.conf.get(
                                   "spark.sql.execution.arrow.maxRecordsPerBatch")},
                "command": command.strip(), "idle_before": idle, "agreement": check,
+               "load_average_before": load_before, "load_average_after": load_after,
+               "note": "timing[*].background counts this run's own Spark JVM and Python workers "
+                       "as 'other' load (they are not this process); see the load averages",
                "timing": timing, "rows_per_s": rows_per_s,
                "speedup_vs_mllib": ratios}
     path = write_results("inference" + ("_quick" if a.quick else ""), payload, table)
