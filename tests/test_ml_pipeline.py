@@ -146,8 +146,8 @@ def test_regressor_with_regression_evaluator(spark):
     y = X @ np.array([1.0, -2.0, 0.5]) + 0.05 * rng.normal(size=400)
     df = spark.createDataFrame([(Vectors.dense(x), float(t)) for x, t in zip(X, y)],
                                ["features", "label"])
-    reg = NNRegressor(network=L.Sequential([L.Dense(1, input_shape=(3,))]), maxEpoch=25,
-                      batchSize=100, learningRate=0.1, metrics=["mae"])
+    reg = NNRegressor(network=L.Sequential([L.Dense(1, input_shape=(3,))]), maxEpoch=20,
+                      batchSize=200, learningRate=0.2, metrics=["mae"])
     model = reg.fit(df)
     assert type(model) is NNModel and "mae" in model.history
     out = model.transform(df)
