@@ -77,7 +77,8 @@ def chart_race(payload, path):
     colors = ["tab:red" if n.startswith("rddtensor") else "tab:gray" for n in names]
     ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=3)
     for i, n in enumerate(names):
-        ax.text(med[i], i, f"  {med[i]:.2f} s, {res[n]['steps']} steps", va="center", fontsize=8)
+        ax.text(med[i] + hi[i], i, f"  {med[i]:.2f} s, {res[n]['steps']} steps", va="center",
+                fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"wall seconds to >= {payload['parameters']['target']} test accuracy "
                   "(median, min-max)")

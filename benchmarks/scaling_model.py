@@ -338,12 +338,21 @@ def run(a) -> dict:
     }
 
 
+def _arg(args, flag):
+    return args[args.index(flag) + 1] if flag in args else ""
+
+
 def table(payload) -> str:
     rows = []
     for p in payload["points"]:
         rows.append([p["master"], p["contender"], f"{p['P']:.0e}", p["N"],
                      p.get("median_ms", "failed: " + str(p.get("error"))[:60]),
                      p.get("min_ms", ""), p.get("max_ms", "")])
+    for e in payload.get("worker_errors", []):
+        args = e.get("args", [])
+        rows.append([args[0] if args else "?", _arg(args, "--contenders"),
+                     _arg(args, "--sizes"), _arg(args, "--partitions"),
+                     "not measured: " + str(e["worker_error"])[:70], "", ""])
     out = [markdown_table(["master", "contender", "P", "N", "median ms/iter", "min", "max"],
                           rows)]
     for m, fits in payload["models"].items():
