@@ -2,7 +2,7 @@
 
 Every benchmark in ``benchmarks/`` runs rddtensor and its peer side by side in one process and
 writes ``benchmarks/results/<name>.json`` (all raw samples) next to ``<name>.md`` (the table).
-This module holds what they share; its API is eight functions and one constant:
+This module holds what they share:
 
 - ``match_threads(n)``: give NumPy's BLAS and PyTorch the same thread count; call it *before*
   importing numpy or torch (it also works after, through threadpoolctl).
@@ -14,6 +14,8 @@ This module holds what they share; its API is eight functions and one constant:
   with a pause between blocks so that one library's spinning threads do not slow the other.
 - ``ratio(a, b)``: ``a / b`` of two timing results, of the medians and per interleaved repeat.
 - ``markdown_table(header, rows)`` and ``write_results(name, payload, table)``.
+- ``summarize(samples)``, ``load_average()``, ``gpus()``, ``java_version_string()`` and
+  ``run_json_subprocess(cmd, timeout)`` (a contender in a fresh process, its last JSON line).
 
 Nothing here imports numpy or torch at module level, so ``match_threads`` can still set the
 thread environment variables before either library loads its thread pools.
