@@ -311,15 +311,17 @@ def summary_rows(payloads) -> list:
     rows = []
     race = payloads.get("race_digits")
     if race:
-        res = race["results"]
+        res, load = race["results"], race.get("timing", {}).get("load_average_before")
         for n, r in res.items():
             rows.append([f"race to 0.97: {n}", f"{r['wall_s']['median']:.2f} s",
-                         f"{r['steps']} steps, acc {r['accuracy']['min']:.3f}"])
+                         f"{r['steps']} steps, acc {r['accuracy']['min']:.3f}; load average "
+                         f"{load[0] if load else '?'}"])
     cnn = payloads.get("cnn_throughput")
     if cnn and cnn.get("scaling_efficiency_1_to_2"):
         rows.append(["CNN scaling local[1] -> local[2]",
                      f"{cnn['scaling_efficiency_1_to_2']['of_medians']:.0%}",
-                     f"batch {cnn['parameters']['batch']}"])
+                     f"batch {cnn['parameters']['batch']}; load average "
+                     f"{(cnn.get('timing', {}).get('load_average_before') or ['?'])[0]}"])
     return rows
 
 
