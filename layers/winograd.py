@@ -139,24 +139,33 @@ def _output_grad_tiles(xp, dY, nth, ntw, dtype):
 def _add_input_tiles(xp, dtiles, x_shape, pads):
     """Adjoint of ``_input_tiles`` and the padding: ``(6, 6, C, batch, nth, ntw)`` -> ``dX``.
 
-    The tiles overlap by 2 at stride 4; they are summed channel-major (their own order, one
-    strided copy or add per tile offset): the first 4x4 of every tile covers the grid once and
-    is assigned, the last two rows and columns add on. Then one crop-and-transpose copy.
+    The tiles overlap by 2 at stride 4. Rows first, in the tile domain: the last two rows of
+    tile ``i`` are added onto the first two of tile ``i + 1`` (one add whose inner loop runs
+    over whole tile rows), and those of the last tile go to the margin below the grid. Then one
+    strided copy (the first 4 columns) or add (the last 2) per tile position places the rest,
+    channel-major (the order of ``dtiles``), and one crop-and-transpose copy gives ``dX``.
+    ``dtiles`` is overwritten.
     """
     N, C, H, Wd = x_shape
     (pt, _), (pl, _) = pads
     nth, ntw = dtiles.shape[-2:]
     Hp, Wp = M_TILE * nth + 2, M_TILE * ntw + 2
+    last = M_TILE * (nth - 1)
+    dtiles[:_R - M_TILE, :, :, :, 1:] += dtiles[M_TILE:, :, :, :, :-1]
     dXp = xp.empty((C, N, Hp, Wp), dtiles.dtype)
-    dXp[:, :, Hp - 2:] = 0
     dXp[:, :, :, Wp - 2:] = 0
     for a in range(_R):
         for c in range(_R):
-            target = dXp[:, :, _grid_slices(a, nth), _grid_slices(c, ntw)]
-            if a < M_TILE and c < M_TILE:
-                target[...] = dtiles[a, c]
+            if a < M_TILE:
+                target = dXp[:, :, _grid_slices(a, nth), _grid_slices(c, ntw)]
+                source = dtiles[a, c]
+            else:  # the last tile's bottom rows: the margin below the grid
+                target = dXp[:, :, last + a, _grid_slices(c, ntw)]
+                source = dtiles[a, c, :, :, nth - 1]
+            if c < M_TILE:  # the first 4 columns of a row cover it once
+                target[...] = source
             else:
-                target += dtiles[a, c]
+                target += source
     dX = xp.empty(x_shape, dtiles.dtype)
     dX[...] = dXp[:, :, pt:pt + H, pl:pl + Wd].swapaxes(0, 1)
     return dX
