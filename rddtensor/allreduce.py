@@ -29,8 +29,9 @@ import numpy as np
 
 from layers.training import apply_update, optimizer_step
 from rddtensor import rawrdd, wire
-from rddtensor.stages import (assemble, chunks_of, local_gradient, own_record, read_own,
-                              scratch, split_own, split_records, theta_record)
+from rddtensor.stages import (assemble, chunks_of, is_local, local_gradient, own_record,
+                              raws_of, read_own, scratch, split_own, split_records, theta_record,
+                              to_self)
 
 PASS_SECONDS = 0.09       # measured cost of one Python pass on local[2] (DESIGN.md)
 BYTES_PER_SECOND = 5e8    # measured shuffle throughput per partition, local disk
@@ -56,9 +57,9 @@ class Sharded:
                              "all-reduce does not have; use allreduce='replicated'")
 
     @staticmethod
-    def emit_state(i, t, bounds, w, slots, bf16=False):
+    def emit_state(i, t, bounds, w, slots, bf16=False, local=None):
         lo, hi = bounds[i]
-        yield from _keyed(i, own_record(i, t, lo, hi, w, slots))
+        yield from _keyed(i, own_record(i, t, lo, hi, w, slots, local))
         if len(bounds) > 1:
             other = list(theta_record(i, t, lo, hi, w, bf16))
             for d in range(len(bounds)):
@@ -85,23 +86,32 @@ class Sharded:
         n = len(bounds)  # (no update is pending in a sharded state: pending_model is unused)
         AG = rawrdd.shuffle_pairs(S, n)
         RS = rawrdd.shuffle_raw(rawrdd.co_union(AG, shards), self._gradient(cfg, model, bounds, acc), n)
-        return rawrdd.map_raw(RS, self._update(model, bounds, cfg.get("wire_bf16", False)))
+        return rawrdd.map_raw(RS, self._update(model, bounds, cfg.get("wire_bf16", False),
+                                               state_local(cfg)))
 
     @staticmethod
     def _gradient(cfg, model, bounds, acc):
         bf16 = ("g",) if cfg.get("wire_bf16") else ()
+        local = cfg.get("local")
 
         def run(j, records):
             params, shard = split_records(records)
             t, theta = assemble(params, model.layout.size)
             g = local_gradient(cfg, model, theta, t, j, shard, acc)
             for i, (a, z) in enumerate(bounds):
-                yield from _keyed(i, wire.chunks("grad", {"src": j, "t": t}, {"g": g[a:z]}, bf16))
-            # the block's state rides back to its owner unchanged
-            yield from _keyed(j, (raw for kind, _, _, raw in params if kind == "own"))
+                meta, part = {"src": j, "t": t}, {"g": g[a:z]}
+                yield from _keyed(i, to_self(local, "grad", j, t, meta, part, bf16) if i == j
+                                  else wire.chunks("grad", meta, part, bf16))
+            # the block's state rides back to its owner unchanged (into the host-local cache
+            # when it arrived inline, at a job's first iteration)
+            if local and not is_local(params, "own"):
+                meta, w, slots = read_own(params)
+                yield from _keyed(j, own_record(j, t, meta["lo"], meta["hi"], w, slots, local))
+            else:
+                yield from _keyed(j, raws_of(params, "own"))
         return run
 
-    def _update(self, model, bounds, bf16=False):
+    def _update(self, model, bounds, bf16=False, local=None):
         emit_state = self.emit_state
         n = len(bounds)
 
@@ -116,7 +126,7 @@ class Sharded:
             train, bufs = model.layout.split_segments(*bounds[i])
             apply_update(model.optimizer, w, g, slots, meta["t"] + 1,
                          segments=train, buffer_segments=bufs)
-            return emit_state(i, meta["t"] + 1, bounds, w, slots, bf16)
+            return emit_state(i, meta["t"] + 1, bounds, w, slots, bf16, local)
         return run
 
     @staticmethod
@@ -154,16 +164,19 @@ class Replicated:
         settle = self.settle
         bf16 = ("g",) if cfg.get("wire_bf16") else ()
         pending_model = model if pending_model is None else pending_model
+        local = state_local(cfg)
 
         def run(j, records):
             params, shard = split_records(records)
             t, w, slots = settle(pending_model, params)
             g = local_gradient(cfg, model, w, t, j, shard, acc)
-            grad = list(wire.chunks("rgrad", {"src": j, "t": t}, {"g": g}, bf16))
+            meta = {"src": j, "t": t}
+            grad = list(wire.chunks("rgrad", meta, {"g": g}, bf16)) if n > 1 else []
             for d in range(n):
-                yield from _keyed(d, grad)
-            yield from _keyed(j, wire.chunks("rstate", {"t": t},
-                                             {"w": w, **{"slot." + k: v for k, v in slots.items()}}))
+                yield from _keyed(d, to_self(local, "rgrad", j, t, meta, {"g": g}, bf16) if d == j
+                                  else grad)
+            yield from _keyed(j, to_self(local, "rstate", j, t, {"t": t},
+                                         {"w": w, **{"slot." + k: v for k, v in slots.items()}}))
         return rawrdd.map_raw(rawrdd.co_union(rawrdd.shuffle_pairs(S, n), shards), run)
 
     @staticmethod
@@ -198,6 +211,12 @@ class Replicated:
 
 
 STRATEGIES = {"sharded": Sharded, "replicated": Replicated}
+
+
+def state_local(cfg: dict):
+    """The host-local cache settings for an iteration's state records: none for the last
+    iteration of a job, whose state is the job's cut state (inline: it outlives the job)."""
+    return None if cfg.get("cut", True) else cfg.get("local")
 
 
 def choose(allreduce: str, model, n: int):

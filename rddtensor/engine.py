@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import uuid
 
 import numpy as np
 from pyspark import StorageLevel
@@ -30,7 +31,7 @@ from layers.base import positive_int
 from layers.batching import batch_sizes, steps_per_epoch
 from layers.params import block_bounds
 from layers.training import empty_stats, fit_loop, merge_stats, stats_logs
-from rddtensor import rawrdd, wire
+from rddtensor import localcache, rawrdd, wire
 from rddtensor.allreduce import choose
 from rddtensor.checkpoint import save_state
 from rddtensor.errors import spark_errors, task_error
@@ -39,6 +40,7 @@ from rddtensor.shards import Shards, make_shards
 from rddtensor.stages import (broadcast_emit, chunks_of, eval_stage, own_record, predict_stage,
                               split_records)
 
+LOCAL_CACHE_CONF = "spark.rddtensor.localCache"
 _LEVEL = StorageLevel.MEMORY_AND_DISK
 _LEVEL_2 = StorageLevel.MEMORY_AND_DISK_2
 _MAX_RECOVERIES = 3  # reloads of the last checkpoint per fit after the state was lost
@@ -57,6 +59,15 @@ def state_level(sc) -> StorageLevel:
     there are two or more (local masters have one block manager: nowhere to copy to)."""
     executors = sc._jsc.sc().getExecutorMemoryStatus().size() - 1  # minus the driver's
     return _LEVEL_2 if executors >= 2 else _LEVEL
+
+
+def _conf(sc, key: str, default: str) -> str:
+    """A setting from the active session's runtime conf (``spark.conf.set``), else the
+    SparkContext's conf, else ``default``."""
+    from pyspark.sql import SparkSession
+    spark = SparkSession.getActiveSession()
+    value = spark.conf.get(key, None) if spark is not None else None
+    return value if value is not None else sc.getConf().get(key, default)
 
 
 def _state_lost(exc: BaseException) -> bool:
@@ -185,6 +196,13 @@ class DistributedRunner:
         self.t0 = model.step if t0 is None else int(t0)  # the step epoch 0 started from
         self.checkpoint, self.resume_stats = checkpoint, resume_stats
         self.recoveries = 0
+        # host-local delivery of the records a partition sends itself (rddtensor.localcache):
+        # conf spark.rddtensor.localCache = true (default) | false | evict (every read misses)
+        mode = _conf(self.sc, LOCAL_CACHE_CONF, "true").strip().lower()
+        if mode not in ("true", "false", "evict"):
+            raise ValueError(f"{LOCAL_CACHE_CONF} must be true, false or evict, got {mode!r}")
+        self.local_cache, self.cache_missed = mode != "false", False
+        self.local = {"run": uuid.uuid4().hex[:16], "job": 0, "evict": mode == "evict"}
         self.since_gc = 0  # iterations since the driver JVM last collected garbage
         self.cfg = {"n_total": self.n_total, "batch_size": batch_size, "seed": seed,
                     "shuffle": shuffle, "offsets": shards.offsets, "t0": self.t0,
@@ -205,6 +223,14 @@ class DistributedRunner:
                 stats = self._try_group(steps)
                 break
             except Exception as exc:
+                if self.local_cache and localcache.MISS in str(exc):
+                    # a record the job sent through the host-local cache was not found where
+                    # it was read: run the job again from its (inline) start state, without it
+                    checkpoints.log.warning("host-local cache miss at step %d: re-running the "
+                                            "job without the cache for the rest of the fit",
+                                            self.t)
+                    self.local_cache, self.cache_missed = False, True
+                    continue
                 if not _state_lost(exc):
                     raise
                 self._recover(exc)
@@ -252,10 +278,14 @@ class DistributedRunner:
         st = self.state
         S = st.S
         job = skeleton(self.model, freeze_optimizer=True)
-        for _ in range(steps):
+        self.local["job"] += 1
+        local = dict(self.local) if self.local_cache else None
+        for s in range(steps):
+            # the last iteration's state is the job's cut state: inline, never a cache token
+            cfg = {**self.cfg, "local": local, "cut": s == steps - 1}
             # updates pending in S (the replicated strategy's last step) use the optimizer
             # settings of the job that computed their gradients, later ones this job's
-            S = st.strategy.iteration(S, self.shards.keyed(), self.cfg, job, st.bounds,
+            S = st.strategy.iteration(S, self.shards.keyed(), cfg, job, st.bounds,
                                       self.acc, pending_model=st.model if S is st.S else job)
         S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
@@ -313,7 +343,16 @@ class DistributedRunner:
 
     def finish(self):
         self.sync_weights()
+        self.close()
+
+    def local_cache_state(self) -> str:
+        """``"on"``, ``"off"`` (conf) or ``"off after a miss"``, for ``History.params``."""
+        return "on" if self.local_cache else "off after a miss" if self.cache_missed else "off"
+
+    def close(self):
+        """Release the state's cached blocks and this host's cache files (idempotent)."""
         self.state.unpersist()
+        localcache.drop_run(self.local["run"])
 
 
 def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, shuffle=True,
@@ -389,7 +428,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                            verbose=verbose, callbacks=callbacks,
                            initial_epoch=resumed.epoch if resumed else 0)
         history.params.update(partitions=shards.n_partitions, allreduce=strategy.name,
-                              iterations_per_job=iterations_per_job, wire_dtype=wire_dtype)
+                              iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,
+                              local_cache=runner.local_cache_state())
         if resumed:
             history.params["resumed_from"] = resumed.path
         return history
@@ -398,7 +438,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         if val is not None:
             val.unpersist()
         if runner is not None:
-            runner.state.unpersist()
+            runner.close()
 
 
 def _driver_state(model, shards: Shards) -> ParameterState:

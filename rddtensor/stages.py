@@ -12,7 +12,7 @@ from pyspark.accumulators import AccumulatorParam
 
 from layers.batching import local_batches, step_rng, steps_per_epoch
 from layers.training import evaluate_arrays, gradient_step
-from rddtensor import rawrdd, wire
+from rddtensor import localcache, rawrdd, wire
 from rddtensor.shards import read_shard
 
 
@@ -27,11 +27,12 @@ class StatsParam(AccumulatorParam):
         return a
 
 
-def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict):
+def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict, local=None):
     """Block ``[lo, hi)`` of θ_t with its optimizer slots, what its owner needs for a step:
-    chunk records of kind ``own`` (``wire.chunks``)."""
-    return wire.chunks("own", {"i": i, "t": t, "lo": lo, "hi": hi},
-                       {"w": w, **{"slot." + k: v for k, v in slots.items()}})
+    chunk records of kind ``own`` (``wire.chunks``), or a token of the host-local cache when
+    ``local`` (the job's cache settings) allows (``to_self``)."""
+    return to_self(local, "own", i, t, {"i": i, "t": t, "lo": lo, "hi": hi},
+                   {"w": w, **{"slot." + k: v for k, v in slots.items()}})
 
 
 def theta_record(i: int, t: int, lo: int, hi: int, w, bf16: bool = False):
@@ -46,7 +47,9 @@ def split_own(arrays: dict):
 
 def split_records(records):
     """A task's input as ``(parameter records, data shard records)``: each parameter record is
-    ``(kind, meta, x, raw bytes)`` (a decoded chunk), shard records stay raw bytes."""
+    ``(kind, meta, x, raw bytes)`` (a decoded chunk), shard records stay raw bytes. A token of
+    the host-local cache (``rddtensor.localcache``) stands for the chunks of the record it
+    names: each of them carries the token as its raw bytes."""
     params, shard = [], []
     for r in records:
         if not len(r):
@@ -54,9 +57,37 @@ def split_records(records):
         kind, meta, arrays = wire.unpack(r)
         if kind == "shard":
             shard.append(r)
+        elif kind == "local":
+            params.extend((k, m, x, r) for k, m, x in localcache.expand(meta))
         else:
             params.append((kind, meta, arrays["x"], r))
     return params, shard
+
+
+def to_self(local, kind: str, part: int, t: int, meta: dict, arrays: dict, bf16: tuple = ()):
+    """The records that carry a record of ``kind`` from partition ``part`` to itself: one token
+    of the host-local cache when the job's ``local`` settings allow it (and the write worked),
+    else its chunks (``wire.chunks``). ``t`` versions the file."""
+    if local:
+        token = localcache.put(local, kind, part, t, meta, arrays, bf16)
+        if token is not None:
+            return [token]
+    return wire.chunks(kind, meta, arrays, bf16)
+
+
+def raws_of(params, kind: str):
+    """The raw records (chunks or tokens, each once) that delivered the ``kind`` records."""
+    seen = set()
+    for k, _, _, raw in params:
+        if k == kind and id(raw) not in seen:
+            seen.add(id(raw))
+            yield raw
+
+
+def is_local(params, kind: str) -> bool:
+    """Whether the ``kind`` records came through the host-local cache (as a token)."""
+    raw = next((raw for k, _, _, raw in params if k == kind), None)
+    return raw is not None and wire.unpack(raw)[0] == "local"
 
 
 def chunks_of(params, kind: str) -> wire.Chunks:

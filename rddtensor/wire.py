@@ -106,13 +106,18 @@ def chunks(kind: str, meta: dict, arrays: dict, bf16: tuple = ()):
     ``name`` (the array), ``at`` (the slice's first element) and ``size`` (the array's length);
     an empty array still sends one (empty) record. ``Chunks`` puts them back together.
     """
+    for m, x in chunk_views(meta, arrays):
+        yield frames(kind, m, {"x": x}, bf16=("x",) if m["name"] in bf16 else ())
+
+
+def chunk_views(meta: dict, arrays: dict):
+    """``(chunk meta, slice)`` for each chunk ``chunks`` would send of ``arrays`` (views, no
+    copy): one definition of the chunk boundaries, shared with ``rddtensor.localcache``."""
     for name, a in arrays.items():
         flat = np.ascontiguousarray(a).reshape(-1)
         step = max(CHUNK_BYTES // max(flat.itemsize, 1), 1)
-        tag = ("x",) if name in bf16 else ()
         for at in range(0, max(flat.size, 1), step):
-            yield frames(kind, {**meta, "name": name, "at": at, "size": int(flat.size)},
-                         {"x": flat[at:at + step]}, bf16=tag)
+            yield {**meta, "name": name, "at": at, "size": int(flat.size)}, flat[at:at + step]
 
 
 class Chunks:

@@ -115,6 +115,8 @@ def distributed_run(sc, run, layout, allreduce, opt=None, dropout=None, **extra)
     h = m.fit(rdd, verbose=0, allreduce=allreduce, **{**kw, **extra})
     assert h.params["partitions"] == len(LAYOUTS[layout])
     assert h.params["allreduce"] == allreduce
+    # every record a partition sent itself went through the host-local cache, none missed
+    assert h.params["local_cache"] == "on"
     got = snapshot(m, h)
     if opt is None and dropout is None:  # later tests compare against the default runs
         _DIST_CACHE[(run, layout, allreduce)] = got
@@ -522,3 +524,33 @@ def test_failed_fit_leaves_nothing_persisted(sc):
         classifier().fit(sc.parallelize(pairs(X, Y_CLS + 2), 2), batch_size=6, verbose=0,
                          allreduce="sharded")
     assert set(_persisted(sc)) - before == set()
+
+
+# --- the host-local cache (rddtensor.localcache) changes speed only -----------------------------
+@pytest.mark.parametrize("allreduce", ["sharded", "replicated"])
+def test_local_cache_off_or_missing_gives_bit_identical_weights(spark, sc, allreduce):
+    import os
+
+    from rddtensor import localcache
+    on = cached_distributed_run(sc, "adam_minibatch", "N2", allreduce)
+    before = set(os.listdir(localcache.root())) if os.path.isdir(localcache.root()) else set()
+    try:
+        for mode, expect in (("false", "off"), ("evict", "off after a miss")):
+            spark.conf.set("spark.rddtensor.localCache", mode)
+            m = new_model("adam_minibatch")
+            _, y, kw = RUNS["adam_minibatch"]
+            # 3 iterations per job: the first job misses, re-runs without the cache, and the
+            # later jobs run without it
+            h = m.fit(chunked_rdd(sc, pairs(X, y), LAYOUTS["N2"]), verbose=0,
+                      allreduce=allreduce, iterations_per_job=3, **kw)
+            assert h.params["local_cache"] == expect
+            assert_same_training(snapshot(m, h), on, exact=True)
+        spark.conf.set("spark.rddtensor.localCache", "sometimes")
+        with pytest.raises(ValueError, match="spark.rddtensor.localCache must be true, false"):
+            new_model("adam_minibatch").fit(chunked_rdd(sc, pairs(X, Y_CLS), [12, 12]),
+                                            verbose=0, batch_size=8)
+    finally:
+        spark.conf.unset("spark.rddtensor.localCache")
+    # the fits removed their cache files (all on this host with a local master)
+    after = set(os.listdir(localcache.root())) if os.path.isdir(localcache.root()) else set()
+    assert after <= before

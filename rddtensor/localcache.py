@@ -1,0 +1,156 @@
+"""Host-local delivery of the records a training task sends to its own partition.
+
+Of the bytes an iteration pushes through Spark's shuffle, the largest share never leaves its
+partition: the owner's block of θ and its optimizer slots ride from one pass to the next, and
+each partition's gradient for its own block goes to itself. A shuffle moves those bytes through
+the JVM, a socket each way and a shuffle file, just like the bytes that do cross partitions.
+Within a Spark job the engine instead writes them to a file under ``/dev/shm`` (memory) and
+shuffles a small *token* naming the file; the task that receives the token reads the file.
+
+What a token never changes is the result: the file holds exactly the record the shuffle would
+have carried (bfloat16 rounding included), and ``expand`` presents it to the receiver as the
+same chunks (``wire.chunk_views``), so sums run in the same order over the same values. What it
+can do is miss: the receiving task ran on another host, or the file is gone (a task re-ran from
+an older stage after its files were pruned, the memory filesystem was full or cleared). A miss
+raises ``CacheMiss`` in the task; the engine then re-runs that job from its start state (which
+is always inline: the cut state of a job never holds tokens) with the cache off, and keeps it off
+for the rest of the fit. So a miss costs one job's time, never a result.
+
+Layout: ``<root>/<run>/<job>/<kind>-<partition>-<step>``. Writing step ``t`` of a kind and
+partition deletes step ``t - 2`` (a re-run of the current stage still finds its inputs), and
+the first write into a job's directory deletes the run's earlier job directories (their records
+are settled in the job's cut state). ``drop_run`` removes a run's files at the end of a fit on
+the driver's host; run directories left on other hosts are removed by the next run that finds
+them untouched for an hour.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+from rddtensor import wire
+
+__all__ = ["CacheMiss", "MISS", "root", "host_id", "put", "load", "expand", "drop_run"]
+
+MISS = "rddtensor local cache miss"
+"""The message prefix of ``CacheMiss``: the engine recognises a miss in a failed job by it."""
+
+_STALE_SECONDS = 3600
+
+
+class CacheMiss(RuntimeError):
+    """A token's file is not on this host (or no longer exists)."""
+
+
+def root() -> str:
+    """The cache's directory: ``/dev/shm`` (memory) when writable, else the temp directory."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"rddtensor-{os.getuid()}")
+
+
+_HOST = None
+
+
+def host_id() -> str:
+    """This machine: host name plus boot id (containers on different machines can share a
+    host name)."""
+    global _HOST
+    if _HOST is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+        except OSError:
+            boot = ""
+        _HOST = f"{socket.gethostname()}/{boot}"
+    return _HOST
+
+
+_SEEN_JOBS: set = set()  # job directories this worker has already pruned around
+
+
+def _job_dir(run: str, job: int) -> str:
+    run_dir = os.path.join(root(), run)
+    path = os.path.join(run_dir, str(job))
+    if (run, job) not in _SEEN_JOBS:
+        _SEEN_JOBS.add((run, job))
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(run_dir):  # earlier jobs of this run: settled, not needed
+            if name.isdigit() and int(name) < job:
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        _prune_stale_runs(run)
+    return path
+
+
+def _prune_stale_runs(current: str) -> None:
+    base = root()
+    now = time.time()
+    for name in os.listdir(base):
+        p = os.path.join(base, name)
+        try:
+            if name != current and now - os.path.getmtime(p) > _STALE_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def put(local: dict, kind: str, part: int, t: int, meta: dict, arrays: dict,
+        bf16: tuple = ()):
+    """Write a record (as ``wire.frames(kind, meta, arrays, bf16)``) to the cache; return its
+    token record, or ``None`` when it could not be written (the caller sends it inline).
+
+    ``local`` is the job's cache settings from the driver: ``run``, ``job`` and optionally
+    ``evict`` (fault injection: the file is deleted at once, so every read misses)."""
+    try:
+        d = _job_dir(local["run"], local["job"])
+        name = f"{kind}-{part}-{t}"
+        path = os.path.join(d, name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            for frame in wire.frames(kind, meta, arrays, bf16):
+                f.write(frame)
+        os.replace(tmp, path)  # a retried task's identical record replaces it atomically
+        old = os.path.join(d, f"{kind}-{part}-{t - 2}")
+        if os.path.exists(old):
+            os.unlink(old)
+        if local.get("evict"):
+            os.unlink(path)
+    except OSError:  # e.g. the memory filesystem is full: the shuffle carries the record
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+        return None
+    return wire.pack("local", {"host": host_id(), "path": path, "kind": kind})
+
+
+def load(meta: dict):
+    """The record a token names, as ``(kind, meta, arrays)`` with read-only views of the
+    mapped file; raises ``CacheMiss`` when it is not on this host."""
+    path = meta["path"]
+    if meta["host"] != host_id():
+        raise CacheMiss(f"{MISS}: {path} was written on {meta['host']}, this task runs on "
+                        f"{host_id()}")
+    try:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ,
+                            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except (OSError, ValueError) as exc:  # gone, or empty
+        raise CacheMiss(f"{MISS}: {path} ({exc})") from None
+    return wire.unpack(buf)
+
+
+def expand(token_meta: dict):
+    """The chunks ``(kind, meta, x)`` of the record a token names: the same slices the shuffle
+    would have delivered (``wire.chunk_views``)."""
+    kind, meta, arrays = load(token_meta)
+    for m, x in wire.chunk_views(meta, arrays):
+        yield kind, m, x
+
+
+def drop_run(run: str) -> None:
+    """Remove a run's cache files on this host (the driver's, at the end of a fit)."""
+    shutil.rmtree(os.path.join(root(), run), ignore_errors=True)

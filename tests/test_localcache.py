@@ -1,0 +1,82 @@
+"""The host-local cache (``rddtensor.localcache``): a token stands for exactly the chunks the
+shuffle would have carried, and anything that cannot be read is a ``CacheMiss``, never a wrong
+or partial record."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from rddtensor import localcache, wire
+from rddtensor.stages import raws_of, split_records, to_self
+
+
+@pytest.fixture()
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(localcache, "root", lambda: str(tmp_path / "cache"))
+    localcache._SEEN_JOBS.clear()
+    return tmp_path / "cache"
+
+
+def _arrays(n=200_000):
+    rng = np.random.default_rng(0)
+    return {"w": rng.normal(size=n).astype(np.float32), "slot.m": rng.normal(size=n).astype(np.float32)}
+
+
+def _decoded(records):
+    return [(k, m, np.array(x)) for k, m, x, _ in split_records(records)[0]]
+
+
+@pytest.mark.parametrize("bf16", [(), ("w",)])
+def test_token_expands_to_the_chunks_the_shuffle_carries(cache_root, bf16):
+    arrays, meta = _arrays(), {"i": 1, "t": 5, "lo": 0, "hi": 200_000}
+    local = {"run": "r1", "job": 1}
+    token = list(to_self(local, "own", 1, 5, meta, arrays, bf16))
+    assert len(token) == 1 and len(token[0]) < 500  # a small record instead of 1.6 MB
+    inline = [wire.pack(*wire.unpack(b"".join(bytes(memoryview(p).cast("B")) for p in r)))
+              for r in wire.chunks("own", meta, arrays, bf16)]
+    got, want = _decoded(token), _decoded(inline)
+    assert len(got) == len(want) > 2  # several chunks per array
+    for (k1, m1, x1), (k2, m2, x2) in zip(got, want):
+        assert k1 == k2 == "own" and m1 == m2
+        np.testing.assert_array_equal(x1, x2)  # bfloat16 rounding included
+    # forwarding a token sends it once, however many chunks it stands for
+    assert list(raws_of(split_records(token)[0], "own")) == token
+
+
+def test_missing_file_or_other_host_is_a_cache_miss(cache_root):
+    local = {"run": "r2", "job": 1}
+    token = localcache.put(local, "grad", 0, 3, {"src": 0, "t": 3}, {"g": np.ones(10, np.float32)})
+    _, meta, _ = wire.unpack(token)
+    elsewhere = {**meta, "host": "other-host/boot"}
+    with pytest.raises(localcache.CacheMiss, match="written on other-host"):
+        list(localcache.expand(elsewhere))
+    os.unlink(meta["path"])
+    with pytest.raises(localcache.CacheMiss, match=localcache.MISS):
+        split_records([token])
+    evicted = localcache.put({**local, "evict": True}, "grad", 1, 3, {}, {"g": np.ones(3)})
+    with pytest.raises(localcache.CacheMiss):
+        split_records([evicted])
+
+
+def test_unwritable_cache_sends_the_record_inline(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setattr(localcache, "root", lambda: str(blocker))
+    localcache._SEEN_JOBS.clear()
+    recs = list(to_self({"run": "r3", "job": 1}, "grad", 0, 1, {"src": 0, "t": 1},
+                        {"g": np.arange(5, dtype=np.float32)}))
+    assert wire.unpack(b"".join(bytes(p) for p in recs[0]))[0] == "grad"  # chunks, no token
+    assert to_self(None, "grad", 0, 1, {}, {"g": np.ones(2)}) is not None
+
+
+def test_old_versions_and_earlier_jobs_are_pruned(cache_root):
+    g = {"g": np.ones(4, np.float32)}
+    for t in range(5):
+        localcache.put({"run": "r4", "job": 1}, "grad", 0, t, {"t": t}, g)
+    assert sorted(os.listdir(cache_root / "r4" / "1")) == ["grad-0-3", "grad-0-4"]
+    localcache.put({"run": "r4", "job": 2}, "grad", 0, 5, {"t": 5}, g)
+    assert os.listdir(cache_root / "r4") == ["2"]  # job 1's records are settled
+    localcache.drop_run("r4")
+    assert not (cache_root / "r4").exists()
