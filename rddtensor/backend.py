@@ -18,7 +18,7 @@ except Exception:  # ImportError, or a broken CUDA install raising at import
 __all__ = [
     "get_array_module", "to_numpy", "asarray", "has_cupy", "gpu_available", "device_count",
     "select_device", "task_device", "is_cupy_array", "cupy_module", "DEVICES", "check_device",
-    "gpu_ordinal", "device_info", "pinned_empty", "to_device", "is_out_of_memory",
+    "gpu_ordinal", "device_info", "cupy_special", "pinned_empty", "to_device", "is_out_of_memory",
 ]
 
 #: the values of the ``device`` option (``Sequential.compile(device=...)``)
@@ -59,6 +59,17 @@ def device_info(device_id: int = 0) -> dict:
     return {"id": int(device_id), "name": name.decode() if isinstance(name, bytes) else str(name),
             "compute_capability": f"{props['major']}.{props['minor']}",
             "memory_bytes": int(props["totalGlobalMem"])}
+
+
+def cupy_special(name: str):
+    """``cupyx.scipy.special.<name>`` (e.g. ``"ndtr"``), or ``None`` when it is unavailable."""
+    if _cupy is None:
+        return None
+    try:
+        import cupyx.scipy.special as special
+    except Exception:
+        return None
+    return getattr(special, name, None)
 
 
 def is_cupy_array(x) -> bool:
