@@ -22,7 +22,7 @@ import numpy as np
 import scipy.special
 
 from layers.base import Layer, register
-from rddtensor.backend import get_array_module
+from rddtensor.backend import cupy_special, get_array_module, is_cupy_array
 from rddtensor.kernels import kernel_or_generic
 
 __all__ = [
@@ -73,6 +73,9 @@ def _normal_cdf(X):
     xp = get_array_module(X)
     if xp is np:
         return scipy.special.ndtr(X)
+    ndtr = cupy_special("ndtr")  # CuPy's own: float64-accurate, as SciPy's
+    if ndtr is not None and is_cupy_array(X):
+        return ndtr(X)
     return _normal_cdf_chebyshev(xp, X)
 
 

@@ -32,10 +32,12 @@ import math
 
 import numpy as np
 
-from rddtensor.backend import get_array_module
+from rddtensor.backend import get_array_module, is_cupy_array
+from rddtensor.kernels import cupy_kernel
 
 __all__ = ["conv_output_size", "pad_spatial", "crop_spatial", "window_view", "offset_slices",
-           "im2col", "col2im", "matmul_col2im", "int_tuple", "SPATIAL_AXES"]
+           "im2col", "col2im", "im2col_strided", "col2im_strided", "matmul_col2im", "int_tuple",
+           "SPATIAL_AXES"]
 
 #: names of the spatial axes per rank, for error messages ("(batch, channels, height, width)")
 SPATIAL_AXES = {1: "length", 2: "height, width"}
@@ -86,6 +88,11 @@ def offset_slices(kernel, strides, dilation, out):
                        for kk, d, s, o in zip(k, dilation, strides, out))
 
 
+def _gpu_kernel(X, kernel) -> bool:
+    # CuPy float arrays of a 2-D convolution: rddtensor.kernels' gather kernels, one pass
+    return len(kernel) == 2 and is_cupy_array(X) and X.dtype in (np.float32, np.float64)
+
+
 def im2col(X, kernel, strides, dilation, pads):
     """Column matrix of a convolution: ``(channels, *kernel, batch, *out)``, C-contiguous.
 
@@ -98,6 +105,14 @@ def im2col(X, kernel, strides, dilation, pads):
         ``(cols, out)`` with ``out`` the output spatial shape. ``cols.reshape(C * K, batch * P)``
         is the GEMM operand (``K = prod(kernel)``, ``P = prod(out)``).
     """
+    if _gpu_kernel(X, kernel):
+        cols = cupy_kernel("im2col")(X, kernel, strides, dilation, pads)
+        return cols, tuple(cols.shape[-2:])
+    return im2col_strided(X, kernel, strides, dilation, pads)
+
+
+def im2col_strided(X, kernel, strides, dilation, pads):
+    """``im2col`` through a strided view and one copy (NumPy, and CuPy's generic path)."""
     xp = get_array_module(X)
     out = tuple(conv_output_size(n, k, s, d, p)
                 for n, k, s, d, p in zip(X.shape[2:], kernel, strides, dilation, pads))
@@ -120,6 +135,13 @@ def col2im(cols, x_shape, kernel, strides, dilation, pads, out):
     Returns:
         ``dX`` of shape ``x_shape``, C-contiguous, dtype of ``cols``.
     """
+    if _gpu_kernel(cols, kernel):
+        return cupy_kernel("col2im")(cols, x_shape, kernel, strides, dilation, pads, out)
+    return col2im_strided(cols, x_shape, kernel, strides, dilation, pads, out)
+
+
+def col2im_strided(cols, x_shape, kernel, strides, dilation, pads, out):
+    """``col2im`` as one strided slice-add per kernel offset (NumPy, CuPy's generic path)."""
     xp = get_array_module(cols)
     N, C = x_shape[:2]
     cols = cols.reshape(C, math.prod(kernel), N, *out)
@@ -147,6 +169,9 @@ def matmul_col2im(A, B, x_shape, kernel, strides, dilation, pads, out):
         instead of 75 MB that a fresh allocation would page-fault in on every call).
     """
     xp = get_array_module(A, B)
+    if _gpu_kernel(A, kernel) and A.dtype == B.dtype:
+        # a GPU has the memory for the K-times larger product: one GEMM, one gather kernel
+        return col2im(xp.matmul(A, B), x_shape, kernel, strides, dilation, pads, out)
     N, C = x_shape[:2]
     K = math.prod(kernel)
     groups, M = A.shape[0], A.shape[2]

@@ -13,6 +13,7 @@ import scipy.sparse
 from layers.base import Layer, layer_class, positive_int, shape_tuple
 from layers.params import ParamLayout
 from layers.training import LocalRunner, evaluate_arrays, fit_loop, stats_logs
+from rddtensor.backend import check_device
 
 
 def is_distributed_data(x) -> bool:
@@ -49,6 +50,7 @@ class Sequential:
         self.theta = None
         self.params: dict = {}
         self.optimizer = self.loss = None
+        self.device = "auto"  # compile(device=...): where distributed training tasks compute
         self.metrics: list = []
         self.slots: dict | None = None  # optimizer slots, created by the first fit
         self.step = 0
@@ -189,15 +191,20 @@ class Sequential:
         return text
 
     # --- training API ---------------------------------------------------------------------
-    def compile(self, optimizer="adam", loss="mse", metrics=None) -> None:
+    def compile(self, optimizer="adam", loss="mse", metrics=None, device="auto") -> None:
         """Choose the optimizer, the loss and the metrics reported by ``fit`` and ``evaluate``.
 
         Args:
             optimizer: an ``optim`` optimizer, its name (``"adam"``) or config dict.
             loss: a loss name (``"sparse_categorical_crossentropy"``) or ``optim.Loss``.
             metrics: names or ``optim.Metric`` objects (``["accuracy"]``).
+            device: where the distributed engine's training tasks compute: ``"auto"`` (the
+                task's GPU when CuPy sees one, else NumPy with a warning if CuPy is installed),
+                ``"gpu"`` (fail without one) or ``"cpu"`` (see ``rddtensor.device``).
+                In-process fits on numpy arrays compute on NumPy.
         """
         from optim import get_loss, get_metric, get_optimizer
+        self.device = check_device(device)
         self.optimizer = get_optimizer(optimizer)
         self.loss = get_loss(loss)
         self.metrics = [get_metric(m) for m in (metrics or [])]
@@ -251,6 +258,10 @@ class Sequential:
                                    **engine_options)
         if engine_options:
             raise TypeError(f"unexpected arguments for in-process fit: {sorted(engine_options)}")
+        if getattr(self, "device", "auto") == "gpu":
+            raise ValueError("device='gpu' puts the distributed engine's tasks on their GPUs, but "
+                             "fit on numpy arrays trains in-process on NumPy; pass an RDD or "
+                             "DataFrame, or compile(device='auto')")
         X, y = self._check_arrays(x, y, "x", build_seed=seed)
         self.check_label_range(y, "labels in y")
         if batch_size > len(X):

@@ -299,6 +299,10 @@ def _prediction_stage(model, features_col):
 # --- info -----------------------------------------------------------------------------------------
 def info(args) -> int:
     """Print versions, Java, the Spark master, and GPU/CuPy status."""
+    from rddtensor.device import discovery_script_path
+    if args.gpu_discovery_script:
+        print(discovery_script_path())
+        return 0
     import platform
 
     import numpy as np
@@ -321,6 +325,8 @@ def info(args) -> int:
     gpu = backend.device_count()
     cupy = "installed" if backend.has_cupy() else "not installed"
     print(f"cupy      {cupy}; GPUs visible: {gpu}")
+    print(f"device    {_device_line()}")
+    print(f"discovery {discovery_script_path()} (spark.executor.resource.gpu.discoveryScript)")
     if args.spark:
         spark, owned = start_spark(args, "rddtensor-info")
         sc = spark.sparkContext
@@ -333,6 +339,22 @@ def info(args) -> int:
         if owned:
             spark.stop()
     return 0
+
+
+def _device_line() -> str:
+    """Where training tasks on this host would compute with the default device='auto'."""
+    import os
+
+    from rddtensor import backend
+    if backend.gpu_available():
+        d = backend.device_info(0)
+        return (f"gpu {d['id']}: {d['name']} (compute {d['compute_capability']}, "
+                f"{d['memory_bytes'] / 2 ** 30:.1f} GiB); tasks compute on CuPy")
+    if not backend.has_cupy():
+        return "cpu (NumPy); for GPUs: pip install rddtensor[gpu]"
+    return (f"cpu (NumPy): cupy is installed but sees no CUDA GPU (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); tasks warn and use NumPy, "
+            f"compile(device='gpu') fails")
 
 
 # --- argument parsing -----------------------------------------------------------------------------
@@ -388,6 +410,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spark", action="store_true",
                    help="start Spark on the master and report its executors")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--gpu-discovery-script", action="store_true",
+                   help="print only the path of the GPU discovery script shipped with rddtensor "
+                        "(for spark.executor.resource.gpu.discoveryScript)")
     p.set_defaults(func=info)
     return ap
 

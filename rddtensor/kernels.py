@@ -19,7 +19,11 @@ name                       what
 ``tanh_backward``          ``dX = dY * (1 - Y^2)``
 ``lstm_cell_forward``      LSTM pointwise part: gate pre-activations, ``c_prev`` -> ``h, c``
 ``lstm_cell_backward``     its backward: ``dh, dc`` -> ``dgates, dc_prev``
+``gru_cell_forward``       GRU pointwise part: ``gi, gh, h_prev`` -> ``h``, activated gates
+``gru_cell_backward``      its backward: ``dh`` -> ``dgi, dgh`` and the direct part of ``dh_prev``
 ``softmax_cross_entropy``  per-row softmax cross-entropy and its gradient from logits
+``im2col``                 2-D convolution windows -> columns ``(C, kh, kw, N, oh, ow)``
+``col2im``                 its adjoint: each input pixel gathers its columns (no atomics)
 =========================  ===================================================================
 
 The generic optimizer and activation references do the same operations in the same order as
@@ -44,7 +48,8 @@ from rddtensor.backend import cupy_module, get_array_module, is_cupy_array
 __all__ = ["KERNELS", "kernel_or_generic", "generic", "cupy_kernel", "adam_generic",
            "sgd_generic", "relu_backward_generic", "gelu_tanh_backward_generic",
            "sigmoid_backward_generic", "tanh_backward_generic", "lstm_cell_forward_generic",
-           "lstm_cell_backward_generic", "softmax_cross_entropy_generic"]
+           "lstm_cell_backward_generic", "gru_cell_forward_generic", "gru_cell_backward_generic",
+           "softmax_cross_entropy_generic", "im2col_generic", "col2im_generic"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -222,6 +227,59 @@ def lstm_cell_backward_generic(dh, dc, act, c_prev, c):
     return dgates, dct * f
 
 
+def gru_cell_forward_generic(gi, gh, h_prev):
+    """The pointwise part of a GRU cell (PyTorch gate order r, z, n).
+
+    ``r = sigmoid(gi_r + gh_r)``, ``z = sigmoid(gi_z + gh_z)``, ``n = tanh(gi_n + r * gh_n)``,
+    ``h = (1 - z) * n + z * h_prev`` (computed as ``n + z * (h_prev - n)``, as ``layers.GRU``).
+
+    Args:
+        gi: ``(batch, 3H)`` input projection ``X @ W_ih.T + b_ih``.
+        gh: ``(batch, 3H)`` recurrent projection ``h_prev @ W_hh.T + b_hh``.
+        h_prev: ``(batch, H)`` previous state.
+
+    Returns:
+        ``(h, act)``: ``(batch, H)`` and the activated gates ``r, z, n`` ``(batch, 3H)``.
+    """
+    xp = get_array_module(gi, gh, h_prev)
+    H = h_prev.shape[-1]
+    act = xp.empty_like(gi)
+    act[:, :2 * H] = _sigmoid(xp, gi[:, :2 * H] + gh[:, :2 * H])
+    act[:, 2 * H:] = xp.tanh(gi[:, 2 * H:] + act[:, :H] * gh[:, 2 * H:])
+    z, n = act[:, H:2 * H], act[:, 2 * H:]
+    return n + z * (h_prev - n), act
+
+
+def gru_cell_backward_generic(dh, act, gh, h_prev):
+    """Backward of ``gru_cell_forward``: ``(dgi, dgh, dh_direct)``.
+
+    ``dn = dh (1 - z)(1 - n^2)``, ``dz = dh (h_prev - n) z (1 - z)``,
+    ``dr = dn gh_n r (1 - r)``; ``dgi = [dr, dz, dn]``, ``dgh = [dr, dz, dn r]``, and
+    ``dh_direct = dh z``: the caller adds ``dgh @ W_hh`` for the full ``dh_prev``.
+    """
+    xp = get_array_module(dh, act)
+    H = h_prev.shape[-1]
+    r, z, n = act[:, :H], act[:, H:2 * H], act[:, 2 * H:]
+    dn = dh * (1.0 - z) * (1.0 - n * n)
+    dz = dh * (h_prev - n) * z * (1.0 - z)
+    dr = dn * gh[:, 2 * H:] * r * (1.0 - r)
+    dgi = xp.concatenate([dr, dz, dn], axis=1)
+    dgh = xp.concatenate([dr, dz, dn * r], axis=1)
+    return dgi, dgh, dh * z
+
+
+def im2col_generic(X, kernel, strides, dilation, pads):
+    """``layers.im2col.im2col_strided``'s columns ``(C, *kernel, N, *out)`` (no ``out``)."""
+    from layers.im2col import im2col_strided  # layers builds on this module: import late
+    return im2col_strided(X, kernel, strides, dilation, pads)[0]
+
+
+def col2im_generic(cols, x_shape, kernel, strides, dilation, pads, out):
+    """``layers.im2col.col2im_strided``: the adjoint of ``im2col``, ``dX`` of ``x_shape``."""
+    from layers.im2col import col2im_strided
+    return col2im_strided(cols, x_shape, kernel, strides, dilation, pads, out)
+
+
 def softmax_cross_entropy_generic(Y, labels, n_total):
     """Softmax cross-entropy of logits ``Y`` against class ids, and its gradient.
 
@@ -348,6 +406,83 @@ _ELEMENTWISE = {
         dgates[base + 2 * H] = dct * gi * ((T)1 - gg * gg);
         dgates[base + 3 * H] = dh * tc * go * ((T)1 - go);
         dc_prev = dct * gf;
+        """),
+    "gru_cell_forward": (
+        "raw T gi, raw T gh, T h_prev, int32 H",
+        "T h, raw T act",
+        """
+        const ptrdiff_t base = (i / H) * 3 * H + i % H;
+        T r = rdd_sigmoid(gi[base] + gh[base]);
+        T z = rdd_sigmoid(gi[base + H] + gh[base + H]);
+        T n = tanh(gi[base + 2 * H] + r * gh[base + 2 * H]);
+        act[base] = r;
+        act[base + H] = z;
+        act[base + 2 * H] = n;
+        h = n + z * (h_prev - n);
+        """),
+    "gru_cell_backward": (
+        "T dh, raw T act, raw T gh, T h_prev, int32 H",
+        "raw T dgi, raw T dgh, T dh_direct",
+        """
+        const ptrdiff_t base = (i / H) * 3 * H + i % H;
+        T r = act[base];
+        T z = act[base + H];
+        T n = act[base + 2 * H];
+        T dn = dh * ((T)1 - z) * ((T)1 - n * n);
+        T dz = dh * (h_prev - n) * z * ((T)1 - z);
+        T dr = dn * gh[base + 2 * H] * r * ((T)1 - r);
+        dgi[base] = dr;
+        dgi[base + H] = dz;
+        dgi[base + 2 * H] = dn;
+        dgh[base] = dr;
+        dgh[base + H] = dz;
+        dgh[base + 2 * H] = dn * r;
+        dh_direct = dh * z;
+        """),
+    # one thread per column entry (c, kh, kw, n, oh, ow): a gather, zero outside the input
+    "im2col": (
+        "raw T X, int32 N, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 OH, int32 OW, "
+        "int32 SH, int32 SW, int32 DH, int32 DW, int32 PH, int32 PW",
+        "T cols",
+        """
+        ptrdiff_t t = i;
+        const int ow = t % OW; t /= OW;
+        const int oh = t % OH; t /= OH;
+        const int n = t % N; t /= N;
+        const int kw = t % KW; t /= KW;
+        const int kh = t % KH;
+        const int c = t / KH;
+        const int y = oh * SH + kh * DH - PH;
+        const int x = ow * SW + kw * DW - PW;
+        cols = (y >= 0 && y < H && x >= 0 && x < W)
+            ? X[((ptrdiff_t)n * C + c) * H * W + (ptrdiff_t)y * W + x] : (T)0;
+        """),
+    # one thread per input pixel (n, c, y, x): it sums the columns that read it, in im2col's
+    # kernel-offset order (the order col2im's slice-adds use), so no atomics are needed
+    "col2im": (
+        "raw T cols, int32 N, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 OH, int32 OW, "
+        "int32 SH, int32 SW, int32 DH, int32 DW, int32 PH, int32 PW",
+        "T dX",
+        """
+        ptrdiff_t t = i;
+        const int x = t % W; t /= W;
+        const int y = t % H; t /= H;
+        const int c = t % C;
+        const int n = t / C;
+        T acc = (T)0;
+        for (int kh = 0; kh < KH; ++kh) {
+            const int ty = y + PH - kh * DH;
+            if (ty < 0 || ty % SH != 0 || ty / SH >= OH) continue;
+            const int oh = ty / SH;
+            for (int kw = 0; kw < KW; ++kw) {
+                const int tx = x + PW - kw * DW;
+                if (tx < 0 || tx % SW != 0 || tx / SW >= OW) continue;
+                const int ow = tx / SW;
+                acc += cols[((((ptrdiff_t)c * KH + kh) * KW + kw) * N + n) * OH * OW
+                            + (ptrdiff_t)oh * OW + ow];
+            }
+        }
+        dX = acc;
         """),
 }
 
@@ -508,6 +643,60 @@ def _lstm_cell_backward_cupy(dh, dc, act, c_prev, c):
     return dgates, dc_prev
 
 
+def _gru_cell_forward_cupy(gi, gh, h_prev):
+    _require_cupy(gh=gh, h_prev=h_prev)
+    cp = _cupy()
+    gi, gh = cp.ascontiguousarray(gi), cp.ascontiguousarray(gh)
+    h = cp.empty(h_prev.shape, gi.dtype)
+    act = cp.empty_like(gi)
+    _elementwise("gru_cell_forward")(gi, gh, h_prev, np.int32(h_prev.shape[-1]), h, act)
+    return h, act
+
+
+def _gru_cell_backward_cupy(dh, act, gh, h_prev):
+    _require_cupy(act=act, gh=gh, h_prev=h_prev)
+    cp = _cupy()
+    act, gh = cp.ascontiguousarray(act), cp.ascontiguousarray(gh)
+    dgi, dgh = cp.empty_like(act), cp.empty_like(act)
+    dh_direct = cp.empty(h_prev.shape, act.dtype)
+    _elementwise("gru_cell_backward")(dh, act, gh, h_prev, np.int32(h_prev.shape[-1]), dgi, dgh,
+                                      dh_direct)
+    return dgi, dgh, dh_direct
+
+
+def _conv_geometry(x_shape, kernel, strides, dilation, pads, out):
+    N, C, H, W = x_shape
+    return tuple(np.int32(v) for v in (N, C, H, W, *kernel, *out, *strides, *dilation,
+                                       pads[0][0], pads[1][0]))
+
+
+def _im2col_cupy(X, kernel, strides, dilation, pads):
+    from layers.im2col import conv_output_size
+    if len(kernel) != 2:  # 1-D convolutions: the strided view, on CuPy too
+        return im2col_generic(X, kernel, strides, dilation, pads)
+    cp = _cupy()
+    X = cp.ascontiguousarray(X)
+    out = tuple(conv_output_size(n, k, s, d, p)
+                for n, k, s, d, p in zip(X.shape[2:], kernel, strides, dilation, pads))
+    geometry = _conv_geometry(X.shape, kernel, strides, dilation, pads, out)
+    cols = cp.empty((X.shape[1], *kernel, X.shape[0], *out), X.dtype)
+    if cols.size:
+        _elementwise("im2col")(X, *geometry, cols)
+    return cols
+
+
+def _col2im_cupy(cols, x_shape, kernel, strides, dilation, pads, out):
+    if len(kernel) != 2:
+        return col2im_generic(cols, x_shape, kernel, strides, dilation, pads, out)
+    cp = _cupy()
+    cols = cp.ascontiguousarray(cols)
+    geometry = _conv_geometry(x_shape, kernel, strides, dilation, pads, out)
+    dX = cp.empty(tuple(x_shape), cols.dtype)
+    if dX.size:
+        _elementwise("col2im")(cols, *geometry, dX)
+    return dX
+
+
 def _softmax_cross_entropy_cupy(Y, labels, n_total):
     cp = _cupy()
     Y = cp.ascontiguousarray(Y)
@@ -531,7 +720,11 @@ KERNELS = {
     "tanh_backward": (tanh_backward_generic, _unary_backward_cupy("tanh_backward")),
     "lstm_cell_forward": (lstm_cell_forward_generic, _lstm_cell_forward_cupy),
     "lstm_cell_backward": (lstm_cell_backward_generic, _lstm_cell_backward_cupy),
+    "gru_cell_forward": (gru_cell_forward_generic, _gru_cell_forward_cupy),
+    "gru_cell_backward": (gru_cell_backward_generic, _gru_cell_backward_cupy),
     "softmax_cross_entropy": (softmax_cross_entropy_generic, _softmax_cross_entropy_cupy),
+    "im2col": (im2col_generic, _im2col_cupy),
+    "col2im": (col2im_generic, _col2im_cupy),
 }
 
 

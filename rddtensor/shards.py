@@ -8,6 +8,7 @@ output (one record from each of the N parameter owners). Uneven and empty partit
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,9 +215,13 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
             feature_shape = np.asarray(_features_of(first[0] if has_labels else first)).shape
         feature_shape = tuple(int(s) for s in feature_shape)
 
+        shard_id = uuid.uuid4().hex
+
         def build(j, it):
             arrays = _stack_rows(it, feature_shape, has_labels, j, names)
-            yield wire.pack("shard", {"j": j, "n": len(arrays["X"])}, _wire_arrays(arrays))
+            # "id" tells this data apart in executor-local caches (rddtensor.device)
+            yield wire.pack("shard", {"j": j, "n": len(arrays["X"]), "id": shard_id},
+                            _wire_arrays(arrays))
             for _ in range(n_records - 1):
                 yield wire.PAD
 

@@ -12,7 +12,7 @@ from pyspark.accumulators import AccumulatorParam
 
 from layers.batching import local_batches, step_rng, steps_per_epoch
 from layers.training import evaluate_arrays, gradient_step
-from rddtensor import localcache, rawrdd, wire
+from rddtensor import device, localcache, rawrdd, wire
 from rddtensor.shards import read_shard
 
 
@@ -165,11 +165,21 @@ def local_gradient(cfg: dict, model, theta, t: int, j: int, shard_records, acc):
     epoch, b = divmod(t - cfg["t0"], spe)
     lo = cfg["offsets"][j]
     rows = _epoch_plan(cfg, epoch, lo, lo + meta["n"])[b]
-    g, stats = gradient_step(model, theta, arrays["X"][rows], arrays["y"][rows],
+    w, X, y, grad_out = theta, arrays["X"], arrays["y"], None
+    # --- GPU executors (rddtensor.device): the shard stays on the task's GPU, θ_t goes in and
+    # the gradient comes out through pinned memory; None (no GPU, device="cpu") is pure NumPy
+    gpu = device.task_placement(getattr(model, "device", "auto"), meta, arrays)
+    if gpu is not None:
+        w, X, y, rows = gpu.step_inputs(theta, meta, arrays, rows)
+    else:
+        grad_out = scratch("grad", model.layout.size, theta.dtype)
+    g, stats = gradient_step(model, w, X[rows], y[rows],
                              loss=model.loss, n_batch=int(cfg["batch_sizes"][b]),
                              rng=step_rng(cfg["seed"], t + 1, j),
                              class_weight=cfg["class_weight"], metrics=model.metrics,
-                             grad_out=scratch("grad", model.layout.size, theta.dtype))
+                             grad_out=grad_out)
+    if gpu is not None:
+        g = gpu.gradient_to_host(g)
     acc.add({(t + 1, j): stats})
     return g
 

@@ -197,6 +197,90 @@ def test_lstm_cell_matches_torch():
     np.testing.assert_allclose(dc_prev, ct.grad.numpy(), **tol)
 
 
+# --- GRU cell -------------------------------------------------------------------------------------
+def _gru_inputs(batch=3, H=4, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    gi, gh = ((2.0 * rng.standard_normal((batch, 3 * H))).astype(dtype) for _ in range(2))
+    return gi, gh, rng.standard_normal((batch, H)).astype(dtype)
+
+
+def test_gru_cell_backward_gradcheck():
+    gi, gh, h_prev = _gru_inputs(batch=2, H=3, seed=8)
+    R = np.random.default_rng(9).standard_normal(h_prev.shape)
+
+    def f(a):
+        h, _ = kernels.gru_cell_forward_generic(a["gi"], a["gh"], a["h_prev"])
+        return float(np.sum(h * R))
+
+    h, act = kernels.gru_cell_forward_generic(gi, gh, h_prev)
+    dgi, dgh, dh_direct = kernels.gru_cell_backward_generic(R, act, gh, h_prev)
+    check_grad(f, {"gi": gi, "gh": gh, "h_prev": h_prev},
+               {"gi": dgi, "gh": dgh, "h_prev": dh_direct}, per_element=True)
+
+
+def test_gru_cell_matches_torch():
+    torch = pytest.importorskip("torch")
+    n_in, H, batch = 5, 4, 3
+    cell = torch.nn.GRUCell(n_in, H, dtype=torch.float64)
+    rng = np.random.default_rng(10)
+    X, h0, dh = rng.standard_normal((batch, n_in)), *rng.standard_normal((2, batch, H))
+    W_ih, W_hh = cell.weight_ih.detach().numpy(), cell.weight_hh.detach().numpy()
+    gi = X @ W_ih.T + cell.bias_ih.detach().numpy()
+    gh = h0 @ W_hh.T + cell.bias_hh.detach().numpy()
+    h, act = kernels.gru_cell_forward_generic(gi, gh, h0)
+    dgi, dgh, dh_direct = kernels.gru_cell_backward_generic(dh, act, gh, h0)
+
+    Xt, ht = (torch.tensor(a, requires_grad=True) for a in (X, h0))
+    h_t = cell(Xt, ht)
+    (h_t * torch.tensor(dh)).sum().backward()
+    tol = {"rtol": 1e-12, "atol": 1e-13}
+    np.testing.assert_allclose(h, h_t.detach().numpy(), **tol)
+    np.testing.assert_allclose(dgi @ W_ih, Xt.grad.numpy(), **tol)
+    np.testing.assert_allclose(dh_direct + dgh @ W_hh, ht.grad.numpy(), **tol)
+
+
+# --- im2col / col2im ------------------------------------------------------------------------------
+#: (x_shape, kernel, strides, dilation, pads): odd sizes, strides, dilation, asymmetric padding
+CONV_GEOMETRIES = [
+    ((2, 3, 7, 6), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
+    ((1, 2, 9, 8), (3, 2), (2, 3), (1, 1), ((0, 1), (2, 0))),
+    ((3, 1, 10, 9), (2, 3), (1, 2), (2, 1), ((1, 0), (0, 2))),
+    ((2, 4, 5, 5), (1, 1), (2, 2), (1, 1), ((0, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("geometry", range(len(CONV_GEOMETRIES)))
+def test_generic_im2col_col2im_are_the_layers_and_adjoint(geometry):
+    from layers.im2col import col2im, im2col
+    x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[geometry]
+    rng = np.random.default_rng(geometry)
+    X = rng.standard_normal(x_shape)
+    cols, out = im2col(X, kernel, strides, dilation, pads)
+    np.testing.assert_array_equal(kernels.im2col_generic(X, kernel, strides, dilation, pads), cols)
+    C = rng.standard_normal(cols.shape)
+    dX = kernels.col2im_generic(C, x_shape, kernel, strides, dilation, pads, out)
+    np.testing.assert_array_equal(dX, col2im(C, x_shape, kernel, strides, dilation, pads, out))
+    # <im2col(X), C> == <X, col2im(C)>: col2im is the adjoint the backward pass needs
+    assert np.isclose(np.vdot(cols, C), np.vdot(X, dX), rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("geometry", range(len(CONV_GEOMETRIES)))
+def test_matmul_col2im_equals_col2im_of_the_product(geometry, groups):
+    # the GPU strategy: one GEMM, then the col2im kernel, instead of one GEMM per offset
+    from layers.im2col import col2im, im2col, matmul_col2im
+    x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[geometry]
+    x_shape = (x_shape[0], 2 * groups, *x_shape[2:])
+    rng = np.random.default_rng(20 + geometry)
+    _, out = im2col(np.zeros(x_shape), kernel, strides, dilation, pads)
+    K, NP = int(np.prod(kernel)), x_shape[0] * int(np.prod(out))
+    A = rng.standard_normal((groups, x_shape[1] // groups * K, 3))
+    B = rng.standard_normal((groups, 3, NP))
+    np.testing.assert_allclose(
+        matmul_col2im(A, B, x_shape, kernel, strides, dilation, pads, out),
+        col2im(A @ B, x_shape, kernel, strides, dilation, pads, out), rtol=1e-12, atol=1e-12)
+
+
 # --- softmax cross-entropy ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_generic_softmax_cross_entropy_equals_loss(dtype):
@@ -229,7 +313,8 @@ def test_kernel_or_generic_runs_generic_on_numpy_and_builds_nothing(monkeypatch)
 def test_every_kernel_has_both_implementations():
     assert set(KERNELS) == {"adam", "sgd", "relu_backward", "gelu_tanh_backward",
                             "sigmoid_backward", "tanh_backward", "lstm_cell_forward",
-                            "lstm_cell_backward", "softmax_cross_entropy"}
+                            "lstm_cell_backward", "gru_cell_forward", "gru_cell_backward",
+                            "softmax_cross_entropy", "im2col", "col2im"}
     for name, (gen, cup) in KERNELS.items():
         assert callable(gen) and callable(cup), name
 
@@ -366,3 +451,54 @@ def test_gpu_dispatch_and_mixed_inputs(cp):
     assert isinstance(out, cp.ndarray) and out.dtype == np.float16
     with pytest.raises(TypeError, match=r"rddtensor.backend.asarray\(Y, xp=cupy_module\(\)\)"):
         kernel_or_generic("relu_backward")(cp.ones(2, np.float32), np.ones(2, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_gru_cell_kernels(cp, dtype):
+    gi, gh, h_prev = _gru_inputs(batch=7, H=33, seed=11, dtype=dtype)
+    dh = np.random.default_rng(12).standard_normal(h_prev.shape).astype(dtype)
+    ref = kernels.gru_cell_forward_generic(gi, gh, h_prev)
+    got = kernel_or_generic("gru_cell_forward")(*(cp.asarray(a) for a in (gi, gh, h_prev)))
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(cp.asnumpy(a), b, **_tol(dtype))
+    act = ref[1]
+    ref_b = kernels.gru_cell_backward_generic(dh, act, gh, h_prev)
+    got_b = kernel_or_generic("gru_cell_backward")(*(cp.asarray(a) for a in (dh, act, gh, h_prev)))
+    for a, b in zip(got_b, ref_b):
+        np.testing.assert_allclose(cp.asnumpy(a), b, **_tol(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", range(len(CONV_GEOMETRIES)))
+def test_gpu_im2col_col2im_kernels(cp, geometry, dtype):
+    x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[geometry]
+    rng = np.random.default_rng(geometry)
+    X = rng.standard_normal(x_shape).astype(dtype)
+    ref = kernels.im2col_generic(X, kernel, strides, dilation, pads)
+    got = kernels.cupy_kernel("im2col")(cp.asarray(X), kernel, strides, dilation, pads)
+    np.testing.assert_array_equal(cp.asnumpy(got), ref)  # a gather: exact
+    out = ref.shape[-2:]
+    C = rng.standard_normal(ref.shape).astype(dtype)
+    ref_dX = kernels.col2im_generic(C, x_shape, kernel, strides, dilation, pads, out)
+    got_dX = kernels.cupy_kernel("col2im")(cp.asarray(C), x_shape, kernel, strides, dilation,
+                                           pads, out)
+    # the same additions in the same order as the slice-adds (equal up to rounding at most)
+    np.testing.assert_allclose(cp.asnumpy(got_dX), ref_dX, **_tol(dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_conv_layers_take_the_kernels(cp, monkeypatch):
+    from layers.im2col import col2im, im2col, matmul_col2im
+    x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[1]
+    X = cp.asarray(np.random.default_rng(0).standard_normal(x_shape).astype(np.float32))
+    calls = []
+    real = kernels.cupy_kernel
+    monkeypatch.setattr("layers.im2col.cupy_kernel", lambda n: calls.append(n) or real(n))
+    cols, out = im2col(X, kernel, strides, dilation, pads)
+    col2im(cols, x_shape, kernel, strides, dilation, pads, out)
+    A = cp.ones((1, x_shape[1] * 6, 2), np.float32)
+    B = cp.ones((1, 2, x_shape[0] * out[0] * out[1]), np.float32)
+    matmul_col2im(A, B, x_shape, kernel, strides, dilation, pads, out)
+    assert calls == ["im2col", "col2im", "col2im"]

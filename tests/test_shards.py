@@ -81,6 +81,8 @@ def test_pairs_with_any_feature_type(sc):
         assert s.has_labels and s.feature_shape == (4,)
         assert s.sizes == [3, 0, 4] and s.offsets == [0, 3, 3] and s.n_total == 7
         parts = partitions(s)
+        ids = {p[0].pop("id") for p in parts}  # one id per shard set (device caches' key)
+        assert len(ids) == 1 and len(ids.pop()) == 32
         assert [p[0] for p in parts] == [{"j": 0, "n": 3}, {"j": 1, "n": 0}, {"j": 2, "n": 4}]
         assert [p[2] for p in parts] == [2, 2, 2]  # n_records = N: shard + N-1 pads
         got_X = np.concatenate([p[1]["X"] for p in parts])
