@@ -167,13 +167,17 @@ def _stack(rows, feature_shape, has_labels, j, names=("features", "labels")):
     return arrays
 
 
+def _check_df(df, features_col, label_col):
+    missing = [c for c in (features_col, label_col) if c and c not in df.columns]
+    if missing:
+        raise ValueError(f"DataFrame has no column {missing[0]!r}; columns are {df.columns}")
+    _check_columns(df, features_col, label_col)
+
+
 def _as_rows(data, features_col, label_col, what):
     """An RDD of (features, label) pairs (or features) from an RDD or a DataFrame."""
     if hasattr(data, "select") and hasattr(data, "columns"):  # DataFrame
-        missing = [c for c in (features_col, label_col) if c and c not in data.columns]
-        if missing:
-            raise ValueError(f"DataFrame has no column {missing[0]!r}; columns are {data.columns}")
-        _check_columns(data, features_col, label_col)
+        _check_df(data, features_col, label_col)
         if label_col:
             return data.select(features_col, label_col).rdd.map(lambda r: (r[0], r[1])), True
         return data.select(features_col).rdd.map(lambda r: r[0]), False
@@ -198,55 +202,114 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
             parameter owners whose all-gather this shard RDD will be zipped with.
         what: how error messages name this data ("training data", "validation_data", ...).
     """
-    rows, has_labels = _as_rows(data, features_col, label_col, what)
     is_df = hasattr(data, "select") and hasattr(data, "columns")
     names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
              if is_df else ("features", "labels"))
-    if n_partitions is not None and n_partitions != rows.getNumPartitions():
-        rows = rows.repartition(int(n_partitions))
+    if feature_shape is not None:
+        feature_shape = tuple(int(s) for s in feature_shape)
+    arrow = None
+    if is_df:
+        _check_df(data, features_col, label_col)
+        arrow = _arrow_build(data, features_col, label_col, n_partitions)
+    if arrow is not None:
+        (rows, stack), has_labels = arrow, bool(label_col)
+    else:
+        rows, has_labels = _as_rows(data, features_col, label_col, what)
+        if n_partitions is not None and n_partitions != rows.getNumPartitions():
+            rows = rows.repartition(int(n_partitions))
+        with spark_errors():
+            if feature_shape is None:
+                if rows.isEmpty():
+                    raise ValueError(f"the {what} is empty: no rows")
+                first = rows.first()
+                feature_shape = tuple(np.asarray(_features_of(first[0] if has_labels
+                                                              else first)).shape)
+
+        def stack(it, shape, j):
+            return _stack_rows(it, shape, has_labels, j, names)
     N = rows.getNumPartitions()
     n_records = N if n_records is None else int(n_records)
-    with spark_errors():
-        if feature_shape is None:
-            if rows.isEmpty():
-                raise ValueError(f"the {what} is empty: no rows")
-            first = rows.first()
-            feature_shape = np.asarray(_features_of(first[0] if has_labels else first)).shape
-        feature_shape = tuple(int(s) for s in feature_shape)
-
-        def build(j, it):
-            arrays = _stack_rows(it, feature_shape, has_labels, j, names)
-            yield wire.pack("shard", {"j": j, "n": len(arrays["X"])}, _wire_arrays(arrays))
-            for _ in range(n_records - 1):
-                yield wire.PAD
-
-        shard_rdd = rawrdd.map_raw(rows, build).persist()
-        try:
-            sizes, labels = _sizes(shard_rdd)
-        except BaseException:
-            shard_rdd.unpersist()
-            raise
+    shard_rdd, sizes, labels, shapes = _build(rows, stack, feature_shape, n_records)
     if sum(sizes) == 0:
         shard_rdd.unpersist()
         raise ValueError(f"the {what} is empty: no rows")
+    if feature_shape is None:  # (Arrow path) every partition's own: they must agree
+        found = [(j, s) for j, s in enumerate(shapes) if sizes[j]]
+        feature_shape = found[0][1]
+        bad = next(((j, s) for j, s in found if s != feature_shape), None)
+        if bad is not None:
+            shard_rdd.unpersist()
+            raise ValueError(f"row 0 of partition {bad[0]} has {names[0]} of shape {bad[1]}, "
+                             f"expected {feature_shape} (every row needs the same feature "
+                             "length)")
+        if not all(sizes):  # empty partitions' arrays need the shape too: build them again
+            shard_rdd.unpersist()
+            shard_rdd, sizes, labels, _ = _build(rows, stack, feature_shape, n_records)
     return Shards(shard_rdd, sizes, feature_shape, has_labels, label_range=labels)
 
 
+def _arrow_build(df, features_col, label_col, n_partitions):
+    """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.arrow_shards``), or
+    ``None`` where this Spark cannot hand them out."""
+    from rddtensor import arrow_shards
+    from rddtensor.ml.columns import feature_kind
+    columns = [features_col] + ([label_col] if label_col else [])
+    got = arrow_shards.arrow_rows(df, columns, n_partitions)
+    if got is None:
+        return None
+    rdd, schema = got
+    kinds = [feature_kind(df.schema, features_col, "features_col")]
+    if label_col:
+        from pyspark.sql.types import NumericType
+        t = df.schema[label_col].dataType
+        kinds.append(None if isinstance(t, NumericType) else
+                     feature_kind(df.schema, label_col, "label_col"))
+    names = (f"features (column {features_col!r})", f"labels (column {label_col!r})")
+
+    def stack(it, shape, j):
+        table = arrow_shards.read_table(it, schema)
+        return arrow_shards.stack_table(table, kinds, shape, j, names)
+    return rdd, stack
+
+
+def _build(rows, stack, feature_shape, n_records):
+    """Stack every partition (``stack(records, feature_shape, j)``) into one cached shard record
+    plus pads; returns the RDD, rows and per-partition feature shapes, the label summary."""
+    def build(j, it):
+        arrays = stack(it, feature_shape, j)
+        yield wire.pack("shard", {"j": j, "n": len(arrays["X"])}, _wire_arrays(arrays))
+        for _ in range(n_records - 1):
+            yield wire.PAD
+
+    with spark_errors():
+        shard_rdd = rawrdd.map_raw(rows, build).persist()
+        try:
+            sizes, labels, shapes = _sizes(shard_rdd)
+        except BaseException:
+            shard_rdd.unpersist()
+            raise
+    return shard_rdd, sizes, labels, shapes
+
+
 def _sizes(shard_rdd):
-    """Rows per partition, and ``(min, max, all integers)`` of the scalar labels (or ``None``)."""
+    """Rows and feature shape per partition, and ``(min, max, all integers)`` of the scalar
+    labels (or ``None``)."""
     def count(j, it):
-        n, summary = 0, None
+        n, summary, shape = 0, None, None
         for r in it:
             if len(r):
                 _, meta, arrays = wire.unpack(r)
-                n, summary = meta["n"], _label_summary(arrays.get("y"))
-        yield (j, n, summary)
+                n = meta["n"]
+                shape = tuple(int(d) for d in (arrays["X"].shape if "X" in arrays
+                                               else arrays["X.shape"])[1:])
+                summary = _label_summary(arrays.get("y"))
+        yield (j, n, summary, shape)
     parts = sorted(shard_rdd.mapPartitionsWithIndex(count).collect())
     found = [p[2] for p in parts if p[2] is not None]
     labels = None
     if found and len(found) == sum(1 for p in parts if p[1]):
         labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
-    return [p[1] for p in parts], labels
+    return [p[1] for p in parts], labels, [p[3] for p in parts]
 
 
 def read_shard(records):
