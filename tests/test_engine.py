@@ -522,3 +522,29 @@ def test_failed_fit_leaves_nothing_persisted(sc):
         classifier().fit(sc.parallelize(pairs(X, Y_CLS + 2), 2), batch_size=6, verbose=0,
                          allreduce="sharded")
     assert set(_persisted(sc)) - before == set()
+
+
+def test_jobs_run_across_epoch_ends_when_no_epoch_end_needs_the_driver(sc, monkeypatch):
+    """Without validation, callbacks or checkpoints one job may run on into the next epochs;
+    the weights are the same and each epoch's stats are still that epoch's."""
+    from rddtensor.engine import DistributedRunner
+    groups = []
+    real = DistributedRunner._run_group
+
+    def recording(self, steps):
+        groups.append(steps)
+        return real(self, steps)
+    monkeypatch.setattr(DistributedRunner, "_run_group", recording)
+    ref = local_run("adam_minibatch")  # 3 steps per epoch x 2 epochs
+    got = distributed_run(sc, "adam_minibatch", "N2", "replicated", iterations_per_job=4)
+    assert groups == [4, 2]  # steps 1-4 cross the end of epoch 0
+    assert_same_training(got, ref)
+    groups.clear()
+    seen = []
+    at_epoch_ends = distributed_run(sc, "adam_minibatch", "N2", "replicated",
+                                    iterations_per_job=4,
+                                    callbacks=[lambda epoch, logs: seen.append(epoch)])
+    assert groups == [3, 3] and seen == [0, 1]  # a callback: every job ends at its epoch's end
+    np.testing.assert_array_equal(at_epoch_ends["theta"], got["theta"])
+    for k in got["history"]:
+        np.testing.assert_allclose(at_epoch_ends["history"][k], got["history"][k], rtol=1e-12)
