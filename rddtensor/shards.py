@@ -2,15 +2,19 @@
 
 Accepted inputs: an RDD of ``(features, label)`` pairs (features: list, numpy array or
 ``pyspark.ml.linalg`` vector), an RDD of features alone (prediction), or a DataFrame with a
-features column (vector or array) and a label column. Partition ``j`` of the shard RDD holds
-exactly ``N`` raw records, ``[shard_j, pad, ..., pad]``, so that it zips with an all-gather shuffle
-output (one record from each of the N parameter owners). Uneven and empty partitions are fine.
+features column (vector, array or image; read through Arrow batches, see
+``rddtensor.arrow_shards``) and a label column. Partition ``j`` of the shard RDD holds one raw
+record, shard ``j``, and the RDD has the partitioner of ``rawrdd.shuffle_pairs``' outputs, so that
+``rawrdd.co_union`` appends shard ``j`` to partition ``j`` of any parameter shuffle: the one pass
+that stacks the rows also writes that shuffle. Uneven and empty partitions are fine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from pyspark.accumulators import AccumulatorParam
 
 from rddtensor import rawrdd, wire
 from rddtensor.errors import spark_errors
@@ -24,7 +28,6 @@ class Shards:
     sizes: list
     feature_shape: tuple
     has_labels: bool
-    _keyed: object = field(default=None, repr=False, compare=False)
     #: ``(min, max, all integers)`` of scalar labels over every row (``None``: no scalar labels)
     label_range: tuple | None = None
 
@@ -41,17 +44,11 @@ class Shards:
         return [int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)[:-1]])] if self.sizes else []
 
     def keyed(self):
-        """The shards carried by a shuffle into the same partitions (built once, cached), so
-        that ``rawrdd.co_union`` can append shard j to partition j of any parameter shuffle."""
-        if self._keyed is None:
-            self._keyed = rawrdd.pin(self.rdd, self.n_partitions)
-        return self._keyed
+        """The shard RDD, partitioned like every parameter shuffle (``rawrdd.co_union``)."""
+        return self.rdd
 
     def unpersist(self):
         self.rdd.unpersist()
-        if self._keyed is not None:
-            self._keyed.unpersist()
-            self._keyed = None
 
 
 def _features_of(value):
@@ -190,7 +187,7 @@ def _as_rows(data, features_col, label_col, what):
 
 def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                 features_col: str = "features", label_col: str | None = "label",
-                n_records: int | None = None, what: str = "training data") -> Shards:
+                what: str = "training data") -> Shards:
     """Stack ``data`` into cached shards, one per partition (``n_partitions`` repartitions).
 
     Args:
@@ -198,8 +195,6 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
             ``label_col`` (``label_col=None`` for features only).
         n_partitions: number of shards (default: the input's partition count).
         feature_shape: per-row feature shape (default: taken from the first row).
-        n_records: records per partition (default: the partition count): the number of
-            parameter owners whose all-gather this shard RDD will be zipped with.
         what: how error messages name this data ("training data", "validation_data", ...).
     """
     is_df = hasattr(data, "select") and hasattr(data, "columns")
@@ -227,9 +222,7 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
 
         def stack(it, shape, j):
             return _stack_rows(it, shape, has_labels, j, names)
-    N = rows.getNumPartitions()
-    n_records = N if n_records is None else int(n_records)
-    shard_rdd, sizes, labels, shapes = _build(rows, stack, feature_shape, n_records)
+    shard_rdd, sizes, labels, shapes = _build(rows, stack, feature_shape)
     if sum(sizes) == 0:
         shard_rdd.unpersist()
         raise ValueError(f"the {what} is empty: no rows")
@@ -244,7 +237,7 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                              "length)")
         if not all(sizes):  # empty partitions' arrays need the shape too: build them again
             shard_rdd.unpersist()
-            shard_rdd, sizes, labels, _ = _build(rows, stack, feature_shape, n_records)
+            shard_rdd, sizes, labels, _ = _build(rows, stack, feature_shape)
     return Shards(shard_rdd, sizes, feature_shape, has_labels, label_range=labels)
 
 
@@ -272,44 +265,45 @@ def _arrow_build(df, features_col, label_col, n_partitions):
     return rdd, stack
 
 
-def _build(rows, stack, feature_shape, n_records):
-    """Stack every partition (``stack(records, feature_shape, j)``) into one cached shard record
-    plus pads; returns the RDD, rows and per-partition feature shapes, the label summary."""
+class _PartsParam(AccumulatorParam):
+    """Per-partition facts from the build tasks: ``{j: (rows, label summary, feature shape)}``
+    (a retried task overwrites its own entry)."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        a.update(b)
+        return a
+
+
+def _build(rows, stack, feature_shape):
+    """Stack every partition (``stack(records, feature_shape, j)``) into one shard record,
+    carried by a shuffle into the same partition and cached; returns the RDD, rows and feature
+    shape per partition, and ``(min, max, all integers)`` of the scalar labels (or ``None``)."""
+    facts = rows.ctx.accumulator({}, _PartsParam())
+
     def build(j, it):
         arrays = stack(it, feature_shape, j)
-        yield wire.pack("shard", {"j": j, "n": len(arrays["X"])}, _wire_arrays(arrays))
-        for _ in range(n_records - 1):
-            yield wire.PAD
+        X = arrays["X"]
+        facts.add({j: (len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:]))})
+        yield rawrdd.key(j)
+        yield wire.pack("shard", {"j": j, "n": len(X)}, _wire_arrays(arrays))
 
-    with spark_errors():
-        shard_rdd = rawrdd.map_raw(rows, build).persist()
-        try:
-            sizes, labels, shapes = _sizes(shard_rdd)
-        except BaseException:
-            shard_rdd.unpersist()
-            raise
-    return shard_rdd, sizes, labels, shapes
-
-
-def _sizes(shard_rdd):
-    """Rows and feature shape per partition, and ``(min, max, all integers)`` of the scalar
-    labels (or ``None``)."""
-    def count(j, it):
-        n, summary, shape = 0, None, None
-        for r in it:
-            if len(r):
-                _, meta, arrays = wire.unpack(r)
-                n = meta["n"]
-                shape = tuple(int(d) for d in (arrays["X"].shape if "X" in arrays
-                                               else arrays["X.shape"])[1:])
-                summary = _label_summary(arrays.get("y"))
-        yield (j, n, summary, shape)
-    parts = sorted(shard_rdd.mapPartitionsWithIndex(count).collect())
-    found = [p[2] for p in parts if p[2] is not None]
+    N = rows.getNumPartitions()
+    shard_rdd = rawrdd.shuffle_raw(rows, build, N).persist()
+    try:
+        with spark_errors():
+            shard_rdd._jrdd.count()  # the JVM caches the shuffled records: no Python pass
+    except BaseException:
+        shard_rdd.unpersist()
+        raise
+    parts = [facts.value[j] for j in range(N)]
+    found = [p[1] for p in parts if p[1] is not None]
     labels = None
-    if found and len(found) == sum(1 for p in parts if p[1]):
+    if found and len(found) == sum(1 for p in parts if p[0]):
         labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
-    return [p[1] for p in parts], labels, [p[3] for p in parts]
+    return shard_rdd, [p[0] for p in parts], labels, [p[2] for p in parts]
 
 
 def read_shard(records):

@@ -1,5 +1,5 @@
 """``rddtensor.shards.make_shards``: stacking RDD / DataFrame rows into one cached shard record per
-partition, with the padding records the engine's partition-wise zips need."""
+partition, partitioned like the parameter shuffles it is unioned with."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,13 +23,12 @@ def chunked_rdd(sc, rows, sizes):
 
 
 def partitions(shards):
-    """Per partition: ``(meta, arrays)`` of its shard record and the number of pad records."""
+    """Per partition: ``(meta, arrays)`` of its shard record and the number of other records."""
     out = []
     for records in shards.rdd.glom().collect():
         assert len(records) >= 1 and len(records[0]) > 0, "the shard record comes first"
         kind, meta, arrays = wire.unpack(records[0])
         assert kind == "shard"
-        assert all(r == wire.PAD for r in records[1:])
         out.append((meta, arrays, len(records) - 1))
     return out
 
@@ -82,7 +81,7 @@ def test_pairs_with_any_feature_type(sc):
         assert s.sizes == [3, 0, 4] and s.offsets == [0, 3, 3] and s.n_total == 7
         parts = partitions(s)
         assert [p[0] for p in parts] == [{"j": 0, "n": 3}, {"j": 1, "n": 0}, {"j": 2, "n": 4}]
-        assert [p[2] for p in parts] == [2, 2, 2]  # n_records = N: shard + N-1 pads
+        assert [p[2] for p in parts] == [0, 0, 0]  # one record per partition: the shard
         got_X = np.concatenate([p[1]["X"] for p in parts])
         got_y = np.concatenate([p[1]["y"] for p in parts])
         assert got_X.dtype == np.float32 and got_X.shape == (7, 4)
@@ -99,7 +98,7 @@ def test_sizes_offsets_with_uneven_and_empty_partitions(sc):
     try:
         assert s.n_partitions == 4 and s.sizes == [0, 4, 0, 3] and s.offsets == [0, 0, 4, 4]
         parts = partitions(s)
-        assert [p[0]["n"] for p in parts] == [0, 4, 0, 3] and [p[2] for p in parts] == [3] * 4
+        assert [p[0]["n"] for p in parts] == [0, 4, 0, 3] and [p[2] for p in parts] == [0] * 4
         np.testing.assert_array_equal(parts[1][1]["X"], X[:4])
         np.testing.assert_array_equal(parts[3][1]["X"], X[4:])
         # read_shard finds the shard among a partition's records wherever it is
@@ -113,13 +112,15 @@ def test_sizes_offsets_with_uneven_and_empty_partitions(sc):
         read_shard([wire.PAD, wire.PAD])
 
 
-@pytest.mark.parametrize("n_records", [1, 4])
-def test_n_records_padding(sc, n_records):
-    s = make_shards(sc.parallelize(list(zip(X, Y)), 2), n_records=n_records)
+def test_shards_are_partitioned_like_the_parameter_shuffles(sc):
+    from rddtensor import rawrdd
+    s = make_shards(sc.parallelize(list(zip(X, Y)), 2))
     try:
-        parts = partitions(s)
-        assert [p[2] for p in parts] == [n_records - 1] * 2
-        assert s.sizes == [3, 4]
+        other = rawrdd.shuffle_raw(sc.parallelize([0, 1], 2),
+                                   lambda j, it: [rawrdd.key(j), b"p%d" % j], 2)
+        got = rawrdd.co_union(other, s.keyed()).glom().collect()  # no shuffle, no error
+        assert [p[0] for p in got] == [b"p0", b"p1"]
+        assert [read_shard(p[1:])[0]["n"] for p in got] == [3, 4]
     finally:
         s.unpersist()
 
@@ -193,7 +194,7 @@ def test_dataframe_vector_column(spark):
         assert s.has_labels and s.feature_shape == (4,) and s.n_total == 7
         parts = partitions(s)
         assert [p[0]["n"] for p in parts] == s.sizes and [p[2] for p in parts] == [
-            s.n_partitions - 1] * s.n_partitions
+            0] * s.n_partitions
         np.testing.assert_array_equal(np.concatenate([p[1]["X"] for p in parts]), X)
         y = np.concatenate([p[1]["y"] for p in parts])
         assert y.dtype == np.float32
