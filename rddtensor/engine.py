@@ -214,6 +214,10 @@ class DistributedRunner:
         quiet_unpersist_warning(self.sc)
         self.t = model.step
         self.engine = f"distributed ({strategy.name} all-reduce, {self.N} partitions)"
+        # the last step a job may run to: None stops every job at its epoch's end; a later
+        # step lets one job run on into the next epochs (see ``fit_distributed``), whose stats
+        # wait in ``ahead`` (epoch -> stats) for their ``train_epoch``
+        self.horizon, self.ahead = None, {}
 
     def _run_group(self, steps: int) -> dict:
         """``steps`` iterations as one Spark job; returns their merged stats. If the state was
@@ -302,14 +306,22 @@ class DistributedRunner:
         return self._take_stats(steps_done)
 
     def _take_stats(self, steps) -> dict:
+        """The merged stats of ``steps`` in the first step's epoch; those of later epochs (a
+        job that ran on, see ``horizon``) are kept in ``ahead``."""
         got = self.acc.value
         metrics = self.model.metrics
-        stats = empty_stats(metrics)
+        by_epoch = {}
         for t in steps:
+            e = (t - self.t0 - 1) // self.spe
             for j in range(self.N):
-                stats = merge_stats(metrics, stats, got[(t, j)])
+                by_epoch[e] = merge_stats(metrics, by_epoch.get(e) or empty_stats(metrics),
+                                          got[(t, j)])
         self.acc.value = {k: v for k, v in got.items() if k[0] > steps[-1]}
-        return stats
+        first, *later = sorted(by_epoch)
+        for e in later:
+            self.ahead[e] = merge_stats(metrics, self.ahead.get(e) or empty_stats(metrics),
+                                        by_epoch[e])
+        return by_epoch[first]
 
     def train_epoch(self, epoch: int, on_progress) -> dict:
         metrics = self.model.metrics
@@ -317,12 +329,16 @@ class DistributedRunner:
         start = self.t - self.t0 - epoch * self.spe  # steps of this epoch already done
         sizes = self.cfg["batch_sizes"]
         ckpt = self.checkpoint
+        if epoch in self.ahead:  # run by the previous epoch's last job
+            stats = merge_stats(metrics, stats, self.ahead.pop(epoch))
+            on_progress(int(sum(sizes[:min(start, self.spe)])), stats)
         while start < self.spe:
-            steps = min(self.k, self.spe - start)
+            steps = min(self.k, self.spe - start if self.horizon is None
+                        else self.horizon - self.t)
             if ckpt is not None:
                 steps = ckpt.clip(self.t, steps)  # a job ends where a checkpoint is due
             stats = merge_stats(metrics, stats, self._run_group(steps))
-            on_progress(int(sum(sizes[start:start + steps])), stats)
+            on_progress(int(sum(sizes[start:min(start + steps, self.spe)])), stats)
             start += steps
             if ckpt is not None and ckpt.due(self.t, start == self.spe):
                 save_state(ckpt, self.state, self.model, self.t, self.t0, self.spe, stats)
@@ -424,6 +440,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                                    iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,
                                    t0=resumed.t0 if resumed else None, checkpoint=ckpt,
                                    resume_stats=resumed.stats if resumed else None)
+        if val is None and not callbacks and ckpt is None:  # no epoch end needs the driver
+            runner.horizon = runner.t0 + epochs * runner.spe
         history = fit_loop(model, runner, epochs=epochs, validation=val, batch_size=batch_size,
                            verbose=verbose, callbacks=callbacks,
                            initial_epoch=resumed.epoch if resumed else 0)

@@ -2,16 +2,20 @@
 
 Accepted inputs: an RDD of ``(features, label)`` pairs (features: list, numpy array or
 ``pyspark.ml.linalg`` vector), an RDD of features alone (prediction), or a DataFrame with a
-features column (vector or array) and a label column. Partition ``j`` of the shard RDD holds
-exactly ``N`` raw records, ``[shard_j, pad, ..., pad]``, so that it zips with an all-gather shuffle
-output (one record from each of the N parameter owners). Uneven and empty partitions are fine.
+features column (vector, array or image; read through Arrow batches, see
+``rddtensor.arrow_shards``) and a label column. Partition ``j`` of the shard RDD holds one raw
+record, shard ``j``, and the RDD has the partitioner of ``rawrdd.shuffle_pairs``' outputs, so that
+``rawrdd.co_union`` appends shard ``j`` to partition ``j`` of any parameter shuffle: the one pass
+that stacks the rows also writes that shuffle. Uneven and empty partitions are fine.
 """
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from pyspark.accumulators import AccumulatorParam
 
 from rddtensor import rawrdd, wire
 from rddtensor.errors import spark_errors
@@ -25,7 +29,6 @@ class Shards:
     sizes: list
     feature_shape: tuple
     has_labels: bool
-    _keyed: object = field(default=None, repr=False, compare=False)
     #: ``(min, max, all integers)`` of scalar labels over every row (``None``: no scalar labels)
     label_range: tuple | None = None
 
@@ -42,17 +45,11 @@ class Shards:
         return [int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)[:-1]])] if self.sizes else []
 
     def keyed(self):
-        """The shards carried by a shuffle into the same partitions (built once, cached), so
-        that ``rawrdd.co_union`` can append shard j to partition j of any parameter shuffle."""
-        if self._keyed is None:
-            self._keyed = rawrdd.pin(self.rdd, self.n_partitions)
-        return self._keyed
+        """The shard RDD, partitioned like every parameter shuffle (``rawrdd.co_union``)."""
+        return self.rdd
 
     def unpersist(self):
         self.rdd.unpersist()
-        if self._keyed is not None:
-            self._keyed.unpersist()
-            self._keyed = None
 
 
 def _features_of(value):
@@ -168,13 +165,17 @@ def _stack(rows, feature_shape, has_labels, j, names=("features", "labels")):
     return arrays
 
 
+def _check_df(df, features_col, label_col):
+    missing = [c for c in (features_col, label_col) if c and c not in df.columns]
+    if missing:
+        raise ValueError(f"DataFrame has no column {missing[0]!r}; columns are {df.columns}")
+    _check_columns(df, features_col, label_col)
+
+
 def _as_rows(data, features_col, label_col, what):
     """An RDD of (features, label) pairs (or features) from an RDD or a DataFrame."""
     if hasattr(data, "select") and hasattr(data, "columns"):  # DataFrame
-        missing = [c for c in (features_col, label_col) if c and c not in data.columns]
-        if missing:
-            raise ValueError(f"DataFrame has no column {missing[0]!r}; columns are {data.columns}")
-        _check_columns(data, features_col, label_col)
+        _check_df(data, features_col, label_col)
         if label_col:
             return data.select(features_col, label_col).rdd.map(lambda r: (r[0], r[1])), True
         return data.select(features_col).rdd.map(lambda r: r[0]), False
@@ -187,7 +188,7 @@ def _as_rows(data, features_col, label_col, what):
 
 def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                 features_col: str = "features", label_col: str | None = "label",
-                n_records: int | None = None, what: str = "training data") -> Shards:
+                what: str = "training data") -> Shards:
     """Stack ``data`` into cached shards, one per partition (``n_partitions`` repartitions).
 
     Args:
@@ -195,63 +196,117 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
             ``label_col`` (``label_col=None`` for features only).
         n_partitions: number of shards (default: the input's partition count).
         feature_shape: per-row feature shape (default: taken from the first row).
-        n_records: records per partition (default: the partition count): the number of
-            parameter owners whose all-gather this shard RDD will be zipped with.
         what: how error messages name this data ("training data", "validation_data", ...).
     """
-    rows, has_labels = _as_rows(data, features_col, label_col, what)
     is_df = hasattr(data, "select") and hasattr(data, "columns")
     names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
              if is_df else ("features", "labels"))
-    if n_partitions is not None and n_partitions != rows.getNumPartitions():
-        rows = rows.repartition(int(n_partitions))
-    N = rows.getNumPartitions()
-    n_records = N if n_records is None else int(n_records)
-    with spark_errors():
-        if feature_shape is None:
-            if rows.isEmpty():
-                raise ValueError(f"the {what} is empty: no rows")
-            first = rows.first()
-            feature_shape = np.asarray(_features_of(first[0] if has_labels else first)).shape
+    if feature_shape is not None:
         feature_shape = tuple(int(s) for s in feature_shape)
+    arrow = None
+    if is_df:
+        _check_df(data, features_col, label_col)
+        arrow = _arrow_build(data, features_col, label_col, n_partitions)
+    if arrow is not None:
+        (rows, stack), has_labels = arrow, bool(label_col)
+    else:
+        rows, has_labels = _as_rows(data, features_col, label_col, what)
+        if n_partitions is not None and n_partitions != rows.getNumPartitions():
+            rows = rows.repartition(int(n_partitions))
+        with spark_errors():
+            if feature_shape is None:
+                if rows.isEmpty():
+                    raise ValueError(f"the {what} is empty: no rows")
+                first = rows.first()
+                feature_shape = tuple(np.asarray(_features_of(first[0] if has_labels
+                                                              else first)).shape)
 
-        shard_id = uuid.uuid4().hex
-
-        def build(j, it):
-            arrays = _stack_rows(it, feature_shape, has_labels, j, names)
-            # "id" tells this data apart in executor-local caches (rddtensor.device)
-            yield wire.pack("shard", {"j": j, "n": len(arrays["X"]), "id": shard_id},
-                            _wire_arrays(arrays))
-            for _ in range(n_records - 1):
-                yield wire.PAD
-
-        shard_rdd = rawrdd.map_raw(rows, build).persist()
-        try:
-            sizes, labels = _sizes(shard_rdd)
-        except BaseException:
-            shard_rdd.unpersist()
-            raise
+        def stack(it, shape, j):
+            return _stack_rows(it, shape, has_labels, j, names)
+    shard_rdd, sizes, labels, shapes = _build(rows, stack, feature_shape)
     if sum(sizes) == 0:
         shard_rdd.unpersist()
         raise ValueError(f"the {what} is empty: no rows")
+    if feature_shape is None:  # (Arrow path) every partition's own: they must agree
+        found = [(j, s) for j, s in enumerate(shapes) if sizes[j]]
+        feature_shape = found[0][1]
+        bad = next(((j, s) for j, s in found if s != feature_shape), None)
+        if bad is not None:
+            shard_rdd.unpersist()
+            raise ValueError(f"row 0 of partition {bad[0]} has {names[0]} of shape {bad[1]}, "
+                             f"expected {feature_shape} (every row needs the same feature "
+                             "length)")
+        if not all(sizes):  # empty partitions' arrays need the shape too: build them again
+            shard_rdd.unpersist()
+            shard_rdd, sizes, labels, _ = _build(rows, stack, feature_shape)
     return Shards(shard_rdd, sizes, feature_shape, has_labels, label_range=labels)
 
 
-def _sizes(shard_rdd):
-    """Rows per partition, and ``(min, max, all integers)`` of the scalar labels (or ``None``)."""
-    def count(j, it):
-        n, summary = 0, None
-        for r in it:
-            if len(r):
-                _, meta, arrays = wire.unpack(r)
-                n, summary = meta["n"], _label_summary(arrays.get("y"))
-        yield (j, n, summary)
-    parts = sorted(shard_rdd.mapPartitionsWithIndex(count).collect())
-    found = [p[2] for p in parts if p[2] is not None]
+def _arrow_build(df, features_col, label_col, n_partitions):
+    """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.arrow_shards``), or
+    ``None`` where this Spark cannot hand them out."""
+    from rddtensor import arrow_shards
+    from rddtensor.ml.columns import feature_kind
+    columns = [features_col] + ([label_col] if label_col else [])
+    got = arrow_shards.arrow_rows(df, columns, n_partitions)
+    if got is None:
+        return None
+    rdd, schema = got
+    kinds = [feature_kind(df.schema, features_col, "features_col")]
+    if label_col:
+        from pyspark.sql.types import NumericType
+        t = df.schema[label_col].dataType
+        kinds.append(None if isinstance(t, NumericType) else
+                     feature_kind(df.schema, label_col, "label_col"))
+    names = (f"features (column {features_col!r})", f"labels (column {label_col!r})")
+
+    def stack(it, shape, j):
+        table = arrow_shards.read_table(it, schema)
+        return arrow_shards.stack_table(table, kinds, shape, j, names)
+    return rdd, stack
+
+
+class _PartsParam(AccumulatorParam):
+    """Per-partition facts from the build tasks: ``{j: (rows, label summary, feature shape)}``
+    (a retried task overwrites its own entry)."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        a.update(b)
+        return a
+
+
+def _build(rows, stack, feature_shape):
+    """Stack every partition (``stack(records, feature_shape, j)``) into one shard record,
+    carried by a shuffle into the same partition and cached; returns the RDD, rows and feature
+    shape per partition, and ``(min, max, all integers)`` of the scalar labels (or ``None``)."""
+    facts = rows.ctx.accumulator({}, _PartsParam())
+    shard_id = uuid.uuid4().hex
+
+    def build(j, it):
+        arrays = stack(it, feature_shape, j)
+        X = arrays["X"]
+        facts.add({j: (len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:]))})
+        yield rawrdd.key(j)
+        # "id" tells this data apart in executor-local caches (rddtensor.device)
+        yield wire.pack("shard", {"j": j, "n": len(X), "id": shard_id}, _wire_arrays(arrays))
+
+    N = rows.getNumPartitions()
+    shard_rdd = rawrdd.shuffle_raw(rows, build, N).persist()
+    try:
+        with spark_errors():
+            shard_rdd._jrdd.count()  # the JVM caches the shuffled records: no Python pass
+    except BaseException:
+        shard_rdd.unpersist()
+        raise
+    parts = [facts.value[j] for j in range(N)]
+    found = [p[1] for p in parts if p[1] is not None]
     labels = None
-    if found and len(found) == sum(1 for p in parts if p[1]):
+    if found and len(found) == sum(1 for p in parts if p[0]):
         labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
-    return [p[1] for p in parts], labels
+    return shard_rdd, [p[0] for p in parts], labels, [p[2] for p in parts]
 
 
 def read_shard(records):

@@ -554,3 +554,29 @@ def test_local_cache_off_or_missing_gives_bit_identical_weights(spark, sc, allre
     # the fits removed their cache files (all on this host with a local master)
     after = set(os.listdir(localcache.root())) if os.path.isdir(localcache.root()) else set()
     assert after <= before
+
+
+def test_jobs_run_across_epoch_ends_when_no_epoch_end_needs_the_driver(sc, monkeypatch):
+    """Without validation, callbacks or checkpoints one job may run on into the next epochs;
+    the weights are the same and each epoch's stats are still that epoch's."""
+    from rddtensor.engine import DistributedRunner
+    groups = []
+    real = DistributedRunner._run_group
+
+    def recording(self, steps):
+        groups.append(steps)
+        return real(self, steps)
+    monkeypatch.setattr(DistributedRunner, "_run_group", recording)
+    ref = local_run("adam_minibatch")  # 3 steps per epoch x 2 epochs
+    got = distributed_run(sc, "adam_minibatch", "N2", "replicated", iterations_per_job=4)
+    assert groups == [4, 2]  # steps 1-4 cross the end of epoch 0
+    assert_same_training(got, ref)
+    groups.clear()
+    seen = []
+    at_epoch_ends = distributed_run(sc, "adam_minibatch", "N2", "replicated",
+                                    iterations_per_job=4,
+                                    callbacks=[lambda epoch, logs: seen.append(epoch)])
+    assert groups == [3, 3] and seen == [0, 1]  # a callback: every job ends at its epoch's end
+    np.testing.assert_array_equal(at_epoch_ends["theta"], got["theta"])
+    for k in got["history"]:
+        np.testing.assert_allclose(at_epoch_ends["history"][k], got["history"][k], rtol=1e-12)

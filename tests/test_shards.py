@@ -1,5 +1,5 @@
 """``rddtensor.shards.make_shards``: stacking RDD / DataFrame rows into one cached shard record per
-partition, with the padding records the engine's partition-wise zips need."""
+partition, partitioned like the parameter shuffles it is unioned with."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,13 +23,12 @@ def chunked_rdd(sc, rows, sizes):
 
 
 def partitions(shards):
-    """Per partition: ``(meta, arrays)`` of its shard record and the number of pad records."""
+    """Per partition: ``(meta, arrays)`` of its shard record and the number of other records."""
     out = []
     for records in shards.rdd.glom().collect():
         assert len(records) >= 1 and len(records[0]) > 0, "the shard record comes first"
         kind, meta, arrays = wire.unpack(records[0])
         assert kind == "shard"
-        assert all(r == wire.PAD for r in records[1:])
         out.append((meta, arrays, len(records) - 1))
     return out
 
@@ -84,7 +83,7 @@ def test_pairs_with_any_feature_type(sc):
         ids = {p[0].pop("id") for p in parts}  # one id per shard set (device caches' key)
         assert len(ids) == 1 and len(ids.pop()) == 32
         assert [p[0] for p in parts] == [{"j": 0, "n": 3}, {"j": 1, "n": 0}, {"j": 2, "n": 4}]
-        assert [p[2] for p in parts] == [2, 2, 2]  # n_records = N: shard + N-1 pads
+        assert [p[2] for p in parts] == [0, 0, 0]  # one record per partition: the shard
         got_X = np.concatenate([p[1]["X"] for p in parts])
         got_y = np.concatenate([p[1]["y"] for p in parts])
         assert got_X.dtype == np.float32 and got_X.shape == (7, 4)
@@ -101,7 +100,7 @@ def test_sizes_offsets_with_uneven_and_empty_partitions(sc):
     try:
         assert s.n_partitions == 4 and s.sizes == [0, 4, 0, 3] and s.offsets == [0, 0, 4, 4]
         parts = partitions(s)
-        assert [p[0]["n"] for p in parts] == [0, 4, 0, 3] and [p[2] for p in parts] == [3] * 4
+        assert [p[0]["n"] for p in parts] == [0, 4, 0, 3] and [p[2] for p in parts] == [0] * 4
         np.testing.assert_array_equal(parts[1][1]["X"], X[:4])
         np.testing.assert_array_equal(parts[3][1]["X"], X[4:])
         # read_shard finds the shard among a partition's records wherever it is
@@ -115,13 +114,15 @@ def test_sizes_offsets_with_uneven_and_empty_partitions(sc):
         read_shard([wire.PAD, wire.PAD])
 
 
-@pytest.mark.parametrize("n_records", [1, 4])
-def test_n_records_padding(sc, n_records):
-    s = make_shards(sc.parallelize(list(zip(X, Y)), 2), n_records=n_records)
+def test_shards_are_partitioned_like_the_parameter_shuffles(sc):
+    from rddtensor import rawrdd
+    s = make_shards(sc.parallelize(list(zip(X, Y)), 2))
     try:
-        parts = partitions(s)
-        assert [p[2] for p in parts] == [n_records - 1] * 2
-        assert s.sizes == [3, 4]
+        other = rawrdd.shuffle_raw(sc.parallelize([0, 1], 2),
+                                   lambda j, it: [rawrdd.key(j), b"p%d" % j], 2)
+        got = rawrdd.co_union(other, s.keyed()).glom().collect()  # no shuffle, no error
+        assert [p[0] for p in got] == [b"p0", b"p1"]
+        assert [read_shard(p[1:])[0]["n"] for p in got] == [3, 4]
     finally:
         s.unpersist()
 
@@ -195,7 +196,7 @@ def test_dataframe_vector_column(spark):
         assert s.has_labels and s.feature_shape == (4,) and s.n_total == 7
         parts = partitions(s)
         assert [p[0]["n"] for p in parts] == s.sizes and [p[2] for p in parts] == [
-            s.n_partitions - 1] * s.n_partitions
+            0] * s.n_partitions
         np.testing.assert_array_equal(np.concatenate([p[1]["X"] for p in parts]), X)
         y = np.concatenate([p[1]["y"] for p in parts])
         assert y.dtype == np.float32
@@ -296,3 +297,97 @@ def test_bad_rows_leave_nothing_persisted(sc):
     with pytest.raises(ValueError, match="row 2 of partition 1"):
         make_shards(sc.parallelize(BAD_ROWS["ragged"][0], 2))
     assert _persisted(sc) - before == set()
+
+
+# --- DataFrames through Arrow batches: the same arrays as the rows path --------------------------
+def _rows_path(data, **kw):
+    import rddtensor.shards as shards_module
+    real = shards_module._arrow_build
+    shards_module._arrow_build = lambda *a: None
+    try:
+        return make_shards(data, **kw)
+    finally:
+        shards_module._arrow_build = real
+
+
+def _same_shards(a, b):
+    pa_, pb = partitions(a), partitions(b)
+    assert a.sizes == b.sizes and a.feature_shape == b.feature_shape
+    assert a.label_range == b.label_range
+    for (ma, xa, _), (mb, xb, _) in zip(pa_, pb):
+        assert ma == mb and sorted(xa) == sorted(xb)
+        for k in xa:
+            assert xa[k].dtype == xb[k].dtype, k
+            np.testing.assert_array_equal(xa[k], xb[k])
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "mixed", "array_int_labels",
+                                  "vector_labels"])
+def test_dataframe_arrow_path_equals_rows_path(spark, kind):
+    from pyspark.ml.linalg import Vectors
+    Xs = np.zeros((40, 30), np.float32)
+    Xs[np.arange(40), np.arange(40) % 30] = np.arange(1, 41)  # one entry per row: sparse
+    labels = np.arange(40) % 3
+    if kind == "dense":
+        rows = [(Vectors.dense(x.tolist()), float(t)) for x, t in zip(Xs, labels)]
+    elif kind in ("sparse", "mixed"):
+        rows = [(_ml_sparse(x) if kind == "sparse" or i % 2 else _ml_dense(x), float(t))
+                for i, (x, t) in enumerate(zip(Xs, labels))]
+    elif kind == "array_int_labels":
+        rows = [(x.tolist(), int(t)) for x, t in zip(Xs, labels)]
+    else:
+        rows = [(x.tolist(), Vectors.dense([t, 2 * t])) for x, t in zip(Xs, labels)]
+    df = spark.createDataFrame(rows, ["features", "label"]).repartition(3)
+    a, b = make_shards(df), _rows_path(df)
+    try:
+        _same_shards(a, b)
+        if kind == "sparse":
+            assert "X.indptr" in partitions(a)[0][1]  # stays a CSR matrix on the wire
+    finally:
+        a.unpersist()
+        b.unpersist()
+
+
+def test_dataframe_arrow_path_empty_partitions_and_repartition(spark):
+    df = spark.createDataFrame([(x.tolist(), float(t)) for x, t in zip(X, Y)],
+                               "features array<float>, label double").coalesce(1)
+    from pyspark.sql import functions as F
+    s = make_shards(df.repartition(3, F.lit(0)))  # every row in one partition, two empty
+    try:
+        assert sorted(s.sizes) == [0, 0, 7] and s.feature_shape == (4,)
+        parts = partitions(s)
+        assert all(p[1]["X"].shape == (0, 4) and p[1]["y"].shape == (0,) for p in parts
+                   if not p[0]["n"])
+        np.testing.assert_array_equal(np.concatenate([p[1]["X"] for p in parts]), X)
+    finally:
+        s.unpersist()
+    s = make_shards(df, n_partitions=3, label_col=None)
+    try:
+        assert s.n_partitions == 3 and s.n_total == 7 and not s.has_labels
+    finally:
+        s.unpersist()
+
+
+@pytest.mark.parametrize("case, msg", [
+    ("ragged", r"row 1 of partition 0 has features \(column 'features'\) of shape \(3,\), "
+               r"expected \(4,\)"),
+    ("null", r"row 2 of partition 0: features \(column 'features'\) is null"),
+    ("null_label", r"row 3 of partition 0: labels \(column 'label'\) is null"),
+    ("nan", r"features \(column 'features'\) contain NaN or inf \(row 4 of partition 0\)"),
+])
+def test_dataframe_arrow_path_errors_name_row_partition_and_column(spark, case, msg):
+    rows = [(x.tolist(), float(t)) for x, t in zip(X, Y)]
+    if case == "ragged":
+        rows[1] = (rows[1][0][:3], rows[1][1])
+    elif case == "null":
+        rows[2] = (None, rows[2][1])
+    elif case == "null_label":
+        rows[3] = (rows[3][0], None)
+    else:
+        rows[4] = (rows[4][0][:3] + [float("nan")], rows[4][1])
+    df = spark.createDataFrame(rows, "features array<double>, label double").coalesce(1)
+    before = _persisted(spark.sparkContext)
+    with pytest.raises(ValueError, match=msg) as excinfo:
+        make_shards(df)
+    _assert_clean(excinfo)
+    assert _persisted(spark.sparkContext) - before == set()
