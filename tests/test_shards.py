@@ -315,6 +315,7 @@ def _same_shards(a, b):
     assert a.sizes == b.sizes and a.feature_shape == b.feature_shape
     assert a.label_range == b.label_range
     for (ma, xa, _), (mb, xb, _) in zip(pa_, pb):
+        assert ma.pop("id") != mb.pop("id")  # each shard set has its own cache key
         assert ma == mb and sorted(xa) == sorted(xb)
         for k in xa:
             assert xa[k].dtype == xb[k].dtype, k
