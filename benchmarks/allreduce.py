@@ -154,7 +154,10 @@ def _rddtensor(sc, size, mode, k, repeats):
                                seed=0, class_weight=None, iterations_per_job=k,
                                wire_dtype="bfloat16" if mode.endswith("-bf16") else "float32")
     runner.spe = 10**9
-    return _time_groups(runner._run_group, k, repeats)
+    try:
+        return _time_groups(runner._run_group, k, repeats)
+    finally:
+        runner.close()  # its cached state and its host-local cache files
 
 
 def _mllib(sc, size, k, repeats):
