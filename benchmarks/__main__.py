@@ -3,7 +3,7 @@
 ``run`` runs every registered benchmark (``benchmarks.harness.REGISTRY``) in a fresh process,
 checks each results JSON (schema, every contender ran), writes ``harness.json`` and regenerates
 ``benchmarks/RESULTS.md`` with its charts. ``--quick`` runs everything at tiny sizes into
-``benchmarks/results/quick/`` (the CI smoke test), two benchmarks at a time, every Spark JVM
+``benchmarks/results/quick/`` (the CI smoke test), three benchmarks at a time, every Spark JVM
 with the C1 compiler only (``benchmarks.harness.QUICK_JVM_OPTIONS``). ``report`` only regenerates the report from
 the JSONs already there; ``list`` shows the registry.
 """
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
                    help="where the JSONs go (default benchmarks/results, quick: .../quick)")
     r.add_argument("--no-report", action="store_true", help="do not regenerate the report")
     r.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="benchmarks run at a time (default 1; with --quick 2: a smoke test, "
+                   help="benchmarks run at a time (default 1; with --quick 3: a smoke test, "
                         "not timings)")
     rep = sub.add_parser("report", help="regenerate RESULTS.md from the JSONs present")
     rep.add_argument("--quick", action="store_true")
