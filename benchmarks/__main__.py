@@ -4,8 +4,8 @@
 checks each results JSON (schema, every contender ran), writes ``harness.json`` and regenerates
 ``benchmarks/RESULTS.md`` with its charts. ``--quick`` runs everything at tiny sizes into
 ``benchmarks/results/quick/`` (the CI smoke test), three benchmarks at a time, every Spark JVM
-with the C1 compiler only (``benchmarks.harness.QUICK_JVM_OPTIONS``). ``report`` only regenerates the report from
-the JSONs already there; ``list`` shows the registry.
+with the C1 compiler only (``benchmarks.harness.QUICK_JVM_OPTIONS``). ``report`` only
+regenerates the report from the JSONs already there; ``list`` shows the registry.
 """
 from __future__ import annotations
 
