@@ -3,8 +3,9 @@
 ``run`` runs every registered benchmark (``benchmarks.harness.REGISTRY``) in a fresh process,
 checks each results JSON (schema, every contender ran), writes ``harness.json`` and regenerates
 ``benchmarks/RESULTS.md`` with its charts. ``--quick`` runs everything at tiny sizes into
-``benchmarks/results/quick/`` (the CI smoke test). ``report`` only regenerates the report from
-the JSONs already there; ``list`` shows the registry.
+``benchmarks/results/quick/`` (the CI smoke test), three benchmarks at a time, every Spark JVM
+with the C1 compiler only (``benchmarks.harness.QUICK_JVM_OPTIONS``). ``report`` only
+regenerates the report from the JSONs already there; ``list`` shows the registry.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     r.add_argument("--results-dir", default=None,
                    help="where the JSONs go (default benchmarks/results, quick: .../quick)")
     r.add_argument("--no-report", action="store_true", help="do not regenerate the report")
+    r.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="benchmarks run at a time (default 1; with --quick 3: a smoke test, "
+                        "not timings)")
     rep = sub.add_parser("report", help="regenerate RESULTS.md from the JSONs present")
     rep.add_argument("--quick", action="store_true")
     rep.add_argument("--results-dir", default=None)
@@ -40,8 +44,10 @@ def main(argv=None) -> int:
         d = a.results_dir or (QUICK_RESULTS if a.quick else DEFAULT_RESULTS)
         print(write_report(d, quick=a.quick))
         return 0
+    if a.jobs is not None and a.jobs < 1:
+        p.error(f"--jobs must be a positive integer, got {a.jobs}")
     summary = run_all(quick=a.quick, only=a.only, results_dir=a.results_dir,
-                      report=not a.no_report)
+                      report=not a.no_report, jobs=a.jobs)
     return 0 if summary["ok"] else 1
 
 

@@ -18,7 +18,7 @@ incompressible like a real gradient), so compute is negligible and what is timed
 all-reduce, the optimizer update (SGD) and the scheduling. Run:
 
     python -m benchmarks.allreduce            # P = 1e5, 1e6, 1e7, 1e8
-    python -m benchmarks.allreduce --quick    # P = 1e4, few repeats (CI smoke test)
+    python -m benchmarks.allreduce --quick    # P = 1e4, few repeats, one process (CI smoke test)
 """
 from __future__ import annotations
 
@@ -208,24 +208,46 @@ def _floor(sc, passes, k, repeats):
     return _time_groups(group, k, repeats)
 
 
-def worker(contender: str, size: int, k: int, repeats: int) -> dict:
-    spark = _session()
-    sc = spark.sparkContext
+def measure(sc, contender: str, size: int, k: int, repeats: int) -> dict:
+    """One contender's samples on the running ``sc`` (the driver peaks are this process's)."""
     t0 = time.perf_counter()
+    del _CPU[:]
     if contender.split("-")[0] in ("sharded", "replicated"):
         samples = _rddtensor(sc, size, contender, k, repeats)
     elif contender == "mllib":
         samples = _mllib(sc, size, k, repeats)
     else:
         samples = _floor(sc, 2 if contender == "floor-2pass" else 1, k, repeats)
-    out = {"contender": contender, "P": size, "samples_ms": samples,
-           "median_ms": float(np.median(samples)), "min_ms": min(samples), "max_ms": max(samples),
-           "cpu_ms_samples": list(_CPU), "median_cpu_ms": float(np.median(_CPU)),
-           "driver_jvm_peak_heap_mb": _jvm_peak_heap_mb(sc),
-           "driver_python_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "wall_s": time.perf_counter() - t0}
+    return {"contender": contender, "P": size, "samples_ms": samples,
+            "median_ms": float(np.median(samples)), "min_ms": min(samples), "max_ms": max(samples),
+            "cpu_ms_samples": list(_CPU), "median_cpu_ms": float(np.median(_CPU)),
+            "driver_jvm_peak_heap_mb": _jvm_peak_heap_mb(sc),
+            "driver_python_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "wall_s": time.perf_counter() - t0}
+
+
+def worker(contender: str, size: int, k: int, repeats: int) -> dict:
+    spark = _session()
+    out = measure(spark.sparkContext, contender, size, k, repeats)
     spark.stop()
     return out
+
+
+def run_inline(contenders, size, k, repeats) -> list:
+    """Every contender in this process, one Spark session (``--quick``: proves each runs; the
+    driver peaks are then those of the whole run so far, not of one contender)."""
+    spark = _session()
+    results = []
+    for c in contenders:
+        try:
+            r = measure(spark.sparkContext, c, size, k, repeats)
+        except Exception as e:  # noqa: BLE001 (recorded like a failed subprocess)
+            r = {"contender": c, "P": size, "error": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps({x: r.get(x) for x in ("contender", "P", "median_ms", "error")}),
+              flush=True)
+        results.append(r)
+    spark.stop()
+    return results
 
 
 def run_one(contender, size, k, repeats, timeout) -> dict:
@@ -260,9 +282,11 @@ def main(argv=None):
         print(json.dumps(worker(a.worker, int(a.size), a.k, a.repeats)))
         return
     sizes = [int(float(s)) for s in ("1e4" if a.quick else a.sizes).split(",")]
-    k, repeats = (4, 2) if a.quick else (a.k, a.repeats)
-    results = []
-    for size in sizes:
+    k, repeats = (2, 2) if a.quick else (a.k, a.repeats)
+    # quick: one process and one Spark session for all contenders (a JVM start each costs more
+    # than the whole measurement at P = 1e4); full: a fresh process per contender
+    results = run_inline(a.contenders.split(","), sizes[0], k, repeats) if a.quick else []
+    for size in ([] if a.quick else sizes):
         for c in a.contenders.split(","):
             # big sizes: fewer iterations per group so one contender stays within its timeout
             kk = k if size < 10**8 else max(2, k // 4)
@@ -287,7 +311,8 @@ def main(argv=None):
     payload = {"benchmark": "allreduce", "environment": environment(("numpy", "pyspark")),
                "parameters": {"sizes": sizes, "iterations_per_group": k, "repeats": repeats,
                               "partitions": N_PARTITIONS, "master": "local[2]",
-                              "driver_memory": "1g"},
+                              "driver_memory": "1g",
+                              "process_per_contender": not a.quick},
                "command": "python -m benchmarks.allreduce" + (" --quick" if a.quick else ""),
                "results": results}
     path = write_results("allreduce" + ("_quick" if a.quick else ""), payload, table)

@@ -38,7 +38,7 @@ from benchmarks.common import (environment, load_average, markdown_table, run_js
 NAME = "cnn_throughput"
 CONTENDERS = ("rddtensor-inprocess", "rddtensor-local1", "rddtensor-local2", "pytorch")
 FULL = {"epochs": 6, "steps": 4, "step_seconds": 1.0, "wait_idle": 120}
-QUICK = {"epochs": 3, "steps": 2, "batch": 64, "wait_idle": 0}
+QUICK = {"epochs": 2, "steps": 2, "batch": 64, "wait_idle": 0}
 LR = 1e-3
 
 

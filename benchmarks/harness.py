@@ -6,7 +6,12 @@ through ``benchmarks.common.write_results``. The harness runs each in a fresh pr
 Spark master, thread pools and memory), imported by name so that Spark pickles its functions by
 reference; ``RDDTENSOR_BENCH_RESULTS`` tells it where to write. Scripts owned by others
 (``local_step``, ``layers``, ``allreduce``, ``inference``) are registered with the arguments
-their existing command lines take; nothing in them is changed.
+their existing command lines take.
+
+``--quick`` (the CI smoke test, under two minutes on two cores) runs every contender of every
+benchmark at tiny sizes, each benchmark with one Spark session where it can (no process per
+contender), no waiting for an idle machine, three benchmarks at a time (``jobs``), and every
+Spark JVM with ``QUICK_JVM_OPTIONS``. Its numbers show that everything runs, not how fast.
 
 After a run the harness checks every JSON it produced (``check_schema``) and that every
 contender of the benchmark actually ran (``Entry.contenders``), writes ``harness.json`` (or
@@ -32,6 +37,20 @@ from benchmarks.common import ROOT, environment, load_average
 
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 QUICK_RESULTS = DEFAULT_RESULTS / "quick"
+#: JVM option of every Spark JVM (driver, executors) a quick run starts: the C1 compiler only.
+#: A quick benchmark lives seconds, and HotSpot's C2 compiler spent about half of a driver
+#: JVM's CPU time compiling code it never got to use (9.7 -> 5.6 CPU seconds for a session
+#: and one small job); a full run keeps the JVM's defaults.
+QUICK_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
+#: Benchmarks a quick run runs at a time. On the two-core machine, with about 120 CPU seconds
+#: of work in all, two at a time took 117 s and three 93 s (load average 2-5, others included).
+QUICK_JOBS = 3
+
+
+def quick_submit_args() -> str:
+    """``PYSPARK_SUBMIT_ARGS`` that give the driver and executors ``QUICK_JVM_OPTIONS``."""
+    return (f'--driver-java-options "{QUICK_JVM_OPTIONS}" '
+            f'--conf "spark.executor.extraJavaOptions={QUICK_JVM_OPTIONS}" pyspark-shell')
 
 
 # --- contender checks (what "every contender ran" means for each script's JSON) --------------------
@@ -94,8 +113,10 @@ class Entry:
     full_args: list = field(default_factory=list)
     quick_args: list = field(default_factory=lambda: ["--quick"])
     timeout_s: int = 3600
-    quick_timeout_s: int = 300
+    quick_timeout_s: int = 450              # (quick runs share the machine three ways)
     optional: bool = False                   # may not exist yet: skipped, not failed
+    quick_cpu_s: float = 10.0                # about what --quick costs (CPU seconds, all
+    #                                          processes): parallel quick runs start big first
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
@@ -106,22 +127,22 @@ class Entry:
 
 REGISTRY = {e.name: e for e in [
     Entry("race_digits", "benchmarks.race_digits", _listed(_race_expected), "harness",
-          timeout_s=5400),
+          timeout_s=5400, quick_cpu_s=28),
     Entry("cnn_throughput", "benchmarks.cnn_throughput",
           _listed(["rddtensor-inprocess", "rddtensor-local1", "rddtensor-local2", "pytorch"]),
-          "harness", timeout_s=3600),
+          "harness", timeout_s=3600, quick_cpu_s=13),
     Entry("scaling_model", "benchmarks.scaling_model", _listed(_scaling_expected), "harness",
-          timeout_s=7200),
+          timeout_s=7200, quick_cpu_s=40),
     Entry("local_step", "benchmarks.local_step", _local_step, "performance engineer",
-          timeout_s=1800),
-    Entry("layers", "benchmarks.layers", _layers, "performance engineer", timeout_s=1800),
-    # allreduce's --quick runs 7 contenders x 2 sizes, each in a Spark process of its own (too
-    # long for the 2-minute quick budget): the quick run takes the main three at one size
+          timeout_s=1800, quick_cpu_s=8),
+    Entry("layers", "benchmarks.layers", _layers, "performance engineer", timeout_s=1800,
+          quick_cpu_s=8),
+    # --quick runs all contenders of allreduce (one size) and of inference (2k rows) in one
+    # Spark session each: every one of them is exercised within the 2-minute quick budget
     Entry("allreduce", "benchmarks.allreduce", _allreduce, "lead", timeout_s=7200,
-          quick_args=["--quick", "--contenders", "sharded,replicated,mllib"]),
-    # inference's --quick still times five contenders on 20k rows: the quick run takes two
+          quick_cpu_s=15),
     Entry("inference", "benchmarks.inference", _inference, "Spark ML engineer", optional=True,
-          timeout_s=3600, quick_args=["--quick", "--contenders", "rddtensor,mllib"]),
+          timeout_s=3600, quick_cpu_s=15),
 ]}
 
 
@@ -186,6 +207,8 @@ def run_entry(entry: Entry, quick: bool, results_dir: Path, log) -> dict:
                 "ok": entry.optional, "note": f"{entry.module} does not exist yet"}
     env = {**os.environ, "RDDTENSOR_BENCH_RESULTS": str(results_dir),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if quick and "PYSPARK_SUBMIT_ARGS" not in os.environ:  # the user's own settings win
+        env["PYSPARK_SUBMIT_ARGS"] = quick_submit_args()
     path = results_dir / f"{entry.json_name(quick)}.json"
     before = path.stat().st_mtime if path.exists() else None
     log(f"== {entry.name}: {shown}")
@@ -202,7 +225,7 @@ def run_entry(entry: Entry, quick: bool, results_dir: Path, log) -> dict:
                "json": str(path), "owner": entry.owner}
     if code != 0 or not path.exists() or path.stat().st_mtime == before:
         verdict.update(status="failed", ok=False, output_tail=tail)
-        log(f"   FAILED ({code}) after {wall:.1f} s\n{tail}")
+        log(f"   {entry.name}: FAILED ({code}) after {wall:.1f} s\n{tail}")
         return verdict
     payload = json.loads(path.read_text())
     problems = check_schema(payload)
@@ -212,18 +235,33 @@ def run_entry(entry: Entry, quick: bool, results_dir: Path, log) -> dict:
         missing = ["(no contenders found in the JSON)"]
     verdict.update(status="ran", schema_problems=problems, contenders=ran,
                    contenders_missing=missing, ok=not problems and not missing)
-    log(f"   {'ok' if verdict['ok'] else 'PROBLEMS'} in {wall:.1f} s"
+    log(f"   {entry.name}: {'ok' if verdict['ok'] else 'PROBLEMS'} in {wall:.1f} s"
         + (f": schema {problems}" if problems else "")
         + (f": did not run {missing}" if missing else ""))
     return verdict
 
 
+def run_entries(entries: list, quick: bool, results_dir: Path, log, jobs: int) -> list:
+    """``run_entry`` of each, ``jobs`` at a time (biggest ``quick_cpu_s`` first when parallel);
+    the verdicts in the order of ``entries``."""
+    if jobs <= 1:
+        return [run_entry(e, quick, results_dir, log) for e in entries]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {e.name: pool.submit(run_entry, e, quick, results_dir, log)
+                   for e in sorted(entries, key=lambda e: -e.quick_cpu_s)}
+        return [futures[e.name].result() for e in entries]
+
+
 def run_all(quick: bool = False, only=None, results_dir=None, report: bool = True,
-            log=print) -> dict:
+            log=print, jobs: int | None = None) -> dict:
     """Run the registered benchmarks (``only``: names), check them, regenerate the report.
 
     Quick runs write to ``benchmarks/results/quick/`` unless ``results_dir`` says otherwise, so
-    they never overwrite full results.
+    they never overwrite full results. ``jobs`` benchmarks run at a time (default: one;
+    ``QUICK_JOBS`` with ``quick``, whose numbers prove that everything runs, not how fast: a
+    benchmark spends much of its quick run starting processes and waiting on Spark's
+    scheduler, time that the others use). Full runs time things and should keep ``jobs=1``.
     """
     unknown = [n for n in (only or []) if n not in REGISTRY]
     if unknown:
@@ -233,11 +271,17 @@ def run_all(quick: bool = False, only=None, results_dir=None, report: bool = Tru
     names = list(only or REGISTRY)
     t0 = time.perf_counter()
     load = load_average()
-    verdicts = [run_entry(REGISTRY[n], quick, results_dir, log) for n in names]
-    summary = {"benchmark": "harness", "quick": quick, "results_dir": str(results_dir),
+    jobs = (QUICK_JOBS if quick else 1) if jobs is None else int(jobs)
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs}")
+    verdicts = run_entries([REGISTRY[n] for n in names], quick, results_dir, log, jobs)
+    summary = {"benchmark": "harness", "quick": quick, "jobs": jobs,
+               "results_dir": str(results_dir),
                "command": "python -m benchmarks run" + (" --quick" if quick else "")
                + (f" --only {' '.join(only)}" if only else ""),
                "load_average_before": load, "load_average_after": load_average(),
+               "pyspark_submit_args": os.environ.get("PYSPARK_SUBMIT_ARGS")
+               or (quick_submit_args() if quick else None),
                "wall_s": time.perf_counter() - t0, "benchmarks": verdicts,
                "ok": all(v["ok"] for v in verdicts), **environment(())}
     (results_dir / f"harness{'_quick' if quick else ''}.json").write_text(

@@ -150,8 +150,9 @@ def measure_point(sc, contender, size, n, k, repeats) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
-def worker(masters, sizes, partitions, contenders, k, repeats, launch: bool, quick: bool):
-    """Measure every point on each of ``masters`` (``;``-separated), one session at a time."""
+def measure_all(masters, sizes, partitions, contenders, k, repeats, launch: bool, quick: bool):
+    """Every point on each of ``masters`` (``;``-separated), one session at a time: yields the
+    task-launch line and one line per point, as dicts."""
     from rddtensor.session import get_spark
     for master in masters.split(";"):
         spark = get_spark(master, app_name="bench-scaling",
@@ -159,9 +160,8 @@ def worker(masters, sizes, partitions, contenders, k, repeats, launch: bool, qui
                                 "spark.executorEnv.PYTHONPATH": ROOT})
         sc = spark.sparkContext
         if launch and master.startswith("local["):
-            counts = (16, 64, 256) if quick else (64, 256, 1024)
-            print(json.dumps({"master": master, "task_launch": task_launch_ms(sc, counts)}),
-                  flush=True)
+            counts, reps = ((16, 64, 256), 1) if quick else ((64, 256, 1024), 3)
+            yield {"master": master, "task_launch": task_launch_ms(sc, counts, reps)}
         for size in sizes:
             for c in contenders:
                 for n in partitions:
@@ -169,11 +169,30 @@ def worker(masters, sizes, partitions, contenders, k, repeats, launch: bool, qui
                         continue  # minutes per iteration on 2 cores, past the 1 GB executors
                     kk = k if size < 10**8 else 1
                     r = measure_point(sc, c, size, n, kk, repeats)
-                    print(json.dumps({"master": master, "contender": c, "P": size, "N": n, **r}),
-                          flush=True)
+                    yield {"master": master, "contender": c, "P": size, "N": n, **r}
         app = sc.applicationId
         spark.stop()
         _remove_work_dir(app)
+
+
+def worker(*args):
+    """``measure_all`` in a worker process: one JSON line per result, flushed as it comes."""
+    for line in measure_all(*args):
+        print(json.dumps(line), flush=True)
+
+
+def run_inline(args: list) -> list:
+    """What ``run_worker`` returns, measured in this process (``--quick``: one process start
+    fewer; an exception ends the run like a crashed worker, its points so far kept)."""
+    a = parse_args(["--worker", *args])
+    lines = []
+    try:
+        for line in measure_all(a.worker, a.sizes, a.partitions, a.contenders, a.k, a.repeats,
+                                a.launch, a.quick):
+            lines.append(line)
+    except Exception as e:  # noqa: BLE001 (recorded like a worker's error)
+        lines.append({"worker_error": f"{type(e).__name__}: {str(e)[:300]}", "args": args})
+    return lines
 
 
 def _remove_work_dir(app_id):
@@ -294,12 +313,13 @@ def _worker_args(a, master, sizes, contenders, launch):
 def run(a) -> dict:
     load_before = load_average()
     lines = []
-    # quick: one process for everything; full: one per (master, P, contender), so that a crash
-    # at 1e8 (memory) loses only its own points
+    # quick: everything in this process; full: one worker process per (master, P, contender),
+    # so that a crash at 1e8 (memory) loses only its own points
     jobs = ([(";".join(a.masters), a.sizes, a.contenders)] if a.quick else
             [(m, [s], [c]) for m in a.masters for s in a.sizes for c in a.contenders])
     for i, (masters, sizes, contenders) in enumerate(jobs):
-        got = run_worker(_worker_args(a, masters, sizes, contenders, launch=(i == 0)), a.timeout)
+        args = _worker_args(a, masters, sizes, contenders, launch=(i == 0))
+        got = run_inline(args) if a.quick else run_worker(args, a.timeout)
         for x in got:
             print(json.dumps({k: v for k, v in x.items() if k != "samples_ms"}), flush=True)
         lines += got

@@ -20,3 +20,25 @@ def spark():
 @pytest.fixture(scope="session")
 def sc(spark):
     return spark.sparkContext
+
+
+@pytest.fixture(scope="session")
+def scenario_results(request):
+    """``get(name) -> (result, log)`` of a subprocess scenario (``tests/scenarios.py``).
+
+    The first call runs, in one subprocess, every scenario that a selected test names with
+    ``@pytest.mark.scenario(name)``; a scenario that raised fails the tests that ask for it.
+    """
+    import scenarios
+    done = {}
+
+    def get(name):
+        if name not in done:
+            wanted = {m.args[0] for item in request.session.items
+                      for m in item.iter_markers("scenario")} | {name}
+            done.update(scenarios.run(wanted - set(done)))
+        out, log, err = done[name]
+        if err is not None:
+            pytest.fail(f"scenario {name!r} failed:\n{err}\n--- its log ---\n{log[-6000:]}")
+        return out, log
+    return get

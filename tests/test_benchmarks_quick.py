@@ -2,7 +2,8 @@
 every results JSON passes the schema check, and every contender of every benchmark actually ran.
 
 The end-to-end test starts several Spark masters, TorchDistributor and PyTorch in subprocesses
-(about two minutes on two cores); the unit tests of the schema check and the report are fast.
+(under two minutes on a two-core machine: three benchmarks at a time, one Spark session per
+benchmark); the unit tests of the schema check, the runner and the report are fast.
 """
 from __future__ import annotations
 
@@ -59,6 +60,28 @@ def test_registry_lists_every_benchmark():
     from benchmarks.harness import REGISTRY
     assert {"race_digits", "cnn_throughput", "scaling_model", "local_step", "layers",
             "allreduce", "inference"} <= set(REGISTRY)
+
+
+def test_quick_run_in_parallel_biggest_first_verdicts_in_registry_order(tmp_path,
+                                                                          monkeypatch):
+    from benchmarks import harness
+    started = []
+
+    def fake_run_entry(entry, quick, results_dir, log):
+        started.append(entry.name)
+        return {"name": entry.name, "ok": True, "quick": quick}
+    monkeypatch.setattr(harness, "run_entry", fake_run_entry)
+    summary = harness.run_all(quick=True, results_dir=tmp_path, report=False,
+                              log=lambda *a: None)
+    assert summary["jobs"] == harness.QUICK_JOBS > 1 and summary["ok"]
+    assert [v["name"] for v in summary["benchmarks"]] == list(harness.REGISTRY)
+    biggest = max(harness.REGISTRY.values(), key=lambda e: e.quick_cpu_s).name
+    assert biggest in started[:harness.QUICK_JOBS] and sorted(started) == sorted(harness.REGISTRY)
+    assert "TieredStopAtLevel=1" in harness.quick_submit_args()
+    assert harness.run_all(quick=False, only=["layers"], results_dir=tmp_path, report=False,
+                           log=lambda *a: None)["jobs"] == 1  # full runs time: one at a time
+    with pytest.raises(ValueError, match="jobs must be a positive integer, got 0"):
+        harness.run_all(quick=True, results_dir=tmp_path, report=False, jobs=0)
 
 
 def test_report_from_payloads(tmp_path):

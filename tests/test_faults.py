@@ -4,28 +4,24 @@ SIGKILL mid-fit (``local-cluster[2,1,1024]``) end with weights bit-identical to 
 run, for both all-reduce strategies.
 
 Each scenario needs its own master, and a second SparkContext cannot live next to the test
-session's, so each runs in a subprocess (``PYTHONPATH`` = the repository, as in
-``test_local_cluster.py``) that prints its results as JSON.
+session's, so each is a subprocess scenario (``tests/scenarios.py``: one subprocess runs the
+scenarios of all selected tests, one master after another) that emits its results as JSON.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+import scenarios
 
 from rddtensor import faults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 COMMON = textwrap.dedent("""
-    import json, os, signal, sys, threading, time
+    import os, signal, threading, time
     import numpy as np
     import layers as L
     from optim import Adam
@@ -47,9 +43,6 @@ COMMON = textwrap.dedent("""
     def snapshot(m, h):
         return {"theta": m.theta.tolist(), "step": m.step, "history": h.history,
                 "slots": {k: v.tolist() for k, v in m.slots.items()}}
-
-    def emit(out):
-        print("RESULT " + json.dumps(out), flush=True)
 """)
 
 TASK_FAILURES = COMMON + textwrap.dedent("""
@@ -118,27 +111,46 @@ EXECUTOR_LOSS = COMMON + textwrap.dedent("""
                 threading.Thread(target=kill, daemon=True).start()
         return callback
 
-    def wait_for_executors(sc, n):
+    def watch_executors(sc, stop):
+        \"\"\"``changed[0]``: when the set of registered executors last changed (polled).\"\"\"
+        changed = [time.time()]
+
+        def poll():
+            seen = None
+            while not stop.wait(0.2):
+                try:
+                    now = sorted(str(k) for k in sc._jsc.sc().getExecutorMemoryStatus().keys())
+                except Exception:  # the session is stopping
+                    return
+                if now != seen:
+                    seen, changed[0] = now, time.time()
+        threading.Thread(target=poll, daemon=True).start()
+        return changed
+
+    def wait_for_executors(sc, n, changed):
         # until n executors are registered (the cluster replaces a killed one in seconds), then
-        # past spark.storage.cachedPeersTtl, so that every executor knows its peers again
+        # until spark.storage.cachedPeersTtl (5 s) has passed since the last one registered, so
+        # that every executor knows its peers again (a fit since then may have covered it)
         deadline = time.time() + 120
         while sc._jsc.sc().getExecutorMemoryStatus().size() - 1 < n and time.time() < deadline:
-            time.sleep(0.5)
-        time.sleep(6)
+            time.sleep(0.2)
+        time.sleep(max(0.0, changed[0] + 6 - time.time()))
 
     spark = get_spark("local-cluster[2,1,1024]", app_name="rddtensor-executor-loss")
     sc = spark.sparkContext
+    stop_watch = threading.Event()
+    changed = watch_executors(sc, stop_watch)
     out = {"app_id": sc.applicationId, "executors_at_start": executor_pids()}
     try:
         train = sc.parallelize(list(zip(X, y)), 2)
-        allreduces = sys.argv[1].split(",")
+        allreduces = ARGS[0].split(",")
         for allreduce in allreduces:
             m = make_model()
             t = time.time()
             out[allreduce] = snapshot(m, m.fit(train, allreduce=allreduce, **FIT))
             out[allreduce]["seconds"] = time.time() - t
             # one executor dies: the other holds a copy of every parameter block
-            wait_for_executors(sc, 2)
+            wait_for_executors(sc, 2, changed)
             killed = []
             m = make_model()
             t = time.time()
@@ -149,7 +161,7 @@ EXECUTOR_LOSS = COMMON + textwrap.dedent("""
         # both executors die at once: every copy of the state is gone, the fit reloads its
         # last checkpoint (the cluster restarts executors) and replays
         allreduce = allreduces[0]
-        wait_for_executors(sc, 2)
+        wait_for_executors(sc, 2, changed)
         killed = []
         m = make_model()
         t = time.time()
@@ -159,21 +171,13 @@ EXECUTOR_LOSS = COMMON + textwrap.dedent("""
                                            "seconds": time.time() - t}
         out["executors_at_end"] = executor_pids()
     finally:
+        stop_watch.set()
         spark.stop()
     emit(out)
 """)
 
-
-def _run(script, *args, timeout=600):
-    env = dict(os.environ)
-    env.pop(faults.ENV, None)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (
-        f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):]), proc.stderr
+scenarios.register("task_failures", TASK_FAILURES)
+scenarios.register("executor_loss", EXECUTOR_LOSS, ["sharded,replicated"])
 
 
 def _assert_bit_identical(got, ref, what):
@@ -208,8 +212,9 @@ def test_unset_hook_uses_the_plain_accumulator(sc, monkeypatch):
 
 # --- task failures: retried attempts change nothing ---------------------------------------------
 @pytest.mark.spark
-def test_injected_task_failures_are_retried_bit_identically():
-    out, log = _run(TASK_FAILURES)
+@pytest.mark.scenario("task_failures")
+def test_injected_task_failures_are_retried_bit_identically(scenario_results):
+    out, log = scenario_results("task_failures")
     for allreduce in ("sharded", "replicated"):
         _assert_bit_identical(out[allreduce + "_faulty"], out[allreduce], allreduce)
     # the failures happened: Spark logged each failed attempt with the injected message
@@ -223,8 +228,9 @@ def test_injected_task_failures_are_retried_bit_identically():
 # --- executor loss ------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.spark
-def test_killed_executors_cost_time_not_the_run():
-    out, log = _run(EXECUTOR_LOSS, "sharded,replicated")
+@pytest.mark.scenario("executor_loss")
+def test_killed_executors_cost_time_not_the_run(scenario_results):
+    out, log = scenario_results("executor_loss")
     try:
         assert len(out["executors_at_start"]) == 2
         for allreduce in ("sharded", "replicated"):

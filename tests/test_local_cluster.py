@@ -1,28 +1,23 @@
 """End to end on ``local-cluster[2,1,1024]``: a standalone master, two workers and two executor
 JVMs of one core each, so blocks, shards and shuffles really cross process boundaries.
 
-A second SparkContext cannot live next to the session fixture's, so the cluster run happens in a
-subprocess that prints its result as JSON; the in-process reference is computed here from the
-same setup code (``SETUP``). What the subprocess needs: ``PYTHONPATH`` with the repository (the
-executors' Python workers run in their own work directories, not in the driver's cwd, and fail
-with ``ModuleNotFoundError: No module named 'rddtensor'`` without it). ``SPARK_HOME`` is not
-needed: pip's pyspark ships ``bin/spark-class`` and ``jars/``, and pyspark finds its own home.
+A second SparkContext cannot live next to the session fixture's, so the cluster run is a
+subprocess scenario (``tests/scenarios.py``: it shares one subprocess with the other tests'
+scenarios) that emits its result as JSON; the in-process reference is computed here from the
+same setup code (``SETUP``). ``SPARK_HOME`` is not needed: pip's pyspark ships
+``bin/spark-class`` and ``jars/``, and pyspark finds its own home.
 The standalone workers write executor logs to ``$SPARK_HOME/work/<app id>``; the test removes
 the directory of its own application afterwards.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import scenarios
 
 # shared by the cluster run and the in-process reference
 SETUP = textwrap.dedent("""
@@ -45,7 +40,7 @@ SETUP = textwrap.dedent("""
 """)
 
 SCRIPT = SETUP + textwrap.dedent("""
-    import json, os, time
+    import os, time
     from rddtensor.session import get_spark
 
     spark = get_spark("local-cluster[2,1,1024]", app_name="rddtensor-local-cluster-test")
@@ -76,20 +71,9 @@ SCRIPT = SETUP + textwrap.dedent("""
         out["n_executors"] = sc._jsc.sc().getExecutorMemoryStatus().size() - 1  # minus driver
     finally:
         spark.stop()
-    print("RESULT " + json.dumps(out))
+    emit(out)
 """)
-
-
-def _run_on_local_cluster():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (
-        f"local-cluster run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-        f"{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+scenarios.register("local_cluster", SCRIPT)
 
 
 def _cleanup(result):
@@ -103,8 +87,9 @@ def _cleanup(result):
 
 @pytest.mark.slow
 @pytest.mark.spark
-def test_local_cluster_training_equals_in_process():
-    result = _run_on_local_cluster()
+@pytest.mark.scenario("local_cluster")
+def test_local_cluster_training_equals_in_process(scenario_results):
+    result, _ = scenario_results("local_cluster")
     try:
         ns: dict = {}
         exec(SETUP, ns)
