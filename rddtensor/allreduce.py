@@ -7,9 +7,10 @@ ring all-reduce moves) but an iteration is two Python passes.
 ``Replicated`` (all-to-all gradient exchange): every partition sends its whole gradient to every
 partition, and each applies the identical update to its own full copy of θ and the slots (same
 inputs, same fixed summation order: bit-identical replicas). One Python pass per iteration, but
-``(N-1)·P`` values out of each partition. On Spark a Python pass costs ~90 ms of scheduling and
-worker round trips (see DESIGN.md), so for small models or few partitions ``Replicated`` wins; at
-N = 2 both move exactly the same number of gradient/weight bytes.
+``(N-1)·P`` values out of each partition, and every partition updates (and sends itself) the whole
+state. A Python pass costs ~40 ms of scheduling and worker round trips on an idle local[2], so
+for small models ``Replicated`` wins; past ~2e6 parameters (SGD; ~8e5 with Adam) ``Sharded``
+does, even at N = 2 where both send the same cross-partition bytes (``choose``).
 
 ``initial`` ships driver-side θ (start of a fit) by broadcast and returns the state RDD and
 the broadcast handles to destroy once that state is cut loose from its lineage.
@@ -33,8 +34,12 @@ from rddtensor.stages import (assemble, chunks_of, is_local, local_gradient, own
                               raws_of, read_own, scratch, split_own, split_records, theta_record,
                               to_self)
 
-PASS_SECONDS = 0.09       # measured cost of one Python pass on local[2] (DESIGN.md)
-BYTES_PER_SECOND = 5e8    # measured shuffle throughput per partition, local disk
+# The cost model of ``choose`` (fitted to ``python -m benchmarks.allreduce`` on local[2], idle,
+# N = 2, SGD: sharded 83 / 128 / 319 ms and replicated 67 / 104 / 416 ms at P = 1e5 / 1e6 / 1e7,
+# benchmarks/results/allreduce.json): an iteration costs PASS_SECONDS per Python pass plus
+# SECONDS_PER_VALUE per float32 value a partition sends, writes to itself or updates.
+PASS_SECONDS = 0.0375
+SECONDS_PER_VALUE = 7.5e-9
 
 
 def _keyed(dest: int, records):
@@ -219,12 +224,21 @@ def state_local(cfg: dict):
     return None if cfg.get("cut", True) else cfg.get("local")
 
 
+def values_per_partition(strategy: str, P: int, n: int, n_slots: int) -> float:
+    """Values one partition sends, sends itself and updates per iteration (see ``choose``)."""
+    if strategy == "sharded":  # blocks of P/n: 2 cross-partition moves, state + gradient to self
+        return P * (2 * (n - 1) / n + (2 + n_slots) / n + (1 + n_slots) / n)
+    # replicated: whole gradients to all; full state to itself; the full update (and settle)
+    return P * ((n - 1) + (2 + n_slots) + 2 * (1 + n_slots))
+
+
 def choose(allreduce: str, model, n: int):
     """The strategy for ``allreduce`` ("auto", "sharded" or "replicated").
 
-    ``auto`` picks ``replicated`` when the extra bytes it moves, ``(N-2)·P`` float32 values per
-    partition, cost less than the Python pass it saves, or when the optimizer needs whole-gradient
-    norms (clipnorm, LARS, LAMB); otherwise ``sharded``.
+    ``auto`` picks ``replicated`` when the optimizer needs whole-gradient norms (clipnorm,
+    LARS, LAMB), or when the values it moves and updates beyond ``sharded``'s cost less than
+    the Python pass it saves (``values_per_partition``, ``PASS_SECONDS``, ``SECONDS_PER_VALUE``):
+    small models, few partitions. On local[2] with SGD the two cross near P = 2e6 (Adam: 8e5).
     """
     if allreduce not in ("auto", *STRATEGIES):
         raise ValueError(f"allreduce must be 'auto', 'sharded' or 'replicated', got {allreduce!r}")
@@ -234,5 +248,6 @@ def choose(allreduce: str, model, n: int):
         return strategy
     opt = model.optimizer
     needs_norms = opt.clipnorm is not None or type(opt).__name__ in ("LARS", "LAMB")
-    extra_seconds = max(n - 2, 0) * model.layout.size * 4 / BYTES_PER_SECOND
-    return Replicated() if needs_norms or extra_seconds < PASS_SECONDS else Sharded()
+    P, s = model.layout.size, len(opt.slot_names)
+    extra = values_per_partition("replicated", P, n, s) - values_per_partition("sharded", P, n, s)
+    return Replicated() if needs_norms or extra * SECONDS_PER_VALUE < PASS_SECONDS else Sharded()

@@ -392,21 +392,26 @@ def _big_model(opt="adam"):
 
 
 def test_choose_auto():
-    small, big = classifier(), _big_model()
+    small, big = classifier(), _big_model()  # Adam: 2 slots
     small.build()
     P = big.layout.size
     assert P > 4_000_000
     for n in (1, 2, 3, 8, 64):
         assert AR.choose("auto", small, n).name == "replicated"
-    for n in (1, 2):  # at N <= 2 both move the same bytes: one pass wins
-        assert AR.choose("auto", big, n).name == "replicated"
-    # replicated moves (N-2)·P extra float32 values per partition: worth one Python pass
-    # (PASS_SECONDS) only while they are few
-    extra_s = lambda n: (n - 2) * P * 4 / AR.BYTES_PER_SECOND  # noqa: E731
-    assert extra_s(3) < AR.PASS_SECONDS < extra_s(8)
-    assert AR.choose("auto", big, 3).name == "replicated"
-    for n in (8, 32):
+    # big: replicated's extra values (full state and update, (N-1)·P gradient values out)
+    # cost more than the Python pass it saves, at every N
+    for n in (2, 3, 8, 32):
+        extra = (AR.values_per_partition("replicated", P, n, 2)
+                 - AR.values_per_partition("sharded", P, n, 2))
+        assert extra * AR.SECONDS_PER_VALUE > AR.PASS_SECONDS
         assert AR.choose("auto", big, n).name == "sharded"
+    # the crossover at N = 2 (fitted on local[2]): SGD near 2e6 values, Adam near 8e5
+    def crossover(n_slots):
+        return min(P for P in np.geomspace(1e4, 1e8, 400)
+                   if AR.values_per_partition("replicated", P, 2, n_slots)
+                   - AR.values_per_partition("sharded", P, 2, n_slots)
+                   > AR.PASS_SECONDS / AR.SECONDS_PER_VALUE)
+    assert 1.5e6 < crossover(0) < 3e6 and 4e5 < crossover(2) < 8e5
     # whole-gradient norms force replicated whatever the size
     assert AR.choose("auto", _big_model("adam_clipnorm"), 32).name == "replicated"
     assert AR.choose("auto", _big_model("lars"), 32).name == "replicated"
