@@ -4,6 +4,7 @@ or partial record."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from rddtensor.stages import raws_of, split_records, to_self
 @pytest.fixture()
 def cache_root(tmp_path, monkeypatch):
     monkeypatch.setattr(localcache, "root", lambda: str(tmp_path / "cache"))
-    localcache._SEEN_JOBS.clear()
+    localcache._SEEN_RUNS.clear()
     return tmp_path / "cache"
 
 
@@ -64,19 +65,43 @@ def test_unwritable_cache_sends_the_record_inline(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     monkeypatch.setattr(localcache, "root", lambda: str(blocker))
-    localcache._SEEN_JOBS.clear()
+    localcache._SEEN_RUNS.clear()
     recs = list(to_self({"run": "r3", "job": 1}, "grad", 0, 1, {"src": 0, "t": 1},
                         {"g": np.arange(5, dtype=np.float32)}))
     assert wire.unpack(b"".join(bytes(p) for p in recs[0]))[0] == "grad"  # chunks, no token
     assert to_self(None, "grad", 0, 1, {}, {"g": np.ones(2)}) is not None
 
 
-def test_old_versions_and_earlier_jobs_are_pruned(cache_root):
-    g = {"g": np.ones(4, np.float32)}
-    for t in range(5):
-        localcache.put({"run": "r4", "job": 1}, "grad", 0, t, {"t": t}, g)
-    assert sorted(os.listdir(cache_root / "r4" / "1")) == ["grad-0-3", "grad-0-4"]
-    localcache.put({"run": "r4", "job": 2}, "grad", 0, 5, {"t": 5}, g)
-    assert os.listdir(cache_root / "r4") == ["2"]  # job 1's records are settled
+def test_two_slots_per_kind_overwritten_in_place_and_stale_tokens_miss(cache_root):
+    def put(job, t, value):
+        return localcache.put({"run": "r4", "job": job}, "grad", 0, t, {"t": t},
+                              {"g": np.full(4, value, np.float32)})
+
+    tokens = [put(1, t, t) for t in range(5)]
+    assert sorted(os.listdir(cache_root / "r4")) == ["grad-0-0", "grad-0-1"]
+    for t in (3, 4):  # the newest two steps are readable
+        (_, _, x, _), = split_records([tokens[t]])[0]
+        np.testing.assert_array_equal(x, np.full(4, t, np.float32))
+    with pytest.raises(localcache.CacheMiss, match="holds job 1 step 4, the token names job 1 step 2"):
+        split_records([tokens[2]])  # its slot now holds step 4: a miss, not step 4's values
+    put(2, 4, 40)  # the same step written again by a later job (e.g. a replay)
+    with pytest.raises(localcache.CacheMiss, match="holds job 2 step 4"):
+        split_records([tokens[4]])
     localcache.drop_run("r4")
     assert not (cache_root / "r4").exists()
+
+
+def test_stale_runs_are_removed_but_live_ones_kept(cache_root):
+    live = localcache.put({"run": "live", "job": 1}, "grad", 0, 1, {}, {"g": np.ones(2)})
+    old = cache_root / "old"
+    old.mkdir(parents=True)
+    (old / "grad-0-0").write_bytes(b"x")
+    past = time.time() - 2 * 3600
+    os.utime(old / "grad-0-0", (past, past))
+    os.utime(old, (past, past))
+    live_dir = cache_root / "live"
+    os.utime(live_dir, (past, past))  # a live run's directory mtime stays old: its files move
+    localcache._SEEN_RUNS.clear()
+    localcache.put({"run": "new", "job": 1}, "grad", 0, 1, {}, {"g": np.ones(2)})
+    assert not old.exists() and live_dir.exists()
+    assert len(split_records([live])[0]) == 1
