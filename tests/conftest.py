@@ -42,3 +42,13 @@ def scenario_results(request):
             pytest.fail(f"scenario {name!r} failed:\n{err}\n--- its log ---\n{log[-6000:]}")
         return out, log
     return get
+
+
+@pytest.fixture(scope="session")
+def cp():
+    """The cupy module, for tests marked ``gpu``: skips without cupy or without a visible GPU."""
+    from rddtensor import backend
+    cupy = pytest.importorskip("cupy")
+    if not backend.gpu_available():
+        pytest.skip("no CUDA GPU visible")
+    return cupy

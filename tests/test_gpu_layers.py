@@ -15,15 +15,6 @@ import layers as L
 from layers.training import gradient_step
 import optim
 from optim import get_loss
-from rddtensor import backend
-
-
-@pytest.fixture(scope="module")
-def cp():
-    cupy = pytest.importorskip("cupy")
-    if not backend.gpu_available():
-        pytest.skip("no CUDA GPU visible")
-    return cupy
 
 
 def _tol(dtype):

@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 
 import layers as L
-from rddtensor import backend, device
+from rddtensor import device
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cp():
-    cupy = pytest.importorskip("cupy")
-    if not backend.gpu_available():
-        pytest.skip("no CUDA GPU visible")
-    return cupy
 
 
 def test_pinned_copies_are_exact_and_pinned(cp):

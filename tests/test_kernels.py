@@ -19,7 +19,7 @@ from gradcheck import check_grad
 from layers.activations import activation_forward
 from optim.losses import sparse_categorical_crossentropy
 from optim.optimizers import adam_update, sgd_update
-from rddtensor import backend, kernels
+from rddtensor import kernels
 from rddtensor.kernels import KERNELS, generic, kernel_or_generic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -358,14 +358,6 @@ def test_only_backend_imports_cupy():
 
 
 # --- CuPy kernels against the generic path (GPU only) ---------------------------------------------
-@pytest.fixture(scope="module")
-def cp():
-    cupy = pytest.importorskip("cupy")
-    if not backend.gpu_available():
-        pytest.skip("no CUDA GPU visible")
-    return cupy
-
-
 def _tol(dtype):
     return {"rtol": 2e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
 
