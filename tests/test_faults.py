@@ -140,6 +140,10 @@ EXECUTOR_LOSS = COMMON + textwrap.dedent("""
     sc = spark.sparkContext
     stop_watch = threading.Event()
     changed = watch_executors(sc, stop_watch)
+    deadline = time.time() + 120  # the cluster's executor JVMs start after the session
+    while (sc._jsc.sc().getExecutorMemoryStatus().size() - 1 < 2 or len(executor_pids()) < 2) \
+            and time.time() < deadline:
+        time.sleep(0.2)
     out = {"app_id": sc.applicationId, "executors_at_start": executor_pids()}
     try:
         train = sc.parallelize(list(zip(X, y)), 2)
