@@ -61,6 +61,10 @@ def state_level(sc) -> StorageLevel:
     return _LEVEL_2 if executors >= 2 else _LEVEL
 
 
+class _StatsLost(RuntimeError):
+    """A job finished but the stats of some of its tasks never reached the driver."""
+
+
 def _conf(sc, key: str, default: str) -> str:
     """A setting from the active session's runtime conf (``spark.conf.set``), else the
     SparkContext's conf, else ``default``."""
@@ -222,10 +226,17 @@ class DistributedRunner:
     def _run_group(self, steps: int) -> dict:
         """``steps`` iterations as one Spark job; returns their merged stats. If the state was
         lost with its executors, reload the last checkpoint, replay up to here and run again."""
+        lost_stats = 0
         while True:
             try:
                 stats = self._try_group(steps)
                 break
+            except _StatsLost as exc:
+                lost_stats += 1
+                if lost_stats > _MAX_RECOVERIES:
+                    raise RuntimeError(f"{exc}, {lost_stats} times in a row") from None
+                checkpoints.log.warning("%s: re-running the job from step %d", exc, self.t)
+                continue
             except Exception as exc:
                 if self.local_cache and localcache.MISS in str(exc):
                     # a record the job sent through the host-local cache was not found where
@@ -293,15 +304,22 @@ class DistributedRunner:
                                       self.acc, pending_model=st.model if S is st.S else job)
         S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
+        steps_done = range(self.t + 1, self.t + steps + 1)
         try:
             with spark_errors():
                 S._jrdd.count()
+            got = self.acc.value
+            missing = [(t, j) for t in steps_done for j in range(self.N) if (t, j) not in got]
+            if missing:
+                # the stats of a step come with the task that computed it; when an executor
+                # dies after storing a block of S (and its replica) but before reporting the
+                # task, Spark re-reads the replica and the stats never come: run the job again
+                raise _StatsLost(f"the stats of steps/partitions {missing} never arrived")
         except BaseException:
             S.unpersist(blocking=False)
             raise
         st.unpersist()
         self.state = ParameterState(st.strategy, S, job, st.bounds)
-        steps_done = range(self.t + 1, self.t + steps + 1)
         self.t += steps
         return self._take_stats(steps_done)
 
