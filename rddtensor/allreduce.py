@@ -26,13 +26,11 @@ chunk in source order (``wire.Chunks.sum_into``): bit-reproducible whatever the 
 """
 from __future__ import annotations
 
-import numpy as np
-
 from layers.training import apply_update, optimizer_step
 from rddtensor import rawrdd, wire
-from rddtensor.stages import (assemble, chunks_of, is_local, local_gradient, own_record,
-                              raws_of, read_own, scratch, split_own, split_records, theta_record,
-                              to_self)
+from rddtensor.stages import (assemble, chunks_of, is_local, join_own, local_gradient,
+                              own_record, raws_of, read_own, scratch, split_own, split_records,
+                              theta_record, to_self)
 
 # The cost model of ``choose`` (fitted to ``python -m benchmarks.allreduce`` on local[2], idle,
 # N = 2, SGD: sharded 83 / 128 / 319 ms and replicated 67 / 104 / 416 ms at P = 1e5 / 1e6 / 1e7,
@@ -74,8 +72,8 @@ class Sharded:
     def initial(self, sc, theta, slots, bounds, t):
         # one broadcast per block: task i fetches block i only, and the driver JVM streams it
         # from a file (a parallelized collection would hold all of θ in the driver's heap)
-        handles = [sc.broadcast(wire.pack("own", {}, {"w": theta[a:z],
-                                                     **{"slot." + k: v[a:z] for k, v in slots.items()}}))
+        handles = [sc.broadcast(wire.pack(
+                       "own", {}, join_own(theta[a:z], {k: v[a:z] for k, v in slots.items()})))
                    for a, z in bounds]
         emit_state = self.emit_state
 
@@ -153,7 +151,7 @@ class Replicated:
 
     def initial(self, sc, theta, slots, bounds, t):
         handle = sc.broadcast(wire.pack("rstate", {"t": t},
-                                        {"w": theta, **{"slot." + k: v for k, v in slots.items()}}))
+                                        join_own(theta, slots)))
 
         def emit(j, records):
             for _ in records:
@@ -181,7 +179,7 @@ class Replicated:
                 yield from _keyed(d, to_self(local, "rgrad", j, t, meta, {"g": g}, bf16) if d == j
                                   else grad)
             yield from _keyed(j, to_self(local, "rstate", j, t, {"t": t},
-                                         {"w": w, **{"slot." + k: v for k, v in slots.items()}}))
+                                         join_own(w, slots)))
         return rawrdd.map_raw(rawrdd.co_union(rawrdd.shuffle_pairs(S, n), shards), run)
 
     @staticmethod

@@ -31,14 +31,19 @@ def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict, local=None):
     """Block ``[lo, hi)`` of θ_t with its optimizer slots, what its owner needs for a step:
     chunk records of kind ``own`` (``wire.chunks``), or a token of the host-local cache when
     ``local`` (the job's cache settings) allows (``to_self``)."""
-    return to_self(local, "own", i, t, {"i": i, "t": t, "lo": lo, "hi": hi},
-                   {"w": w, **{"slot." + k: v for k, v in slots.items()}})
+    return to_self(local, "own", i, t, {"i": i, "t": t, "lo": lo, "hi": hi}, join_own(w, slots))
 
 
 def theta_record(i: int, t: int, lo: int, hi: int, w, bf16: bool = False):
     """Block ``[lo, hi)`` of θ_t for a non-owner: chunk records of kind ``theta``."""
     return wire.chunks("theta", {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
                        bf16=("w",) if bf16 else ())
+
+
+def join_own(w, slots: dict) -> dict:
+    """θ (or a block of it) and its optimizer slots as the named arrays of one record
+    (``w``, ``slot.<name>``); ``split_own`` is the inverse."""
+    return {"w": w, **{"slot." + k: v for k, v in slots.items()}}
 
 
 def split_own(arrays: dict):
