@@ -16,9 +16,16 @@ request #6033). ``--openblas-coretype SkylakeX`` sets ``OPENBLAS_CORETYPE`` befo
 OpenBLAS's documented override, to measure with its AVX-512 kernels; by default the environment
 is left as it is. The table footer names the kernels OpenBLAS reported.
 
+Memory: both libraries allocate through glibc in this one process. The layers run with the
+malloc settings every rddtensor training step applies (``rddtensor.allocator.tune_malloc``:
+temporaries reuse heap pages instead of fresh, zero-filled ones), so the numbers are what a fit
+sees; ``--malloc default`` measures with glibc's defaults instead (then each side's speed also
+depends on what the other freed before it: glibc raises its mmap threshold as it goes).
+
 Usage::
 
     python -m benchmarks.layers [--quick] [--threads T] [--repeats R] [--openblas-coretype NAME]
+                                [--malloc tuned|default]
 
 Writes ``benchmarks/results/layers.json`` and ``layers.md`` (``layers_quick.*`` with --quick,
 ``layers_<name>.*`` with --openblas-coretype).
@@ -106,12 +113,19 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--openblas-coretype", default=None, metavar="NAME",
                     help="set OPENBLAS_CORETYPE (e.g. SkylakeX) before NumPy loads")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="rddtensor's malloc settings (what a fit runs with) or glibc's defaults")
     a = ap.parse_args(argv)
     if a.openblas_coretype:
         if "numpy" in sys.modules:
             raise RuntimeError("--openblas-coretype must be applied before numpy is imported; "
                                "run python -m benchmarks.layers in a fresh process")
         os.environ["OPENBLAS_CORETYPE"] = a.openblas_coretype
+    if a.malloc == "tuned":
+        from rddtensor.allocator import tune_malloc
+        malloc = tune_malloc()
+    else:
+        malloc = "glibc defaults"
     threads = match_threads(a.threads)
     blas = sorted({f"{p['internal_api']} {p['architecture']}" for p in threads.get("pools", [])
                    if p.get("user_api") == "blas"})
@@ -130,19 +144,22 @@ def main(argv=None):
     table = markdown_table(["layer (forward+backward)", "rddtensor ms", "PyTorch CPU ms",
                             "ratio (medians)", "paired ratio range"], rows)
     flags = (" --quick" if a.quick else "") + (f" --openblas-coretype {a.openblas_coretype}"
-                                                if a.openblas_coretype else "")
+                                                if a.openblas_coretype else "") + (
+        " --malloc default" if a.malloc == "default" else "")
     table += (f"\n\nThreads: {threads['threads']} for both (`match_threads`); NumPy's BLAS: "
               f"{', '.join(blas) or 'unknown'}"
               f"{' (OPENBLAS_CORETYPE=' + a.openblas_coretype + ')' if a.openblas_coretype else ''}"
-              f"; background load before the run: {load}, load average {load_avg}. Command: "
+              f"; malloc: {malloc}; background load before the run: {load}, load average {load_avg}. Command: "
               f"`python -m benchmarks.layers{flags}`.\n")
     payload = {"benchmark": "layers", "environment": environment(("numpy", "torch")),
                "threads": threads, "blas": blas, "openblas_coretype": a.openblas_coretype,
+               "malloc": malloc,
                "background_load": load, "load_average": load_avg,
                "parameters": {"calls": calls, "repeats": repeats, "warmup": warmup},
                "results": results}
     name = "layers" + ("_quick" if a.quick else "") + (
-        f"_{a.openblas_coretype.lower()}" if a.openblas_coretype else "")
+        f"_{a.openblas_coretype.lower()}" if a.openblas_coretype else "") + (
+        "_malloc_default" if a.malloc == "default" else "")
     path = write_results(name, payload, table)
     print(table)
     print(f"wrote {path}")

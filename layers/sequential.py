@@ -13,6 +13,7 @@ import scipy.sparse
 from layers.base import Layer, layer_class, positive_int, shape_tuple
 from layers.params import ParamLayout
 from layers.training import LocalRunner, evaluate_arrays, fit_loop, stats_logs
+from rddtensor.allocator import tune_malloc
 from rddtensor.backend import check_device
 
 
@@ -310,6 +311,7 @@ class Sequential:
             from rddtensor.engine import predict_distributed
             return predict_distributed(self, x, batch_size=batch_size)
         X = self._check_features(x, "x")
+        tune_malloc()
         outs = [self.forward(self.params, X[a:a + batch_size])[0] for a in range(0, len(X), batch_size)]
         if not outs:
             return np.zeros((0, *self.output_shape), np.float32)

@@ -15,6 +15,7 @@ import numpy as np
 
 from layers.batching import batch_sizes, local_batches, step_rng
 from layers.history import History
+from rddtensor.allocator import tune_malloc
 
 log = logging.getLogger("rddtensor")
 
@@ -65,6 +66,7 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
     Returns:
         ``(grad, stats)``: the flat gradient (``grad_out`` if given) and this part's stats.
     """
+    tune_malloc()  # once per process: temporaries on reused pages (rddtensor.allocator)
     layout = model.layout
     if len(X) == 0:
         grad = np.zeros(layout.size, theta.dtype) if grad_out is None else grad_out
@@ -155,6 +157,7 @@ def _clip_trainable(optimizer, g, segments):
 
 def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_norm=None) -> dict:
     """Loss and metric stats of ``model`` on ``X, y`` in eval mode (no dropout)."""
+    tune_malloc()
     stats = empty_stats(metrics)
     params = model.layout.unflatten(theta)
     for a in range(0, len(X), batch_size):

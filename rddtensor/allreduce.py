@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from layers.training import apply_update, optimizer_step
 from rddtensor import rawrdd, wire
-from rddtensor.stages import (assemble, chunks_of, is_local, join_own, local_gradient,
-                              own_record, raws_of, read_own, scratch, split_own, split_records,
-                              theta_record, to_self)
+from rddtensor.stages import (assemble, chunks_of, deliver, is_local, join_own,
+                              local_gradient, own_record, raws_of, read_own, scratch, split_own,
+                              split_records, to_self)
 
 # The cost model of ``choose`` (fitted to ``python -m benchmarks.allreduce`` on local[2], idle,
 # N = 2, SGD: sharded 83 / 128 / 319 ms and replicated 67 / 104 / 416 ms at P = 1e5 / 1e6 / 1e7,
@@ -63,11 +63,8 @@ class Sharded:
     def emit_state(i, t, bounds, w, slots, bf16=False, local=None):
         lo, hi = bounds[i]
         yield from _keyed(i, own_record(i, t, lo, hi, w, slots, local))
-        if len(bounds) > 1:
-            other = list(theta_record(i, t, lo, hi, w, bf16))
-            for d in range(len(bounds)):
-                if d != i:
-                    yield from _keyed(d, other)
+        yield from deliver(local, "theta", i, t, {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
+                           [d for d in range(len(bounds)) if d != i], ("w",) if bf16 else ())
 
     def initial(self, sc, theta, slots, bounds, t):
         # one broadcast per block: task i fetches block i only, and the driver JVM streams it
@@ -102,9 +99,8 @@ class Sharded:
             t, theta = assemble(params, model.layout.size)
             g = local_gradient(cfg, model, theta, t, j, shard, acc)
             for i, (a, z) in enumerate(bounds):
-                meta, part = {"src": j, "t": t}, {"g": g[a:z]}
-                yield from _keyed(i, to_self(local, "grad", j, t, meta, part, bf16) if i == j
-                                  else wire.chunks("grad", meta, part, bf16))
+                yield from deliver(local, "grad", j, t, {"src": j, "t": t}, {"g": g[a:z]}, [i],
+                                   bf16, file=f"{j}-{i}")
             # the block's state rides back to its owner unchanged (into the host-local cache
             # when it arrived inline, at a job's first iteration)
             if local and not is_local(params, "own"):
@@ -173,11 +169,7 @@ class Replicated:
             params, shard = split_records(records)
             t, w, slots = settle(pending_model, params)
             g = local_gradient(cfg, model, w, t, j, shard, acc)
-            meta = {"src": j, "t": t}
-            grad = list(wire.chunks("rgrad", meta, {"g": g}, bf16)) if n > 1 else []
-            for d in range(n):
-                yield from _keyed(d, to_self(local, "rgrad", j, t, meta, {"g": g}, bf16) if d == j
-                                  else grad)
+            yield from deliver(local, "rgrad", j, t, {"src": j, "t": t}, {"g": g}, range(n), bf16)
             yield from _keyed(j, to_self(local, "rstate", j, t, {"t": t},
                                          join_own(w, slots)))
         return rawrdd.map_raw(rawrdd.co_union(rawrdd.shuffle_pairs(S, n), shards), run)

@@ -61,6 +61,14 @@ def state_level(sc) -> StorageLevel:
     return _LEVEL_2 if executors >= 2 else _LEVEL
 
 
+def one_host(sc) -> bool:
+    """Whether the driver and every executor run on one machine (local masters,
+    ``local-cluster``, a one-machine cluster): then every task of a job can read the files
+    any other task writes to the host-local cache (``rddtensor.localcache``)."""
+    keys = sc._jsc.sc().getExecutorMemoryStatus().keys().mkString("\n").split("\n")
+    return len({k.rsplit(":", 1)[0] for k in keys}) == 1
+
+
 class _StatsLost(RuntimeError):
     """A job finished but the stats of some of its tasks never reached the driver."""
 
@@ -208,6 +216,8 @@ class DistributedRunner:
         self.local_cache, self.cache_missed = mode != "false", False
         self.local = {"run": uuid.uuid4().hex[:16], "job": 0, "evict": mode == "evict"}
         self.since_gc = 0  # iterations since the driver JVM last collected garbage
+        self.bytes_since_gc = 0  # estimated shuffle bytes since then
+        self.peers = False  # whether the last job sent records between partitions as tokens
         self.cfg = {"n_total": self.n_total, "batch_size": batch_size, "seed": seed,
                     "shuffle": shuffle, "offsets": shards.offsets, "t0": self.t0,
                     "batch_sizes": batch_sizes(self.n_total, batch_size).tolist(),
@@ -256,13 +266,17 @@ class DistributedRunner:
         """Let Spark delete the shuffle files of finished iterations (see ``_GC_ITERATIONS``):
         per 100 iterations or ~1 GB of shuffle, one driver JVM collection (which frees what the
         previous round released; py4j releases JVM objects from its own thread) and one Python
-        ``gc.collect()`` (tens of ms each). Files live for at most two rounds."""
+        ``gc.collect()`` (tens of ms each). Files live for at most two rounds.
+
+        The shuffle bytes are estimated: ~8·P·N per iteration whose records go inline, and only
+        the job's last (cut) iteration does while the partitions share a host's cache."""
         self.since_gc += steps
-        shuffle_bytes = self.since_gc * 8 * self.model.layout.size * self.N
-        if self.since_gc >= _GC_ITERATIONS or shuffle_bytes >= _GC_BYTES:
+        inline = 1 if self.peers else steps
+        self.bytes_since_gc += inline * 8 * self.model.layout.size * self.N
+        if self.since_gc >= _GC_ITERATIONS or self.bytes_since_gc >= _GC_BYTES:
             self.sc._jvm.System.gc()
             gc.collect()
-            self.since_gc = 0
+            self.since_gc = self.bytes_since_gc = 0
 
     def _recover(self, exc):
         loaded = self.checkpoint.newest_loadable() if self.checkpoint is not None else None
@@ -294,7 +308,9 @@ class DistributedRunner:
         S = st.S
         job = skeleton(self.model, freeze_optimizer=True)
         self.local["job"] += 1
-        local = dict(self.local) if self.local_cache else None
+        # records between partitions go through the cache too while all tasks share a host
+        local = dict(self.local, peers=one_host(self.sc)) if self.local_cache else None
+        self.peers = bool(local and local["peers"])
         for s in range(steps):
             # the last iteration's state is the job's cut state: inline, never a cache token
             cfg = {**self.cfg, "local": local, "cut": s == steps - 1}

@@ -13,6 +13,7 @@ from pyspark.accumulators import AccumulatorParam
 from layers.batching import local_batches, step_rng, steps_per_epoch
 from layers.training import evaluate_arrays, gradient_step
 from rddtensor import device, localcache, rawrdd, wire
+from rddtensor.allocator import tune_malloc
 from rddtensor.shards import read_shard
 
 
@@ -78,6 +79,32 @@ def to_self(local, kind: str, part: int, t: int, meta: dict, arrays: dict, bf16:
         if token is not None:
             return [token]
     return wire.chunks(kind, meta, arrays, bf16)
+
+
+def deliver(local, kind: str, src: int, t: int, meta: dict, arrays: dict, dests,
+            bf16: tuple = (), file=None):
+    """``key(d), record`` pairs that deliver one record of ``kind`` from partition ``src`` to
+    every partition in ``dests``.
+
+    Through the host-local cache when the job's ``local`` settings allow it: to ``src`` itself
+    always, to other partitions when ``local["peers"]`` (every task of the job runs on this
+    host). The record is written once (file ``<kind>-<file or src>``) and each of those
+    destinations gets a token; the others (or all, when the write failed) get its chunks."""
+    token = inline = None
+    for d in dests:
+        if local and (d == src or local.get("peers")):
+            if token is None:
+                token = localcache.put(local, kind, src if file is None else file, t, meta,
+                                       arrays, bf16) or False
+            if token:
+                yield rawrdd.key(d)
+                yield token
+                continue
+        if inline is None:
+            inline = list(wire.chunks(kind, meta, arrays, bf16))
+        for rec in inline:
+            yield rawrdd.key(d)
+            yield rec
 
 
 def raws_of(params, kind: str):
@@ -222,6 +249,7 @@ def predict_stage(model, batch_size: int):
         _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
         X, params = arrays["X"], model.layout.unflatten(theta)
+        tune_malloc()
         for a in range(0, len(X), batch_size):
             Y, _ = model.forward(params, X[a:a + batch_size], training=False)
             yield from np.asarray(Y)

@@ -119,7 +119,8 @@ EXECUTOR_LOSS = COMMON + textwrap.dedent("""
             seen = None
             while not stop.wait(0.2):
                 try:
-                    now = sorted(str(k) for k in sc._jsc.sc().getExecutorMemoryStatus().keys())
+                    now = sorted(sc._jsc.sc().getExecutorMemoryStatus().keys().mkString("\\n")
+                                 .split("\\n"))
                 except Exception:  # the session is stopping
                     return
                 if now != seen:

@@ -105,3 +105,33 @@ def test_stale_runs_are_removed_but_live_ones_kept(cache_root):
     localcache.put({"run": "new", "job": 1}, "grad", 0, 1, {}, {"g": np.ones(2)})
     assert not old.exists() and live_dir.exists()
     assert len(split_records([live])[0]) == 1
+
+
+def _raw(record) -> bytes:
+    """A record as the bytes a receiver gets (chunk records are lists of frames)."""
+    if isinstance(record, (bytes, bytearray)):
+        return bytes(record)
+    return b"".join(bytes(memoryview(p).cast("B")) for p in record)
+
+
+@pytest.mark.parametrize("peers", [False, True])
+def test_deliver_writes_once_and_tokens_only_where_the_cache_reaches(cache_root, peers):
+    from rddtensor.stages import deliver
+    g = np.arange(300_000, dtype=np.float32)
+    meta = {"src": 1, "t": 7}
+    out = list(deliver({"run": "r5", "job": 1, "peers": peers}, "rgrad", 1, 7, meta, {"g": g},
+                       range(3)))
+    by_dest: dict = {}
+    for key, rec in zip(out[::2], out[1::2]):
+        by_dest.setdefault(key, []).append(_raw(rec))
+    assert len(by_dest) == 3
+    tokens = [d for d, recs in by_dest.items() if wire.unpack(recs[0])[0] == "local"]
+    # itself always through the cache; the other partitions too when they share the host
+    assert len(tokens) == (3 if peers else 1)
+    assert os.listdir(cache_root / "r5") == ["rgrad-1-1"]  # one file, however many readers
+    want = _decoded([_raw(r) for r in wire.chunks("rgrad", meta, {"g": g})])
+    for recs in by_dest.values():  # every destination gets the same chunks, either way
+        got = _decoded(recs)
+        assert [m for _, m, _ in got] == [m for _, m, _ in want]
+        np.testing.assert_array_equal(np.concatenate([x for *_, x in got]), g)
+    assert list(deliver(None, "rgrad", 1, 7, meta, {"g": g[:4]}, [0]))[1] is not None
