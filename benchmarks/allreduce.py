@@ -126,8 +126,12 @@ def tree_cpu_seconds(root: int | None = None) -> float:
 _CPU: list = []  # CPU ms per iteration of each timed group (same order as the samples)
 
 
+WARMUP_GROUPS = 2  # workers, imports, first shuffle files, and the JVMs' JIT compilation
+
+
 def _time_groups(run_group, k: int, repeats: int) -> list:
-    run_group(k)  # warm-up: workers, imports, first shuffle files
+    for _ in range(WARMUP_GROUPS):
+        run_group(k)
     out = []
     for _ in range(repeats):
         c0, t0 = tree_cpu_seconds(), time.perf_counter()
@@ -273,7 +277,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1e5,1e6,1e7,1e8")
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
     ap.add_argument("--k", type=int, default=8, help="iterations per timed group (one job for rddtensor)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=float, help=argparse.SUPPRESS)
@@ -289,8 +293,8 @@ def main(argv=None):
     for size in ([] if a.quick else sizes):
         for c in a.contenders.split(","):
             # big sizes: fewer iterations per group so one contender stays within its timeout
-            kk = k if size < 10**8 else max(2, k // 4)
-            r = run_one(c, size, kk, repeats, a.timeout)
+            kk, rr = (k, repeats) if size < 10**8 else (max(2, k // 4), min(3, repeats))
+            r = run_one(c, size, kk, rr, a.timeout)
             print(json.dumps({x: r.get(x) for x in ("contender", "P", "median_ms", "error")}), flush=True)
             results.append(r)
     rows = []

@@ -8,9 +8,9 @@ ring all-reduce moves) but an iteration is two Python passes.
 partition, and each applies the identical update to its own full copy of θ and the slots (same
 inputs, same fixed summation order: bit-identical replicas). One Python pass per iteration, but
 ``(N-1)·P`` values out of each partition, and every partition updates (and sends itself) the whole
-state. A Python pass costs ~40 ms of scheduling and worker round trips on an idle local[2], so
-for small models ``Replicated`` wins; past ~2e6 parameters (SGD; ~8e5 with Adam) ``Sharded``
-does, even at N = 2 where both send the same cross-partition bytes (``choose``).
+state. A Python pass costs ~30-40 ms of scheduling and worker round trips on an idle local[2],
+so for small models ``Replicated`` wins; past a few million parameters ``Sharded`` does, even
+at N = 2 where both send the same cross-partition bytes (``choose``).
 
 ``initial`` ships driver-side θ (start of a fit) by broadcast and returns the state RDD and
 the broadcast handles to destroy once that state is cut loose from its lineage.
@@ -23,6 +23,8 @@ Every parameter-sized array crosses Spark as 256 KiB chunk records (``wire.chunk
 never holds a humongous array), and a gradient pass sees the shuffled parameters and its data
 shard through ``rawrdd.co_union`` (no record-count bookkeeping). Gradients are summed chunk by
 chunk in source order (``wire.Chunks.sum_into``): bit-reproducible whatever the arrival order.
+Within a job, records go through the host-local cache where the job's ``local`` settings allow
+(``stages.deliver``, ``rddtensor.localcache``): a token in the shuffle instead of the chunks.
 """
 from __future__ import annotations
 
@@ -32,12 +34,16 @@ from rddtensor.stages import (assemble, chunks_of, deliver, is_local, join_own,
                               local_gradient, own_record, raws_of, read_own, scratch, split_own,
                               split_records, to_self)
 
-# The cost model of ``choose`` (fitted to ``python -m benchmarks.allreduce`` on local[2], idle,
-# N = 2, SGD: sharded 83 / 128 / 319 ms and replicated 67 / 104 / 416 ms at P = 1e5 / 1e6 / 1e7,
-# benchmarks/results/allreduce.json): an iteration costs PASS_SECONDS per Python pass plus
-# SECONDS_PER_VALUE per float32 value a partition sends, writes to itself or updates.
+# The cost model of ``choose``: an iteration costs PASS_SECONDS per Python pass plus a price per
+# float32 value a partition sends, writes to itself or updates. SECONDS_PER_VALUE is the price
+# when the records between partitions cross Spark's shuffle (fitted to ``python -m
+# benchmarks.allreduce`` on local[2], idle, N = 2, SGD, with only a partition's records to
+# itself in the host-local cache: sharded 83 / 128 / 319 ms and replicated 67 / 104 / 416 ms at
+# P = 1e5 / 1e6 / 1e7); SECONDS_PER_VALUE_ONE_HOST when all tasks share one host's cache
+# (the same benchmark since: sharded 94 / 100 / 165 ms, replicated 54 / 84 / 190 ms).
 PASS_SECONDS = 0.0375
 SECONDS_PER_VALUE = 7.5e-9
+SECONDS_PER_VALUE_ONE_HOST = 3.3e-9
 
 
 def _keyed(dest: int, records):
@@ -222,13 +228,15 @@ def values_per_partition(strategy: str, P: int, n: int, n_slots: int) -> float:
     return P * ((n - 1) + (2 + n_slots) + 2 * (1 + n_slots))
 
 
-def choose(allreduce: str, model, n: int):
+def choose(allreduce: str, model, n: int, one_host: bool = False):
     """The strategy for ``allreduce`` ("auto", "sharded" or "replicated").
 
     ``auto`` picks ``replicated`` when the optimizer needs whole-gradient norms (clipnorm,
     LARS, LAMB), or when the values it moves and updates beyond ``sharded``'s cost less than
-    the Python pass it saves (``values_per_partition``, ``PASS_SECONDS``, ``SECONDS_PER_VALUE``):
-    small models, few partitions. On local[2] with SGD the two cross near P = 2e6 (Adam: 8e5).
+    the Python pass it saves (``values_per_partition``, ``PASS_SECONDS`` and the price per
+    value: ``SECONDS_PER_VALUE_ONE_HOST`` when every task shares one host's cache
+    (``one_host``), else ``SECONDS_PER_VALUE``): small models, few partitions. At N = 2 with
+    SGD the two cross near P = 4.5e6 on one host (Adam: 1.7e6), 2e6 across hosts (Adam: 8e5).
     """
     if allreduce not in ("auto", *STRATEGIES):
         raise ValueError(f"allreduce must be 'auto', 'sharded' or 'replicated', got {allreduce!r}")
@@ -240,4 +248,5 @@ def choose(allreduce: str, model, n: int):
     needs_norms = opt.clipnorm is not None or type(opt).__name__ in ("LARS", "LAMB")
     P, s = model.layout.size, len(opt.slot_names)
     extra = values_per_partition("replicated", P, n, s) - values_per_partition("sharded", P, n, s)
-    return Replicated() if needs_norms or extra * SECONDS_PER_VALUE < PASS_SECONDS else Sharded()
+    price = SECONDS_PER_VALUE_ONE_HOST if one_host else SECONDS_PER_VALUE
+    return Replicated() if needs_norms or extra * price < PASS_SECONDS else Sharded()

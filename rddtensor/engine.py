@@ -458,7 +458,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                              f"training rows; use batch_size <= {shards.n_total} (full batch)")
         model.check_label_range(shards.label_range, f"labels (column {label_col!r})"
                                 if hasattr(data, "columns") else "labels")
-        strategy = choose(allreduce, model, shards.n_partitions)
+        strategy = choose(allreduce, model, shards.n_partitions, one_host=one_host(shards.rdd.ctx))
         model._init_slots()
         ckpt, resumed = checkpoints.start(
             model, checkpoint_dir, checkpoint_every, resume,

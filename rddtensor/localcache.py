@@ -1,24 +1,29 @@
-"""Host-local delivery of the records a training task sends to its own partition.
+"""Host-local delivery of the records training tasks send each other within a Spark job.
 
-Of the bytes an iteration pushes through Spark's shuffle, the largest share never leaves its
+Of the bytes an iteration pushes through Spark's shuffle, a large share never leaves its
 partition: the owner's block of θ and its optimizer slots ride from one pass to the next, and
-each partition's gradient for its own block goes to itself. A shuffle moves those bytes through
-the JVM, a socket each way and a shuffle file, just like the bytes that do cross partitions.
-Within a Spark job the engine instead writes them to a file under ``/dev/shm`` (memory) and
-shuffles a small *token* naming the file; the task that receives the token reads the file.
+each partition's gradient for its own block goes to itself. And when every task of a job runs
+on one machine (a local master, ``local-cluster``, a one-machine cluster: the driver checks per
+job, ``engine.one_host``), the records between partitions never leave that machine either. A
+shuffle moves all of them through the JVM, a socket each way and a shuffle file, like bytes
+that cross the network. Within a Spark job the engine instead writes such a record once to a
+file under ``/dev/shm`` (memory) and shuffles a small *token* naming the file to each
+destination (``stages.deliver``); the task that receives a token reads the file.
 
 What a token never changes is the result: the file holds exactly the record the shuffle would
 have carried (bfloat16 rounding included), and ``expand`` presents it to the receiver as the
 same chunks (``wire.chunk_views``), so sums run in the same order over the same values. What it
-can do is miss: the receiving task ran on another host, or the file is gone (a task re-ran from
-an older stage after its files were pruned, the memory filesystem was full or cleared). A miss
-raises ``CacheMiss`` in the task; the engine then re-runs that job from its start state (which
+can do is miss: the receiving task ran on another host (e.g. an executor on another machine
+joined mid-job), or the file is gone (a task re-ran from an older stage after its files were
+pruned, the memory filesystem was full or cleared). A miss raises ``CacheMiss`` in the task; the engine then re-runs that job from its start state (which
 is always inline: the cut state of a job never holds tokens) with the cache off, and keeps it off
 for the rest of the fit. So a miss costs one job's time, never a result.
 
-Layout: ``<root>/<run>/<kind>-<partition>-<slot>``, two slots per kind and partition: step
-``t`` overwrites slot ``t % 2`` in place (the step ``t - 2`` record, no longer needed: a re-run
-of the current stage still finds its inputs). Overwriting keeps the file's memory pages;
+Layout: ``<root>/<run>/<kind>-<name>-<slot>``, two slots per kind and name (the sending
+partition, or ``<src>-<dest>`` for a record only one destination reads): step ``t`` overwrites
+slot ``t % 2`` in place (the step ``t - 2`` record, no longer needed: every task that reads a
+step's records finishes before the stage that writes step ``t + 2`` starts, and a re-run of the
+current stage still finds its inputs). Overwriting keeps the file's memory pages;
 a new file per record cost more than the shuffle it replaces here (every page allocated and
 zeroed by the kernel: ~370 MB/s on this VM). Each file starts with a stamp, the job and step
 that wrote it, which ``load`` checks against the token: a record overwritten by a later step
@@ -105,8 +110,10 @@ def put(local: dict, kind: str, part: int, t: int, meta: dict, arrays: dict,
     """Write a record (as ``wire.frames(kind, meta, arrays, bf16)``) to the cache; return its
     token record, or ``None`` when it could not be written (the caller sends it inline).
 
-    ``local`` is the job's cache settings from the driver: ``run``, ``job`` and optionally
-    ``evict`` (fault injection: the file is deleted at once, so every read misses)."""
+    ``local`` is the job's cache settings from the driver: ``run``, ``job``, ``peers``
+    (whether records between partitions may use the cache: ``stages.deliver``) and optionally
+    ``evict`` (fault injection: the file is deleted at once, so every read misses). ``part``
+    names the file (a partition, or ``"<src>-<dest>"``)."""
     path = os.path.join(root(), local["run"], f"{kind}-{part}-{t % 2}")
     try:
         _run_dir(local["run"])

@@ -57,6 +57,7 @@ def pairs(X, y):
 # --- models and runs ----------------------------------------------------------------------------
 OPTIMIZERS = {
     "adam": lambda: Adam(0.05),
+    "sgd": lambda: SGD(0.1),
     "sgd_momentum": lambda: SGD(0.1, momentum=0.9),
     "adam_clipnorm": lambda: Adam(0.05, clipnorm=0.05),
     "lars": lambda: LARS(0.5, momentum=0.9, trust_coefficient=0.01),
@@ -403,15 +404,24 @@ def test_choose_auto():
     for n in (2, 3, 8, 32):
         extra = (AR.values_per_partition("replicated", P, n, 2)
                  - AR.values_per_partition("sharded", P, n, 2))
-        assert extra * AR.SECONDS_PER_VALUE > AR.PASS_SECONDS
+        assert extra * AR.SECONDS_PER_VALUE_ONE_HOST > AR.PASS_SECONDS
         assert AR.choose("auto", big, n).name == "sharded"
-    # the crossover at N = 2 (fitted on local[2]): SGD near 2e6 values, Adam near 8e5
-    def crossover(n_slots):
+        assert AR.choose("auto", big, n, one_host=True).name == "sharded"
+
+    # the crossover at N = 2 (fitted on local[2]): with the records between partitions in
+    # Spark's shuffle SGD near 2e6 values and Adam near 8e5; on one host's cache 4.5e6 / 1.7e6
+    def crossover(n_slots, price):
         return min(P for P in np.geomspace(1e4, 1e8, 400)
                    if AR.values_per_partition("replicated", P, 2, n_slots)
                    - AR.values_per_partition("sharded", P, 2, n_slots)
-                   > AR.PASS_SECONDS / AR.SECONDS_PER_VALUE)
-    assert 1.5e6 < crossover(0) < 3e6 and 4e5 < crossover(2) < 8e5
+                   > AR.PASS_SECONDS / price)
+    assert 1.5e6 < crossover(0, AR.SECONDS_PER_VALUE) < 3e6
+    assert 4e5 < crossover(2, AR.SECONDS_PER_VALUE) < 8e5
+    assert 4e6 < crossover(0, AR.SECONDS_PER_VALUE_ONE_HOST) < 5e6
+    assert 1.5e6 < crossover(2, AR.SECONDS_PER_VALUE_ONE_HOST) < 2e6
+    mid = _big_model("sgd")  # 4e6 parameters: replicated on one host, sharded across hosts
+    assert AR.choose("auto", mid, 2, one_host=True).name == "replicated"
+    assert AR.choose("auto", mid, 2).name == "sharded"
     # whole-gradient norms force replicated whatever the size
     assert AR.choose("auto", _big_model("adam_clipnorm"), 32).name == "replicated"
     assert AR.choose("auto", _big_model("lars"), 32).name == "replicated"
