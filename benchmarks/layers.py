@@ -9,12 +9,14 @@ weights (PyTorch layouts) and inputs; a check asserts their outputs agree before
 timed. Thread counts are matched with ``benchmarks.common.match_threads`` and the timed blocks
 alternate (``time_interleaved``).
 
-NumPy's GEMMs run on its bundled OpenBLAS, which picks its kernels from the CPU model at load
-time. OpenBLAS up to 0.3.31 does not know AMD Zen 5 (CPU family 26) and falls back to its AVX2
-(Haswell) kernels there, while PyTorch's MKL uses AVX-512 (OpenBLAS issue #6029, fixed by pull
-request #6033). ``--openblas-coretype SkylakeX`` sets ``OPENBLAS_CORETYPE`` before NumPy loads,
-OpenBLAS's documented override, to measure with its AVX-512 kernels; by default the environment
-is left as it is. The table footer names the kernels OpenBLAS reported.
+NumPy's GEMMs run on its bundled OpenBLAS, which picks its kernels from the CPU at load time
+unless ``OPENBLAS_CORETYPE`` names them. The project's development machine (AMD EPYC, Zen 5,
+AVX-512) sets ``OPENBLAS_CORETYPE=Haswell`` in every process's environment, which holds
+OpenBLAS to its AVX2 kernels; without it NumPy's OpenBLAS 0.3.31 picks its AVX-512 "SkylakeX"
+kernels there by itself. PyTorch's oneDNN/MKL ignore the variable and use AVX-512.
+``--openblas-coretype SkylakeX`` sets the variable before NumPy loads, to measure with the
+kernels OpenBLAS would choose; by default the environment is left as it is. The table footer
+names the kernels OpenBLAS reported.
 
 Memory: both libraries allocate through glibc in this one process. The layers run with the
 malloc settings every rddtensor training step applies (``rddtensor.allocator.tune_malloc``:
