@@ -375,17 +375,31 @@ class DistributedRunner:
             on_progress(int(sum(sizes[start:min(start + steps, self.spe)])), stats)
             start += steps
             if ckpt is not None and ckpt.due(self.t, start == self.spe):
-                save_state(ckpt, self.state, self.model, self.t, self.t0, self.spe, stats)
+                self._reading_state(lambda: save_state(ckpt, self.state, self.model, self.t,
+                                                       self.t0, self.spe, stats))
         return stats
 
+    def _reading_state(self, job):
+        """``job()``, a Spark job that reads the cut parameter state (a checkpoint write,
+        validation, a gather); if the state's blocks were lost with their executors since the
+        training job that made them, recover it (``_recover``: reload the last checkpoint and
+        replay to this step) and run ``job`` again."""
+        while True:
+            try:
+                return job()
+            except Exception as exc:
+                if not _state_lost(exc):
+                    raise
+                self._recover(exc)
+
     def evaluate(self, shards, batch_size) -> dict:
-        return evaluate_state(self.state, shards, batch_size)
+        return self._reading_state(lambda: evaluate_state(self.state, shards, batch_size))
 
     def sync_weights(self):
         """Copy θ, the slots and the step from the executors into the driver's model (one
         collect of O(P): for callbacks that save or read weights mid-fit)."""
         m = self.model
-        theta, slots, t = self.state.gather()
+        theta, slots, t = self._reading_state(lambda: self.state.gather())
         m.theta[...] = theta
         for k in m.slots:
             m.slots[k][...] = slots[k]

@@ -298,6 +298,38 @@ def _persisted(sc):
 
 
 @pytest.mark.spark
+@pytest.mark.parametrize("job", ["checkpoint", "validation"])
+def test_state_lost_before_a_job_that_reads_it_is_recovered(sc, tmp_path, monkeypatch, job):
+    """The state lost between the training job that made it and a job that reads it (the
+    executor-loss scenario once caught a kill there, during a checkpoint write): the fit reloads
+    its last checkpoint, replays, and runs that job again, bit-identically."""
+    from rddtensor import engine
+    ref, href = dist_ref(sc, "sharded")
+    before = set(_persisted(sc))
+    name = "save_state" if job == "checkpoint" else "evaluate_state"
+    real, calls = getattr(engine, name), []
+
+    def losing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # a checkpoint to go back to exists by now
+            newest = max(set(_persisted(sc)) - before)
+            _persisted(sc)[newest].unpersist(True)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, name, losing)
+    kw = dict(epochs=3, allreduce="sharded", iterations_per_job=4,
+              checkpoint_dir=str(tmp_path / "c"), checkpoint_every=3, **FIT)
+    if job == "validation":
+        kw["validation_data"] = chunked(sc, list(zip(X, Y)), [15, 15])
+    m = model()
+    h = m.fit(chunked(sc, list(zip(X, Y)), [9, 4, 17]), **kw)
+    assert len(calls) >= 4  # the lost read ran again after the recovery, then the fit went on
+    assert_bit_identical(m, ref)
+    assert h.history["loss"] == href.history["loss"]
+    assert set(_persisted(sc)) - before == set()
+
+
+@pytest.mark.spark
 @pytest.mark.parametrize("with_checkpoint", [True, False])
 def test_lost_parameter_state_reloads_the_last_checkpoint(sc, tmp_path, with_checkpoint):
     """Every copy of the parameter state gone (as when all executors holding it die): the fit
