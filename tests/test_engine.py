@@ -571,27 +571,42 @@ def test_local_cache_off_or_missing_gives_bit_identical_weights(spark, sc, allre
     assert after <= before
 
 
-def test_jobs_run_across_epoch_ends_when_no_epoch_end_needs_the_driver(sc, monkeypatch):
-    """Without validation, callbacks or checkpoints one job may run on into the next epochs;
-    the weights are the same and each epoch's stats are still that epoch's."""
-    from rddtensor.engine import DistributedRunner
-    groups = []
-    real = DistributedRunner._run_group
+def _cache_files_at_epoch_ends(before: set) -> tuple:
+    """A fit callback that lists, at every epoch end, the files of the host-local cache runs
+    that did not exist in ``before``; returns ``(callback, seen)``."""
+    import os
 
-    def recording(self, steps):
-        groups.append(steps)
-        return real(self, steps)
-    monkeypatch.setattr(DistributedRunner, "_run_group", recording)
-    ref = local_run("adam_minibatch")  # 3 steps per epoch x 2 epochs
-    got = distributed_run(sc, "adam_minibatch", "N2", "replicated", iterations_per_job=4)
-    assert groups == [4, 2]  # steps 1-4 cross the end of epoch 0
-    assert_same_training(got, ref)
-    groups.clear()
-    seen = []
-    at_epoch_ends = distributed_run(sc, "adam_minibatch", "N2", "replicated",
-                                    iterations_per_job=4,
-                                    callbacks=[lambda epoch, logs: seen.append(epoch)])
-    assert groups == [3, 3] and seen == [0, 1]  # a callback: every job ends at its epoch's end
-    np.testing.assert_array_equal(at_epoch_ends["theta"], got["theta"])
-    for k in got["history"]:
-        np.testing.assert_allclose(at_epoch_ends["history"][k], got["history"][k], rtol=1e-12)
+    from rddtensor import localcache
+    seen: set = set()
+
+    def callback(epoch, logs):
+        root = localcache.root()
+        for run in set(os.listdir(root)) - before:
+            seen.update(f.rsplit("-", 1)[0] for f in os.listdir(os.path.join(root, run)))
+    return callback, seen
+
+
+@pytest.mark.parametrize("several_hosts", [False, True])
+def test_records_between_partitions_use_the_cache_only_on_one_host(sc, monkeypatch,
+                                                                    several_hosts):
+    """All executors on the driver's host (local masters): the records between partitions go
+    through the host-local cache too (θ blocks to the other partition, gradient blocks to their
+    owner). Executors on several machines (``one_host`` false): only the records a partition
+    sends itself do. Same weights either way."""
+    import os
+
+    from rddtensor import engine, localcache
+    on = cached_distributed_run(sc, "adam_minibatch", "N2", "sharded")
+    if several_hosts:
+        monkeypatch.setattr(engine, "one_host", lambda sc_: False)
+    os.makedirs(localcache.root(), exist_ok=True)
+    callback, seen = _cache_files_at_epoch_ends(set(os.listdir(localcache.root())))
+    m = new_model("adam_minibatch")
+    _, y, kw = RUNS["adam_minibatch"]
+    h = m.fit(chunked_rdd(sc, pairs(X, y), LAYOUTS["N2"]), verbose=0, allreduce="sharded",
+              iterations_per_job=3, callbacks=[callback], **kw)
+    assert h.params["local_cache"] == "on"
+    assert_same_training(snapshot(m, h), on, exact=True)
+    own = {"own-0", "own-1", "grad-0-0", "grad-1-1"}
+    between = {"theta-0", "theta-1", "grad-0-1", "grad-1-0"}
+    assert seen == (own if several_hosts else own | between)
