@@ -5,9 +5,9 @@ step (gates, activations, im2col tiles, gradients). glibc serves a request above
 threshold* (128 KiB at start, raised by the sizes freed since, at most 32 MiB) with a fresh
 ``mmap``, and returns free memory at the top of its heap to the kernel past its *trim
 threshold*: either way the next step's arrays land on new pages, and on first touch the kernel
-faults in and zeroes each 4 KiB page. On this project's 2-core VM that is ~1.2 us a page; an
-LSTM step of the layer benchmark (128 units x 50 steps, batch 32) faulted 3,770 pages per call
-and ran 14.4 ms, 8.7 ms with the settings below (no faults). PyTorch's CPU allocator is glibc
+faults in and zeroes each 4 KiB page. On this project's 2-core VM that is ~1.2 us a page: the LSTM
+case of the layer benchmark (128 units x 50 steps, batch 32), timed alone in a fresh process,
+faulted 3,770 pages per call and ran 14.4 ms, and 8.7 ms with the settings below (no faults). PyTorch's CPU allocator is glibc
 too; the effect in a process depends on what it freed before, so without fixed settings a
 layer's speed depends on what else the process ran.
 
