@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from layers.training import apply_update, optimizer_step
 from rddtensor import rawrdd, wire
-from rddtensor.stages import (assemble, chunks_of, deliver, is_local, join_own,
+from rddtensor.stages import (assemble, chunks_of, deliver, is_local, join_own, keyed,
                               local_gradient, own_record, raws_of, read_own, scratch, split_own,
                               split_records, to_self)
 
@@ -44,12 +44,6 @@ from rddtensor.stages import (assemble, chunks_of, deliver, is_local, join_own,
 PASS_SECONDS = 0.0375
 SECONDS_PER_VALUE = 7.5e-9
 SECONDS_PER_VALUE_ONE_HOST = 3.3e-9
-
-
-def _keyed(dest: int, records):
-    for rec in records:
-        yield rawrdd.key(dest)
-        yield rec
 
 
 class Sharded:
@@ -68,7 +62,7 @@ class Sharded:
     @staticmethod
     def emit_state(i, t, bounds, w, slots, bf16=False, local=None):
         lo, hi = bounds[i]
-        yield from _keyed(i, own_record(i, t, lo, hi, w, slots, local))
+        yield from keyed(i, own_record(i, t, lo, hi, w, slots, local))
         yield from deliver(local, "theta", i, t, {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
                            [d for d in range(len(bounds)) if d != i], ("w",) if bf16 else ())
 
@@ -111,9 +105,9 @@ class Sharded:
             # when it arrived inline, at a job's first iteration)
             if local and not is_local(params, "own"):
                 meta, w, slots = read_own(params)
-                yield from _keyed(j, own_record(j, t, meta["lo"], meta["hi"], w, slots, local))
+                yield from keyed(j, own_record(j, t, meta["lo"], meta["hi"], w, slots, local))
             else:
-                yield from _keyed(j, raws_of(params, "own"))
+                yield from keyed(j, raws_of(params, "own"))
         return run
 
     def _update(self, model, bounds, bf16=False, local=None):
@@ -159,7 +153,7 @@ class Replicated:
             for _ in records:
                 pass
             _, meta, arrays = wire.unpack(handle.value)
-            return _keyed(j, wire.chunks("rstate", meta, arrays))
+            return keyed(j, wire.chunks("rstate", meta, arrays))
         return rawrdd.map_raw(sc.parallelize(range(len(bounds)), len(bounds)), emit), [handle]
 
     def iteration(self, S, shards, cfg, model, bounds, acc, pending_model=None):
@@ -176,7 +170,7 @@ class Replicated:
             t, w, slots = settle(pending_model, params)
             g = local_gradient(cfg, model, w, t, j, shard, acc)
             yield from deliver(local, "rgrad", j, t, {"src": j, "t": t}, {"g": g}, range(n), bf16)
-            yield from _keyed(j, to_self(local, "rstate", j, t, {"t": t},
+            yield from keyed(j, to_self(local, "rstate", j, t, {"t": t},
                                          join_own(w, slots)))
         return rawrdd.map_raw(rawrdd.co_union(rawrdd.shuffle_pairs(S, n), shards), run)
 

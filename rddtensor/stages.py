@@ -81,30 +81,33 @@ def to_self(local, kind: str, part: int, t: int, meta: dict, arrays: dict, bf16:
     return wire.chunks(kind, meta, arrays, bf16)
 
 
+def keyed(dest: int, records):
+    """``key(dest), record`` pairs: ``records`` addressed to partition ``dest``."""
+    for rec in records:
+        yield rawrdd.key(dest)
+        yield rec
+
+
 def deliver(local, kind: str, src: int, t: int, meta: dict, arrays: dict, dests,
             bf16: tuple = (), file=None):
     """``key(d), record`` pairs that deliver one record of ``kind`` from partition ``src`` to
     every partition in ``dests``.
 
-    Through the host-local cache when the job's ``local`` settings allow it: to ``src`` itself
-    always, to other partitions when ``local["peers"]`` (every task of the job runs on this
-    host). The record is written once (file ``<kind>-<file or src>``) and each of those
-    destinations gets a token; the others (or all, when the write failed) get its chunks."""
-    token = inline = None
+    Through the host-local cache (``to_self``) when the job's ``local`` settings allow it: to
+    ``src`` itself always, to other partitions when ``local["peers"]`` (every task of the job
+    runs on this host). The record is written once (file ``<kind>-<file or src>``) and each of
+    those destinations gets its token; the others get its chunks."""
+    cached = inline = None
     for d in dests:
         if local and (d == src or local.get("peers")):
-            if token is None:
-                token = localcache.put(local, kind, src if file is None else file, t, meta,
-                                       arrays, bf16) or False
-            if token:
-                yield rawrdd.key(d)
-                yield token
-                continue
-        if inline is None:
-            inline = list(wire.chunks(kind, meta, arrays, bf16))
-        for rec in inline:
-            yield rawrdd.key(d)
-            yield rec
+            if cached is None:
+                cached = list(to_self(local, kind, src if file is None else file, t, meta,
+                                      arrays, bf16))
+            yield from keyed(d, cached)
+        else:
+            if inline is None:
+                inline = list(wire.chunks(kind, meta, arrays, bf16))
+            yield from keyed(d, inline)
 
 
 def raws_of(params, kind: str):
@@ -223,9 +226,7 @@ def broadcast_emit(n_dest: int, own_block):
         meta, w, _ = own_block(i, list(records))
         recs = list(theta_record(meta["i"], meta["t"], meta["lo"], meta["hi"], w))
         for d in range(n_dest):
-            for rec in recs:
-                yield rawrdd.key(d)
-                yield rec
+            yield from keyed(d, recs)
     return run
 
 
