@@ -319,6 +319,12 @@ class Activation(Layer):
             return backprop_x(dY), {}
         return Y, backprop
 
+    def output_activation(self):
+        return None if self.activation == "linear" else (self.activation, dict(self.kwargs))
+
+    def forward_logits(self, params, X, training=False, rng=None):
+        return X, lambda dY: (dY, {})
+
     def get_config(self):
         cfg = super().get_config()
         if self._fixed_activation is None:
@@ -540,3 +546,21 @@ def activation_config(activation: Activation):
     if activation.kwargs == ACTIVATION_DEFAULTS[activation.activation]:
         return activation.activation
     return {"activation": activation.activation, **activation.kwargs}
+
+
+class ActivationOutput:
+    """Mixin of the layers with an ``activation=`` argument applied to their output (``Dense``,
+    the convolutions): ``forward`` applies it, ``forward_logits`` leaves it out. The layer sets
+    ``_act`` (the ``Activation``, or ``None`` for the identity) and implements
+    ``_forward(params, X, act) -> (Y, backprop)``."""
+
+    _act = None
+
+    def output_activation(self):
+        return None if self._act is None else (self._act.activation, dict(self._act.kwargs))
+
+    def forward(self, params, X, training=False, rng=None):
+        return self._forward(params, X, self._act)
+
+    def forward_logits(self, params, X, training=False, rng=None):
+        return self._forward(params, X, None)

@@ -38,6 +38,13 @@ def positive_int(value, what: str) -> int:
     return int(value)
 
 
+def non_negative_int(value, what: str) -> int:
+    """Validate an integer argument >= 0, naming it in the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def shape_tuple(shape, what: str) -> tuple:
     """Validate a per-sample shape (a positive int or a tuple of positive ints)."""
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
@@ -105,6 +112,19 @@ class Layer:
     def forward(self, params: dict, X, training: bool = False, rng=None):
         """Return ``(Y, backprop)`` with ``backprop(dY) -> (dX, grads)``."""
         raise NotImplementedError
+
+    def output_activation(self):
+        """The activation this layer's output ends in, as ``(name, kwargs)``, or ``None``.
+
+        A model whose last layer ends in ``sigmoid`` or ``softmax`` trained with a matching
+        cross-entropy computes the loss from the pre-activation logits (``forward_logits``),
+        fused and numerically stable, as Keras does.
+        """
+        return None
+
+    def forward_logits(self, params: dict, X, training: bool = False, rng=None):
+        """``forward`` without the output activation (see ``output_activation``)."""
+        raise NotImplementedError(f"{self.describe()} has no output activation to leave out")
 
     def __call__(self, params, X, training=False, rng=None):
         return self.forward(params, X, training=training, rng=rng)[0]

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from layers.activations import activation_config, get_activation
+from layers.activations import ActivationOutput, activation_config, get_activation
 from layers.base import Layer, positive_int, register
 from layers.im2col import SPATIAL_AXES, conv_output_size, im2col, int_tuple, matmul_col2im
 from layers.initializers import get_initializer, initialize
@@ -172,7 +172,7 @@ def _conv_padding(padding, rank, kernel, strides, dilation):
     return pad, tuple((p, p) for p in pad)
 
 
-class _ConvBase(Layer):
+class _ConvBase(ActivationOutput, Layer):
     """Arguments, weights and config shared by the convolution layers (not registered)."""
 
     rank = 2
@@ -225,8 +225,8 @@ class _ConvBase(Layer):
             raise ValueError(f"{self.describe()} expects inputs with {channels} channels "
                              f"(axis 1), got {X.shape[1]}")
 
-    def _activate(self, Z, conv_backprop):
-        Y, act_backprop = (Z, None) if self._act is None else self._act.apply(Z)
+    def _activate(self, Z, conv_backprop, act):
+        Y, act_backprop = (Z, None) if act is None else act.apply(Z)
 
         def backprop(dY):
             dX, dW, db = conv_backprop(dY if act_backprop is None else act_backprop(dY))
@@ -284,13 +284,13 @@ class _Conv(_ConvBase):
             shapes["b"] = (self.filters,)
         return shapes
 
-    def forward(self, params, X, training=False, rng=None):
+    def _forward(self, params, X, act):
         W = params["W"]
         self._check_input(X, W.shape[1] * self.groups)
         self._check_output(self._out(X.shape[2:]), X.shape[2:])
         Z, conv_backprop = conv_nd(X, W, params.get("b") if self.use_bias else None,
                                    self.strides, self.dilation, self._pads, self.groups)
-        return self._activate(Z, conv_backprop)
+        return self._activate(Z, conv_backprop, act)
 
     def get_config(self):
         padding = self.padding if isinstance(self.padding, str) else list(self.padding)
@@ -439,14 +439,14 @@ class Conv2DTranspose(_ConvBase):
             shapes["b"] = (self.filters,)
         return shapes
 
-    def forward(self, params, X, training=False, rng=None):
+    def _forward(self, params, X, act):
         W = params["W"]
         self._check_input(X, W.shape[0])
         self._check_output(self._out(X.shape[2:]), X.shape[2:])
         Z, conv_backprop = conv_transpose_nd(X, W, params.get("b") if self.use_bias else None,
                                              self.strides, self.dilation, self.padding,
                                              self.output_padding)
-        return self._activate(Z, conv_backprop)
+        return self._activate(Z, conv_backprop, act)
 
     def get_config(self):
         return {**super().get_config(), "padding": list(self.padding),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from layers.activations import activation_config, get_activation
+from layers.activations import ActivationOutput, activation_config, get_activation
 from layers.base import Layer, positive_int, register
 from layers.initializers import get_initializer, initialize
 
@@ -12,7 +12,7 @@ __all__ = ["Dense"]
 
 
 @register
-class Dense(Layer):
+class Dense(ActivationOutput, Layer):
     """Fully connected layer: ``Y = f(X @ W.T + b)`` on the last axis of ``X``.
 
     ``W`` has PyTorch's ``nn.Linear`` layout ``(units, n_in)``, so a PyTorch ``state_dict`` maps
@@ -86,7 +86,7 @@ class Dense(Layer):
             params["b"] = initialize(self.bias_initializer, rng, shapes["b"], dtype)
         return params
 
-    def forward(self, params, X, training=False, rng=None):
+    def _forward(self, params, X, act):
         W = params["W"]
         b = params.get("b") if self.use_bias else None
         sparse = scipy.sparse.issparse(X)
@@ -97,10 +97,10 @@ class Dense(Layer):
             Z = X @ W.T
         if b is not None:
             Z += b
-        if self._act is None:
+        if act is None:
             Y, act_backprop = Z, None
         else:
-            Y, act_backprop = self._act.apply(Z)
+            Y, act_backprop = act.apply(Z)
 
         def backprop(dY):
             dZ = dY if act_backprop is None else act_backprop(dY)

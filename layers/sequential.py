@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from layers.base import Layer, layer_class, positive_int, shape_tuple
+from layers.base import Layer, layer_class, non_negative_int, positive_int, shape_tuple
+from layers.batching import steps_per_epoch
 from layers.params import ParamLayout
 from layers.training import LocalRunner, evaluate_arrays, fit_loop, stats_logs
 from rddtensor.allocator import tune_malloc
@@ -20,6 +21,66 @@ from rddtensor.backend import check_device
 def is_distributed_data(x) -> bool:
     """True for pyspark RDDs and DataFrames (checked without importing pyspark)."""
     return type(x).__module__.startswith("pyspark.")
+
+
+# options of the distributed engine (``rddtensor.engine.fit_distributed``), RDD/DataFrame only
+DISTRIBUTED_OPTIONS = ("num_partitions", "iterations_per_job", "allreduce", "wire_dtype",
+                       "features_col", "label_col")
+
+
+def _check_fit_options(options: dict, distributed: bool) -> None:
+    """One refusal for both engines: unknown ``fit`` arguments, or engine options on numpy."""
+    unknown = sorted(k for k in options if k not in DISTRIBUTED_OPTIONS)
+    if unknown:
+        raise TypeError(f"fit() got unexpected keyword argument(s) {unknown}; fit takes the "
+                        "Keras arguments (epochs, batch_size, validation_data, "
+                        "validation_split, shuffle, seed, verbose, class_weight, callbacks, "
+                        "initial_epoch) plus checkpoint_dir, checkpoint_every, resume, and for "
+                        f"an RDD or DataFrame {list(DISTRIBUTED_OPTIONS)}")
+    if options and not distributed:
+        raise TypeError(f"fit() arguments {sorted(options)} apply to the distributed engine "
+                        "only (x an RDD or DataFrame); x is a numpy array")
+
+
+def _check_verbose(verbose) -> int:
+    if verbose == "auto":
+        return 1
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0 (silent), 1 (progress bar), 2 (one line per epoch) "
+                         f"or 'auto', got {verbose!r}")
+    return int(verbose)
+
+
+def _check_validation_split(split, validation_data) -> float:
+    if isinstance(split, bool) or not isinstance(split, (int, float, np.floating, np.integer)) \
+            or not 0 <= split < 1:
+        raise ValueError(f"validation_split must be a number in [0, 1) (the fraction of the rows "
+                         f"held out for validation), got {split!r}")
+    if split and validation_data is not None:
+        raise ValueError("pass validation_data or validation_split, not both (got "
+                         f"validation_split={split!r} and validation_data)")
+    return float(split)
+
+
+def split_validation(x, y, split: float, seed: int):
+    """``(x_train, y_train, validation_data)`` for ``fit(validation_split=split)``.
+
+    numpy (Keras): the last ``split`` fraction of the rows, before any shuffling. An RDD or
+    DataFrame: ``randomSplit([1 - split, split], seed)``, a deterministic function of the data's
+    partitioning and ``seed`` (Spark recomputes the same split on a retry).
+    """
+    if is_distributed_data(x):
+        train, val = x.randomSplit([1 - split, split], seed=int(seed))
+        return train, None, val
+    n = len(x) if not scipy.sparse.issparse(x) else x.shape[0]
+    at = int(np.floor(n * (1 - split)))
+    if at == n or at == 0:
+        raise ValueError(f"validation_split={split} of {n} rows leaves "
+                         f"{'no validation' if at == n else 'no training'} rows; use a "
+                         f"{'larger' if at == n else 'smaller'} fraction")
+    if y is None:
+        raise ValueError("y is required when x is a numpy array")
+    return x[:at], y[:at], (x[at:], y[at:])
 
 
 class Sequential:
@@ -44,6 +105,7 @@ class Sequential:
     """
 
     def __init__(self, layers=None, name: str | None = None, seed: int | None = None):
+        self._loss = None
         self.layers: list[Layer] = []
         self.name = name
         self.seed = seed
@@ -66,6 +128,19 @@ class Sequential:
         if self.built:
             raise ValueError("cannot add layers to a built model")
         self.layers.append(layer)
+        if self._loss is not None:
+            self.loss = self._loss  # the output activation changed: bind the loss again
+
+    @property
+    def loss(self):
+        """The compiled loss (``optim.Loss``), bound to this model's output activation
+        (``Loss.bind``: a sigmoid/softmax output with a cross-entropy trains on the logits)."""
+        return self._loss
+
+    @loss.setter
+    def loss(self, loss) -> None:
+        self._loss = None if loss is None else loss.bind(
+            self.layers[-1].output_activation() if self.layers else None)
 
     @property
     def built(self) -> bool:
@@ -123,16 +198,22 @@ class Sequential:
         return self.layout.size
 
     # --- compute --------------------------------------------------------------------------
-    def forward(self, params: dict, X, training: bool = False, rng=None):
-        """Forward through every layer; returns ``(Y, backprop)``, ``backprop(dY) -> (dX, grads)``."""
+    def forward(self, params: dict, X, training: bool = False, rng=None, logits: bool = False):
+        """Forward through every layer; returns ``(Y, backprop)``, ``backprop(dY) -> (dX, grads)``.
+
+        ``logits=True`` leaves out the last layer's output activation (what a loss fused with
+        it reads, see ``Loss.bind``): the training step and evaluation pass
+        ``logits=loss.fused is not None``.
+        """
         if scipy.sparse.issparse(X) and self.layers and \
                 not getattr(self.layers[0], "accepts_sparse", False):
             X = X.toarray()  # only a layer that multiplies sparse batches (Dense) keeps them sparse
         backprops = []
+        last = len(self.layers) - 1
         for i, (layer, keys) in enumerate(zip(self.layers, self._keys)):
+            run = layer.forward_logits if logits and i == last else layer.forward
             try:
-                X, bp = layer.forward({k: params[full] for k, full in keys}, X,
-                                      training=training, rng=rng)
+                X, bp = run({k: params[full] for k, full in keys}, X, training=training, rng=rng)
             except ValueError as e:
                 raise ValueError(f"layer {i} ({layer.describe()}): {e}") from None
             backprops.append(bp)
@@ -154,16 +235,41 @@ class Sequential:
         return [self.params[k].copy() for k in self.layout.keys]
 
     def set_weights(self, weights) -> None:
-        """Set all parameters from a list of arrays in ``get_weights`` order."""
+        """Set all parameters from a list of arrays in ``get_weights`` order, or from a mapping
+        such as a PyTorch ``state_dict`` (matched by position, in its order; BatchNorm's
+        ``num_batches_tracked`` counters are skipped). Every shape is checked before anything
+        changes; a mismatch names both keys.
+
+        Example:
+            >>> import torch, layers as L                                   # doctest: +SKIP
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+            ...                           torch.nn.Linear(8, 2))            # doctest: +SKIP
+            >>> m = L.Sequential([L.Dense(8, activation="relu", input_shape=(4,)), L.Dense(2)])
+            >>> m.set_weights(net.state_dict())                             # doctest: +SKIP
+        """
         self._require_built()
         keys = self.layout.keys
-        weights = list(weights)
+        if hasattr(weights, "keys") and hasattr(weights, "items"):
+            names = [str(k) for k, v in weights.items()
+                     if not str(k).endswith("num_batches_tracked")]
+            weights = [_to_numpy(v) for k, v in weights.items()
+                       if not str(k).endswith("num_batches_tracked")]
+            what = "state_dict entry"
+        else:
+            if isinstance(weights, np.ndarray) and weights.dtype != object:
+                raise TypeError("set_weights takes a list of arrays (get_weights order) or a "
+                                f"mapping such as a state_dict, got one array of shape "
+                                f"{weights.shape}")
+            weights = [_to_numpy(w) for w in weights]
+            names, what = [str(i) for i in range(len(weights))], "array"
         if len(weights) != len(keys):
-            raise ValueError(f"set_weights expects {len(keys)} arrays ({keys}), got {len(weights)}")
-        weights = [np.asarray(w) for w in weights]
-        for k, w in zip(keys, weights):  # check all first: a failed call changes nothing
+            raise ValueError(f"set_weights expects {len(keys)} arrays ({keys}), got "
+                             f"{len(weights)}" + (f" ({names})" if what != "array" else ""))
+        for name, k, w in zip(names, keys, weights):  # check all first: a failed call changes nothing
             if w.shape != self.layout.shapes[k]:
-                raise ValueError(f"weight {k!r} must have shape {self.layout.shapes[k]}, got {w.shape}")
+                raise ValueError(f"weight {k!r} must have shape {self.layout.shapes[k]}, got "
+                                 f"{w.shape}" + (f" from {what} {name!r}" if what != "array"
+                                                 else ""))
         for k, w in zip(keys, weights):
             self.params[k][...] = w
 
@@ -171,25 +277,26 @@ class Sequential:
         if not self.built:
             self.build()
 
-    def summary(self, print_fn=print) -> str:
-        """A table of layers, output shapes and parameter counts (printed and returned)."""
+    def summary(self, print_fn=print) -> None:
+        """Print a table of layers, output shapes and parameter counts (as Keras: returns
+        ``None``; ``print_fn=lines.append`` collects the text)."""
         self._require_built()
         rows = [("#", "layer", "output shape", "params")]
         for i, layer in enumerate(self.layers):
             n = sum(int(np.prod(s)) for s in {**layer.param_shapes(), **layer.buffer_shapes()}.values())
             label = type(layer).__name__ + (f" ({layer.name})" if layer.name else "")
-            act = getattr(layer, "activation", None)
-            if isinstance(act, str):
-                label += f" [{act}]"
+            act = layer.output_activation()
+            if act is not None and type(layer).__name__.lower() != act[0].replace("_", ""):
+                label += f" [{act[0]}]"
             rows.append((str(i), label, str((None, *layer.output_shape)), f"{n:,}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"total parameters: {self.layout.size:,} ({self.layout.size * 4:,} bytes float32)")
-        text = "\n".join(lines)
-        if print_fn is not None:
-            print_fn(text)
-        return text
+        if self.loss is not None and self.loss.fused is not None:
+            lines.append(f"loss: {self.loss.name} on the logits before the output "
+                         f"{self.loss.fused} (fused); predict() returns probabilities")
+        (print_fn or print)("\n".join(lines))
 
     # --- training API ---------------------------------------------------------------------
     def compile(self, optimizer="adam", loss="mse", metrics=None, device="auto") -> None:
@@ -221,9 +328,9 @@ class Sequential:
             self.step = 0
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
-            shuffle: bool = True, seed: int = 0, verbose: int = 1, class_weight=None,
-            callbacks=(), checkpoint_dir=None, checkpoint_every=None, resume: bool = False,
-            **engine_options):
+            validation_split: float = 0.0, shuffle: bool = True, seed: int = 0, verbose=1,
+            class_weight=None, callbacks=(), initial_epoch: int = 0, checkpoint_dir=None,
+            checkpoint_every=None, resume: bool = False, **engine_options):
         """Train the model; returns a ``History`` with per-epoch loss and metrics.
 
         Args:
@@ -232,12 +339,22 @@ class Sequential:
             y: numpy labels/targets (with numpy ``x`` only).
             epochs: passes over the data.
             batch_size: global mini-batch size (split across partitions in distributed fits).
-            validation_data: ``(X_val, y_val)``, or an RDD/DataFrame for distributed fits.
+            validation_data: ``(X_val, y_val)``, or an RDD/DataFrame for distributed fits;
+                ``val_loss`` and ``val_<metric>`` per epoch in the history.
+            validation_split: hold out this fraction of the training data for validation
+                instead (Keras): numpy, the last rows (before shuffling); an RDD/DataFrame, a
+                ``randomSplit`` by ``seed`` (deterministic for the same partitioning).
             shuffle: reshuffle rows every epoch (deterministically from ``seed``).
             seed: seeds shuffling, dropout and (for an unbuilt model) weight initialisation;
                 same seed and data -> bit-identical weights.
-            verbose: 0 silent, 1 progress bar (loss, samples/s), 2 one log line per epoch.
+            verbose: 0 silent, 1 a progress bar per epoch (loss, metrics, samples/s, ETA),
+                2 one line per epoch on stderr (epoch, loss, metrics, validation, time,
+                samples/s); ``"auto"`` is 1.
             class_weight: dict class -> weight multiplying each sample's loss.
+            initial_epoch: the epoch to start at (Keras): epochs ``initial_epoch`` to
+                ``epochs - 1`` run, each with its own row order, so ``fit(epochs=3)`` then
+                ``fit(epochs=6, initial_epoch=3)`` gives the weights of ``fit(epochs=6)``.
+                ``epochs <= initial_epoch`` trains nothing.
             checkpoint_dir: save checkpoints (weights, optimizer slots, step counters) in this
                 directory (``layers.checkpoint``; distributed fits: each partition writes its
                 own block).
@@ -247,18 +364,27 @@ class Sequential:
                 to an uninterrupted fit. Starts afresh when there is no checkpoint yet.
         """
         self._require_compiled("fit")
-        epochs = positive_int(epochs, "epochs")
+        epochs = non_negative_int(epochs, "epochs")
+        initial_epoch = non_negative_int(initial_epoch, "initial_epoch")
         batch_size = positive_int(batch_size, "batch_size")
-        if is_distributed_data(x):
+        verbose = _check_verbose(verbose)
+        validation_split = _check_validation_split(validation_split, validation_data)
+        if initial_epoch and resume:
+            raise ValueError(f"initial_epoch={initial_epoch} and resume=True both choose where "
+                             "the fit starts; resume=True takes the epoch from the checkpoint: "
+                             "pass one of them")
+        distributed = is_distributed_data(x)
+        _check_fit_options(engine_options, distributed)
+        if validation_split:
+            x, y, validation_data = split_validation(x, y, validation_split, seed)
+        if distributed:
             from rddtensor.engine import fit_distributed
             return fit_distributed(self, x, epochs=epochs, batch_size=batch_size,
                                    validation_data=validation_data, shuffle=shuffle, seed=seed,
                                    verbose=verbose, class_weight=class_weight,
                                    callbacks=callbacks, checkpoint_dir=checkpoint_dir,
                                    checkpoint_every=checkpoint_every, resume=resume,
-                                   **engine_options)
-        if engine_options:
-            raise TypeError(f"unexpected arguments for in-process fit: {sorted(engine_options)}")
+                                   initial_epoch=initial_epoch, **engine_options)
         if getattr(self, "device", "auto") == "gpu":
             raise ValueError("device='gpu' puts the distributed engine's tasks on their GPUs, but "
                              "fit on numpy arrays trains in-process on NumPy; pass an RDD or "
@@ -279,12 +405,14 @@ class Sequential:
             self, checkpoint_dir, checkpoint_every, resume,
             settings={"seed": seed, "batch_size": batch_size, "shuffle": bool(shuffle),
                       "n_total": len(X), "partitions": 1})
+        t0 = resumed.t0 if resumed else \
+            self.step - initial_epoch * steps_per_epoch(len(X), batch_size)
         runner = LocalRunner(self, X, y, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                             class_weight=class_weight, t0=resumed.t0 if resumed else None,
-                             checkpoint=ckpt, resume_stats=resumed.stats if resumed else None)
+                             class_weight=class_weight, t0=t0, checkpoint=ckpt,
+                             resume_stats=resumed.stats if resumed else None)
         history = fit_loop(self, runner, epochs=epochs, validation=validation_data,
                            batch_size=batch_size, verbose=verbose, callbacks=callbacks,
-                           initial_epoch=resumed.epoch if resumed else 0)
+                           initial_epoch=resumed.epoch if resumed else initial_epoch)
         if resumed:
             history.params["resumed_from"] = resumed.path
         return history
@@ -311,16 +439,30 @@ class Sequential:
             from rddtensor.engine import predict_distributed
             return predict_distributed(self, x, batch_size=batch_size)
         X = self._check_features(x, "x")
+        return self._forward_batches(X, batch_size, logits=False)
+
+    def _forward_batches(self, X, batch_size: int, logits: bool):
         tune_malloc()
-        outs = [self.forward(self.params, X[a:a + batch_size])[0] for a in range(0, len(X), batch_size)]
+        outs = [self.forward(self.params, X[a:a + batch_size], logits=logits)[0]
+                for a in range(0, len(X), batch_size)]
         if not outs:
             return np.zeros((0, *self.output_shape), np.float32)
         return np.concatenate(outs)
 
     def predict_proba(self, x, *, batch_size: int = 4096):
-        """Class probabilities: the compiled loss's link (softmax / sigmoid) over ``predict``."""
+        """Class probabilities (numpy ``x``): the compiled loss's link over the outputs it reads.
+
+        ``sigmoid``/``softmax`` of the logits; for a model that ends in that activation, the same
+        as ``predict``; for a loss reading probabilities (``from_logits=False``), the outputs.
+        """
         self._require_compiled("predict_proba")
-        return np.asarray(self.loss.link(self.predict(x, batch_size=batch_size)))
+        batch_size = positive_int(batch_size, "batch_size")
+        if is_distributed_data(x):
+            raise ValueError("predict_proba takes numpy arrays; for an RDD or DataFrame use an "
+                             "rddtensor.ml.NNClassificationModel (its probability column)")
+        X = self._check_features(x, "x")
+        Z = self._forward_batches(X, batch_size, logits=self.loss.fused is not None)
+        return np.asarray(self.loss.link(Z))
 
     # --- input checks ---------------------------------------------------------------------
     def _check_features(self, x, what, build_seed=None):
@@ -410,6 +552,13 @@ class Sequential:
 
     def __repr__(self):
         return f"Sequential({len(self.layers)} layers" + (f", {self.layout.size:,} params)" if self.built else ")")
+
+
+def _to_numpy(w):
+    """An array-like (numpy, a PyTorch tensor on any device, a list) as a numpy array."""
+    if hasattr(w, "detach") and hasattr(w, "cpu"):  # a torch.Tensor: no torch import needed
+        w = w.detach().cpu().numpy()
+    return np.asarray(w)
 
 
 def load_model(path: str) -> Sequential:

@@ -9,6 +9,7 @@ blocks. ``fit_loop`` drives either runner: epochs, progress bar, validation, his
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import numpy as np
@@ -60,6 +61,9 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
                   metrics=(), grad_out=None):
     """Forward, loss and backprop of ``model`` at flat weights ``theta`` on rows ``X, y``.
 
+    ``loss`` is bound to the model (``Loss.bind``): when it is fused with the model's output
+    activation, the forward pass stops before it and the loss reads the logits.
+
     The loss and gradient are normalised by ``n_batch``, the GLOBAL batch size, so the gradients
     of disjoint parts of a batch sum to the gradient of the whole batch.
 
@@ -72,7 +76,8 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
         grad = np.zeros(layout.size, theta.dtype) if grad_out is None else grad_out
         grad[...] = 0
         return grad, empty_stats(metrics)
-    Y, backprop = model.forward(layout.unflatten(theta), X, training=True, rng=rng)
+    Y, backprop = model.forward(layout.unflatten(theta), X, training=True, rng=rng,
+                                logits=loss.fused is not None)
     value, dY = loss(Y, y, n_total=n_batch, class_weight=class_weight)
     _, grads = backprop(dY)
     grad = layout.flatten(grads, out=grad_out, dtype=theta.dtype)
@@ -162,7 +167,7 @@ def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_nor
     params = model.layout.unflatten(theta)
     for a in range(0, len(X), batch_size):
         Xb, yb = X[a:a + batch_size], y[a:a + batch_size]
-        Y, _ = model.forward(params, Xb, training=False)
+        Y, _ = model.forward(params, Xb, training=False, logits=loss.fused is not None)
         value, _ = loss(Y, yb, n_total=len(Xb))
         stats = merge_stats(metrics, stats, batch_stats(metrics, loss, Y, yb, value, len(Xb)))
     return stats
@@ -222,15 +227,17 @@ class LocalRunner:
 
 # --- the epoch loop (shared by every runner) ------------------------------------------------
 class _Progress:
-    """A tqdm bar per epoch with loss and samples/s; silent at verbose=0."""
+    """Feedback on one epoch: verbose=1 a tqdm bar (loss, metrics, samples/s, elapsed<ETA);
+    verbose=2 one line on stderr at the epoch's end; verbose=0 nothing."""
 
     def __init__(self, verbose, total, epoch, epochs):
         self.bar, self.t0, self.seen, self.verbose = None, time.perf_counter(), 0, verbose
+        self.label = f"epoch {epoch + 1}/{epochs}"
         if verbose == 1:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
-                            leave=True, dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
+            self.bar = tqdm(total=total, desc=self.label, unit=" samples", leave=True,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                                                           "[{elapsed}<{remaining}]{postfix}")
 
     def update(self, n, stats):
         self.seen += n
@@ -250,7 +257,10 @@ class _Progress:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.close()  # draws the final line once
         elif self.verbose >= 2:
-            log.info("%s", text)
+            elapsed = time.perf_counter() - self.t0
+            values = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+            print(f"{self.label} - {values} - {elapsed:.2f}s - "
+                  f"{self.seen / max(elapsed, 1e-9):,.0f} samples/s", file=sys.stderr, flush=True)
         return text
 
 

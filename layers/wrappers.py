@@ -234,12 +234,21 @@ class TimeDistributed(Layer):
         return _prefixed("layer", self.layer.init_params(rng, dtype))
 
     def forward(self, params, X, training=False, rng=None):
+        return self._forward(self.layer.forward, params, X, training, rng)
+
+    def output_activation(self):
+        return self.layer.output_activation()
+
+    def forward_logits(self, params, X, training=False, rng=None):
+        return self._forward(self.layer.forward_logits, params, X, training, rng)
+
+    def _forward(self, inner_forward, params, X, training, rng):
         if X.ndim < 3:
             raise ValueError(f"{self.describe()} expects inputs of shape (batch, time, ...), got "
                              f"shape {tuple(X.shape)}")
         batch, T = X.shape[:2]
-        Yf, bp = self.layer.forward(_sub(params, "layer"), X.reshape(batch * T, *X.shape[2:]),
-                                    training, rng)
+        Yf, bp = inner_forward(_sub(params, "layer"), X.reshape(batch * T, *X.shape[2:]),
+                               training, rng)
         Y = Yf.reshape(batch, T, *Yf.shape[1:])
 
         def backprop(dY):

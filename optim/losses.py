@@ -12,15 +12,25 @@ sum, the divisor stays ``n_total``; PyTorch's weighted cross-entropy divides by 
 instead). A per-sample loss over several outputs (``(batch, k)`` regression, multi-label BCE) is
 the mean over that sample's outputs, as in Keras.
 
-Classification losses take *logits* (the model's last layer has no softmax/sigmoid) and are
-computed with log-sum-exp / ``logaddexp``, finite for logits of any size. ``loss.link(Y)`` maps
-the model's output to what the metrics in :mod:`optim.metrics` consume.
+The cross-entropies and the model's output activation (the rule, one paragraph): a model whose
+last layer ends in ``sigmoid`` (binary cross-entropy) or ``softmax`` (categorical and sparse
+categorical cross-entropy) is trained on the *pre-activation logits*: the model leaves the
+activation out in training and evaluation and the loss computes ``softplus`` / log-sum-exp on the
+logits, fused and finite for any logit, as Keras does; ``predict`` still returns probabilities.
+A model without that activation outputs logits, and the loss reads them as logits. Losses built
+by hand take ``from_logits``: ``None`` (the default) decides by the model as above; ``True`` reads
+the output as logits whatever it is; ``False`` reads it as probabilities (fused when the model
+ends in the matching activation, else ``-log`` of the output clipped to ``[1e-7, 1 - 1e-7]``,
+Keras' epsilon). ``model.compile`` binds the loss to the model (:meth:`Loss.bind`); ``loss.link``
+maps what the loss reads to the probabilities the metrics in :mod:`optim.metrics` consume.
 
 Only ``rddtensor.backend`` picks NumPy or CuPy: ``Y`` decides, ``y`` may be a NumPy array.
 """
 from __future__ import annotations
 
+import copy
 import numbers
+import warnings
 
 import numpy as np
 
@@ -83,6 +93,36 @@ def _sigmoid(xp, Y):
 def _softmax(xp, Y):
     Z = xp.exp(Y - Y.max(axis=-1, keepdims=True))
     return Z / Z.sum(axis=-1, keepdims=True)
+
+
+EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] before a log (Keras')
+
+
+def _bce_probabilities(xp, P, y):
+    """Binary cross-entropy of probabilities ``P`` (clipped) and its gradient w.r.t. ``P``
+    (zero where the clip is active, as ``clip`` has no gradient there)."""
+    Pc = xp.clip(P, EPSILON, 1 - EPSILON)
+    E = -(y * xp.log(Pc) + (1 - y) * xp.log1p(-Pc))
+    inside = (P > EPSILON) & (P < 1 - EPSILON)
+    return E, xp.where(inside, (Pc - y) / (Pc * (1 - Pc)), 0).astype(P.dtype, copy=False)
+
+
+def _xent_probabilities(xp, P, T):
+    """Cross-entropy of class-probability rows ``P`` (normalised to sum 1, then clipped, as
+    Keras) against target rows ``T``, and its gradient w.r.t. ``P``."""
+    s = P.sum(axis=1, keepdims=True)
+    Q = P / s
+    Qc = xp.clip(Q, EPSILON, 1 - EPSILON)
+    per = -(T * xp.log(Qc)).sum(axis=1)
+    G = xp.where((Q > EPSILON) & (Q < 1 - EPSILON), -T / Qc, 0)  # d loss / d Q
+    return per, ((G - (G * Q).sum(axis=1, keepdims=True)) / s).astype(P.dtype, copy=False)
+
+
+def _check_from_logits(from_logits):
+    if from_logits is not None and not isinstance(from_logits, (bool, np.bool_)):
+        raise ValueError(f"from_logits must be True, False or None (decided by the model's "
+                         f"output activation), got {from_logits!r}")
+    return None if from_logits is None else bool(from_logits)
 
 
 def _n_total(n_total, batch: int) -> float:
@@ -161,6 +201,10 @@ class Loss:
 
     name = "loss"
     task = "regression"
+    fusable = None  # the output activation whose logits this loss can take ("sigmoid"/"softmax")
+    from_logits = None  # as asked: None (decided by the model), True or False
+    fused = None  # once bound: the model's output activation this loss takes the logits of
+    probabilities_in = False  # once bound (or from_logits=False): Y are probabilities
 
     def __call__(self, Y, y, n_total=None, class_weight=None, sample_weight=None):
         xp = get_array_module(Y)
@@ -185,6 +229,34 @@ class Loss:
     def link(self, Y):
         """Map the model output to what metrics consume (identity here: regression)."""
         return Y
+
+    def bind(self, activation) -> "Loss":
+        """This loss for a model whose output ends in ``activation`` (``(name, kwargs)`` from
+        ``Layer.output_activation()``, or ``None``): a copy that knows how to read the output.
+
+        A cross-entropy asked with ``from_logits`` None or False, on a model ending in its
+        activation (``fusable``), is *fused*: ``fused`` names the activation, the model leaves it
+        out (``forward(..., logits=True)``) and the loss reads logits. Otherwise ``from_logits``
+        decides, and None reads an output ending in sigmoid/softmax as probabilities, any other
+        as logits. Other losses are returned unchanged.
+        """
+        if self.fusable is None:
+            return self
+        name, kwargs = activation if activation else (None, {})
+        probability = name in ("sigmoid", "softmax")
+        bound = copy.copy(self)
+        bound.fused, bound.probabilities_in = None, False
+        if self.from_logits is True:
+            if probability:
+                warnings.warn(f"{self.name} got from_logits=True, but the model's output comes "
+                              f"from a {name} activation, so it is a probability, not a logit; "
+                              "drop from_logits (the loss then takes the logits before the "
+                              f"{name}) or the activation", UserWarning, stacklevel=3)
+        elif name == self.fusable and kwargs.get("axis", -1) in (-1, 1):
+            bound.fused = name
+        elif self.from_logits is False or probability:
+            bound.probabilities_in = True
+        return bound
 
     def get_config(self) -> dict:
         """``{"name": ..., **settings}``; ``get_loss(c.pop("name"), **c)`` rebuilds the loss."""
@@ -325,7 +397,9 @@ class Huber(Loss):
 def _check_label_smoothing(label_smoothing) -> float:
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
             or not 0 <= label_smoothing <= 1):
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        hint = " (from_logits is a keyword argument)" if isinstance(label_smoothing, bool) else ""
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got "
+                         f"{label_smoothing!r}{hint}")
     return float(label_smoothing)
 
 
@@ -353,6 +427,9 @@ class BinaryCrossentropy(Loss):
 
     Args:
         label_smoothing: in ``[0, 1]``; targets become ``y * (1 - s) + s / 2``.
+        from_logits: ``None`` (default): decided by the model (logits, fused with a last
+            ``sigmoid`` activation); ``True``: ``Y`` are logits; ``False``: ``Y`` are
+            probabilities (see the module docstring).
 
     Shape:
         Y: ``(batch,)``, ``(batch, 1)`` or ``(batch, k)`` logits; y: 0/1 (or probabilities),
@@ -369,20 +446,26 @@ class BinaryCrossentropy(Loss):
 
     name = "binary_crossentropy"
     task = "binary"
+    fusable = "sigmoid"
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, *, from_logits=None):
         self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.from_logits = _check_from_logits(from_logits)
+        self.probabilities_in = self.from_logits is False
 
     def get_config(self) -> dict:
-        return {"name": self.name, "label_smoothing": self.label_smoothing}
+        return {"name": self.name, "label_smoothing": self.label_smoothing,
+                "from_logits": self.from_logits}
 
     def link(self, Y):
-        """``sigmoid(Y)``: the probability of class 1."""
-        return _sigmoid(get_array_module(Y), Y)
+        """The probability of class 1: ``sigmoid(Y)`` of logits, ``Y`` itself of probabilities."""
+        return Y if self.probabilities_in else _sigmoid(get_array_module(Y), Y)
 
     def _per_sample(self, xp, Y, y):
         if self.label_smoothing:
             y = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        if self.probabilities_in:
+            return _mean_over_outputs(xp, *_bce_probabilities(xp, Y, y))
         E = xp.logaddexp(0, Y) - y * Y
         return _mean_over_outputs(xp, E, _sigmoid(xp, Y) - y)
 
@@ -405,6 +488,9 @@ class CategoricalCrossentropy(Loss):
 
     Args:
         label_smoothing: in ``[0, 1]``, as PyTorch's and Keras's ``label_smoothing``.
+        from_logits: ``None`` (default): decided by the model (logits, fused with a last
+            ``softmax`` activation); ``True``: ``Y`` are logits; ``False``: ``Y`` are
+            probabilities (see the module docstring).
 
     Shape:
         Y: ``(batch, C)`` logits; y: ``(batch, C)`` one-hot rows or probabilities.
@@ -420,16 +506,20 @@ class CategoricalCrossentropy(Loss):
 
     name = "categorical_crossentropy"
     task = "multiclass"
+    fusable = "softmax"
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, *, from_logits=None):
         self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.from_logits = _check_from_logits(from_logits)
+        self.probabilities_in = self.from_logits is False
 
     def get_config(self) -> dict:
-        return {"name": self.name, "label_smoothing": self.label_smoothing}
+        return {"name": self.name, "label_smoothing": self.label_smoothing,
+                "from_logits": self.from_logits}
 
     def link(self, Y):
-        """``softmax(Y)`` over the class axis."""
-        return _softmax(get_array_module(Y), Y)
+        """Class probabilities: ``softmax(Y)`` of logits, ``Y`` itself of probabilities."""
+        return Y if self.probabilities_in else _softmax(get_array_module(Y), Y)
 
     def _targets(self, xp, Y, y):
         _logits_2d(Y, self.name)
@@ -442,7 +532,8 @@ class CategoricalCrossentropy(Loss):
 
     def _per_sample(self, xp, Y, y):
         s = self.label_smoothing
-        return _softmax_xent(xp, Y, y * (1 - s) + s / Y.shape[1] if s else y)
+        T = y * (1 - s) + s / Y.shape[1] if s else y
+        return (_xent_probabilities if self.probabilities_in else _softmax_xent)(xp, Y, T)
 
     def _num_classes(self, Y):
         return Y.shape[1]
@@ -460,6 +551,9 @@ class SparseCategoricalCrossentropy(Loss):
 
     Args:
         label_smoothing: in ``[0, 1]``, as PyTorch's ``cross_entropy(label_smoothing=...)``.
+        from_logits: ``None`` (default): decided by the model (logits, fused with a last
+            ``softmax`` activation); ``True``: ``Y`` are logits; ``False``: ``Y`` are
+            probabilities (see the module docstring).
 
     Shape:
         Y: ``(batch, C)`` logits; y: ``(batch,)`` or ``(batch, 1)`` class ids.
@@ -476,16 +570,20 @@ class SparseCategoricalCrossentropy(Loss):
 
     name = "sparse_categorical_crossentropy"
     task = "multiclass"
+    fusable = "softmax"
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, *, from_logits=None):
         self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.from_logits = _check_from_logits(from_logits)
+        self.probabilities_in = self.from_logits is False
 
     def get_config(self) -> dict:
-        return {"name": self.name, "label_smoothing": self.label_smoothing}
+        return {"name": self.name, "label_smoothing": self.label_smoothing,
+                "from_logits": self.from_logits}
 
     def link(self, Y):
-        """``softmax(Y)`` over the class axis."""
-        return _softmax(get_array_module(Y), Y)
+        """Class probabilities: ``softmax(Y)`` of logits, ``Y`` itself of probabilities."""
+        return Y if self.probabilities_in else _softmax(get_array_module(Y), Y)
 
     def _targets(self, xp, Y, y):
         _logits_2d(Y, self.name)
@@ -501,12 +599,13 @@ class SparseCategoricalCrossentropy(Loss):
     def _per_sample(self, xp, Y, y):
         batch, C = Y.shape
         s = self.label_smoothing
-        if s == 0 and xp is not np and Y.dtype in (np.float32, np.float64):
+        if s == 0 and xp is not np and Y.dtype in (np.float32, np.float64) and \
+                not self.probabilities_in:
             # CuPy: one fused pass per row (rddtensor.kernels); normalised by the caller
             return cupy_kernel("softmax_cross_entropy")(Y, y, 1)
         T = xp.full(Y.shape, s / C, dtype=Y.dtype)
         T[xp.arange(batch), y] += 1 - s
-        return _softmax_xent(xp, Y, T)
+        return (_xent_probabilities if self.probabilities_in else _softmax_xent)(xp, Y, T)
 
     def _num_classes(self, Y):
         return Y.shape[1]

@@ -149,15 +149,14 @@ def test_summary_lists_layers_and_total():
     m = L.Sequential([L.Dense(64, activation="relu", input_shape=(64,)), L.Dropout(0.1),
                       L.Dense(10)])
     lines = []
-    text = m.summary(print_fn=lines.append)
-    assert lines == [text]
+    assert m.summary(print_fn=lines.append) is None    # Keras: prints, returns None
+    [text] = lines
     assert "Dense" in text and "Dropout" in text
     assert "(None, 64)" in text and "(None, 10)" in text
     assert "4,160" in text and "650" in text           # per-layer counts
     assert "total parameters: 4,810" in text
     rows = [ln for ln in text.splitlines() if ln[:1].isdigit()]
     assert len(rows) == 3
-    assert m.summary(print_fn=None) == text
 
 
 def test_summary_prints(capsys):
@@ -373,18 +372,23 @@ def test_compile_unknown_names(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(epochs=0), "epochs must be a positive integer, got 0"),
+    (dict(epochs=-1), "epochs must be an integer >= 0, got -1"),
+    (dict(initial_epoch=-2), "initial_epoch must be an integer >= 0, got -2"),
+    (dict(validation_split=1.0), r"validation_split must be a number in \[0, 1\)"),
+    (dict(validation_split=0.99), "leaves no training rows"),
+    (dict(verbose=3), "verbose must be 0"),
+    (dict(initial_epoch=1, resume=True), "initial_epoch=1 and resume=True"),
     (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
     (dict(batch_size=-4), "batch_size must be a positive integer, got -4"),
     (dict(batch_size=49), "batch_size=49 is larger than the 48 training rows"),
-    (dict(epochs=1.5), "epochs must be a positive integer, got 1.5"),
+    (dict(epochs=1.5), "epochs must be an integer >= 0, got 1.5"),
 ])
 def test_fit_bad_arguments(kwargs, message):
     m = small_mlp()
     m.compile(loss="sparse_categorical_crossentropy")
     X, y = toy_data()
     with pytest.raises(ValueError, match=message):
-        m.fit(X, y, verbose=0, **{"batch_size": 16, **kwargs})
+        m.fit(X, y, **{"verbose": 0, "batch_size": 16, **kwargs})
 
 
 def test_fit_before_compile():

@@ -58,15 +58,18 @@ def _vector_array(M):
 
 
 def outputs(Y, loss, classifier: bool) -> dict:
-    """Network outputs ``Y`` -> ``{"prediction", ["rawPrediction", "probability"]}`` arrays."""
+    """What the loss reads, ``Y`` (logits, or probabilities for a loss that reads them) ->
+    ``{"prediction", ["rawPrediction", "probability"]}`` arrays."""
     Y = np.asarray(Y, np.float64)
     Y = Y.reshape(Y.shape[0], int(np.prod(Y.shape[1:])))
     if not classifier:
         return {"prediction": Y[:, 0] if Y.shape[1] == 1 else Y}
-    if Y.shape[1] == 1:  # one logit: binary with a sigmoid link
+    logits = loss is None or not loss.probabilities_in
+    if Y.shape[1] == 1:  # one output: binary, the probability of class 1
         p = np.asarray(loss.link(Y), np.float64)[:, 0] if loss is not None else \
             1 / (1 + np.exp(-Y[:, 0]))
-        return {"rawPrediction": np.stack([-Y[:, 0], Y[:, 0]], axis=1),
+        raw = Y[:, 0] if logits else p - 0.5  # a logit, or a score with the same sign
+        return {"rawPrediction": np.stack([-raw, raw], axis=1),
                 "probability": np.stack([1 - p, p], axis=1),
                 "prediction": (p > 0.5).astype(np.float64)}
     P = np.asarray(loss.link(Y), np.float64) if loss is not None else _softmax(Y)
@@ -79,12 +82,13 @@ def _softmax(Y):
     return E / E.sum(axis=1, keepdims=True)
 
 
-def predict_batch(model, X, batch_size: int):
-    """Forward ``X`` (numpy or ``SparseRows``) in chunks of ``batch_size`` rows (eval mode)."""
+def predict_batch(model, X, batch_size: int, logits: bool = False):
+    """Forward ``X`` (numpy or ``SparseRows``) in chunks of ``batch_size`` rows (eval mode);
+    ``logits``: stop before the output activation the compiled loss is fused with."""
     n = X.shape[0]
     if n == 0:
         return np.zeros((0, *model.output_shape), np.float32)
-    outs = [model.forward(model.params, X[a:a + batch_size], training=False)[0]
+    outs = [model.forward(model.params, X[a:a + batch_size], training=False, logits=logits)[0]
             for a in range(0, n, batch_size)]
     return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
@@ -96,7 +100,9 @@ def predict_arrow(model, features, *, kind: str, features_col: str, keys, classi
     if X.shape[0] and tuple(X.shape[1:]) != tuple(model.input_shape):
         raise ValueError(f"featuresCol={features_col!r}: rows have shape {tuple(X.shape[1:])} "
                          f"but the network expects {tuple(model.input_shape)}")
-    outs = outputs(predict_batch(model, X, batch_size), model.loss, classifier)
+    # a classifier reads what its loss reads (logits when fused with a sigmoid/softmax output)
+    fused = classifier and model.loss is not None and model.loss.fused is not None
+    outs = outputs(predict_batch(model, X, batch_size, logits=fused), model.loss, classifier)
     return [pa.array(outs[k]) if outs[k].ndim == 1 else _vector_array(outs[k]) for k in keys]
 
 
