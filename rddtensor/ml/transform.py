@@ -22,7 +22,10 @@ Output columns (MLlib's types, so its evaluators read them):
 - classifier: ``rawPrediction`` and ``probability`` (``VectorUDT``, one entry per class) and
   ``prediction`` (double, the class index). A network with one output and a sigmoid loss is a
   binary classifier: ``probability = [1-p, p]``, ``rawPrediction = [-z, z]`` (as MLlib's
-  logistic regression), ``prediction = p > 0.5``.
+  logistic regression), ``prediction = p > 0.5``. With several outputs ``rawPrediction`` holds
+  the logits centred per row (so with two classes element 1 ranks like the probability, as
+  MLlib's ``BinaryClassificationEvaluator`` reads it). A model ending in sigmoid/softmax with a
+  cross-entropy has the logits before that activation here, and its probabilities.
 - regressor / generic: ``prediction`` (double for one output, ``VectorUDT`` for several).
 """
 from __future__ import annotations
@@ -73,7 +76,11 @@ def outputs(Y, loss, classifier: bool) -> dict:
                 "probability": np.stack([1 - p, p], axis=1),
                 "prediction": (p > 0.5).astype(np.float64)}
     P = np.asarray(loss.link(Y), np.float64) if loss is not None else _softmax(Y)
-    return {"rawPrediction": Y, "probability": P,
+    # logits centred per row (softmax does not change): with two classes rawPrediction[1] is
+    # (z1 - z0) / 2 and ranks rows as the probability does, which MLlib's
+    # BinaryClassificationEvaluator (it reads element 1) needs
+    raw = Y - Y.mean(axis=1, keepdims=True) if logits else Y
+    return {"rawPrediction": raw, "probability": P,
             "prediction": np.argmax(Y, axis=1).astype(np.float64)}
 
 
