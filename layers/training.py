@@ -8,8 +8,11 @@ blocks. ``fit_loop`` drives either runner: epochs, progress bar, validation, his
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -173,6 +176,31 @@ def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_nor
     return stats
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then
+    raise it: an in-place update of θ and the optimizer slots is never left half done. Only in
+    the main thread (the only one Python delivers signals to); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:  # now what would have happened: the handler that was there before
+        if callable(previous):
+            previous(*caught[0])
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
 # --- in-process runner -----------------------------------------------------------------------
 class LocalRunner:
     """Trains on numpy arrays in this process, one optimizer step per mini-batch."""
@@ -200,12 +228,14 @@ class LocalRunner:
         for b, (rows, n_batch) in enumerate(zip(batches, sizes)):
             if b < done:
                 continue
-            m.step += 1
+            t = m.step + 1
             g, s = gradient_step(m, m.theta, self.X[rows], self.y[rows], loss=m.loss,
-                                 n_batch=int(n_batch), rng=step_rng(self.seed, m.step),
+                                 n_batch=int(n_batch), rng=step_rng(self.seed, t),
                                  class_weight=self.class_weight, metrics=metrics,
                                  grad_out=self.grad)
-            optimizer_step(m.optimizer, m.theta, g, m.slots, m.step, m.layout.split_segments())
+            with interrupts_deferred():  # θ, slots and step change together or not at all
+                optimizer_step(m.optimizer, m.theta, g, m.slots, t, m.layout.split_segments())
+                m.step = t
             stats = merge_stats(metrics, stats, s)
             on_progress(int(n_batch), stats)
             if self.checkpoint is not None and self.checkpoint.due(m.step, b == len(sizes) - 1):
