@@ -327,6 +327,7 @@ def info(args) -> int:
     print(f"cupy      {cupy}; GPUs visible: {gpu}")
     print(f"device    {_device_line()}")
     print(f"discovery {discovery_script_path()} (spark.executor.resource.gpu.discoveryScript)")
+    _cache_lines(getattr(args, "clean_cache", False))
     if args.spark:
         spark, owned = start_spark(args, "rddtensor-info")
         sc = spark.sparkContext
@@ -339,6 +340,35 @@ def info(args) -> int:
         if owned:
             spark.stop()
     return 0
+
+
+def _cache_lines(clean: bool) -> None:
+    """The host-local cache's run directories on this host (``rddtensor.localcache``): size,
+    the driver that owns each and whether it still runs; ``clean`` removes the stale ones."""
+    from rddtensor import localcache
+
+    def size(n):
+        return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
+    if clean:
+        for r in localcache.remove_stale():
+            print(f"removed   {r['path']} ({size(r['bytes'])})")
+    runs = localcache.runs()
+    print(f"cache     {localcache.root()}: {len(runs)} run(s), "
+          f"{size(sum(r['bytes'] for r in runs))}")
+    for r in runs:
+        owner, pid = r["owner"], (r["owner"] or {}).get("pid")
+        if r["alive"]:
+            who = f"driver pid {pid} running"
+        elif r["alive"] is False:
+            who = (f"driver pid {pid} gone: stale, removed by the next fit on this host "
+                   f"(or now: rddtensor info --clean-cache)")
+        else:
+            who = ("driver on another host" if owner else "no driver file (an executor's, "
+                   "or from an older rddtensor)")
+            who += (f", untouched {r['idle'] / 60:.0f} min: "
+                    + ("stale, removed by the next fit on this host" if r["stale"]
+                       else "removed once untouched for an hour"))
+        print(f"          {r['run']}  {size(r['bytes'])} in {r['files']} file(s), {who}")
 
 
 def _device_line() -> str:
@@ -413,6 +443,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-discovery-script", action="store_true",
                    help="print only the path of the GPU discovery script shipped with rddtensor "
                         "(for spark.executor.resource.gpu.discoveryScript)")
+    p.add_argument("--clean-cache", action="store_true",
+                   help="remove the host-local cache files (/dev/shm) of fits whose driver is "
+                        "gone (the next fit on this host removes them anyway)")
     p.set_defaults(func=info)
     return ap
 

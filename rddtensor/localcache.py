@@ -28,27 +28,52 @@ a new file per record cost more than the shuffle it replaces here (every page al
 zeroed by the kernel: ~370 MB/s on this VM). Each file starts with a stamp, the job and step
 that wrote it, which ``load`` checks against the token: a record overwritten by a later step
 (a task re-run from an older stage) is a miss, never a wrong record. The stamp is written last.
-``drop_run`` removes a run's files at the end of a fit on the driver's host; run directories
-left on other hosts are removed by the next run that finds them untouched for an hour.
+``drop_run`` removes a run's files at the end of a fit on the driver's host.
+
+Ownership, so that a killed driver leaks nothing for long: the driver registers its run
+(``register_run``, when the engine's runner starts, before any job can write a file) by holding
+an exclusive ``flock`` on ``<root>/<run>/owner`` for the run's life; the file also names the
+driver (pid, process start time, host) for ``rddtensor info``. The kernel releases the lock when
+the process dies however it dies (SIGKILL, OOM killer), and a process id reused by another
+program does not hold it. A fit that is ended by SIGTERM (``timeout``, cluster managers) removes
+its own runs' files in a handler (installed while a run is registered, from the main thread
+only; it then calls the handler it replaced, or terminates the process by SIGTERM as before);
+an ``atexit`` hook removes them at interpreter exit. What a SIGKILL leaves is removed by the next
+fit on the host: registering a run (and an executor's first write of a run) removes every run
+directory whose owner lock is free, at once, and every directory with no owner file (an
+executor's files on a host that is not the driver's, or a directory that predates this scheme)
+once it has been untouched for an hour (a live run rewrites its files every step). A directory a
+driver has just created and not yet claimed has no owner file and is new, so it is never taken.
+Nor does a task on the driver's host make a registered run's directory anew once it is removed
+(``local["owner"]``): a task of a killed driver still writing for a moment gets no file.
+``rddtensor info`` lists the run directories, their size, owner and whether it is alive
+(``runs``); ``rddtensor info --clean-cache`` removes the stale ones now (``remove_stale``).
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
+import json
 import mmap
 import os
 import shutil
+import signal
 import socket
 import struct
 import tempfile
+import threading
 import time
 
 from rddtensor import wire
 
-__all__ = ["CacheMiss", "MISS", "root", "host_id", "put", "load", "expand", "drop_run"]
+__all__ = ["CacheMiss", "MISS", "root", "host_id", "put", "load", "expand", "register_run",
+           "drop_run", "runs", "remove_stale"]
 
 MISS = "rddtensor local cache miss"
 """The message prefix of ``CacheMiss``: the engine recognises a miss in a failed job by it."""
 
-_STALE_SECONDS = 3600
+_STALE_SECONDS = 3600  # a run directory with no owner file is stale once untouched this long
+_OWNER = "owner"  # <root>/<run>/owner: the driver's lock and pid (``register_run``)
 
 
 class CacheMiss(RuntimeError):
@@ -82,27 +107,194 @@ _STAMP = struct.Struct("<qq")  # (job, step), 16 bytes: the record after it stay
 _SEEN_RUNS: set = set()  # run directories this worker has made
 
 
-def _run_dir(run: str) -> str:
+def _home() -> str:
+    """This host and cache directory: where a run's owner made its directory."""
+    return f"{host_id()} {root()}"
+
+
+def _run_dir(local: dict) -> str:
+    run = local["run"]
     path = os.path.join(root(), run)
     if run not in _SEEN_RUNS:
         _SEEN_RUNS.add(run)
-        os.makedirs(path, exist_ok=True)
+        # where the driver registered the run, its directory exists until the run ends: a
+        # task still writing after that (its driver was killed) must not make it anew
+        if local.get("owner") != _home():
+            os.makedirs(path, exist_ok=True)
         _prune_stale_runs(run)
     return path
 
 
-def _prune_stale_runs(current: str) -> None:
-    base = root()
-    now = time.time()
-    for name in os.listdir(base):
+def _prune_stale_runs(current: str) -> list:
+    """Remove the run directories other than ``current`` that no live process owns (see the
+    module docstring); return what was removed (``runs``' records)."""
+    removed = []
+    for r in runs():
+        if r["run"] != current and r["stale"]:
+            shutil.rmtree(r["path"], ignore_errors=True)
+            removed.append(r)
+    return removed
+
+
+def remove_stale() -> list:
+    """Remove every run directory on this host that no live process owns: a killed driver's
+    at once, one with no owner file once untouched for an hour (what the next fit's start
+    removes anyway); return their records (``runs``)."""
+    return _prune_stale_runs("")
+
+
+def _start_time(pid: int):
+    """A process's start time (clock ticks since boot), or ``None`` when it does not exist:
+    with the pid it names one process, never a later one that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner(path: str):
+    """``(owner record or None, alive)`` of a run directory; ``alive`` is ``True``/``False``,
+    or ``None`` when nobody on this host can tell (no owner file: an executor's directory, or
+    one not yet claimed; an owner on another host)."""
+    try:
+        fd = os.open(os.path.join(path, _OWNER), os.O_RDONLY)
+    except OSError:
+        return None, None
+    try:
+        try:
+            info = json.loads(os.read(fd, 4096) or b"{}")
+        except ValueError:
+            info = {}
+        try:  # the owner holds this lock for the run's life; the kernel drops it at its death
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return info, False
+        except BlockingIOError:
+            return info, True
+        except OSError:  # no locks on this filesystem: the owner's pid and start time tell
+            if info.get("host") != host_id() or None in (info.get("pid"), info.get("start")):
+                return info, None
+            return info, _start_time(info["pid"]) == info.get("start")
+    finally:
+        os.close(fd)
+
+
+def runs() -> list:
+    """The run directories under ``root()`` on this host, one record each: ``run``, ``path``,
+    ``bytes`` and ``files`` (the cache files), ``idle`` (seconds since the newest write),
+    ``owner`` (the owner file's record: ``pid``, ``start``, ``host``, ``created``; ``None``
+    without one), ``alive`` (``True``/``False``/``None``: cannot tell) and ``stale`` (whether
+    the next fit's start removes it)."""
+    base, now, out = root(), time.time(), []
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return out
+    for name in names:
         p = os.path.join(base, name)
         try:  # files are overwritten in place: the directory's own mtime does not move
-            newest = max([os.path.getmtime(p)] + [os.path.getmtime(os.path.join(p, f))
-                                                  for f in os.listdir(p)])
-            if name != current and now - newest > _STALE_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
+            newest, size, files = os.path.getmtime(p), 0, 0
+            for f in os.listdir(p):
+                st = os.stat(os.path.join(p, f))
+                newest = max(newest, st.st_mtime)
+                if f != _OWNER and not f.startswith("."):
+                    size, files = size + st.st_size, files + 1
+        except OSError:  # not a directory, or removed meanwhile
+            continue
+        owner, alive = _owner(p)
+        idle = now - newest
+        out.append({"run": name, "path": p, "bytes": size, "files": files, "idle": idle,
+                    "owner": owner, "alive": alive,
+                    "stale": alive is False or (alive is None and idle > _STALE_SECONDS)})
+    return out
+
+
+# --- ownership: the driver's runs in this process ---------------------------------------------
+_OWNED: dict = {}  # run -> the fd holding its owner lock
+_LOCK = threading.Lock()
+# "sigterm": the handler ours replaced, while ours is installed; "pid": the owning process
+_HOOKS = {"atexit": False, "sigterm": None, "pid": None}
+
+
+def register_run(run: str):
+    """Make this process (the driver, as a fit starts) the owner of ``run`` on this host: its
+    files are removed on SIGTERM and at exit, and by the next fit on the host once this
+    process is gone however it ended; and remove what runs of dead owners left here.
+
+    Returns the value for the run's ``local["owner"]`` (``put``: a task on this host never
+    makes the run's directory anew once it is removed), or ``None`` when the directory
+    could not be made (every write will go inline)."""
+    path = os.path.join(root(), run)
+    with _LOCK:
+        if run in _OWNED:
+            return _home()
+        fd = None
+        try:
+            os.makedirs(path, exist_ok=True)
+            tmp = os.path.join(path, f".{_OWNER}-{os.getpid()}")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # no locks here: _owner falls back to the pid and its start time
+                pass
+            os.write(fd, json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid()),
+                                     "host": host_id(), "created": time.time()}).encode())
+            os.rename(tmp, os.path.join(path, _OWNER))  # appears locked: never taken for dead
+        except OSError:  # no cache directory: every write will go inline anyway
+            if fd is not None:
+                os.close(fd)
+            return None
+        _OWNED[run] = fd
+        _HOOKS["pid"] = os.getpid()
+        _SEEN_RUNS.add(run)
+        if not _HOOKS["atexit"]:
+            atexit.register(_remove_owned)
+            _HOOKS["atexit"] = True
+        _install_sigterm()
+    _prune_stale_runs(run)
+    return _home()
+
+
+def _install_sigterm() -> None:
+    if _HOOKS["sigterm"] is not None or threading.current_thread() is not threading.main_thread():
+        return  # installed already; or not installable here (the next fit's start cleans up)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        return  # the process ignores SIGTERM: it does not end, nor do its runs
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _HOOKS["sigterm"] = signal.SIG_DFL if previous in (None, _on_sigterm) else previous
+
+
+def _restore_sigterm() -> None:
+    previous = _HOOKS["sigterm"]
+    if (previous is None or _OWNED
+            or threading.current_thread() is not threading.main_thread()):
+        return
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # (not if another replaced ours since)
+        signal.signal(signal.SIGTERM, previous)
+    _HOOKS["sigterm"] = None
+
+
+def _on_sigterm(signum, frame):
+    """Remove this process's runs' files, then do what SIGTERM did before: the replaced
+    handler, or the default (the process terminates, by SIGTERM)."""
+    previous = _HOOKS["sigterm"]
+    _remove_owned()
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _remove_owned() -> None:
+    # (no lock: this runs in a signal handler, maybe while this thread holds it)
+    for run in list(_OWNED):
+        if os.getpid() == _HOOKS["pid"]:  # (a child forked from the driver leaves them be)
+            shutil.rmtree(os.path.join(root(), run), ignore_errors=True)
+        fd = _OWNED.pop(run, None)
+        if fd is not None:
+            os.close(fd)
 
 
 def put(local: dict, kind: str, part: int, t: int, meta: dict, arrays: dict,
@@ -112,11 +304,11 @@ def put(local: dict, kind: str, part: int, t: int, meta: dict, arrays: dict,
 
     ``local`` is the job's cache settings from the driver: ``run``, ``job``, ``peers``
     (whether records between partitions may use the cache: ``stages.deliver``) and optionally
-    ``evict`` (fault injection: the file is deleted at once, so every read misses). ``part``
+    ``owner`` (``register_run``'s value) and ``evict`` (fault injection: the file is deleted at once, so every read misses). ``part``
     names the file (a partition, or ``"<src>-<dest>"``)."""
     path = os.path.join(root(), local["run"], f"{kind}-{part}-{t % 2}")
     try:
-        _run_dir(local["run"])
+        _run_dir(local)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         with os.fdopen(fd, "r+b", buffering=0) as f:
             f.write(_STAMP.pack(-1, -1))  # invalid until the record is complete
@@ -167,5 +359,11 @@ def expand(token_meta: dict):
 
 
 def drop_run(run: str) -> None:
-    """Remove a run's cache files on this host (the driver's, at the end of a fit)."""
+    """Remove a run's cache files on this host (the driver's, at the end of a fit) and, when
+    this process owns it, release it (``register_run``)."""
     shutil.rmtree(os.path.join(root(), run), ignore_errors=True)
+    with _LOCK:
+        fd = _OWNED.pop(run, None)
+        if fd is not None:
+            os.close(fd)
+        _restore_sigterm()
