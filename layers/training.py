@@ -94,8 +94,8 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
 def clip_values(optimizer, g):
     """Clip ``g`` by value in place (if the optimizer asks); return its squared norm if it clips by norm.
 
-    With ``clipnorm``, the caller turns the sum of these squared norms over all blocks into one
-    factor (``optim.clipping.norm_clip_scale``) and passes it to ``apply_update``.
+    With ``clipnorm``, ``optimizer_step`` turns the sum of these squared norms over the
+    parameter runs into one factor (``optim.clipping.norm_clip_scale``) for ``apply_update``.
     """
     if optimizer.clipvalue is not None:
         from optim.clipping import clip_by_value
@@ -143,10 +143,11 @@ def optimizer_step(optimizer, w, g, slots: dict, step: int, segments) -> None:
     ``segments`` is ``layout.split_segments()``: (parameter tensors, buffer tensors).
 
     Used by the in-process loop and by the replicated distributed all-reduce (both hold the whole
-    gradient); the sharded all-reduce calls ``clip_values``/``apply_update`` per block.
+    gradient); the sharded all-reduce calls ``clip_trainable`` (by value only: it refuses
+    ``clipnorm``) and ``apply_update`` per block.
     """
     train, bufs = segments
-    sq_norm = clip_values(optimizer, g) if not bufs else _clip_trainable(optimizer, g, train)
+    sq_norm = clip_values(optimizer, g) if not bufs else clip_trainable(optimizer, g, train)
     clip_scale = 1.0
     if sq_norm is not None:
         from optim.clipping import norm_clip_scale
@@ -155,7 +156,9 @@ def optimizer_step(optimizer, w, g, slots: dict, step: int, segments) -> None:
                  buffer_segments=bufs)
 
 
-def _clip_trainable(optimizer, g, segments):
+def clip_trainable(optimizer, g, segments):
+    """``clip_values`` on the parameter ``segments`` of ``g`` only (never a buffer's change);
+    the sum of their squared norms when the optimizer clips by norm."""
     total = None
     for a, b in _runs(segments):
         sq = clip_values(optimizer, g[a:b])

@@ -28,7 +28,7 @@ Within a job, records go through the host-local cache where the job's ``local`` 
 """
 from __future__ import annotations
 
-from layers.training import apply_update, optimizer_step
+from layers.training import apply_update, clip_trainable, optimizer_step
 from rddtensor import rawrdd, wire
 from rddtensor.stages import (assemble, chunks_of, deliver, is_local, join_own, keyed,
                               local_gradient, own_record, raws_of, read_own, scratch, split_own,
@@ -123,6 +123,8 @@ class Sharded:
                                    f"expected all {n}")
             g = grads.sum_into("g", scratch("gsum", w.size))
             train, bufs = model.layout.split_segments(*bounds[i])
+            if model.optimizer.clipvalue is not None:  # elementwise: exact on a block
+                clip_trainable(model.optimizer, g, train)
             apply_update(model.optimizer, w, g, slots, meta["t"] + 1,
                          segments=train, buffer_segments=bufs)
             return emit_state(i, meta["t"] + 1, bounds, w, slots, bf16, local)

@@ -60,6 +60,7 @@ OPTIMIZERS = {
     "sgd": lambda: SGD(0.1),
     "sgd_momentum": lambda: SGD(0.1, momentum=0.9),
     "adam_clipnorm": lambda: Adam(0.05, clipnorm=0.05),
+    "adam_clipvalue": lambda: Adam(0.05, clipvalue=0.01),
     "lars": lambda: LARS(0.5, momentum=0.9, trust_coefficient=0.01),
 }
 
@@ -173,6 +174,16 @@ def test_fewer_rows_than_partitions(sc, allreduce):
     np.testing.assert_allclose(m.theta, ref.theta, rtol=RTOL, atol=ATOL)
     for k in ref.slots:
         np.testing.assert_allclose(m.slots[k], ref.slots[k], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("allreduce", ["sharded", "replicated"])
+def test_clipvalue_equals_local(sc, allreduce):
+    """Clipping by value is elementwise: every block's owner clips its summed block (the
+    sharded all-reduce once skipped it, so distributed silently differed from local)."""
+    ref = local_run("adam_minibatch", "adam_clipvalue")
+    assert not np.allclose(ref["theta"], local_run("adam_minibatch")["theta"])  # it clips
+    got = distributed_run(sc, "adam_minibatch", "uneven", allreduce, opt="adam_clipvalue")
+    assert_same_training(got, ref)
 
 
 @pytest.mark.parametrize("opt", ["adam_clipnorm", "lars"])
