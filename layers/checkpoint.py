@@ -368,6 +368,14 @@ class Checkpointer:
             log.warning("resuming from %s, written with %s partitions, on %s: the weights are "
                         "the same, later sums run in another order (float rounding)",
                         ckpt.path, meta.get("partitions"), self.settings.get("partitions"))
+        changed = _changed_optimizer(meta.get("fit_optimizer", meta.get("optimizer")),
+                                     self.settings.get("fit_optimizer", {}))
+        if changed:
+            import warnings
+            text = (f"resume=True from {ckpt.path}: this fit changes the optimizer settings the "
+                    f"checkpoint's fit started with: {', '.join(changed)}; the resumed steps "
+                    "use the new ones (compile with the old ones to continue the same run)")
+            warnings.warn(text, UserWarning, stacklevel=4)
         theta, slots = ckpt.load() if arrays is None else arrays
         model.theta[...] = theta
         model.slots = {k: slots[k] for k in model.optimizer.slot_names}
@@ -396,6 +404,59 @@ def _clear(sdir: str) -> None:
         shutil.rmtree(sdir, ignore_errors=True)
 
 
+def check_directory(checkpoint_dir) -> str:
+    """The absolute path of ``checkpoint_dir`` once it is a directory this process can write
+    checkpoints into (created if missing, proved by writing and deleting a small file), so a
+    bad path fails before any training instead of at the first save; else a ``ValueError``
+    that names the path and why."""
+    if not isinstance(checkpoint_dir, (str, os.PathLike)) or not os.fspath(checkpoint_dir):
+        raise ValueError(f"checkpoint_dir must be a directory path, got {checkpoint_dir!r}")
+    path = os.path.abspath(os.fspath(checkpoint_dir))
+    fix = "pass a directory this process can create and write (an empty or new one)"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"checkpoint_dir={os.fspath(checkpoint_dir)!r} is a file, not a "
+                         f"directory ({path}); {fix}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parent = os.path.dirname(path)
+        while parent and not os.path.exists(parent) and parent != os.path.dirname(parent):
+            parent = os.path.dirname(parent)
+        why = (f"{parent} is a file, not a directory" if parent and os.path.exists(parent)
+               and not os.path.isdir(parent) else f"it cannot be created: "
+               f"{type(e).__name__}: {e.strerror or e}")
+        raise ValueError(f"checkpoint_dir={os.fspath(checkpoint_dir)!r}: {why}; {fix}") from None
+    probe = os.path.join(path, f".rddtensor-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"rddtensor")
+    except OSError as e:
+        raise ValueError(f"checkpoint_dir={os.fspath(checkpoint_dir)!r}: cannot write files "
+                         f"there ({type(e).__name__}: {e.strerror or e}); {fix}") from None
+    finally:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    return path
+
+
+def _changed_optimizer(old: dict | None, new: dict) -> list:
+    """``["lr 0.05 -> 0.01", ...]``: the optimizer settings of a checkpoint's fit (``old``, as
+    saved: ``serialize_optimizer`` through JSON) that the resuming fit changes."""
+    if not isinstance(old, dict):
+        return []
+    new = json.loads(json.dumps(new))  # compare like with like (tuples are lists in JSON)
+    changes = []
+    if old.get("class_name") != new.get("class_name"):
+        changes.append(f"optimizer {old.get('class_name')} -> {new.get('class_name')}")
+    a, b = old.get("config") or {}, new.get("config") or {}
+    for k in [*a, *(k for k in b if k not in a)]:
+        if a.get(k) != b.get(k):
+            changes.append(f"{k} {a.get(k)!r} -> {b.get(k)!r}")
+    return changes
+
+
 def start(model, checkpoint_dir, checkpoint_every, resume: bool, *, settings: dict):
     """The checkpoint policy of a fit and, with ``resume``, the state it continues from.
 
@@ -411,6 +472,11 @@ def start(model, checkpoint_dir, checkpoint_every, resume: bool, *, settings: di
         if checkpoint_every is not None:
             raise ValueError("checkpoint_every needs checkpoint_dir=...: where to write them")
         return None, None
+    check_directory(checkpoint_dir)
+    from optim.optimizers import serialize_optimizer
+    # the optimizer as this fit starts (a callback may change its learning rate later): a
+    # resumed fit compares its own with it (``Checkpointer.restore``)
+    settings = {**settings, "fit_optimizer": serialize_optimizer(model.optimizer)}
     ckpt = Checkpointer(checkpoint_dir, checkpoint_every, settings=settings)
     if not resume:
         found = ckpt.latest()

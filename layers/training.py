@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -204,6 +205,44 @@ def interrupts_deferred():
             raise KeyboardInterrupt
 
 
+class FitInterrupted(UserWarning):
+    """Warned when a fit ends with an exception: says which step the model now holds."""
+
+
+def stopped_at(t: int, t0: int, steps_per_epoch: int, checkpointing: bool) -> str:
+    """Where step ``t`` of a fit whose epoch 0 began after step ``t0`` lies, and how a user
+    goes on from there (the tail of a ``FitInterrupted`` warning)."""
+    e, b = divmod(t - t0, steps_per_epoch)
+    again = ("resume=True (same checkpoint_dir) continues from the newest checkpoint, "
+             if checkpointing else "")
+    if b == 0:
+        at, how = f"the end of epoch {e}", f"fit(..., initial_epoch={e}) continues from there"
+    else:
+        at = f"{b} of {steps_per_epoch} steps into epoch {e + 1}"
+        how = f"fit(..., initial_epoch={e}) runs epoch {e + 1} again from these weights"
+    return f"step {t}, the last completed step ({at}); {again}{how}"
+
+
+def warn_interrupted(text: str) -> None:
+    """Say ``text`` on the ``rddtensor`` logger and as a ``FitInterrupted`` warning (shown in
+    notebooks, attributed to the user's ``fit`` call); never raises (it runs while an
+    exception is on its way to the user)."""
+    try:
+        log.warning("%s", text)
+        warnings.warn(text, FitInterrupted, stacklevel=_caller_level())
+    except BaseException:
+        pass
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this library (the user's ``fit`` call)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and \
+            frame.f_globals.get("__name__", "").split(".")[0] in ("layers", "optim", "rddtensor"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 # --- in-process runner -----------------------------------------------------------------------
 class LocalRunner:
     """Trains on numpy arrays in this process, one optimizer step per mini-batch."""
@@ -221,9 +260,11 @@ class LocalRunner:
         # resumed epoch's batches already done
         self.t0 = model.step if t0 is None else int(t0)
         self.checkpoint, self.resume_stats = checkpoint, resume_stats
+        self.started, self.epoch = model.step, None
 
     def train_epoch(self, epoch: int, on_progress) -> dict:
         m = self.model
+        self.epoch = epoch
         metrics, sizes = m.metrics, batch_sizes(self.n_total, self.batch_size)
         stats, self.resume_stats = self.resume_stats or empty_stats(metrics), None
         batches = local_batches(self.n_total, self.batch_size, self.seed, epoch, self.shuffle)
@@ -257,6 +298,21 @@ class LocalRunner:
     def finish(self):
         pass
 
+    def keep_progress(self, exc: BaseException, epochs: int) -> None:
+        """``exc`` ends the fit: the model already holds the last completed step (θ, slots
+        and step change together, ``interrupts_deferred``); say which one."""
+        t, name = self.model.step, type(exc).__name__
+        where = "before its first epoch" if self.epoch is None else \
+            f"in epoch {self.epoch + 1} of {epochs}"
+        if t == self.started:
+            text = (f"fit interrupted by {name} {where}, before its first step completed: the "
+                    f"model holds the weights, optimizer slots and step it started with (step {t})")
+        else:
+            spe = len(batch_sizes(self.n_total, self.batch_size))
+            text = (f"fit interrupted by {name} {where}: the model holds the weights, optimizer "
+                    f"slots and step of " + stopped_at(t, self.t0, spe, self.checkpoint is not None))
+        warn_interrupted(text)
+
 
 # --- the epoch loop (shared by every runner) ------------------------------------------------
 class _Progress:
@@ -283,6 +339,14 @@ class _Progress:
         loss = stats["loss"] / max(stats["count"], 1)
         extra = "".join(f", {k}={v:.4f}" for k, v in (logs or {}).items() if k != "loss")
         return f"loss={loss:.4f}{extra}, {rate:,.0f} samples/s"
+
+    def abandon(self):
+        """The epoch ends with an exception: close the bar where it stands."""
+        if self.bar is not None:
+            try:
+                self.bar.close()
+            except Exception:
+                pass
 
     def close(self, stats, logs):
         text = self._postfix(stats, logs)
@@ -311,20 +375,28 @@ def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, ve
     cbs = CallbackList(callbacks)
     cbs.set_model(model, getattr(runner, "sync_weights", None))
     model.stop_training = False
-    cbs.on_train_begin()
-    logs = {}
-    for epoch in range(initial_epoch, epochs):  # (initial_epoch > 0: resumed from a checkpoint)
-        cbs.on_epoch_begin(epoch)
-        bar = _Progress(verbose, runner.n_total, epoch, epochs)
-        stats = runner.train_epoch(epoch, bar.update)
-        logs = stats_logs(metrics, stats)
-        if validation is not None:
-            logs.update(stats_logs(metrics, runner.evaluate(validation, batch_size), "val_"))
-        bar.close(stats, logs)
-        cbs.on_epoch_end(epoch, logs)  # may add to logs (a scheduler's lr) before recording
-        history.record(epoch, logs)
-        if model.stop_training:
-            break
-    runner.finish()
-    cbs.on_train_end(logs)
+    logs, bar = {}, None
+    try:
+        cbs.on_train_begin()
+        for epoch in range(initial_epoch, epochs):  # (> 0: resumed, or Keras' initial_epoch)
+            cbs.on_epoch_begin(epoch)
+            bar = _Progress(verbose, runner.n_total, epoch, epochs)
+            stats = runner.train_epoch(epoch, bar.update)
+            logs = stats_logs(metrics, stats)
+            if validation is not None:
+                logs.update(stats_logs(metrics, runner.evaluate(validation, batch_size), "val_"))
+            bar.close(stats, logs)
+            bar = None
+            cbs.on_epoch_end(epoch, logs)  # may add to logs (a scheduler's lr) before recording
+            history.record(epoch, logs)
+            if model.stop_training:
+                break
+        runner.finish()
+        cbs.on_train_end(logs)
+    except BaseException as exc:  # Ctrl-C, a callback's error, a failed job or checkpoint
+        if bar is not None:
+            bar.abandon()
+        # the model keeps the last completed step, and a warning says which
+        runner.keep_progress(exc, epochs)
+        raise
     return history

@@ -43,6 +43,16 @@ def save_state(checkpointer: Checkpointer, state, model, step: int, t0: int,
     checkpoint's directory. ``model`` is the driver's model: only its architecture and optimizer
     are read, never its weights."""
     sdir = step_dir(checkpointer.directory, step)
-    _clear(sdir)
-    blocks = write_state(state, sdir)
-    return checkpointer.commit(checkpointer.info(model, step, t0, steps_per_epoch, stats), blocks)
+    try:
+        _clear(sdir)
+        blocks = write_state(state, sdir)
+        return checkpointer.commit(checkpointer.info(model, step, t0, steps_per_epoch, stats),
+                                   blocks)
+    except OSError as e:  # (a task's OSError arrives as itself: rddtensor.errors)
+        try:
+            err = type(e)(f"the checkpoint of step {step} could not be written to {sdir!r}: {e}")
+        except Exception:
+            raise e from None
+        if hasattr(e, "spark_trace"):
+            err.spark_trace = e.spark_trace
+        raise err from None

@@ -30,11 +30,13 @@ from layers import checkpoint as checkpoints
 from layers.base import positive_int
 from layers.batching import batch_sizes, steps_per_epoch
 from layers.params import block_bounds
-from layers.training import empty_stats, fit_loop, merge_stats, stats_logs
+from layers.training import (empty_stats, fit_loop, interrupts_deferred, merge_stats,
+                             stats_logs, stopped_at, warn_interrupted)
 from rddtensor import localcache, rawrdd, wire
 from rddtensor.allreduce import choose
 from rddtensor.checkpoint import save_state
-from rddtensor.errors import spark_errors, task_error
+from rddtensor.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
+                              task_error)
 from rddtensor.faults import stats_param
 from rddtensor.shards import Shards, make_shards
 from rddtensor.stages import (broadcast_emit, chunks_of, eval_stage, own_record, predict_stage,
@@ -73,15 +75,6 @@ class _StatsLost(RuntimeError):
     """A job finished but the stats of some of its tasks never reached the driver."""
 
 
-def _conf(sc, key: str, default: str) -> str:
-    """A setting from the active session's runtime conf (``spark.conf.set``), else the
-    SparkContext's conf, else ``default``."""
-    from pyspark.sql import SparkSession
-    spark = SparkSession.getActiveSession()
-    value = spark.conf.get(key, None) if spark is not None else None
-    return value if value is not None else sc.getConf().get(key, default)
-
-
 def _state_lost(exc: BaseException) -> bool:
     """A job failed because blocks of the cut state are gone (every executor holding a copy)."""
     return task_error(exc) is None and "CHECKPOINT_RDD_BLOCK_ID_NOT_FOUND" in str(exc)
@@ -111,6 +104,16 @@ def skeleton(model, freeze_optimizer: bool = False):
     if freeze_optimizer:
         s.optimizer = copy.deepcopy(model.optimizer)
     return s
+
+
+def write_model(model, theta, slots: dict, t: int) -> None:
+    """θ, the optimizer slots and the step into the driver's ``model``, whole: the arrays
+    arrived before anything is written, and a Ctrl-C waits until all of it is."""
+    with interrupts_deferred():
+        model.theta[...] = theta
+        for k in model.slots:
+            model.slots[k][...] = slots[k]
+        model.step = int(t)
 
 
 class ParameterState:
@@ -215,6 +218,8 @@ class DistributedRunner:
             raise ValueError(f"{LOCAL_CACHE_CONF} must be true, false or evict, got {mode!r}")
         self.local_cache, self.cache_missed = mode != "false", False
         self.local = {"run": uuid.uuid4().hex[:16], "job": 0, "evict": mode == "evict"}
+        if self.local_cache:  # this driver owns the run's files on its host (killed: removed)
+            self.local["owner"] = localcache.register_run(self.local["run"])
         self.since_gc = 0  # iterations since the driver JVM last collected garbage
         self.bytes_since_gc = 0  # estimated shuffle bytes since then
         self.peers = False  # whether the last job sent records between partitions as tokens
@@ -232,6 +237,13 @@ class DistributedRunner:
         # step lets one job run on into the next epochs (see ``fit_distributed``), whose stats
         # wait in ``ahead`` (epoch -> stats) for their ``train_epoch``
         self.horizon, self.ahead = None, {}
+        # for a fit that ends with an exception (``keep_progress``): the step the driver's
+        # model holds, the epoch running, the steps of the job in flight, and a tag on this
+        # fit's jobs so that one left running by a Ctrl-C can be cancelled
+        self.synced, self.epoch, self.in_flight, self.finished = model.step, None, None, False
+        self._started = model.step
+        self.tag = f"rddtensor-fit-{self.local['run']}"
+        self.sc.addJobTag(self.tag)
 
     def _run_group(self, steps: int) -> dict:
         """``steps`` iterations as one Spark job; returns their merged stats. If the state was
@@ -293,10 +305,8 @@ class DistributedRunner:
                                 self.t - found.step)
         target, m = self.t, self.model
         _, theta, slots = loaded
-        m.theta[...] = theta
-        for k in m.slots:
-            m.slots[k][...] = slots[k]
-        m.step = self.t = found.step
+        write_model(m, theta, slots, found.step)
+        self.t = self.synced = found.step
         st = self.state
         self.state = ParameterState.from_driver(st.strategy, self.sc, m, self.N)
         st.unpersist()
@@ -321,6 +331,7 @@ class DistributedRunner:
         S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
         steps_done = range(self.t + 1, self.t + steps + 1)
+        self.in_flight = (steps_done[0], steps_done[-1])
         try:
             with spark_errors():
                 S._jrdd.count()
@@ -334,9 +345,12 @@ class DistributedRunner:
         except BaseException:
             S.unpersist(blocking=False)
             raise
-        st.unpersist()
+        # the new cut state first, then the old one goes: an interrupt in between leaves
+        # ``self.state`` a state that can be read (``keep_progress``)
         self.state = ParameterState(st.strategy, S, job, st.bounds)
         self.t += steps
+        self.in_flight = None
+        st.unpersist()
         return self._take_stats(steps_done)
 
     def _take_stats(self, steps) -> dict:
@@ -359,6 +373,7 @@ class DistributedRunner:
 
     def train_epoch(self, epoch: int, on_progress) -> dict:
         metrics = self.model.metrics
+        self.epoch = epoch
         stats, self.resume_stats = self.resume_stats or empty_stats(metrics), None
         start = self.t - self.t0 - epoch * self.spe  # steps of this epoch already done
         sizes = self.cfg["batch_sizes"]
@@ -398,16 +413,77 @@ class DistributedRunner:
     def sync_weights(self):
         """Copy θ, the slots and the step from the executors into the driver's model (one
         collect of O(P): for callbacks that save or read weights mid-fit)."""
-        m = self.model
         theta, slots, t = self._reading_state(lambda: self.state.gather())
-        m.theta[...] = theta
-        for k in m.slots:
-            m.slots[k][...] = slots[k]
-        m.step = t
+        write_model(self.model, theta, slots, t)
+        self.synced = t
 
     def finish(self):
         self.sync_weights()
+        self.finished = True
         self.close()
+
+    def keep_progress(self, exc: BaseException, epochs: int) -> None:
+        """``exc`` ends the fit (a Ctrl-C, a callback's error, a failed checkpoint write or
+        job): copy the last cut state, the state after the last completed job, into the
+        driver's model, and say in a warning (the ``rddtensor`` logger and
+        ``warnings.warn``, category ``FitInterrupted``) which step the model now holds. Where
+        that state cannot be read (the SparkContext is gone, the state lost with its
+        executors, a second Ctrl-C), the model keeps what it held (the newest checkpoint of
+        this fit instead, if that is newer), and the warning says so. Never raises."""
+        try:
+            text = self._keep_progress(exc, epochs)
+        except BaseException as e:  # (a Ctrl-C while reporting: the model is whole anyway)
+            text = (f"fit interrupted by {type(exc).__name__}; the model holds the weights, "
+                    f"optimizer slots and step of step {self.model.step} ({type(e).__name__} "
+                    "while reading back the last completed step)")
+        warn_interrupted(text)
+
+    def _keep_progress(self, exc, epochs) -> str:
+        running, self.in_flight = self.in_flight, None
+        if running is not None:  # a Ctrl-C leaves the job running (PySpark cannot cancel it)
+            self._cancel()
+        name, m = type(exc).__name__, self.model
+        where = ("before its first epoch" if self.epoch is None else
+                 f"epoch {self.epoch + 1} of {epochs}" +
+                 (f", during steps {running[0]}-{running[1]}" if running else ""))
+        if self.finished:
+            return (f"fit stopped by {name} after its last epoch: the model holds the weights, "
+                    f"optimizer slots and step of its last step, {m.step}")
+        try:
+            theta, slots, t = self.state.gather()
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                self._cancel()
+            held = "the weights it had when the fit started" if m.step == self.synced and \
+                self.synced == self._started else "its last copy from the executors"
+            loaded = None
+            try:
+                loaded = self.checkpoint.newest_loadable() if self.checkpoint else None
+            except Exception:
+                pass
+            if loaded is not None and loaded[0].step > self.synced:
+                write_model(m, loaded[1], loaded[2], loaded[0].step)
+                self.synced, held = loaded[0].step, f"the newest checkpoint, {loaded[0].path}"
+            return (f"fit interrupted by {name} in {where}; the last completed step "
+                    f"({self.t}) could not be read back from the executors "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): the "
+                    f"model holds the weights, optimizer slots and step of step {m.step} "
+                    f"({held})")
+        write_model(m, theta, slots, t)
+        self.synced = t
+        if t == self._started:
+            return (f"fit interrupted by {name} in {where}, before its first step completed: "
+                    f"the model holds the weights, optimizer slots and step it started with "
+                    f"(step {t})")
+        return (f"fit interrupted by {name} in {where}: the model holds the weights, optimizer "
+                f"slots and step of " + stopped_at(t, self.t0, self.spe,
+                                                   self.checkpoint is not None))
+
+    def _cancel(self):
+        try:
+            self.sc.cancelJobsWithTag(self.tag)
+        except BaseException:
+            pass
 
     def local_cache_state(self) -> str:
         """``"on"``, ``"off"`` (conf) or ``"off after a miss"``, for ``History.params``."""
@@ -415,6 +491,10 @@ class DistributedRunner:
 
     def close(self):
         """Release the state's cached blocks and this host's cache files (idempotent)."""
+        try:
+            self.sc.removeJobTag(self.tag)
+        except Exception:  # (a SparkContext already stopped)
+            pass
         self.state.unpersist()
         localcache.drop_run(self.local["run"])
 
@@ -423,7 +503,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                     seed=0, verbose=1, class_weight=None, callbacks=(), num_partitions=None,
                     iterations_per_job: int = 8, allreduce: str = "auto",
                     wire_dtype: str = "float32", features_col="features", label_col="label",
-                    checkpoint_dir=None, checkpoint_every=None, resume: bool = False):
+                    checkpoint_dir=None, checkpoint_every=None, resume: bool = False,
+                    initial_epoch: int = 0):
     """Train ``model`` on an RDD of ``(features, label)`` or a DataFrame, distributed.
 
     Same semantics as in-process ``fit``: the same global mini-batches (rows come from one
@@ -449,14 +530,21 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             weights, slots and step; ``epochs`` counts from the original start, like Keras'
             ``initial_epoch``); bit-identical to a run that was never interrupted. Starts afresh
             when the directory holds none.
+        initial_epoch: the epoch to start at (Keras): epochs ``initial_epoch .. epochs - 1``
+            run, each with its own row order, so ``fit(epochs=3)`` then
+            ``fit(epochs=6, initial_epoch=3)`` equals ``fit(epochs=6)``.
     """
     iterations_per_job = positive_int(iterations_per_job, "iterations_per_job")
     if wire_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"wire_dtype must be 'float32' or 'bfloat16', got {wire_dtype!r}")
+    if checkpoint_dir is not None:  # a path that cannot hold checkpoints fails before any job
+        checkpoints.check_directory(checkpoint_dir)
     shards = make_shards(data, n_partitions=num_partitions,
                          feature_shape=model.input_shape if model.built else None,
                          features_col=features_col, label_col=label_col)
-    val = runner = None
+    val = runner = ending = None
+    quiet = quiet_task_failures(shards.rdd.ctx)  # one clear error, not a trace per failed task
+    quiet.__enter__()
     try:
         if not shards.has_labels:
             raise ValueError("training data needs labels: an RDD of (features, label) pairs or a "
@@ -486,25 +574,41 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         runner = DistributedRunner(model, shards, strategy, batch_size=batch_size,
                                    shuffle=shuffle, seed=seed, class_weight=class_weight,
                                    iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,
-                                   t0=resumed.t0 if resumed else None, checkpoint=ckpt,
+                                   t0=resumed.t0 if resumed else
+                                   model.step - initial_epoch * steps_per_epoch(
+                                       shards.n_total, batch_size),
+                                   checkpoint=ckpt,
                                    resume_stats=resumed.stats if resumed else None)
         if val is None and not callbacks and ckpt is None:  # no epoch end needs the driver
             runner.horizon = runner.t0 + epochs * runner.spe
         history = fit_loop(model, runner, epochs=epochs, validation=val, batch_size=batch_size,
                            verbose=verbose, callbacks=callbacks,
-                           initial_epoch=resumed.epoch if resumed else 0)
+                           initial_epoch=resumed.epoch if resumed else initial_epoch)
         history.params.update(partitions=shards.n_partitions, allreduce=strategy.name,
                               iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,
                               local_cache=runner.local_cache_state())
         if resumed:
             history.params["resumed_from"] = resumed.path
         return history
+    except BaseException as exc:  # (fit_loop has told the runner to keep its progress)
+        ending = exc
+        raise
     finally:
-        shards.unpersist()
-        if val is not None:
-            val.unpersist()
-        if runner is not None:
-            runner.close()
+        try:
+            shards.unpersist()
+            if val is not None:
+                val.unpersist()
+            if runner is not None:
+                runner.close()
+        except Exception as e:
+            if ending is None:
+                raise
+            # (e.g. the SparkContext is gone): the error that ended the fit is the one to see
+            checkpoints.log.warning("releasing the fit's cached data after %s failed: %s: %s",
+                                    type(ending).__name__, type(e).__name__,
+                                    (str(e).splitlines() or [""])[0])
+        finally:
+            quiet.__exit__(None, None, None)
 
 
 def _driver_state(model, shards: Shards) -> ParameterState:
@@ -525,7 +629,8 @@ def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="f
                          f"with a {label_col!r} column")
     state = _driver_state(model, shards)
     try:
-        return stats_logs(model.metrics, evaluate_state(state, shards, batch_size))
+        with quiet_task_failures(shards.rdd.ctx):
+            return stats_logs(model.metrics, evaluate_state(state, shards, batch_size))
     finally:
         state.unpersist()
         shards.unpersist()
@@ -537,7 +642,7 @@ def predict_distributed(model, data, *, batch_size: int = 4096, features_col="fe
     model._require_built()
     labelled = not hasattr(data, "columns") and _looks_labelled(data)
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
-                         label_col="label" if labelled else None)
+                         label_col="label" if labelled else None, what="prediction data")
     state = _driver_state(model, shards)
     AG = state.broadcast(shards.n_partitions)
     return rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(

@@ -18,7 +18,7 @@ import numpy as np
 from pyspark.accumulators import AccumulatorParam
 
 from rddtensor import rawrdd, wire
-from rddtensor.errors import spark_errors
+from rddtensor.errors import quiet_task_failures, spark_errors
 
 
 @dataclass
@@ -186,6 +186,9 @@ def _as_rows(data, features_col, label_col, what):
     return data, has_labels
 
 
+_SAME_LENGTH = "(every row needs the same feature length)"
+
+
 def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                 features_col: str = "features", label_col: str | None = "label",
                 what: str = "training data") -> Shards:
@@ -195,9 +198,38 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
         data: RDD of ``(features, label)`` / features, or DataFrame with ``features_col`` and
             ``label_col`` (``label_col=None`` for features only).
         n_partitions: number of shards (default: the input's partition count).
-        feature_shape: per-row feature shape (default: taken from the first row).
-        what: how error messages name this data ("training data", "validation_data", ...).
+        feature_shape: per-row feature shape (default: taken from the first row); given, it is
+            the model's input shape, and errors say so.
+        what: how error messages name this data ("training data", "validation_data", ...):
+            every error about other data than the training data starts with it.
     """
+    ctx = data.ctx if hasattr(data, "ctx") else data.sparkSession.sparkContext
+    with quiet_task_failures(ctx):
+        try:
+            return _make_shards(data, n_partitions, feature_shape, features_col, label_col, what)
+        except ValueError as e:
+            raise _named(e, what, feature_shape is not None) from None
+
+
+def _named(e: ValueError, what: str, model_shape: bool) -> ValueError:
+    """``e`` with the data it is about (``what``) in front, and where the expected feature
+    shape came from (the model) instead of "every row needs the same length"."""
+    msg = str(e)
+    if what != "training data" and what not in msg:
+        msg = f"{what}: {msg}"
+    if model_shape:
+        msg = msg.replace(_SAME_LENGTH, "(the model's input shape" + (
+            f": {what} needs rows of the training data's shape)" if what != "training data"
+            else ")"))
+    if msg == str(e):
+        return e
+    err = ValueError(msg)
+    if hasattr(e, "spark_trace"):
+        err.spark_trace = e.spark_trace
+    return err
+
+
+def _make_shards(data, n_partitions, feature_shape, features_col, label_col, what) -> Shards:
     is_df = hasattr(data, "select") and hasattr(data, "columns")
     names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
              if is_df else ("features", "labels"))
@@ -234,8 +266,7 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
         if bad is not None:
             shard_rdd.unpersist()
             raise ValueError(f"row 0 of partition {bad[0]} has {names[0]} of shape {bad[1]}, "
-                             f"expected {feature_shape} (every row needs the same feature "
-                             "length)")
+                             f"expected {feature_shape} {_SAME_LENGTH}")
         if not all(sizes):  # empty partitions' arrays need the shape too: build them again
             shard_rdd.unpersist()
             shard_rdd, sizes, labels, _ = _build(rows, stack, feature_shape)

@@ -262,7 +262,9 @@ def test_distributed_crash_and_resume_is_bit_identical(sc, tmp_path, monkeypatch
                                            r"attempt 0"):
         crashed.fit(rdd, **kw)
     monkeypatch.delenv("RDDTENSOR_FAIL_AT")
-    assert crashed.step == 0  # the driver's model was never touched by the failed fit
+    # the failed fit keeps its last completed step (the end of epoch 2, step 10: the job of
+    # steps 11-12 failed); the newest checkpoint is step 9
+    assert crashed.step == 10
 
     # the newest checkpoint is step 9, mid-epoch 1 (steps 6..10); each partition wrote its block
     ck = C.latest(d)

@@ -593,7 +593,8 @@ def _cache_files_at_epoch_ends(before: set) -> tuple:
     def callback(epoch, logs):
         root = localcache.root()
         for run in set(os.listdir(root)) - before:
-            seen.update(f.rsplit("-", 1)[0] for f in os.listdir(os.path.join(root, run)))
+            seen.update(f.rsplit("-", 1)[0] for f in os.listdir(os.path.join(root, run))
+                        if f != "owner")  # (the driver's claim on the run, not a record)
     return callback, seen
 
 

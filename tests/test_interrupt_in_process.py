@@ -41,3 +41,36 @@ def test_ctrl_c_leaves_the_last_completed_step(delay):
         np.testing.assert_array_equal(a, b)
     for k in reference.slots:
         np.testing.assert_array_equal(model.slots[k], reference.slots[k])
+
+
+def test_an_error_in_a_callback_keeps_the_progress_and_says_so():
+    from rddtensor.errors import FitInterrupted
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(96, 16)).astype(np.float32)
+    y = rng.integers(0, 3, 96)
+
+    def stop_after_second_epoch(epoch, logs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    model = _model()
+    with pytest.warns(FitInterrupted, match=r"fit interrupted by KeyboardInterrupt in epoch 2 "
+                                            r"of 5: .*step of step 6, the last completed step "
+                                            r"\(the end of epoch 2\); fit\(\.\.\., "
+                                            r"initial_epoch=2\) continues from there"):
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(X, y, epochs=5, batch_size=32, verbose=0,
+                      callbacks=[stop_after_second_epoch])
+    assert model.step == 6
+    reference = _model()
+    reference.fit(X, y, epochs=2, batch_size=32, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # and fit(initial_epoch=2) goes on to the weights of an uninterrupted fit
+    model.fit(X, y, epochs=5, batch_size=32, initial_epoch=2, verbose=0)
+    reference.fit(X, y, epochs=5, batch_size=32, initial_epoch=2, verbose=0)
+    whole = _model()
+    whole.fit(X, y, epochs=5, batch_size=32, verbose=0)
+    for a, b, c in zip(model.get_weights(), reference.get_weights(), whole.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
