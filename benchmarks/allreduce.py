@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from benchmarks.common import environment, markdown_table, write_results
-from layers.base import Layer, register
+from rddtensor.layers.base import Layer, register
 
 CONTENDERS = ("sharded", "sharded-bf16", "replicated", "replicated-bf16", "mllib",
               "floor-2pass", "floor-1pass")
@@ -142,14 +142,14 @@ def _time_groups(run_group, k: int, repeats: int) -> list:
 
 
 def _rddtensor(sc, size, mode, k, repeats):
-    import layers as L
+    from rddtensor import layers as L
     from rddtensor.allreduce import STRATEGIES
     from rddtensor.engine import DistributedRunner
     from rddtensor.shards import make_shards
     model = L.Sequential([SyntheticParams(size, input_shape=(1,))], seed=0)
     model.compile(optimizer="sgd", loss="mse")
     model.build()
-    model._init_slots()
+    model.init_slots()
     rows = [(np.ones(1, np.float32), np.zeros(1, np.float32)) for _ in range(2 * N_PARTITIONS)]
     strategy = STRATEGIES[mode.split("-")[0]]()
     shards = make_shards(sc.parallelize(rows, N_PARTITIONS))

@@ -50,8 +50,8 @@ def make_data(n: int, seed: int = 0):
 
 
 def rddtensor_cnn(seed: int = 0):
-    import layers as L
-    from optim import Adam
+    from rddtensor import layers as L
+    from rddtensor.optim import Adam
     model = L.Sequential([
         L.Conv2D(8, 3, padding="same", activation="relu", input_shape=(1, 28, 28)),
         L.MaxPool2D(2),
@@ -79,11 +79,13 @@ def calibrate(step_seconds: float, probe: int = 128) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from layers.batching import step_rng
-    from layers.training import gradient_step, optimizer_step
+    from rddtensor.layers.batching import step_rng
+    from rddtensor.layers.training import gradient_step, optimizer_step
+    from rddtensor.runtime import prepare_process
+    prepare_process()  # as LocalRunner (in-process) and every Spark worker do once
     model = rddtensor_cnn()
     model.build()
-    model._init_slots()
+    model.init_slots()
     X, y = make_data(probe, seed=1)
     grad = np.empty(model.layout.size, np.float32)
     times = []

@@ -5,7 +5,7 @@ Every benchmark is a module ``benchmarks.<module>`` with a ``main(argv)`` that a
 through ``benchmarks.common.write_results``. The harness runs each in a fresh process (its own
 Spark master, thread pools and memory), imported by name so that Spark pickles its functions by
 reference; ``RDDTENSOR_BENCH_RESULTS`` tells it where to write. Scripts owned by others
-(``local_step``, ``layers``, ``allreduce``, ``inference``) are registered with the arguments
+(``local_step``, ``rddtensor.layers``, ``allreduce``, ``inference``) are registered with the arguments
 their existing command lines take.
 
 ``--quick`` (the CI smoke test, under two minutes on two cores) runs every contender of every

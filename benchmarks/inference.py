@@ -2,7 +2,7 @@
 
 Both score the same cached DataFrame of ``--rows`` dense feature vectors with the same network:
 an MLlib ``MultilayerPerceptronClassificationModel`` (sigmoid hidden layers, softmax output) and
-an ``NNClassificationModel`` whose ``layers.Sequential`` holds MLPC's weights copied over, so
+an ``NNClassificationModel`` whose ``rddtensor.layers.Sequential`` holds MLPC's weights copied over, so
 both compute the same function (checked: the predictions must agree). Every timed call writes
 all output columns (``rawPrediction``, ``probability``, ``prediction``) to Spark's ``noop`` sink,
 so nothing is pruned and nothing is collected to the driver.
@@ -62,7 +62,7 @@ def make_data(spark, rows: int, n_in: int, partitions: int, seed: int = 0):
 
 
 def mllib_model(spark, df, layers: list, seed: int = 0):
-    """An MLPC model with ``layers`` (fitted for one iteration on a sample: weights are random)."""
+    """An MLPC model with ``rddtensor.layers`` (fitted for one iteration on a sample: weights are random)."""
     from pyspark.ml.classification import MultilayerPerceptronClassifier
     sample = df.limit(2000)
     return MultilayerPerceptronClassifier(layers=layers, maxIter=1, seed=seed,
@@ -70,7 +70,7 @@ def mllib_model(spark, df, layers: list, seed: int = 0):
 
 
 def same_network(mlpc, layers: list):
-    """A ``layers.Sequential`` computing what ``mlpc`` computes (its weights copied over).
+    """A ``rddtensor.layers.Sequential`` computing what ``mlpc`` computes (its weights copied over).
 
     MLPC keeps each affine layer as a column-major ``(n_out, n_in)`` matrix followed by its bias
     in one flat vector; hidden layers are sigmoid, the last one softmax (here: logits + the
@@ -78,7 +78,7 @@ def same_network(mlpc, layers: list):
     """
     import numpy as np
 
-    import layers as L
+    from rddtensor import layers as L
     flat = mlpc.weights.toArray()
     net = L.Sequential(
         [L.Dense(n, activation="sigmoid", input_shape=(layers[0],) if i == 0 else None)

@@ -52,7 +52,7 @@ CASES = {
 def _ours(kind, shape):
     import numpy as np
 
-    import layers as L
+    from rddtensor import layers as L
     layer = {"dense": lambda: L.Dense(512), "conv": lambda: L.Conv2D(64, 3, padding=1),
              "lstm": lambda: L.LSTM(128, return_sequences=True)}[kind]()
     layer.build(shape[1:])

@@ -3,7 +3,7 @@
 One step is forward + loss + backward + optimizer update on one batch of a 64-256-256-10 MLP
 (ReLU; sparse categorical cross-entropy from logits; Adam, lr 1e-3), batch 512, float32.
 
-- rddtensor runs the library's own step path, the body of ``layers.training.LocalRunner``:
+- rddtensor runs the library's own step path, the body of ``rddtensor.layers.training.LocalRunner``:
   ``gradient_step`` on the flat ``theta`` (forward, loss, backprop, flatten into the flat
   gradient) then ``optimizer_step`` (clipping checks, ``adam_update`` on the whole vector);
   a check requires it to give LocalRunner's weights bit for bit.
@@ -63,8 +63,8 @@ def make_batch(seed: int):
 
 def build_rddtensor(seed: int):
     """The compiled, built model with fresh Adam slots, as ``fit`` leaves it before step 1."""
-    import layers as L
-    from optim import Adam
+    from rddtensor import layers as L
+    from rddtensor.optim import Adam
     stack = [L.Dense(SIZES[1], activation="relu", input_shape=(SIZES[0],))]
     stack += [L.Dense(n, activation="relu") for n in SIZES[2:-1]]
     model = L.Sequential([*stack, L.Dense(SIZES[-1])], seed=seed)
@@ -81,8 +81,10 @@ def rddtensor_step(model, X, y, seed: int):
     ``check_matches_local_runner`` verifies that this stays the library's step, bit for bit.
     """
     import numpy as np
-    from layers.batching import step_rng
-    from layers.training import gradient_step, optimizer_step
+    from rddtensor.layers.batching import step_rng
+    from rddtensor.layers.training import gradient_step, optimizer_step
+    from rddtensor.runtime import prepare_process
+    prepare_process()  # as LocalRunner does once per fit
     grad = np.empty(model.layout.size, dtype=np.float32)  # LocalRunner.grad
     n_batch = len(X)
 
@@ -103,7 +105,7 @@ def check_matches_local_runner(X, y, seed: int) -> dict:
     Guards the benchmark against timing a stale copy of the step when the library changes.
     """
     import numpy as np
-    from layers.training import LocalRunner
+    from rddtensor.layers.training import LocalRunner
     ours, theirs = build_rddtensor(seed), build_rddtensor(seed)
     step = rddtensor_step(ours, X, y, seed)
     for _ in range(CHECK_STEPS):

@@ -70,8 +70,8 @@ def spark_frames(spark, Xtr, ytr, Xte, yte, partitions: int = 2):
 
 # --- rddtensor ------------------------------------------------------------------------------------
 def make_optimizer(cfg: dict):
-    """An ``optim`` optimizer from a config: ``{"optimizer", "lr", "warmup"?, "decay"?}``."""
-    from optim import LAMB, LARS, Adam, ExponentialDecay, LinearWarmup
+    """An ``rddtensor.optim`` optimizer from a config: ``{"optimizer", "lr", "warmup"?, "decay"?}``."""
+    from rddtensor.optim import LAMB, LARS, Adam, ExponentialDecay, LinearWarmup
     lr = cfg["lr"]
     if cfg.get("decay"):
         lr = ExponentialDecay(lr, decay_rate=cfg["decay"])
@@ -82,7 +82,7 @@ def make_optimizer(cfg: dict):
 
 
 def rddtensor_model(cfg: dict, seed: int = 0):
-    import layers as L
+    from rddtensor import layers as L
     model = L.Sequential([L.Dense(SIZES[1], activation="relu", input_shape=(SIZES[0],)),
                           L.Dense(SIZES[2], activation="relu"), L.Dense(SIZES[3])], seed=seed)
     model.compile(optimizer=make_optimizer(cfg), loss="sparse_categorical_crossentropy",
@@ -128,7 +128,7 @@ def train_rddtensor_inprocess(cfg, epochs, data) -> dict:
 
 
 def train_rddtensor_distributed(cfg, epochs, data) -> dict:
-    from layers.batching import steps_per_epoch
+    from rddtensor.layers.batching import steps_per_epoch
     Xtr, ytr, Xte, yte = data["arrays"]
     # no validation or callbacks: one Spark job may run across epoch ends, so the whole fit
     # (up to 32 iterations of lineage) runs as one job

@@ -115,7 +115,7 @@ def rddtensor_iteration_ms(sc, size, n, k, repeats) -> list:
     """
     import numpy as np
 
-    import layers as L
+    from rddtensor import layers as L
     from benchmarks.allreduce import SyntheticParams
     batch = 8 * n
     rows = [(np.ones(1, np.float32), np.zeros(1, np.float32)) for _ in range(batch * k)]

@@ -101,14 +101,16 @@ def step_compute_ms(cfg: dict, arrays, parts: int = 2, repeats: int = 20) -> dic
     from threadpoolctl import threadpool_limits
 
     from benchmarks.race_contenders import rddtensor_model
-    from layers.batching import step_rng
-    from layers.training import gradient_step, optimizer_step
+    from rddtensor.layers.batching import step_rng
+    from rddtensor.layers.training import gradient_step, optimizer_step
+    from rddtensor.runtime import prepare_process
+    prepare_process()  # as every Spark worker does once
     Xtr, ytr = arrays[0], arrays[1]
     rows = max(1, int(cfg["batch"]) // parts)
     X, y = Xtr[:rows], ytr[:rows]
     model = rddtensor_model(cfg)
     model.build()
-    model._init_slots()
+    model.init_slots()
     grad = np.empty(model.layout.size, np.float32)
     grad_ms, update_ms = [], []
     with threadpool_limits(1, user_api="blas"):

@@ -15,8 +15,8 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.optim import Adam
 from rddtensor.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))

@@ -16,8 +16,8 @@ from PIL import Image
 from pyspark.sql import functions as F
 from sklearn.datasets import load_digits
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.optim import Adam
 from rddtensor.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))

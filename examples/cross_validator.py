@@ -17,7 +17,7 @@ from pyspark.ml.feature import StandardScaler, VectorAssembler
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 from sklearn.datasets import load_digits
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor.ml import NNClassifier
 from rddtensor.session import get_spark
 

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.optim import Adam
 from rddtensor.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))

@@ -12,8 +12,8 @@ import os
 import numpy as np
 from sklearn.svm import LinearSVC
 
-import layers as L
-from optim import SGD
+from rddtensor import layers as L
+from rddtensor.optim import SGD
 from rddtensor.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))

@@ -15,8 +15,8 @@ from pyspark.ml import Pipeline
 from pyspark.ml.feature import StandardScaler, VectorAssembler
 from sklearn.datasets import load_breast_cancer
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.optim import Adam
 from rddtensor.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))

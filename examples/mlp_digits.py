@@ -14,8 +14,8 @@ import numpy as np
 from pyspark.ml.linalg import Vectors
 from sklearn.datasets import load_digits
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.optim import Adam
 from rddtensor.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))

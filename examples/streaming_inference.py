@@ -18,7 +18,7 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import StandardScaler, VectorAssembler
 from sklearn.datasets import load_digits
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor.ml import NNClassifier
 from rddtensor.session import get_spark
 

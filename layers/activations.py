@@ -8,7 +8,7 @@ floats, which NumPy treats as weakly typed.
 
 Example:
     >>> import numpy as np
-    >>> from layers.activations import activation_forward
+    >>> from rddtensor.layers.activations import activation_forward
     >>> Y, backprop = activation_forward("relu", np.array([[-1.0, 2.0]], np.float32))
     >>> Y, backprop(np.ones((1, 2), np.float32))
     (array([[0., 2.]], dtype=float32), array([[0., 1.]], dtype=float32))
@@ -21,7 +21,7 @@ import numbers
 import numpy as np
 import scipy.special
 
-from layers.base import Layer, register
+from rddtensor.layers.base import Layer, register
 from rddtensor.backend import cupy_special, get_array_module, is_cupy_array
 from rddtensor.kernels import kernel_or_generic
 
@@ -284,7 +284,7 @@ class Activation(Layer):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> act = L.Activation("leaky_relu", negative_slope=0.1)
         >>> act(None, np.array([[-2.0, 3.0]]))
         array([[-0.2,  3. ]])
@@ -341,7 +341,7 @@ class ReLU(Activation):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.ReLU()(None, np.array([[-1.0, 2.0]]))
         array([[0., 2.]])
     """
@@ -363,7 +363,7 @@ class LeakyReLU(Activation):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.LeakyReLU(0.5)(None, np.array([[-2.0, 2.0]]))
         array([[-1.,  2.]])
     """
@@ -386,7 +386,7 @@ class ELU(Activation):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.ELU()(None, np.array([[0.0, 2.0]]))
         array([[0., 2.]])
     """
@@ -411,7 +411,7 @@ class GELU(Activation):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.GELU()(None, np.array([[0.0]]))
         array([[0.]])
     """
@@ -430,7 +430,7 @@ class Sigmoid(Activation):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.Sigmoid()(None, np.array([[0.0]]))
         array([[0.5]])
     """
@@ -449,7 +449,7 @@ class Tanh(Activation):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.Tanh()(None, np.array([[0.0]]))
         array([[0.]])
     """
@@ -471,7 +471,7 @@ class Softmax(Activation):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.Softmax()(None, np.array([[0.0, 0.0]]))
         array([[0.5, 0.5]])
     """
@@ -491,7 +491,7 @@ class Linear(Activation):
 
     Example:
         >>> import numpy as np
-        >>> from layers.activations import Linear
+        >>> from rddtensor.layers.activations import Linear
         >>> Linear()(None, np.array([[-1.0]]))
         array([[-1.]])
     """

@@ -11,8 +11,8 @@ date at the end of ``fit``. A callback that reads or saves weights mid-training 
 slots to the driver in a distributed fit).
 
 Example:
-    >>> import numpy as np, layers as L
-    >>> from layers.callbacks import EarlyStopping
+    >>> import numpy as np, rddtensor.layers as L
+    >>> from rddtensor.layers.callbacks import EarlyStopping
     >>> m = L.Sequential([L.Dense(1, input_shape=(2,))], seed=0)
     >>> m.compile(optimizer="sgd", loss="mse")
     >>> X = np.ones((8, 2), "float32"); y = np.ones((8, 1), "float32")
@@ -95,7 +95,7 @@ class CallbackList(Callback):
             elif callable(cb):
                 self.callbacks.append(LambdaCallback(on_epoch_end=cb))
             else:
-                raise TypeError(f"callbacks[{i}] must be a layers.callbacks.Callback or a function "
+                raise TypeError(f"callbacks[{i}] must be a rddtensor.layers.callbacks.Callback or a function "
                                 f"f(epoch, logs), got {type(cb).__name__}")
 
     def set_model(self, model, sync_weights=None):
@@ -271,7 +271,7 @@ class LearningRateScheduler(Callback):
     ``schedule(epoch)`` or ``schedule(epoch, lr)`` (0-based epoch, current rate) returns the rate
     for that epoch. It applies to every update of the epoch, in-process and distributed (the
     optimizer travels with each Spark job). The rate is logged as ``lr`` in the epoch's logs.
-    For per-step schedules use ``optim`` schedules (``Adam(CosineDecay(...))``) instead.
+    For per-step schedules use ``rddtensor.optim`` schedules (``Adam(CosineDecay(...))``) instead.
 
     Example:
         >>> sched = LearningRateScheduler(lambda epoch, lr: lr * 0.5 if epoch >= 2 else lr)

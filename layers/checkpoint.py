@@ -21,7 +21,7 @@ statistics are buffers inside θ), the step ``t`` and the step the fit started f
 (epoch = ``(t - t0) // steps_per_epoch``, and the batch within it), the statistics of the
 unfinished epoch (so its logged loss and metrics cover all of its batches), and the random
 state. Every random draw of training is a pure function of ``(seed, epoch)`` (the row order) or
-``(seed, step, partition)`` (dropout masks; ``layers.batching.step_rng``), so the seed and the
+``(seed, step, partition)`` (dropout masks; ``rddtensor.layers.batching.step_rng``), so the seed and the
 step *are* the random state: a resumed fit continues bit-identically.
 
 Like model files, checkpoints are data only: ``.npz`` loaded with ``allow_pickle=False`` and JSON.
@@ -35,11 +35,14 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from layers.base import positive_int
+from rddtensor.layers.base import positive_int
+from rddtensor.optim.optimizers import serialize_optimizer
+from rddtensor.version import __version__
 
 log = logging.getLogger("rddtensor")
 
@@ -99,7 +102,6 @@ def write_block(sdir: str, i: int, n: int, lo: int, hi: int, step: int, w, slots
 
 def write_manifest(sdir: str, info: dict, blocks: list) -> str:
     """Write ``manifest.json`` (last): ``info`` plus the block entries; returns its path."""
-    from rddtensor import __version__
     blocks = sorted(blocks, key=lambda b: b["lo"])
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rddtensor_version": __version__,
             **info, "blocks": blocks}
@@ -288,7 +290,6 @@ class Checkpointer:
         return min(steps, self.every - step % self.every)
 
     def info(self, model, step: int, t0: int, steps_per_epoch: int, stats: dict) -> dict:
-        from optim.optimizers import serialize_optimizer
         epoch, b = divmod(step - t0, steps_per_epoch)
         return {"step": int(step), "t0": int(t0), "epoch": int(epoch), "step_in_epoch": int(b),
                 "steps_per_epoch": int(steps_per_epoch), **self.settings,
@@ -371,15 +372,14 @@ class Checkpointer:
         changed = _changed_optimizer(meta.get("fit_optimizer", meta.get("optimizer")),
                                      self.settings.get("fit_optimizer", {}))
         if changed:
-            import warnings
             text = (f"resume=True from {ckpt.path}: this fit changes the optimizer settings the "
                     f"checkpoint's fit started with: {', '.join(changed)}; the resumed steps "
                     "use the new ones (compile with the old ones to continue the same run)")
             warnings.warn(text, UserWarning, stacklevel=4)
         theta, slots = ckpt.load() if arrays is None else arrays
-        model.theta[...] = theta
-        model.slots = {k: slots[k] for k in model.optimizer.slot_names}
-        model.step = ckpt.step
+        model.slots = None
+        model.init_slots()
+        model.load_state(theta, {k: slots[k] for k in model.optimizer.slot_names}, ckpt.step)
         stats = meta.get("epoch_stats")
         return Resume(ckpt.step, int(meta["t0"]), int(meta["epoch"]),
                       decode_stats(stats) if stats else None, ckpt.path)
@@ -473,7 +473,6 @@ def start(model, checkpoint_dir, checkpoint_every, resume: bool, *, settings: di
             raise ValueError("checkpoint_every needs checkpoint_dir=...: where to write them")
         return None, None
     check_directory(checkpoint_dir)
-    from optim.optimizers import serialize_optimizer
     # the optimizer as this fit starts (a callback may change its learning rate later): a
     # resumed fit compares its own with it (``Checkpointer.restore``)
     settings = {**settings, "fit_optimizer": serialize_optimizer(model.optimizer)}

@@ -4,9 +4,9 @@ Channels-first (``(batch, channels, length)``, NCHW) with PyTorch weight layouts
 ``state_dict`` maps straight in. The compute is two pure functions, ``conv_nd`` and
 ``conv_transpose_nd``, each ``f(X, W, b, ...) -> (Y, backprop)``: one im2col copy and one GEMM
 forward; backward a GEMM for the weights and, for the data, one GEMM per kernel offset added
-straight into place (``matmul_col2im``; see ``layers.im2col``). They take any number of
+straight into place (``matmul_col2im``; see ``rddtensor.layers.im2col``). They take any number of
 spatial axes; the layers pin it. On NumPy, a 3x3 stride-1 ungrouped 2-D convolution with enough
-channels runs Winograd F(4x4, 3x3) instead (``layers.winograd``: 4x fewer multiplications, the
+channels runs Winograd F(4x4, 3x3) instead (``rddtensor.layers.winograd``: 4x fewer multiplications, the
 same result to float rounding).
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ import math
 
 import numpy as np
 
-from layers.activations import ActivationOutput, activation_config, get_activation
-from layers.base import Layer, positive_int, register
-from layers.im2col import SPATIAL_AXES, conv_output_size, im2col, int_tuple, matmul_col2im
-from layers.initializers import get_initializer, initialize
-from layers.winograd import winograd_conv3x3
+from rddtensor.layers.activations import ActivationOutput, activation_config, get_activation
+from rddtensor.layers.base import Layer, positive_int, register
+from rddtensor.layers.im2col import SPATIAL_AXES, conv_output_size, im2col, int_tuple, matmul_col2im
+from rddtensor.layers.initializers import get_initializer, initialize
+from rddtensor.layers.winograd import winograd_conv3x3
 from rddtensor.backend import get_array_module
 
 __all__ = ["Conv1D", "Conv2D", "Conv2DTranspose", "conv_nd", "conv_transpose_nd",
@@ -69,7 +69,7 @@ def conv_nd(X, W, b, strides, dilation, pads, groups=1):
     ``Y[n, o, p] = b[o] + sum_{c, k} W[o, c, k] * Xpad[n, g(o) Cg + c, p s + k d]``, where
     ``g(o)`` is the group of output channel ``o`` and ``Cg = C / groups``. A 3x3 kernel with
     unit strides and dilation, one group and enough channels (``WINOGRAD_MIN_CHANNELS``) runs
-    ``layers.winograd.winograd_conv3x3`` on NumPy; everything else im2col and one GEMM.
+    ``rddtensor.layers.winograd.winograd_conv3x3`` on NumPy; everything else im2col and one GEMM.
 
     Args:
         X: ``(batch, C, *spatial)``. W: ``(O, C / groups, *kernel)``. b: ``(O,)`` or ``None``.
@@ -317,8 +317,8 @@ class Conv2D(_Conv):
         groups: split the channels into this many independent convolutions (``C_in`` and
             ``filters`` divisible by it; ``groups = C_in`` is a depthwise convolution).
         use_bias: add the bias ``b``.
-        activation: fused activation (see ``layers.activations.get_activation``).
-        kernel_initializer: name in ``layers.initializers.INITIALIZERS`` for ``W`` (fans from
+        activation: fused activation (see ``rddtensor.layers.activations.get_activation``).
+        kernel_initializer: name in ``rddtensor.layers.initializers.INITIALIZERS`` for ``W`` (fans from
             the PyTorch layout: ``fan_in = C_in / groups * kh * kw``).
         bias_initializer: the same for ``b``.
         input_shape, name: see ``Layer``.
@@ -330,7 +330,7 @@ class Conv2D(_Conv):
 
     Example:
         >>> import numpy as np
-        >>> from layers.conv import Conv2D
+        >>> from rddtensor.layers.conv import Conv2D
         >>> conv = Conv2D(4, 3, padding="same", activation="relu")
         >>> conv.build((2, 8, 8))
         (4, 8, 8)
@@ -363,7 +363,7 @@ class Conv1D(_Conv):
 
     Example:
         >>> import numpy as np
-        >>> from layers.conv import Conv1D
+        >>> from rddtensor.layers.conv import Conv1D
         >>> conv = Conv1D(3, 5, strides=2)
         >>> conv.build((2, 20))
         (3, 8)
@@ -399,7 +399,7 @@ class Conv2DTranspose(_ConvBase):
 
     Example:
         >>> import numpy as np
-        >>> from layers.conv import Conv2DTranspose
+        >>> from rddtensor.layers.conv import Conv2DTranspose
         >>> up = Conv2DTranspose(3, 3, strides=2, padding=1, output_padding=1)
         >>> up.build((8, 4, 4))
         (3, 8, 8)

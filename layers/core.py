@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from layers.base import Layer, register
+from rddtensor.layers.base import Layer, register
 from rddtensor.backend import get_array_module
 
 __all__ = ["Dropout", "Flatten", "Reshape"]
@@ -34,7 +34,7 @@ class Dropout(Layer):
         input ``(batch, *shape)``, output the same.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> drop = L.Dropout(0.5)
         >>> Y, _ = drop.forward({}, np.ones((1, 4)), training=True, rng=np.random.default_rng(0))
         >>> sorted(set(Y.ravel().tolist())) in ([0.0, 2.0], [0.0], [2.0])
@@ -79,7 +79,7 @@ class Flatten(Layer):
         input ``(batch, d1, ..., dk)``, output ``(batch, d1 * ... * dk)``.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.Flatten()(None, np.zeros((2, 3, 4))).shape
         (2, 12)
     """
@@ -127,7 +127,7 @@ class Reshape(Layer):
         elements per sample.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> L.Reshape((3, -1))(None, np.zeros((2, 12))).shape
         (2, 3, 4)
     """

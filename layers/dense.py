@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from layers.activations import ActivationOutput, activation_config, get_activation
-from layers.base import Layer, positive_int, register
-from layers.initializers import get_initializer, initialize
+from rddtensor.layers.activations import ActivationOutput, activation_config, get_activation
+from rddtensor.layers.base import Layer, positive_int, register
+from rddtensor.layers.initializers import get_initializer, initialize
 
 __all__ = ["Dense"]
 
@@ -24,10 +24,10 @@ class Dense(ActivationOutput, Layer):
 
     Args:
         units: output width ``n_out``, a positive integer.
-        activation: fused activation (see ``layers.activations.get_activation``); ``None`` is
+        activation: fused activation (see ``rddtensor.layers.activations.get_activation``); ``None`` is
             the identity.
         use_bias: add the bias ``b``.
-        kernel_initializer: name in ``layers.initializers.INITIALIZERS`` for ``W``.
+        kernel_initializer: name in ``rddtensor.layers.initializers.INITIALIZERS`` for ``W``.
         bias_initializer: the same for ``b``.
         input_shape, name: see ``Layer``.
 
@@ -36,7 +36,7 @@ class Dense(ActivationOutput, Layer):
         ``(units, n_in)`` and ``b`` ``(units,)``.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> layer = L.Dense(3, activation="relu")
         >>> layer.build((4,))
         (3,)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from layers.base import Layer, positive_int, register
-from layers.initializers import get_initializer, initialize
+from rddtensor.layers.base import Layer, positive_int, register
+from rddtensor.layers.initializers import get_initializer, initialize
 from rddtensor.backend import get_array_module
 
 __all__ = ["Embedding"]
@@ -22,7 +22,7 @@ class Embedding(Layer):
 
     Padding: row ``padding_idx`` is initialised to zero and its gradient is always zero
     (PyTorch semantics), so a padding id maps to a zero vector for good. A following recurrent
-    layer with ``mask_value=0.0`` then treats those steps as padding (``layers.recurrent``).
+    layer with ``mask_value=0.0`` then treats those steps as padding (``rddtensor.layers.recurrent``).
 
     Args:
         input_dim: vocabulary size (number of rows), a positive integer.
@@ -30,7 +30,7 @@ class Embedding(Layer):
         padding_idx: ``None`` or the id of the padding row, in ``[-input_dim, input_dim)``
             (negative counts from the end, as in PyTorch; stored non-negative).
         mask_zero: ``True`` is shorthand for ``padding_idx=0`` (Keras' name for it).
-        embeddings_initializer: name in ``layers.initializers.INITIALIZERS`` (default
+        embeddings_initializer: name in ``rddtensor.layers.initializers.INITIALIZERS`` (default
             ``"uniform"``, Keras' ``U(-0.05, 0.05)``; ``torch.nn.Embedding`` draws ``N(0, 1)``).
         input_shape, name: see ``Layer``.
 
@@ -40,7 +40,7 @@ class Embedding(Layer):
 
     Example:
         >>> import numpy as np
-        >>> from layers.embedding import Embedding
+        >>> from rddtensor.layers.embedding import Embedding
         >>> emb = Embedding(10, 3, padding_idx=0)
         >>> emb.build((4,))
         (4, 3)

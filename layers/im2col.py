@@ -17,7 +17,7 @@ arrays alike.
 
 Example:
     >>> import numpy as np
-    >>> from layers.im2col import im2col, col2im
+    >>> from rddtensor.layers.im2col import im2col, col2im
     >>> X = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
     >>> cols, out = im2col(X, (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0)))
     >>> cols.shape, out
@@ -106,8 +106,9 @@ def im2col(X, kernel, strides, dilation, pads):
         is the GEMM operand (``K = prod(kernel)``, ``P = prod(out)``).
     """
     if _gpu_kernel(X, kernel):
-        cols = cupy_kernel("im2col")(X, kernel, strides, dilation, pads)
-        return cols, tuple(cols.shape[-2:])
+        out = tuple(conv_output_size(n, k, s, d, p)
+                    for n, k, s, d, p in zip(X.shape[2:], kernel, strides, dilation, pads))
+        return cupy_kernel("im2col")(X, kernel, strides, dilation, pads, out), out
     return im2col_strided(X, kernel, strides, dilation, pads)
 
 

@@ -7,7 +7,7 @@ layouts: a weight of shape ``(out, in, *kernel)`` has ``fan_in = in * prod(kerne
 
 Example:
     >>> import numpy as np
-    >>> from layers.initializers import initialize
+    >>> from rddtensor.layers.initializers import initialize
     >>> W = initialize("he_normal", np.random.default_rng(0), (4, 3))
     >>> W.shape, W.dtype
     ((4, 3), dtype('float32'))

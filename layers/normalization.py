@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from layers.base import Layer, register, shape_tuple
+from rddtensor.layers.base import Layer, register, shape_tuple
 from rddtensor.backend import get_array_module
 
 __all__ = ["BatchNorm", "LayerNorm"]
@@ -87,7 +87,7 @@ class BatchNorm(Layer):
         all ``(C,)``.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> bn = L.BatchNorm()
         >>> bn.build((3,))
         (3,)
@@ -252,7 +252,7 @@ class LayerNorm(Layer):
         shape ``normalized_shape``.
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> ln = L.LayerNorm()
         >>> ln.build((2,))
         (2,)

@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from layers.base import Layer, register
-from layers.im2col import (SPATIAL_AXES, conv_output_size, crop_spatial, int_tuple, offset_slices,
+from rddtensor.layers.base import Layer, register
+from rddtensor.layers.im2col import (SPATIAL_AXES, conv_output_size, crop_spatial, int_tuple, offset_slices,
                            pad_spatial, window_view)
 from rddtensor.backend import get_array_module
 
@@ -168,7 +168,7 @@ class MaxPool2D(_MaxPool):
 
     Example:
         >>> import numpy as np
-        >>> from layers.pooling import MaxPool2D
+        >>> from rddtensor.layers.pooling import MaxPool2D
         >>> X = np.arange(16.0).reshape(1, 1, 4, 4)
         >>> MaxPool2D(2)(None, X)
         array([[[[ 5.,  7.],
@@ -193,7 +193,7 @@ class MaxPool1D(_MaxPool):
 
     Example:
         >>> import numpy as np
-        >>> from layers.pooling import MaxPool1D
+        >>> from rddtensor.layers.pooling import MaxPool1D
         >>> MaxPool1D(3, strides=1)(None, np.array([[[1.0, 3.0, 2.0, 0.0]]]))
         array([[[3., 3.]]])
     """
@@ -219,7 +219,7 @@ class AvgPool2D(_Pool):
 
     Example:
         >>> import numpy as np
-        >>> from layers.pooling import AvgPool2D
+        >>> from rddtensor.layers.pooling import AvgPool2D
         >>> AvgPool2D(2)(None, np.arange(16.0).reshape(1, 1, 4, 4))
         array([[[[ 2.5,  4.5],
                  [10.5, 12.5]]]])
@@ -256,7 +256,7 @@ class GlobalAvgPool2D(Layer):
 
     Example:
         >>> import numpy as np
-        >>> from layers.pooling import GlobalAvgPool2D
+        >>> from rddtensor.layers.pooling import GlobalAvgPool2D
         >>> GlobalAvgPool2D()(None, np.arange(8.0).reshape(1, 2, 2, 2))
         array([[1.5, 5.5]])
     """
@@ -297,7 +297,7 @@ class UpSampling2D(Layer):
 
     Example:
         >>> import numpy as np
-        >>> from layers.pooling import UpSampling2D
+        >>> from rddtensor.layers.pooling import UpSampling2D
         >>> UpSampling2D(2)(None, np.array([[[[1.0, 2.0]]]]))
         array([[[[1., 1., 2., 2.],
                  [1., 1., 2., 2.]]]])

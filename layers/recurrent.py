@@ -18,7 +18,7 @@ with ``mask_value=0.0`` skips the same steps.
 
 Example:
     >>> import numpy as np
-    >>> from layers.recurrent import LSTM
+    >>> from rddtensor.layers.recurrent import LSTM
     >>> lstm = LSTM(4, return_sequences=True)
     >>> lstm.build((5, 3))
     (5, 4)
@@ -35,9 +35,9 @@ import numbers
 
 import numpy as np
 
-from layers.activations import activation_config, get_activation
-from layers.base import Layer, positive_int, register
-from layers.initializers import get_initializer, initialize
+from rddtensor.layers.activations import activation_config, get_activation
+from rddtensor.layers.base import Layer, positive_int, register
+from rddtensor.layers.initializers import get_initializer, initialize
 from rddtensor.backend import get_array_module
 
 __all__ = ["Recurrent", "SimpleRNN", "LSTM", "GRU", "valid_steps"]
@@ -104,7 +104,7 @@ class Recurrent(Layer):
             (state carried over, output zero there; see the module docstring).
         use_bias: add ``b_ih`` and ``b_hh`` (PyTorch's ``bias=``).
         kernel_initializer, recurrent_initializer, bias_initializer: names in
-            ``layers.initializers.INITIALIZERS`` for ``W_ih``, ``W_hh`` and the biases; ``None``
+            ``rddtensor.layers.initializers.INITIALIZERS`` for ``W_ih``, ``W_hh`` and the biases; ``None``
             (default) is PyTorch's ``U(-1/sqrt(units), 1/sqrt(units))``.
         input_shape, name: see ``Layer``.
     """
@@ -265,7 +265,7 @@ class SimpleRNN(Recurrent):
     Args:
         units: size of the hidden state.
         activation: ``f``, ``"tanh"`` (default, as PyTorch) or ``"relu"`` (PyTorch's other
-            ``nonlinearity``), or any activation of ``layers.activations.get_activation``.
+            ``nonlinearity``), or any activation of ``rddtensor.layers.activations.get_activation``.
         return_sequences, mask_value, use_bias, kernel_initializer, recurrent_initializer,
         bias_initializer, input_shape, name: see ``Recurrent``.
 
@@ -276,7 +276,7 @@ class SimpleRNN(Recurrent):
 
     Example:
         >>> import numpy as np
-        >>> from layers.recurrent import SimpleRNN
+        >>> from rddtensor.layers.recurrent import SimpleRNN
         >>> rnn = SimpleRNN(3, activation="relu")
         >>> rnn.build((4, 2))
         (3,)
@@ -351,8 +351,8 @@ class LSTM(Recurrent):
         ``(4*units,)``.
 
     Example:
-        >>> import numpy as np, layers as L
-        >>> from layers.recurrent import LSTM
+        >>> import numpy as np, rddtensor.layers as L
+        >>> from rddtensor.layers.recurrent import LSTM
         >>> model = L.Sequential([LSTM(16, input_shape=(8, 8)), L.Dense(10)], seed=0)
         >>> model.predict(np.zeros((2, 8, 8), np.float32)).shape
         (2, 10)
@@ -486,7 +486,7 @@ class GRU(Recurrent):
 
     Example:
         >>> import numpy as np
-        >>> from layers.recurrent import GRU
+        >>> from rddtensor.layers.recurrent import GRU
         >>> gru = GRU(4, return_sequences=True, mask_value=0.0)
         >>> gru.build((3, 2))
         (3, 4)

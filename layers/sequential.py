@@ -2,42 +2,38 @@
 ``compile`` / ``fit`` / ``evaluate`` / ``predict`` / ``save`` API.
 
 ``fit`` on numpy arrays trains in this process; on a Spark RDD or DataFrame it hands the same
-step function to the distributed engine (``rddtensor.engine``, imported only then, so ``layers``
-stays usable without Spark or a JVM).
+step function to the engine registered for that type (``rddtensor.layers.engines``: the Spark
+engine, imported only then, so ``rddtensor.layers`` stays usable without Spark or a JVM).
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import scipy.sparse
 
-from layers.base import Layer, layer_class, non_negative_int, positive_int, shape_tuple
-from layers.batching import steps_per_epoch
-from layers.params import ParamLayout
-from layers.training import LocalRunner, evaluate_arrays, fit_loop, stats_logs
+from rddtensor.layers import checkpoint, engines, serialization
+from rddtensor.layers.base import Layer, layer_class, non_negative_int, positive_int, shape_tuple
+from rddtensor.layers.batching import steps_per_epoch
+from rddtensor.layers.params import ParamLayout
+from rddtensor.layers.training import (LocalRunner, evaluate_arrays, fit_loop,
+                                       interrupts_deferred, stats_logs)
 from rddtensor.allocator import tune_malloc
 from rddtensor.backend import check_device
+from rddtensor.optim import get_loss, get_metric, get_optimizer
 
 
-def is_distributed_data(x) -> bool:
-    """True for pyspark RDDs and DataFrames (checked without importing pyspark)."""
-    return type(x).__module__.startswith("pyspark.")
-
-
-# options of the distributed engine (``rddtensor.engine.fit_distributed``), RDD/DataFrame only
-DISTRIBUTED_OPTIONS = ("num_partitions", "iterations_per_job", "allreduce", "wire_dtype",
-                       "features_col", "label_col")
-
-
-def _check_fit_options(options: dict, distributed: bool) -> None:
+def _check_fit_options(options: dict, engine) -> None:
     """One refusal for both engines: unknown ``fit`` arguments, or engine options on numpy."""
-    unknown = sorted(k for k in options if k not in DISTRIBUTED_OPTIONS)
+    known = engines.engine_options()
+    unknown = sorted(k for k in options if k not in known)
     if unknown:
         raise TypeError(f"fit() got unexpected keyword argument(s) {unknown}; fit takes the "
                         "Keras arguments (epochs, batch_size, validation_data, "
                         "validation_split, shuffle, seed, verbose, class_weight, callbacks, "
                         "initial_epoch) plus checkpoint_dir, checkpoint_every, resume, and for "
-                        f"an RDD or DataFrame {list(DISTRIBUTED_OPTIONS)}")
-    if options and not distributed:
+                        f"an RDD or DataFrame {list(known)}")
+    if options and engine is None:
         raise TypeError(f"fit() arguments {sorted(options)} apply to the distributed engine "
                         "only (x an RDD or DataFrame); x is a numpy array")
 
@@ -69,7 +65,7 @@ def split_validation(x, y, split: float, seed: int):
     DataFrame: ``randomSplit([1 - split, split], seed)``, a deterministic function of the data's
     partitioning and ``seed`` (Spark recomputes the same split on a retry).
     """
-    if is_distributed_data(x):
+    if engines.engine_for(x) is not None:
         train, val = x.randomSplit([1 - split, split], seed=int(seed))
         return train, None, val
     n = len(x) if not scipy.sparse.issparse(x) else x.shape[0]
@@ -95,7 +91,7 @@ class Sequential:
         seed: seed for weight initialisation (``None``: ``fit``'s seed, else fresh entropy).
 
     Example:
-        >>> import numpy as np, layers as L
+        >>> import numpy as np, rddtensor.layers as L
         >>> m = L.Sequential([L.Dense(4, activation="relu", input_shape=(3,)), L.Dense(2)], seed=0)
         >>> m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         >>> X = np.random.default_rng(0).normal(size=(32, 3)).astype("float32"); y = (X[:, 0] > 0).astype(int)
@@ -133,7 +129,7 @@ class Sequential:
 
     @property
     def loss(self):
-        """The compiled loss (``optim.Loss``), bound to this model's output activation
+        """The compiled loss (``rddtensor.optim.Loss``), bound to this model's output activation
         (``Loss.bind``: a sigmoid/softmax output with a cross-entropy trains on the logits)."""
         return self._loss
 
@@ -231,7 +227,7 @@ class Sequential:
     # --- weights --------------------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
         """Copies of all parameters in layer order (PyTorch layouts)."""
-        self._require_built()
+        self.ensure_built()
         return [self.params[k].copy() for k in self.layout.keys]
 
     def set_weights(self, weights) -> None:
@@ -241,13 +237,13 @@ class Sequential:
         changes; a mismatch names both keys.
 
         Example:
-            >>> import torch, layers as L                                   # doctest: +SKIP
+            >>> import torch, rddtensor.layers as L                                   # doctest: +SKIP
             >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
             ...                           torch.nn.Linear(8, 2))            # doctest: +SKIP
             >>> m = L.Sequential([L.Dense(8, activation="relu", input_shape=(4,)), L.Dense(2)])
             >>> m.set_weights(net.state_dict())                             # doctest: +SKIP
         """
-        self._require_built()
+        self.ensure_built()
         keys = self.layout.keys
         if hasattr(weights, "keys") and hasattr(weights, "items"):
             names = [str(k) for k, v in weights.items()
@@ -273,14 +269,51 @@ class Sequential:
         for k, w in zip(keys, weights):
             self.params[k][...] = w
 
-    def _require_built(self):
+    def ensure_built(self) -> None:
+        """Build from the first layer's ``input_shape`` if not built yet."""
         if not self.built:
             self.build()
+
+    def check_input_shape(self, shape, what: str) -> None:
+        """Refuse per-row input ``shape`` the first layer cannot take, naming ``what``."""
+        first = self.layers[0] if self.layers else None
+        if first is not None and first.input_shape is not None and \
+                tuple(shape) != tuple(first.input_shape):
+            raise ValueError(f"{what} has per-row shape {tuple(shape)} but the first layer "
+                             f"({first.describe()}) expects {tuple(first.input_shape)}")
+
+    # --- training state: what the engines read and write through the model --------------------
+    def init_slots(self) -> None:
+        """Create the optimizer slots (zeros) and set the step to 0, unless they exist."""
+        if self.slots is None:
+            self.slots = self.optimizer.init_slots(self.layout.size)
+            self.step = 0
+
+    def load_state(self, theta, slots: dict, step: int) -> None:
+        """Set θ, the optimizer slots and the step together (a Ctrl-C waits until all of
+        them are written): what an engine hands back after training or a checkpoint holds."""
+        with interrupts_deferred():
+            self.theta[...] = theta
+            for k in self.slots:
+                self.slots[k][...] = slots[k]
+            self.step = int(step)
+
+    def task_copy(self, freeze_optimizer: bool = False) -> "Sequential":
+        """A copy without weights or slots for Spark task closures (kilobytes, not O(P)).
+
+        With ``freeze_optimizer`` the copy gets its own copy of the optimizer: the settings
+        (e.g. a learning rate a callback changes between epochs) of the job it is shipped with.
+        """
+        s = copy.copy(self)
+        s.theta, s.params, s.slots = None, {}, {}
+        if freeze_optimizer:
+            s.optimizer = copy.deepcopy(self.optimizer)
+        return s
 
     def summary(self, print_fn=print) -> None:
         """Print a table of layers, output shapes and parameter counts (as Keras: returns
         ``None``; ``print_fn=lines.append`` collects the text)."""
-        self._require_built()
+        self.ensure_built()
         rows = [("#", "layer", "output shape", "params")]
         for i, layer in enumerate(self.layers):
             n = sum(int(np.prod(s)) for s in {**layer.param_shapes(), **layer.buffer_shapes()}.values())
@@ -303,15 +336,14 @@ class Sequential:
         """Choose the optimizer, the loss and the metrics reported by ``fit`` and ``evaluate``.
 
         Args:
-            optimizer: an ``optim`` optimizer, its name (``"adam"``) or config dict.
-            loss: a loss name (``"sparse_categorical_crossentropy"``) or ``optim.Loss``.
-            metrics: names or ``optim.Metric`` objects (``["accuracy"]``).
+            optimizer: an ``rddtensor.optim`` optimizer, its name (``"adam"``) or config dict.
+            loss: a loss name (``"sparse_categorical_crossentropy"``) or ``rddtensor.optim.Loss``.
+            metrics: names or ``rddtensor.optim.Metric`` objects (``["accuracy"]``).
             device: where the distributed engine's training tasks compute: ``"auto"`` (the
                 task's GPU when CuPy sees one, else NumPy with a warning if CuPy is installed),
                 ``"gpu"`` (fail without one) or ``"cpu"`` (see ``rddtensor.device``).
                 In-process fits on numpy arrays compute on NumPy.
         """
-        from optim import get_loss, get_metric, get_optimizer
         self.device = check_device(device)
         self.optimizer = get_optimizer(optimizer)
         self.loss = get_loss(loss)
@@ -321,11 +353,6 @@ class Sequential:
     def _require_compiled(self, what):
         if self.loss is None:
             raise RuntimeError(f"call model.compile(optimizer=..., loss=...) before {what}()")
-
-    def _init_slots(self):
-        if self.slots is None:
-            self.slots = self.optimizer.init_slots(self.layout.size)
-            self.step = 0
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
             validation_split: float = 0.0, shuffle: bool = True, seed: int = 0, verbose=1,
@@ -356,7 +383,7 @@ class Sequential:
                 ``fit(epochs=6, initial_epoch=3)`` gives the weights of ``fit(epochs=6)``.
                 ``epochs <= initial_epoch`` trains nothing.
             checkpoint_dir: save checkpoints (weights, optimizer slots, step counters) in this
-                directory (``layers.checkpoint``; distributed fits: each partition writes its
+                directory (``rddtensor.layers.checkpoint``; distributed fits: each partition writes its
                 own block).
             checkpoint_every: save every this many optimizer steps (default: each epoch end).
             resume: continue from the newest complete checkpoint in ``checkpoint_dir``;
@@ -373,13 +400,12 @@ class Sequential:
             raise ValueError(f"initial_epoch={initial_epoch} and resume=True both choose where "
                              "the fit starts; resume=True takes the epoch from the checkpoint: "
                              "pass one of them")
-        distributed = is_distributed_data(x)
-        _check_fit_options(engine_options, distributed)
+        engine = engines.engine_for(x)
+        _check_fit_options(engine_options, engine)
         if validation_split:
             x, y, validation_data = split_validation(x, y, validation_split, seed)
-        if distributed:
-            from rddtensor.engine import fit_distributed
-            return fit_distributed(self, x, epochs=epochs, batch_size=batch_size,
+        if engine is not None:
+            return engine.fit_distributed(self, x, epochs=epochs, batch_size=batch_size,
                                    validation_data=validation_data, shuffle=shuffle, seed=seed,
                                    verbose=verbose, class_weight=class_weight,
                                    callbacks=callbacks, checkpoint_dir=checkpoint_dir,
@@ -395,12 +421,11 @@ class Sequential:
             raise ValueError(f"batch_size={batch_size} is larger than the {len(X)} training rows; "
                              f"use batch_size <= {len(X)} (full batch)")
         if validation_data is not None:
-            if is_distributed_data(validation_data):
+            if engines.engine_for(validation_data) is not None:
                 raise ValueError("validation_data must be numpy arrays (X, y) when x is numpy")
             validation_data = self._check_arrays(*validation_data, "validation_data")
             self.check_label_range(validation_data[1], "labels in validation_data")
-        self._init_slots()
-        from layers import checkpoint
+        self.init_slots()
         ckpt, resumed = checkpoint.start(
             self, checkpoint_dir, checkpoint_every, resume,
             settings={"seed": seed, "batch_size": batch_size, "shuffle": bool(shuffle),
@@ -421,10 +446,11 @@ class Sequential:
         """Mean loss and metrics on ``x, y`` (numpy, or an RDD/DataFrame distributed)."""
         self._require_compiled("evaluate")
         batch_size = positive_int(batch_size, "batch_size")
-        if is_distributed_data(x):
-            from rddtensor.engine import evaluate_distributed
-            return evaluate_distributed(self, x, batch_size=batch_size)
+        engine = engines.engine_for(x)
+        if engine is not None:
+            return engine.evaluate_distributed(self, x, batch_size=batch_size)
         X, y = self._check_arrays(x, y, "x")
+        tune_malloc()  # (process tuning of an in-process evaluate; rddtensor.allocator)
         stats = evaluate_arrays(self, self.theta, X, y, loss=self.loss, metrics=self.metrics,
                                 batch_size=batch_size)
         return stats_logs(self.metrics, stats)
@@ -435,14 +461,14 @@ class Sequential:
         ``x`` is a numpy array (returns numpy) or an RDD/DataFrame (returns an RDD of outputs).
         """
         batch_size = positive_int(batch_size, "batch_size")
-        if is_distributed_data(x):
-            from rddtensor.engine import predict_distributed
-            return predict_distributed(self, x, batch_size=batch_size)
+        engine = engines.engine_for(x)
+        if engine is not None:
+            return engine.predict_distributed(self, x, batch_size=batch_size)
         X = self._check_features(x, "x")
         return self._forward_batches(X, batch_size, logits=False)
 
     def _forward_batches(self, X, batch_size: int, logits: bool):
-        tune_malloc()
+        tune_malloc()  # (process tuning of an in-process predict; rddtensor.allocator)
         outs = [self.forward(self.params, X[a:a + batch_size], logits=logits)[0]
                 for a in range(0, len(X), batch_size)]
         if not outs:
@@ -457,7 +483,7 @@ class Sequential:
         """
         self._require_compiled("predict_proba")
         batch_size = positive_int(batch_size, "batch_size")
-        if is_distributed_data(x):
+        if engines.engine_for(x) is not None:
             raise ValueError("predict_proba takes numpy arrays; for an RDD or DataFrame use an "
                              "rddtensor.ml.NNClassificationModel (its probability column)")
         X = self._check_features(x, "x")
@@ -466,7 +492,7 @@ class Sequential:
 
     # --- input checks ---------------------------------------------------------------------
     def _check_features(self, x, what, build_seed=None):
-        import scipy.sparse as sp
+        sp = scipy.sparse
         try:
             X = x.tocsr().astype(np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
         except (TypeError, ValueError) as e:  # ragged rows, strings, None
@@ -474,11 +500,7 @@ class Sequential:
                              f"row the same length: {e}") from None
         if X.ndim < 2:
             raise ValueError(f"{what} must have a batch axis: shape (rows, features...), got {X.shape}")
-        first = self.layers[0] if self.layers else None
-        if first is not None and first.input_shape is not None and \
-                tuple(X.shape[1:]) != tuple(first.input_shape):
-            raise ValueError(f"{what} has per-row shape {tuple(X.shape[1:])} but the first layer "
-                             f"({first.describe()}) expects {tuple(first.input_shape)}")
+        self.check_input_shape(X.shape[1:], what)
         if not self.built:  # (after this the first layer's input_shape is set: checked above)
             self.build(X.shape[1:], seed=self.seed if self.seed is not None else build_seed)
         if not sp.issparse(X) and not np.isfinite(X).all():
@@ -547,8 +569,7 @@ class Sequential:
 
     def save(self, path: str, include_optimizer: bool = True) -> None:
         """Write the model to directory ``path``: ``model.json`` (config) + ``weights.npz``."""
-        from layers.serialization import save_model
-        save_model(self, path, include_optimizer=include_optimizer)
+        serialization.save_model(self, path, include_optimizer=include_optimizer)
 
     def __repr__(self):
         return f"Sequential({len(self.layers)} layers" + (f", {self.layout.size:,} params)" if self.built else ")")
@@ -563,5 +584,4 @@ def _to_numpy(w):
 
 def load_model(path: str) -> Sequential:
     """Load a model saved with ``model.save(path)`` (data only: JSON + ``.npz``, never pickle)."""
-    from layers.serialization import load_model as _load
-    return _load(path)
+    return serialization.load_model(path, Sequential)

@@ -15,6 +15,11 @@ import zipfile
 
 import numpy as np
 
+from rddtensor.layers.base import layer_class
+from rddtensor.optim import get_loss, get_metric
+from rddtensor.optim.optimizers import serialize_optimizer
+from rddtensor.version import __version__
+
 FORMAT = "rddtensor.model"
 FORMAT_VERSION = 1
 
@@ -27,7 +32,7 @@ def _atomic_write(path: str, write) -> None:
 
 
 def save_model(model, path: str, include_optimizer: bool = True) -> None:
-    model._require_built()
+    model.ensure_built()
     os.makedirs(path, exist_ok=True)
     weights = {k: v for k, v in model.params.items()}
     _atomic_write(os.path.join(path, "weights.npz"), lambda f: np.savez(f, **weights))
@@ -35,7 +40,6 @@ def save_model(model, path: str, include_optimizer: bool = True) -> None:
             "rddtensor_version": _version(), "config": model.get_config(),
             "input_shape": list(model.input_shape), "layout": model.layout.to_config()}
     if model.loss is not None:
-        from optim.optimizers import serialize_optimizer
         meta["compile"] = {"optimizer": serialize_optimizer(model.optimizer),
                            "loss": model.loss.get_config(),
                            "metrics": [m.get_config() for m in model.metrics]}
@@ -51,7 +55,6 @@ def save_model(model, path: str, include_optimizer: bool = True) -> None:
 
 
 def _version() -> str:
-    from rddtensor import __version__
     return __version__
 
 
@@ -88,10 +91,8 @@ def _load_npz(path: str) -> dict:
         raise ValueError(f"corrupt weights file {path!r}: {e}") from None
 
 
-def _build(meta: dict, meta_path: str):
+def _build(meta: dict, meta_path: str, model_class):
     """The architecture of ``model.json``, every layer type and setting checked."""
-    from layers.base import layer_class
-    from layers.sequential import Sequential
     config = meta.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
         raise ValueError(f"{meta_path!r}: 'config' must hold a list of 'layers'")
@@ -107,7 +108,7 @@ def _build(meta: dict, meta_path: str):
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{meta_path!r}: layer {i} ({c['class_name']}) has an invalid "
                              f"config: {e}") from None
-    model = Sequential(layers, name=config.get("name"))
+    model = model_class(layers, name=config.get("name"))
     shape = meta.get("input_shape")
     if not isinstance(shape, list) or not shape or \
             not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
@@ -130,7 +131,6 @@ def _numeric(arrays: dict, path: str) -> dict:
 def _compile(model, c: dict) -> None:
     """Compile settings from ``model.json``: names looked up in the optimizer, loss and metric
     registries (an unknown name raises), settings validated by their classes."""
-    from optim import get_loss, get_metric
     loss, metrics = c["loss"], c["metrics"]
     if not isinstance(c["optimizer"], (str, dict)):
         raise TypeError(f"optimizer must be a name or a config dict, got {c['optimizer']!r}")
@@ -144,10 +144,11 @@ def _compile(model, c: dict) -> None:
     model.compile(optimizer=c["optimizer"], loss=loss, metrics=metrics)
 
 
-def load_model(path: str):
+def load_model(path: str, model_class):
+    """A ``model_class`` (``Sequential``) instance from a directory ``save_model`` wrote."""
     meta = read_meta(path)
     meta_path = os.path.join(path, "model.json")
-    model = _build(meta, meta_path)
+    model = _build(meta, meta_path, model_class)
     weights_path = os.path.join(path, "weights.npz")
     if not os.path.exists(weights_path):
         raise FileNotFoundError(f"model directory {path!r} has no weights.npz")

@@ -18,9 +18,12 @@ import warnings
 
 import numpy as np
 
-from layers.batching import batch_sizes, local_batches, step_rng
-from layers.history import History
-from rddtensor.allocator import tune_malloc
+from rddtensor.layers.batching import batch_sizes, local_batches, step_rng
+from rddtensor.layers.callbacks import CallbackList
+from rddtensor.layers.history import History
+from rddtensor.allocator import tune_malloc  # (per in-process fit: LocalRunner)
+from rddtensor.backend import to_numpy
+from rddtensor.optim.clipping import clip_by_value, norm_clip_scale
 
 log = logging.getLogger("rddtensor")
 
@@ -41,7 +44,6 @@ def batch_stats(metrics, loss, Y, y, loss_value: float, n_norm: int) -> dict:
     n = int(Y.shape[0])
     if n == 0:
         return empty_stats(metrics)
-    from rddtensor.backend import to_numpy
     P = to_numpy(loss.link(Y)) if metrics else None
     y = to_numpy(y)
     return {"loss": float(loss_value) * n_norm, "count": n,
@@ -74,7 +76,6 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
     Returns:
         ``(grad, stats)``: the flat gradient (``grad_out`` if given) and this part's stats.
     """
-    tune_malloc()  # once per process: temporaries on reused pages (rddtensor.allocator)
     layout = model.layout
     if len(X) == 0:
         grad = np.zeros(layout.size, theta.dtype) if grad_out is None else grad_out
@@ -96,10 +97,9 @@ def clip_values(optimizer, g):
     """Clip ``g`` by value in place (if the optimizer asks); return its squared norm if it clips by norm.
 
     With ``clipnorm``, ``optimizer_step`` turns the sum of these squared norms over the
-    parameter runs into one factor (``optim.clipping.norm_clip_scale``) for ``apply_update``.
+    parameter runs into one factor (``rddtensor.optim.clipping.norm_clip_scale``) for ``apply_update``.
     """
     if optimizer.clipvalue is not None:
-        from optim.clipping import clip_by_value
         clip_by_value(g, optimizer.clipvalue)
     if optimizer.clipnorm is None:
         return None
@@ -151,7 +151,6 @@ def optimizer_step(optimizer, w, g, slots: dict, step: int, segments) -> None:
     sq_norm = clip_values(optimizer, g) if not bufs else clip_trainable(optimizer, g, train)
     clip_scale = 1.0
     if sq_norm is not None:
-        from optim.clipping import norm_clip_scale
         clip_scale = norm_clip_scale(sq_norm, optimizer.clipnorm)
     apply_update(optimizer, w, g, slots, step, clip_scale=clip_scale, segments=train,
                  buffer_segments=bufs)
@@ -169,7 +168,6 @@ def clip_trainable(optimizer, g, segments):
 
 def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_norm=None) -> dict:
     """Loss and metric stats of ``model`` on ``X, y`` in eval mode (no dropout)."""
-    tune_malloc()
     stats = empty_stats(metrics)
     params = model.layout.unflatten(theta)
     for a in range(0, len(X), batch_size):
@@ -256,6 +254,7 @@ class LocalRunner:
         self.class_weight = class_weight
         self.n_total = len(X)
         self.grad = np.empty(model.layout.size, dtype=np.float32)
+        tune_malloc()  # this process computes the steps: temporaries on reused pages
         # resuming (layers.checkpoint): the step epoch 0 started from, and the stats of the
         # resumed epoch's batches already done
         self.t0 = model.step if t0 is None else int(t0)
@@ -365,10 +364,9 @@ def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, ve
              callbacks=(), initial_epoch: int = 0) -> History:
     """Run ``epochs`` epochs of ``runner``: train, validate, record, report progress.
 
-    ``callbacks`` (``layers.callbacks.Callback`` objects or functions ``f(epoch, logs)``) run at
+    ``callbacks`` (``rddtensor.layers.callbacks.Callback`` objects or functions ``f(epoch, logs)``) run at
     the Keras hooks; one setting ``model.stop_training`` ends training after that epoch.
     """
-    from layers.callbacks import CallbackList
     history = History({"epochs": epochs, "batch_size": batch_size, "engine": runner.engine,
                        "samples": runner.n_total})
     metrics = model.metrics

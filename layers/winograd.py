@@ -19,12 +19,12 @@ For a 64->64-channel 3x3 convolution on 32x32 images at batch 32 the GEMM work f
 to about 2.8 GFLOP per forward+backward, and one thread took 51 instead of 94 ms (CPU time).
 The price is float rounding of the transforms: float32 results differ from im2col's by about
 1e-6 relative to the output's scale (float64 by about 1e-15). The code is written with
-``get_array_module``, but ``layers.conv.conv_nd`` picks it for NumPy arrays only (on a GPU the
+``get_array_module``, but ``rddtensor.layers.conv.conv_nd`` picks it for NumPy arrays only (on a GPU the
 im2col GEMM stays; not measured there).
 
 Example:
     >>> import numpy as np
-    >>> from layers.winograd import winograd_conv3x3
+    >>> from rddtensor.layers.winograd import winograd_conv3x3
     >>> X = np.random.default_rng(0).standard_normal((2, 3, 7, 9))
     >>> W = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
     >>> Y, backprop = winograd_conv3x3(X, W, None, ((1, 1), (1, 1)))
@@ -175,7 +175,7 @@ def winograd_conv3x3(X, W, b, pads):
     """A 3x3 cross-correlation, stride 1, dilation 1, one group, by Winograd F(4x4, 3x3).
 
     ``Y[n, o, i, j] = b[o] + sum_{c, u, v} W[o, c, u, v] Xpad[n, c, i + u, j + v]``, the same
-    as ``layers.conv.conv_nd`` with a 3x3 kernel and unit strides.
+    as ``rddtensor.layers.conv.conv_nd`` with a 3x3 kernel and unit strides.
 
     Args:
         X: ``(batch, C, H, W)``. W: ``(O, C, 3, 3)``. b: ``(O,)`` or ``None``.

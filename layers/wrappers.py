@@ -4,14 +4,14 @@
 A wrapper exposes its inner layers' parameters under dotted keys (``"forward.W_ih"``,
 ``"backward.W_ih"``, ``"layer.W"``; in a ``Sequential`` they become ``"0.forward.W_ih"``), and its
 config nests each inner layer as ``{"class_name": ..., "config": ...}``, read back through the
-layer registry (``layers.base.layer_class``).
+layer registry (``rddtensor.layers.base.layer_class``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from layers.base import Layer, layer_class, register
-from layers.recurrent import Recurrent, valid_steps
+from rddtensor.layers.base import Layer, layer_class, register
+from rddtensor.layers.recurrent import Recurrent, valid_steps
 from rddtensor.backend import get_array_module
 
 __all__ = ["Bidirectional", "TimeDistributed", "serialize_layer", "deserialize_layer"]
@@ -89,9 +89,9 @@ class Bidirectional(Layer):
         (PyTorch's ``weight_ih_l0`` and ``weight_ih_l0_reverse``).
 
     Example:
-        >>> import numpy as np, layers as L
-        >>> from layers.recurrent import GRU
-        >>> from layers.wrappers import Bidirectional
+        >>> import numpy as np, rddtensor.layers as L
+        >>> from rddtensor.layers.recurrent import GRU
+        >>> from rddtensor.layers.wrappers import Bidirectional
         >>> model = L.Sequential([Bidirectional(GRU(4), input_shape=(6, 3)), L.Dense(2)], seed=0)
         >>> model.predict(np.ones((5, 6, 3), np.float32)).shape
         (5, 2)
@@ -205,8 +205,8 @@ class TimeDistributed(Layer):
         params ``layer.<key>`` for each key of the inner layer.
 
     Example:
-        >>> import numpy as np, layers as L
-        >>> from layers.wrappers import TimeDistributed
+        >>> import numpy as np, rddtensor.layers as L
+        >>> from rddtensor.layers.wrappers import TimeDistributed
         >>> td = TimeDistributed(L.Dense(2))
         >>> td.build((5, 3))
         (5, 2)

@@ -4,14 +4,14 @@ Everything here computes on one process's arrays (NumPy or CuPy via ``rddtensor.
 never imports pyspark: the distributed engine applies the same update functions to parameter
 blocks.
 """
-from optim.clipping import clip_by_global_norm, clip_by_value, global_norm
-from optim.losses import (Loss, binary_crossentropy, categorical_crossentropy, get_loss, hinge,
+from rddtensor.optim.clipping import clip_by_global_norm, clip_by_value, global_norm
+from rddtensor.optim.losses import (Loss, binary_crossentropy, categorical_crossentropy, get_loss, hinge,
                           huber, mae, mse, sparse_categorical_crossentropy)
-from optim.metrics import Metric, get_metric
-from optim.optimizers import (LAMB, LARS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop,
+from rddtensor.optim.metrics import Metric, get_metric
+from rddtensor.optim.optimizers import (LAMB, LARS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop,
                               adagrad_update, adam_update, get_optimizer, lamb_update, lars_update,
                               rmsprop_update, sgd_update)
-from optim.schedules import (Constant, CosineDecay, ExponentialDecay, LinearWarmup, Schedule,
+from rddtensor.optim.schedules import (Constant, CosineDecay, ExponentialDecay, LinearWarmup, Schedule,
                              StepDecay, get_schedule)
 
 __all__ = [

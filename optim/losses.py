@@ -22,7 +22,7 @@ by hand take ``from_logits``: ``None`` (the default) decides by the model as abo
 the output as logits whatever it is; ``False`` reads it as probabilities (fused when the model
 ends in the matching activation, else ``-log`` of the output clipped to ``[1e-7, 1 - 1e-7]``,
 Keras' epsilon). ``model.compile`` binds the loss to the model (:meth:`Loss.bind`); ``loss.link``
-maps what the loss reads to the probabilities the metrics in :mod:`optim.metrics` consume.
+maps what the loss reads to the probabilities the metrics in :mod:`rddtensor.optim.metrics` consume.
 
 Only ``rddtensor.backend`` picks NumPy or CuPy: ``Y`` decides, ``y`` may be a NumPy array.
 """
@@ -750,7 +750,7 @@ def get_loss(name_or_loss, **kwargs) -> Loss:
         return name_or_loss
     if not isinstance(name_or_loss, str):
         raise TypeError(f"loss must be a loss name or a Loss instance, got {name_or_loss!r}; "
-                        "for a custom loss subclass optim.losses.Loss")
+                        "for a custom loss subclass rddtensor.optim.losses.Loss")
     key = name_or_loss.strip().lower()
     if key not in _LOSSES:
         raise ValueError(f"unknown loss {name_or_loss!r}; known losses: {sorted(_LOSSES)}")

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from optim.losses import _check_labels, _reshape_targets
+from rddtensor.optim.losses import _check_labels, _reshape_targets
 from rddtensor.backend import get_array_module, to_numpy
 
 __all__ = [

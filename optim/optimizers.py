@@ -20,8 +20,8 @@ from numbers import Integral, Real
 
 import numpy
 
-from optim.clipping import sum_of_squares
-from optim.schedules import Schedule, get_schedule, serialize_schedule
+from rddtensor.optim.clipping import sum_of_squares
+from rddtensor.optim.schedules import Schedule, get_schedule, serialize_schedule
 from rddtensor.backend import get_array_module
 from rddtensor.kernels import kernel_or_generic
 
@@ -467,7 +467,7 @@ class Optimizer:
 
     Subclasses list their hyperparameters (stored as attributes) in ``_config_keys`` and
     implement ``update`` by calling their pure update function. ``clipnorm`` / ``clipvalue`` are
-    only stored: the caller clips (``optim.clipping``) before ``update``.
+    only stored: the caller clips (``rddtensor.optim.clipping``) before ``update``.
 
     Args:
         lr: a number >= 0, a :class:`~optim.schedules.Schedule` (or its config dict), or any
@@ -485,6 +485,15 @@ class Optimizer:
     """
 
     _config_keys: tuple = ()
+    #: the update needs norms of whole parameter tensors (trust ratios): a block of the flat
+    #: vector cut anywhere is not enough (the sharded all-reduce refuses it)
+    layerwise_norms: bool = False
+
+    @property
+    def needs_whole_gradient(self) -> bool:
+        """Whether an update needs more than its own slice of the gradient: global-norm
+        clipping, or per-tensor norms (LARS, LAMB)."""
+        return self.clipnorm is not None or self.layerwise_norms
 
     def __init__(self, lr, *, clipnorm=None, clipvalue=None):
         self.lr = _check_lr(lr)
@@ -707,6 +716,8 @@ class LARS(Optimizer):
         ('momentum',)
     """
 
+    layerwise_norms = True
+
     _config_keys = ("momentum", "weight_decay", "trust_coefficient", "eps")
 
     def __init__(self, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8,
@@ -743,6 +754,8 @@ class LAMB(Optimizer):
         >>> LAMB().slot_names
         ('m', 'v')
     """
+
+    layerwise_norms = True
 
     _config_keys = ("beta1", "beta2", "eps", "weight_decay")
 

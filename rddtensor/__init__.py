@@ -1,6 +1,19 @@
-"""rddtensor: deep learning on Apache Spark in pure Python."""
-from rddtensor.backend import asarray, get_array_module, gpu_available, has_cupy, to_numpy
+"""rddtensor: deep learning on Apache Spark in pure Python.
 
-__version__ = "0.1.0"
+Users write ``from rddtensor import layers as L, optim``.
+"""
+from rddtensor import _checkout
+
+_checkout.mount(__name__, __file__)  # a source checkout: rddtensor.layers/.optim are ../layers, ../optim
+
+from rddtensor.backend import asarray, get_array_module, gpu_available, has_cupy, to_numpy  # noqa: E402
+
+from rddtensor.layers import engines as _engines  # noqa: E402
+from rddtensor.version import __version__  # noqa: E402
+
+# RDDs and DataFrames train on the Spark engine (imported, with pyspark, only when one arrives)
+_engines.register("rddtensor.engine", ("pyspark.rdd.RDD", "pyspark.sql.dataframe.DataFrame"),
+                  options=("num_partitions", "iterations_per_job", "allreduce", "wire_dtype",
+                           "features_col", "label_col"))
 
 __all__ = ["__version__", "asarray", "get_array_module", "gpu_available", "has_cupy", "to_numpy"]

@@ -28,7 +28,7 @@ Within a job, records go through the host-local cache where the job's ``local`` 
 """
 from __future__ import annotations
 
-from layers.training import apply_update, clip_trainable, optimizer_step
+from rddtensor.layers.training import apply_update, clip_trainable, optimizer_step
 from rddtensor import rawrdd, wire
 from rddtensor.stages import (assemble, chunks_of, deliver, is_local, join_own, keyed,
                               local_gradient, own_record, raws_of, read_own, scratch, split_own,
@@ -54,7 +54,7 @@ class Sharded:
     @staticmethod
     def check(model):
         opt = model.optimizer
-        if opt.clipnorm is not None or type(opt).__name__ in ("LARS", "LAMB"):
+        if opt.needs_whole_gradient:
             what = "clipnorm" if opt.clipnorm is not None else type(opt).__name__
             raise ValueError(f"{what} needs norms over the whole gradient, which the sharded "
                              "all-reduce does not have; use allreduce='replicated'")
@@ -241,7 +241,7 @@ def choose(allreduce: str, model, n: int, one_host: bool = False):
         strategy.check(model)
         return strategy
     opt = model.optimizer
-    needs_norms = opt.clipnorm is not None or type(opt).__name__ in ("LARS", "LAMB")
+    needs_norms = opt.needs_whole_gradient
     P, s = model.layout.size, len(opt.slot_names)
     extra = values_per_partition("replicated", P, n, s) - values_per_partition("sharded", P, n, s)
     price = SECONDS_PER_VALUE_ONE_HOST if one_host else SECONDS_PER_VALUE

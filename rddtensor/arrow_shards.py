@@ -3,7 +3,7 @@
 The JVM turns each partition of ``df.select(features, label)`` into Arrow record batches
 (``Dataset.toArrowBatchRdd``: columnar, no Python worker involved); one Python pass per
 partition reads them (``pyarrow.ipc.read_record_batch``, zero-copy) and decodes the columns with
-vectorised numpy (``rddtensor.ml.columns``, the decoder ``transform`` uses). The rows path
+vectorised numpy (``rddtensor.columns``, the decoder ``transform`` uses). The rows path
 (``rddtensor.shards``) built one ``Row``, one vector object and one small array per row:
 on digits x20 (26,940 rows of 64 features, ``local[2]``) that was most of a fit's fixed cost.
 
@@ -15,16 +15,18 @@ method is missing (another Spark), and ``rddtensor.shards`` then takes the rows 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import DecimalType
 
 from rddtensor import rawrdd
+from rddtensor.columns import SparseRows, batch_from_arrow
 
 
 def arrow_rows(df, columns: list, n_partitions: int | None = None):
     """``(rdd, schema)``: an RDD of Arrow record-batch messages of ``df.select(*columns)``
     (one or more per partition, none for an empty one) and their Arrow schema; or ``None``."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import DecimalType
-    from pyspark.sql.pandas.types import to_arrow_schema
     sel = df.select(*[F.col(c).cast("double") if isinstance(df.schema[c].dataType, DecimalType)
                       else F.col(c) for c in columns])
     try:
@@ -48,7 +50,6 @@ def _batches(sel):
 
 def read_table(records, schema):
     """The record-batch messages of one partition as one ``pyarrow.Table`` (zero-copy)."""
-    import pyarrow as pa
     batches = []
     for r in records:
         b = pa.ipc.read_record_batch(pa.py_buffer(r), schema)
@@ -60,7 +61,7 @@ def read_table(records, schema):
 def stack_table(table, kinds, feature_shape, j: int, names):
     """Partition ``j``'s rows (``table``: features, then the label if any) as shard arrays.
 
-    ``kinds``: the ``rddtensor.ml.columns.feature_kind`` of each column; ``feature_shape``
+    ``kinds``: the ``rddtensor.columns.feature_kind`` of each column; ``feature_shape``
     ``None`` takes it from the partition (the driver compares partitions).
     """
     cols = [table.column(i).combine_chunks() for i in range(table.num_columns)]
@@ -96,7 +97,6 @@ def _row_sizes(arr, kind):
 
 
 def _depth(t) -> int:
-    import pyarrow as pa
     d = 0
     while pa.types.is_list(t) or pa.types.is_large_list(t):
         t, d = t.value_type, d + 1
@@ -108,7 +108,6 @@ def _shape_text(first: int, nested: bool) -> str:
 
 
 def _features(arr, kind, feature_shape, j, what, col):
-    from rddtensor.ml.columns import SparseRows, batch_from_arrow
     _no_nulls(arr, j, what)
     n = len(arr)
     sizes = _row_sizes(arr, kind)
@@ -144,8 +143,6 @@ def _features(arr, kind, feature_shape, j, what, col):
 
 
 def _labels(arr, kind, j, what, col):
-    import pyarrow as pa
-    from rddtensor.ml.columns import batch_from_arrow
     _no_nulls(arr, j, what)
     if kind is None:  # a numeric scalar column
         y = arr.to_numpy(zero_copy_only=False)

@@ -1,6 +1,6 @@
 """Distributed checkpoints: every parameter block is written by the partition that owns it.
 
-The file format, the save policy and resuming are in ``layers.checkpoint`` (shared with
+The file format, the save policy and resuming are in ``rddtensor.layers.checkpoint`` (shared with
 in-process fits). Here a checkpoint of a distributed fit is one Spark job over the parameter
 state's ``settled()`` RDD: partition i holds block i of θ_t and its optimizer slots, writes them
 to ``block-<i>-of-<N>.npz`` in the step directory and returns only the file's name, bounds, size
@@ -12,7 +12,7 @@ for ``local[*]`` and ``local-cluster`` masters; NFS or a mounted bucket on a rea
 """
 from __future__ import annotations
 
-from layers.checkpoint import Checkpointer, _clear, block_name, step_dir, write_block
+from rddtensor.layers.checkpoint import Checkpointer, _clear, block_name, step_dir, write_block
 from rddtensor.errors import spark_errors
 from rddtensor.stages import read_own, split_records
 

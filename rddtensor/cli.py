@@ -22,9 +22,21 @@ import argparse
 import json
 import logging
 import os
+import platform
 import sys
 import tempfile
 import time
+
+import numpy as np
+
+from rddtensor import backend, localcache
+from rddtensor import layers as L
+from rddtensor.device import discovery_script_path
+from rddtensor.layers.base import layer_class
+from rddtensor.optim import Adam
+from rddtensor.readers import guess_format, read_dataset
+from rddtensor.session import get_spark, java_version
+from rddtensor.version import __version__
 
 log = logging.getLogger("rddtensor")
 
@@ -60,7 +72,6 @@ def start_spark(args, app_name: str):
     stop). Turns Spark's log level down to ERROR unless ``--verbose``."""
     from pyspark.sql import SparkSession
 
-    from rddtensor.session import get_spark
     owned = SparkSession.getActiveSession() is None
     conf = _quiet_conf() if owned and not args.verbose else {}
     spark = get_spark(args.master, app_name=app_name, conf=conf)
@@ -80,8 +91,6 @@ def _digits():
 
 def demo_model():
     """The demo's CNN: conv 3x3 -> max-pool -> dense -> 10 logits, on 1x8x8 digits."""
-    import layers as L
-    from optim import Adam
     model = L.Sequential([
         L.Conv2D(32, 3, padding="same", activation="relu", input_shape=(1, 8, 8)),
         L.MaxPool2D(2),
@@ -165,13 +174,11 @@ def load_config(path: str) -> dict:
 
 
 def build_model(config: dict):
-    """A compiled ``Sequential`` from a config's ``layers`` and ``compile`` sections.
+    """A compiled ``Sequential`` from a config's ``rddtensor.layers`` and ``compile`` sections.
 
     A layer entry is ``{"type": "Dense", "units": 64, ...}``, ``{"Dense": {"units": 64}}`` or
     the ``{"class_name": ..., "config": ...}`` form that ``model.json`` files use.
     """
-    import layers as L
-    from layers.base import layer_class
     layers = []
     for i, entry in enumerate(config["layers"]):
         if not isinstance(entry, dict):
@@ -213,7 +220,6 @@ def train(args) -> int:
         if getattr(args, key) is not None:
             fit_cfg[key] = getattr(args, key)
     model = build_model(config)
-    from rddtensor.readers import guess_format, read_dataset
     fmt = args.format or data_cfg.get("format")
     spark, owned = start_spark(args, "rddtensor-train")
     try:
@@ -264,8 +270,6 @@ def predict(args) -> int:
     path instead of its pixels), plus ``prediction`` (and ``probability``, ``rawPrediction`` for
     a classifier).
     """
-    import layers as L
-    from rddtensor.readers import guess_format, read_dataset
     model = L.load_model(args.model)
     meta_path = os.path.join(args.model, "training.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
@@ -299,23 +303,15 @@ def _prediction_stage(model, features_col):
 # --- info -----------------------------------------------------------------------------------------
 def info(args) -> int:
     """Print versions, Java, the Spark master, and GPU/CuPy status."""
-    from rddtensor.device import discovery_script_path
     if args.gpu_discovery_script:
         print(discovery_script_path())
         return 0
-    import platform
-
-    import numpy as np
-
-    import rddtensor
-    from rddtensor import backend
-    from rddtensor.session import java_version
     try:
         import pyspark
         spark_version = pyspark.__version__
     except ImportError:
         spark_version = "not installed"
-    print(f"rddtensor {rddtensor.__version__}")
+    print(f"rddtensor {__version__}")
     print(f"python    {platform.python_version()}")
     print(f"numpy     {np.__version__}")
     print(f"pyspark   {spark_version}")
@@ -345,7 +341,6 @@ def info(args) -> int:
 def _cache_lines(clean: bool) -> None:
     """The host-local cache's run directories on this host (``rddtensor.localcache``): size,
     the driver that owns each and whether it still runs; ``clean`` removes the stale ones."""
-    from rddtensor import localcache
 
     def size(n):
         return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
@@ -373,9 +368,6 @@ def _cache_lines(clean: bool) -> None:
 
 def _device_line() -> str:
     """Where training tasks on this host would compute with the default device='auto'."""
-    import os
-
-    from rddtensor import backend
     if backend.gpu_available():
         d = backend.device_info(0)
         return (f"gpu {d['id']}: {d['name']} (compute {d['compute_capability']}, "

@@ -19,26 +19,26 @@ are deterministic); without a checkpoint it stops with an error that says so.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import uuid
 
 import numpy as np
 from pyspark import StorageLevel
 
-from layers import checkpoint as checkpoints
-from layers.base import positive_int
-from layers.batching import batch_sizes, steps_per_epoch
-from layers.params import block_bounds
-from layers.training import (empty_stats, fit_loop, interrupts_deferred, merge_stats,
-                             stats_logs, stopped_at, warn_interrupted)
+from rddtensor.layers import checkpoint as checkpoints
+from rddtensor.layers.base import positive_int
+from rddtensor.layers.batching import batch_sizes, steps_per_epoch
+from rddtensor.layers.params import block_bounds
+from rddtensor.layers.training import (empty_stats, fit_loop, merge_stats, stats_logs, stopped_at,
+                                       warn_interrupted)
 from rddtensor import localcache, rawrdd, wire
-from rddtensor.allreduce import choose
+from rddtensor.allreduce import Sharded, choose
 from rddtensor.checkpoint import save_state
 from rddtensor.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
                               task_error)
 from rddtensor.faults import stats_param
 from rddtensor.shards import Shards, make_shards
+from rddtensor.tensor import BlockTensor
 from rddtensor.stages import (broadcast_emit, chunks_of, eval_stage, own_record, predict_stage,
                               split_records)
 
@@ -92,30 +92,6 @@ def quiet_unpersist_warning(sc) -> None:
         pass
 
 
-def skeleton(model, freeze_optimizer: bool = False):
-    """A copy of ``model`` without its weights, for task closures (kilobytes, not O(P)).
-
-    With ``freeze_optimizer`` the copy gets its own copy of the optimizer: the settings (e.g. a
-    learning rate a callback changes between epochs) of the job it is shipped with, kept with
-    the state that job produces for the updates still pending in it.
-    """
-    s = copy.copy(model)
-    s.theta, s.params, s.slots = None, {}, {}
-    if freeze_optimizer:
-        s.optimizer = copy.deepcopy(model.optimizer)
-    return s
-
-
-def write_model(model, theta, slots: dict, t: int) -> None:
-    """θ, the optimizer slots and the step into the driver's ``model``, whole: the arrays
-    arrived before anything is written, and a Ctrl-C waits until all of it is."""
-    with interrupts_deferred():
-        model.theta[...] = theta
-        for k in model.slots:
-            model.slots[k][...] = slots[k]
-        model.step = int(t)
-
-
 class ParameterState:
     """θ and optimizer slots on the executors, in the layout of an all-reduce strategy."""
 
@@ -129,7 +105,7 @@ class ParameterState:
         bounds = block_bounds(model.layout.size, n_blocks)
         slots = (model.slots or {}) if with_slots else {}
         S, handles = strategy.initial(sc, model.theta, slots, bounds, model.step)
-        return cls(strategy, S.persist(_LEVEL), skeleton(model), bounds, handles)
+        return cls(strategy, S.persist(_LEVEL), model.task_copy(), bounds, handles)
 
     @property
     def n_blocks(self) -> int:
@@ -166,7 +142,6 @@ class ParameterState:
 
     def tensor(self, name: str = "w"):
         """θ (``"w"``) or one optimizer slot as a lazy ``BlockTensor`` (never on the driver)."""
-        from rddtensor.tensor import BlockTensor
         size, n = self.model.layout.size, self.n_blocks
 
         def view(i, records):
@@ -305,7 +280,7 @@ class DistributedRunner:
                                 self.t - found.step)
         target, m = self.t, self.model
         _, theta, slots = loaded
-        write_model(m, theta, slots, found.step)
+        m.load_state(theta, slots, found.step)
         self.t = self.synced = found.step
         st = self.state
         self.state = ParameterState.from_driver(st.strategy, self.sc, m, self.N)
@@ -316,7 +291,7 @@ class DistributedRunner:
     def _try_group(self, steps: int) -> dict:
         st = self.state
         S = st.S
-        job = skeleton(self.model, freeze_optimizer=True)
+        job = self.model.task_copy(freeze_optimizer=True)
         self.local["job"] += 1
         # records between partitions go through the cache too while all tasks share a host
         local = dict(self.local, peers=one_host(self.sc)) if self.local_cache else None
@@ -414,7 +389,7 @@ class DistributedRunner:
         """Copy θ, the slots and the step from the executors into the driver's model (one
         collect of O(P): for callbacks that save or read weights mid-fit)."""
         theta, slots, t = self._reading_state(lambda: self.state.gather())
-        write_model(self.model, theta, slots, t)
+        self.model.load_state(theta, slots, t)
         self.synced = t
 
     def finish(self):
@@ -462,14 +437,14 @@ class DistributedRunner:
             except Exception:
                 pass
             if loaded is not None and loaded[0].step > self.synced:
-                write_model(m, loaded[1], loaded[2], loaded[0].step)
+                m.load_state(loaded[1], loaded[2], loaded[0].step)
                 self.synced, held = loaded[0].step, f"the newest checkpoint, {loaded[0].path}"
             return (f"fit interrupted by {name} in {where}; the last completed step "
                     f"({self.t}) could not be read back from the executors "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): the "
                     f"model holds the weights, optimizer slots and step of step {m.step} "
                     f"({held})")
-        write_model(m, theta, slots, t)
+        m.load_state(theta, slots, t)
         self.synced = t
         if t == self._started:
             return (f"fit interrupted by {name} in {where}, before its first step completed: "
@@ -522,7 +497,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             (gradients and parameter copies cross the shuffle as bfloat16, half the bytes;
             owners keep float32 master weights and optimizer slots, as BigDL did).
         features_col, label_col: DataFrame columns.
-        checkpoint_dir: save checkpoints here (see ``layers.checkpoint``): each partition writes
+        checkpoint_dir: save checkpoints here (see ``rddtensor.layers.checkpoint``): each partition writes
             its own parameter block and optimizer slots, the driver a manifest last. Must be a
             path the driver and every executor see (shared filesystem on a cluster).
         checkpoint_every: save every this many optimizer steps (default: every epoch end).
@@ -549,10 +524,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         if not shards.has_labels:
             raise ValueError("training data needs labels: an RDD of (features, label) pairs or a "
                              f"DataFrame with a {label_col!r} column")
-        if model.input_shape is not None and \
-                tuple(shards.feature_shape) != tuple(model.input_shape):
-            raise ValueError(f"features have shape {shards.feature_shape} but the first layer "
-                             f"({model.layers[0].describe()}) expects {model.input_shape}")
+        model.check_input_shape(shards.feature_shape, f"the features (column {features_col!r})"
+                                if hasattr(data, "columns") else "the features")
         if not model.built:
             model.build(shards.feature_shape, seed=model.seed if model.seed is not None else seed)
         if batch_size > shards.n_total:
@@ -561,7 +534,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         model.check_label_range(shards.label_range, f"labels (column {label_col!r})"
                                 if hasattr(data, "columns") else "labels")
         strategy = choose(allreduce, model, shards.n_partitions, one_host=one_host(shards.rdd.ctx))
-        model._init_slots()
+        model.init_slots()
         ckpt, resumed = checkpoints.start(
             model, checkpoint_dir, checkpoint_every, resume,
             settings={"seed": seed, "batch_size": batch_size, "shuffle": bool(shuffle),
@@ -612,7 +585,6 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
 
 
 def _driver_state(model, shards: Shards) -> ParameterState:
-    from rddtensor.allreduce import Sharded
     return ParameterState.from_driver(Sharded(), shards.rdd.ctx, model, shards.n_partitions,
                                       with_slots=False)
 
@@ -620,7 +592,7 @@ def _driver_state(model, shards: Shards) -> ParameterState:
 def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="features",
                          label_col="label") -> dict:
     """Loss and metrics of the driver's model over an RDD/DataFrame, computed on executors."""
-    model._require_built()
+    model.ensure_built()
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
                          label_col=label_col, what="evaluation data")
     if not shards.has_labels:
@@ -639,7 +611,7 @@ def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="f
 def predict_distributed(model, data, *, batch_size: int = 4096, features_col="features"):
     """Model outputs for every row of an RDD (of features or ``(features, label)`` pairs) or a
     DataFrame's ``features_col``, as an RDD of numpy arrays in row order (lazy)."""
-    model._require_built()
+    model.ensure_built()
     labelled = not hasattr(data, "columns") and _looks_labelled(data)
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
                          label_col="label" if labelled else None, what="prediction data")

@@ -23,7 +23,7 @@ _PY_ERR = re.compile(r"^([A-Z]\w*(?:Error|Exception|Exit|Interrupt)): (.*)$", re
 QUIET_CONF = "spark.rddtensor.quietTaskFailures"
 
 
-from layers.training import FitInterrupted  # noqa: F401  (warned by both engines' fits)
+from rddtensor.layers.training import FitInterrupted  # noqa: F401  (warned by both engines' fits)
 
 
 def _builtin_error(name: str):

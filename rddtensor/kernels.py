@@ -27,7 +27,7 @@ name                       what
 =========================  ===================================================================
 
 The generic optimizer and activation references do the same operations in the same order as
-``optim.optimizers`` and ``layers.activations``, so on NumPy they give bit-identical results
+``rddtensor.optim.optimizers`` and ``rddtensor.layers.activations``, so on NumPy they give bit-identical results
 (tested); the CuPy kernels agree with them to float rounding (tested where a GPU is present).
 
 Example:
@@ -49,7 +49,7 @@ __all__ = ["KERNELS", "kernel_or_generic", "generic", "cupy_kernel", "adam_gener
            "sgd_generic", "relu_backward_generic", "gelu_tanh_backward_generic",
            "sigmoid_backward_generic", "tanh_backward_generic", "lstm_cell_forward_generic",
            "lstm_cell_backward_generic", "gru_cell_forward_generic", "gru_cell_backward_generic",
-           "softmax_cross_entropy_generic", "im2col_generic", "col2im_generic"]
+           "softmax_cross_entropy_generic", "CUPY_ONLY"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -77,7 +77,7 @@ def _sigmoid(xp, X):
 # --- generic references -------------------------------------------------------------------------
 def adam_generic(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decoupled, step,
                  amsgrad_vmax=None) -> None:
-    """Adam (AdamW with ``decoupled=True``) in place, as ``optim.optimizers.adam_update``.
+    """Adam (AdamW with ``decoupled=True``) in place, as ``rddtensor.optim.optimizers.adam_update``.
 
     ``g += wd*w`` (Adam) or ``w *= 1 - lr*wd`` (AdamW); ``m = b1*m + (1-b1)*g``,
     ``v = b2*v + (1-b2)*g^2``, ``vmax = max(vmax, v)`` (AMSGrad, used instead of ``v``);
@@ -113,7 +113,7 @@ def adam_generic(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decoupled, 
 
 
 def sgd_generic(w, g, buf, *, lr, momentum, dampening, nesterov, weight_decay, step) -> None:
-    """SGD in place, as ``optim.optimizers.sgd_update`` (``buf`` is ``None`` without momentum).
+    """SGD in place, as ``rddtensor.optim.optimizers.sgd_update`` (``buf`` is ``None`` without momentum).
 
     ``g += wd*w``; ``buf = g`` at t=1, else ``buf = momentum*buf + (1-dampening)*g``;
     ``w -= lr * (g + momentum*buf)`` (Nesterov) or ``w -= lr * buf``. ``g`` is scratch.
@@ -155,7 +155,7 @@ def relu_backward_generic(dY, Y):
 def gelu_tanh_backward_generic(dY, X):
     """``dX`` of ``Y = 0.5 X (1 + tanh(u))``, ``u = sqrt(2/pi) (X + 0.044715 X^3)``.
 
-    Written with ``sigmoid(2u)`` as ``layers.activations`` does, so float32 tails do not cancel.
+    Written with ``sigmoid(2u)`` as ``rddtensor.layers.activations`` does, so float32 tails do not cancel.
     """
     xp = get_array_module(dY, X)
     v = 2.0 * _SQRT_2_OVER_PI * (X + _GELU_C * X * X * X)
@@ -231,7 +231,7 @@ def gru_cell_forward_generic(gi, gh, h_prev):
     """The pointwise part of a GRU cell (PyTorch gate order r, z, n).
 
     ``r = sigmoid(gi_r + gh_r)``, ``z = sigmoid(gi_z + gh_z)``, ``n = tanh(gi_n + r * gh_n)``,
-    ``h = (1 - z) * n + z * h_prev`` (computed as ``n + z * (h_prev - n)``, as ``layers.GRU``).
+    ``h = (1 - z) * n + z * h_prev`` (computed as ``n + z * (h_prev - n)``, as ``rddtensor.layers.GRU``).
 
     Args:
         gi: ``(batch, 3H)`` input projection ``X @ W_ih.T + b_ih``.
@@ -268,23 +268,11 @@ def gru_cell_backward_generic(dh, act, gh, h_prev):
     return dgi, dgh, dh * z
 
 
-def im2col_generic(X, kernel, strides, dilation, pads):
-    """``layers.im2col.im2col_strided``'s columns ``(C, *kernel, N, *out)`` (no ``out``)."""
-    from layers.im2col import im2col_strided  # layers builds on this module: import late
-    return im2col_strided(X, kernel, strides, dilation, pads)[0]
-
-
-def col2im_generic(cols, x_shape, kernel, strides, dilation, pads, out):
-    """``layers.im2col.col2im_strided``: the adjoint of ``im2col``, ``dX`` of ``x_shape``."""
-    from layers.im2col import col2im_strided
-    return col2im_strided(cols, x_shape, kernel, strides, dilation, pads, out)
-
-
 def softmax_cross_entropy_generic(Y, labels, n_total):
     """Softmax cross-entropy of logits ``Y`` against class ids, and its gradient.
 
     ``loss_i = logsumexp(Y_i) - Y_i[y_i]``; ``dY = (softmax(Y) - onehot(y)) / n_total`` (the
-    unweighted ``optim.losses.SparseCategoricalCrossentropy``). Labels must already be valid
+    unweighted ``rddtensor.optim.losses.SparseCategoricalCrossentropy``). Labels must already be valid
     class ids in ``[0, C)`` (the loss validates them).
 
     Args:
@@ -670,14 +658,11 @@ def _conv_geometry(x_shape, kernel, strides, dilation, pads, out):
                                        pads[0][0], pads[1][0]))
 
 
-def _im2col_cupy(X, kernel, strides, dilation, pads):
-    from layers.im2col import conv_output_size
-    if len(kernel) != 2:  # 1-D convolutions: the strided view, on CuPy too
-        return im2col_generic(X, kernel, strides, dilation, pads)
+def _im2col_cupy(X, kernel, strides, dilation, pads, out):
+    """2-D im2col columns ``(C, *kernel, N, *out)`` of ``X`` (``out``: the output's spatial
+    shape, from ``rddtensor.layers.im2col``, whose strided view is the reference)."""
     cp = _cupy()
     X = cp.ascontiguousarray(X)
-    out = tuple(conv_output_size(n, k, s, d, p)
-                for n, k, s, d, p in zip(X.shape[2:], kernel, strides, dilation, pads))
     geometry = _conv_geometry(X.shape, kernel, strides, dilation, pads, out)
     cols = cp.empty((X.shape[1], *kernel, X.shape[0], *out), X.dtype)
     if cols.size:
@@ -686,8 +671,7 @@ def _im2col_cupy(X, kernel, strides, dilation, pads):
 
 
 def _col2im_cupy(cols, x_shape, kernel, strides, dilation, pads, out):
-    if len(kernel) != 2:
-        return col2im_generic(cols, x_shape, kernel, strides, dilation, pads, out)
+    """The adjoint of ``_im2col_cupy`` (2-D): ``dX`` of ``x_shape``."""
     cp = _cupy()
     cols = cp.ascontiguousarray(cols)
     geometry = _conv_geometry(x_shape, kernel, strides, dilation, pads, out)
@@ -723,9 +707,9 @@ KERNELS = {
     "gru_cell_forward": (gru_cell_forward_generic, _gru_cell_forward_cupy),
     "gru_cell_backward": (gru_cell_backward_generic, _gru_cell_backward_cupy),
     "softmax_cross_entropy": (softmax_cross_entropy_generic, _softmax_cross_entropy_cupy),
-    "im2col": (im2col_generic, _im2col_cupy),
-    "col2im": (col2im_generic, _col2im_cupy),
 }
+#: CuPy kernels whose reference is the layer's own NumPy code (``rddtensor.layers.im2col``)
+CUPY_ONLY = {"im2col": _im2col_cupy, "col2im": _col2im_cupy}
 
 
 def _lookup(name):
@@ -743,7 +727,7 @@ def generic(name: str):
 def cupy_kernel(name: str):
     """The CuPy implementation of ``name`` (its kernel compiles on first call; needs a GPU)."""
     _cupy()
-    return _lookup(name)[1]
+    return CUPY_ONLY[name] if name in CUPY_ONLY else _lookup(name)[1]
 
 
 _DISPATCHERS: dict = {}

@@ -11,11 +11,12 @@ block tensors.
 """
 from __future__ import annotations
 
-import gc
 import struct
 
 from pyspark.rdd import RDD
 from pyspark.serializers import FramedSerializer, NoOpSerializer, write_int
+
+from rddtensor import runtime
 
 _KEY = struct.Struct(">q")  # PairwiseRDD reads keys as big-endian longs
 
@@ -44,26 +45,11 @@ class RawFrames(FramedSerializer):
         return obj
 
 
-_FROZEN = False
-
-
-def _prepare_worker():
-    """Once per Python worker: move every object alive now (imported modules, the first task's
-    closure) out of the garbage collector's reach. PySpark's daemon runs ``gc.collect()`` after
-    every task; on the ~60k objects of numpy + pyspark + this library that full collection
-    costs 20-80 ms per task on this machine, most of what a Python pass costs. A speed change
-    only: frozen objects stay alive, which modules and the first closure do anyway."""
-    global _FROZEN
-    if not _FROZEN:
-        gc.freeze()
-        _FROZEN = True
-
-
 def map_raw(rdd: RDD, f, preserves_partitioning: bool = False) -> RDD:
     """``f(split, records) -> iterable of records``; a record is ``bytes`` or a list of buffers
     (``rddtensor.wire.frames``) and is stored unpickled."""
     def run(split, records):
-        _prepare_worker()
+        runtime.prepare_worker()
         return f(split, records)
     out = rdd.mapPartitionsWithIndex(run, preservesPartitioning=preserves_partitioning)
     out._jrdd_deserializer = RawFrames()

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyspark.accumulators import AccumulatorParam
+from pyspark.ml.linalg import VectorUDT
+from pyspark.sql.types import ArrayType, NumericType
 
-from rddtensor import rawrdd, wire
+from rddtensor import arrow_shards, rawrdd, wire
+from rddtensor.columns import (decode_sparse, decode_value, encode_sparse, feature_kind,
+                               stack_sparse)
 from rddtensor.errors import quiet_task_failures, spark_errors
 
 
@@ -56,19 +60,17 @@ def _features_of(value):
     if hasattr(value, "toArray"):  # pyspark.ml / mllib vectors, dense or sparse
         return value.toArray()
     if getattr(value, "__fields__", None) is not None:  # a struct, e.g. an image: decode it
-        from rddtensor.ml.columns import decode_value
         return decode_value(value)
     return value
 
 
 def _stack_rows(rows, feature_shape, has_labels, j, names=("features", "labels")):
     """``_stack``, but a partition of sparse vectors may stay one sparse matrix (see
-    ``rddtensor.ml.columns.stack_sparse``) instead of being densified row by row."""
+    ``rddtensor.columns.stack_sparse``) instead of being densified row by row."""
     rows = list(rows)
     feats = [r[0] if isinstance(r, (tuple, list)) and len(r) == 2 else None for r in rows] \
         if has_labels else rows
     if feats and hasattr(feats[0], "indices"):
-        from rddtensor.ml.columns import stack_sparse
         X = stack_sparse(feats, feature_shape, j)
         if X is not None:  # labels are checked by _stack, with a placeholder feature per row
             arrays = _stack([(0.0, r[1]) for r in rows] if has_labels else [0.0] * len(rows),
@@ -92,9 +94,6 @@ def _label_summary(y):
 
 def _check_columns(df, features_col, label_col):
     """DataFrame column types, checked on the driver before any task runs."""
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.sql.types import ArrayType, NumericType
-    from rddtensor.ml.columns import feature_kind
     feature_kind(df.schema, features_col, "features_col")
     if label_col:
         t = df.schema[label_col].dataType
@@ -112,7 +111,6 @@ def _check_columns(df, features_col, label_col):
 def _wire_arrays(arrays):
     if isinstance(arrays["X"], np.ndarray):
         return arrays
-    from rddtensor.ml.columns import encode_sparse
     return encode_sparse(arrays)
 
 
@@ -276,8 +274,6 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
 def _arrow_build(df, features_col, label_col, n_partitions):
     """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.arrow_shards``), or
     ``None`` where this Spark cannot hand them out."""
-    from rddtensor import arrow_shards
-    from rddtensor.ml.columns import feature_kind
     columns = [features_col] + ([label_col] if label_col else [])
     got = arrow_shards.arrow_rows(df, columns, n_partitions)
     if got is None:
@@ -285,7 +281,6 @@ def _arrow_build(df, features_col, label_col, n_partitions):
     rdd, schema = got
     kinds = [feature_kind(df.schema, features_col, "features_col")]
     if label_col:
-        from pyspark.sql.types import NumericType
         t = df.schema[label_col].dataType
         kinds.append(None if isinstance(t, NumericType) else
                      feature_kind(df.schema, label_col, "label_col"))
@@ -350,7 +345,6 @@ def read_shard(records):
         raise ValueError("partition holds no shard record")
     _, meta, arrays = wire.unpack(found)
     if "X.indptr" in arrays:  # a sparse shard (see _stack_rows)
-        from rddtensor.ml.columns import decode_sparse
         arrays = decode_sparse(arrays)
     return meta, arrays
 

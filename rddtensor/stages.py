@@ -1,6 +1,6 @@
 """Task-side pieces shared by the all-reduce strategies (``rddtensor.allreduce``).
 
-Every record here is raw bytes (``rddtensor.wire``). Compute goes through ``layers.training``'s
+Every record here is raw bytes (``rddtensor.wire``). Compute goes through ``rddtensor.layers.training``'s
 step functions (``gradient_step``, ``apply_update``), the same ones the in-process loop calls.
 Per-step stats (loss sum, rows, metric states) go to the driver through an accumulator keyed by
 ``(step, partition)``: a retried or recomputed task rewrites the same entry, never double-counts.
@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 from pyspark.accumulators import AccumulatorParam
 
-from layers.batching import local_batches, step_rng, steps_per_epoch
-from layers.training import evaluate_arrays, gradient_step
-from rddtensor import device, localcache, rawrdd, wire
-from rddtensor.allocator import tune_malloc
+from rddtensor.layers.batching import local_batches, step_rng, steps_per_epoch
+from rddtensor.layers.training import evaluate_arrays, gradient_step
+from rddtensor import device, localcache, rawrdd, runtime, wire
 from rddtensor.shards import read_shard
 
 
@@ -234,6 +233,7 @@ def eval_stage(model, batch_size: int):
     """Partition j of ``co_union(AG, D)``: loss and metric stats of θ on all its rows (eval
     mode)."""
     def run(j, records):
+        runtime.prepare_worker()
         ag, shard_recs = split_records(records)
         _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
@@ -246,11 +246,11 @@ def eval_stage(model, batch_size: int):
 def predict_stage(model, batch_size: int):
     """Partition j of ``co_union(AG, D)``: model outputs for its rows, in row order."""
     def run(j, records):
+        runtime.prepare_worker()
         ag, shard_recs = split_records(records)
         _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
         X, params = arrays["X"], model.layout.unflatten(theta)
-        tune_malloc()
         for a in range(0, len(X), batch_size):
             Y, _ = model.forward(params, X[a:a + batch_size], training=False)
             yield from np.asarray(Y)

@@ -21,7 +21,7 @@ import operator
 import numpy as np
 from pyspark import StorageLevel
 
-from layers.params import block_bounds
+from rddtensor.layers.params import block_bounds
 from rddtensor import rawrdd, wire
 from rddtensor.backend import to_numpy as _host
 from rddtensor.errors import spark_errors
@@ -263,7 +263,7 @@ class BlockTensor:
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
-        """``[(lo, hi), ...]`` of every block: ``layers.params.block_bounds(size, n_blocks)``."""
+        """``[(lo, hi), ...]`` of every block: ``rddtensor.layers.params.block_bounds(size, n_blocks)``."""
         return block_bounds(self._size, self._n)
 
     def to_numpy(self) -> np.ndarray:

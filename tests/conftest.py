@@ -1,3 +1,4 @@
+import importlib.abc
 import os
 import sys
 
@@ -5,6 +6,23 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+class _OneImportRoot(importlib.abc.MetaPathFinder):
+    """The checkout's ``layers/`` and ``optim/`` are ``rddtensor.layers`` / ``rddtensor.optim``.
+    With the checkout root on ``sys.path`` (``python -m pytest``) they would also import as
+    top-level ``layers`` / ``optim``: a second copy of every module, with its own layer registry.
+    Refuse that here, at the import, naming the right spelling."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        top = fullname.partition(".")[0]
+        if top in ("layers", "optim"):
+            raise ModuleNotFoundError(f"import rddtensor.{fullname} (from rddtensor import {top}), "
+                                      f"not {fullname}: rddtensor has one import root", name=fullname)
+        return None
+
+
+sys.meta_path.insert(0, _OneImportRoot())
 
 
 @pytest.fixture(scope="session")

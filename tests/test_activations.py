@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from gradcheck import check_layer
 
-import layers as L
-from layers.activations import (ACTIVATION_DEFAULTS, Linear, activation_config,
+from rddtensor import layers as L
+from rddtensor.layers.activations import (ACTIVATION_DEFAULTS, Linear, activation_config,
                                 activation_forward, get_activation, sigmoid, softmax)
-from layers.base import layer_class
+from rddtensor.layers.base import layer_class
 
 NAMES = sorted(ACTIVATION_DEFAULTS)
 
@@ -192,7 +192,7 @@ def test_pickles_small():
 def test_normal_cdf_fallback_for_other_array_modules():
     # the erf-free path CuPy takes, checked here on NumPy against scipy
     import scipy.special
-    from layers.activations import _normal_cdf_chebyshev
+    from rddtensor.layers.activations import _normal_cdf_chebyshev
     X = np.linspace(-12, 12, 2001)
     ours, ref = _normal_cdf_chebyshev(np, X), scipy.special.ndtr(X)
     np.testing.assert_allclose(ours, ref, rtol=2e-7, atol=1e-300)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 _PROBE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    import layers as L
+    from rddtensor import layers as L
     from rddtensor import allocator
     if sys.argv[1] == "fit":  # the in-process training step applies the settings itself
         m = L.Sequential([L.Dense(2, input_shape=(3,))], seed=0)

@@ -13,7 +13,7 @@ import stat
 import numpy as np
 import pytest
 
-import layers as L
+from rddtensor import layers as L
 
 _rng = np.random.default_rng(5)
 X = _rng.normal(size=(12, 5)).astype(np.float32)
@@ -242,8 +242,9 @@ def test_input_width_not_matching_the_first_layer_numpy():
 
 @pytest.mark.spark
 def test_input_width_not_matching_the_first_layer_dataframe(spark):
-    with pytest.raises(ValueError, match=r"features have shape \(4,\) but the first layer "
-                                         r"\(Dense layer\) expects \(5,\)") as e:
+    with pytest.raises(ValueError, match=r"the features \(column 'features'\) has per-row shape "
+                                         r"\(4,\) but the first layer \(Dense layer\) expects "
+                                         r"\(5,\)") as e:
         fit_spark(df_of(spark, rows(x=X[:, :4])))
     assert_clean(e)
 

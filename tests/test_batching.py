@@ -7,8 +7,8 @@ per epoch, and the random streams are reproducible from (seed, step, partition).
 import numpy as np
 import pytest
 
-from layers.batching import batch_sizes, epoch_order, local_batches, step_rng, steps_per_epoch
-from layers.params import block_bounds
+from rddtensor.layers.batching import batch_sizes, epoch_order, local_batches, step_rng, steps_per_epoch
+from rddtensor.layers.params import block_bounds
 
 # (n_total, batch_size, partition boundaries): uneven, with an empty range, and a single one
 PARTITIONINGS = [

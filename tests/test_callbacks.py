@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-import layers as L
-from layers.callbacks import (Callback, CSVLogger, EarlyStopping, LambdaCallback,
+from rddtensor import layers as L
+from rddtensor.layers.callbacks import (Callback, CSVLogger, EarlyStopping, LambdaCallback,
                               LearningRateScheduler, ModelCheckpoint)
-from optim import SGD, Adam
+from rddtensor.optim import SGD, Adam
 
 
 def _data(n=96, seed=0):

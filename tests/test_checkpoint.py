@@ -1,4 +1,4 @@
-"""Checkpoints and resume (``layers.checkpoint``, ``rddtensor.checkpoint``).
+"""Checkpoints and resume (``rddtensor.layers.checkpoint``, ``rddtensor.checkpoint``).
 
 The promise: interrupt a fit anywhere (an epoch boundary or mid-epoch, in process or on Spark),
 resume from the newest complete checkpoint, and end with weights, optimizer slots, step and the
@@ -16,9 +16,9 @@ import os
 import numpy as np
 import pytest
 
-import layers as L
-from layers import checkpoint as C
-from optim import SGD, Adam
+from rddtensor import layers as L
+from rddtensor.layers import checkpoint as C
+from rddtensor.optim import SGD, Adam
 
 _rng = np.random.default_rng(3)
 X = _rng.normal(size=(30, 5)).astype(np.float32)

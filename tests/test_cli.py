@@ -154,7 +154,7 @@ def test_train_libsvm_regression_and_predict(spark, tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(config))
     assert main(["train", "--config", str(tmp_path / "c.json"), "--data",
                  str(tmp_path / "data.libsvm"), "--output", str(tmp_path / "m"), "-q"]) == 0
-    import layers as L
+    from rddtensor import layers as L
     W = L.load_model(str(tmp_path / "m")).get_weights()
     np.testing.assert_allclose(W[0].ravel(), [1.5, -2.0, 0.5], atol=0.1)
     assert main(["predict", "--model", str(tmp_path / "m"), "--data",

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-import optim.clipping as clipping
-from optim.clipping import (clip_by_global_norm, clip_by_value, global_norm, norm_clip_scale,
+import rddtensor.optim.clipping as clipping
+from rddtensor.optim.clipping import (clip_by_global_norm, clip_by_value, global_norm, norm_clip_scale,
                             sum_of_squares)
 
 

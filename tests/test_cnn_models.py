@@ -6,10 +6,10 @@ to reconstruct them, (c) distributed ``fit`` on an RDD equals in-process ``fit``
 import numpy as np
 import pytest
 
-import layers as L
-from layers.conv import Conv2D, Conv2DTranspose
-from layers.pooling import MaxPool2D, UpSampling2D
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.layers.conv import Conv2D, Conv2DTranspose
+from rddtensor.layers.pooling import MaxPool2D, UpSampling2D
+from rddtensor.optim import Adam
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from gradcheck import check_layer
 
-import layers as L
-from layers.base import layer_class
-from layers.conv import Conv1D, Conv2D, Conv2DTranspose
-import layers.conv as conv_module
-from layers.im2col import col2im, im2col, matmul_col2im
-from layers.pooling import MaxPool2D
-from layers.winograd import winograd_conv3x3
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.layers.base import layer_class
+from rddtensor.layers.conv import Conv1D, Conv2D, Conv2DTranspose
+import rddtensor.layers.conv as conv_module
+from rddtensor.layers.im2col import col2im, im2col, matmul_col2im
+from rddtensor.layers.pooling import MaxPool2D
+from rddtensor.layers.winograd import winograd_conv3x3
+from rddtensor.optim import Adam
 
 
 def _built(layer, input_shape, seed=0, dtype=np.float64):
@@ -608,7 +608,7 @@ def test_param_shapes_before_build():
 def test_docstring_examples_run():
     import doctest
 
-    import layers.im2col as im2col_module
-    import layers.winograd as winograd_module
+    import rddtensor.layers.im2col as im2col_module
+    import rddtensor.layers.winograd as winograd_module
     for module in (conv_module, im2col_module, winograd_module):
         assert doctest.testmod(module).failed == 0

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from gradcheck import check_layer
 
-import layers as L
-from layers.base import layer_class
+from rddtensor import layers as L
+from rddtensor.layers.base import layer_class
 
 
 # --- Dropout -------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ import pytest
 import scipy.sparse
 from gradcheck import check_layer
 
-import layers as L
-from layers.activations import ACTIVATION_DEFAULTS
-from layers.base import layer_class
-from layers.initializers import INITIALIZERS, compute_fans, initialize
+from rddtensor import layers as L
+from rddtensor.layers.activations import ACTIVATION_DEFAULTS
+from rddtensor.layers.base import layer_class
+from rddtensor.layers.initializers import INITIALIZERS, compute_fans, initialize
 
 ACTIVATIONS = sorted(ACTIVATION_DEFAULTS)
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor import backend, device
 from rddtensor.cli import main
 

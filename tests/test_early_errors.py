@@ -20,9 +20,9 @@ import warnings
 import numpy as np
 import pytest
 
-import layers as L
-from layers.callbacks import LearningRateScheduler
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.layers.callbacks import LearningRateScheduler
+from rddtensor.optim import Adam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +104,7 @@ def test_validation_dataframe_of_another_width_is_named(spark, sc):
 _NOISY_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
-    import layers as L
+    from rddtensor import layers as L
     from rddtensor.session import get_spark
 
     spark = get_spark("local[2]")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from gradcheck import check_grad
 
-import layers as L
-from layers.base import layer_class
-from layers.embedding import Embedding
-from layers.recurrent import LSTM
+from rddtensor import layers as L
+from rddtensor.layers.base import layer_class
+from rddtensor.layers.embedding import Embedding
+from rddtensor.layers.recurrent import LSTM
 
 IDS = np.array([[1, 4, 4, 0], [9, 0, 3, 4], [2, 2, 2, 7]])
 

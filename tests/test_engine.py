@@ -13,9 +13,9 @@ import functools
 import numpy as np
 import pytest
 
-import layers as L
-from layers.params import block_bounds
-from optim import LARS, SGD, Adam
+from rddtensor import layers as L
+from rddtensor.layers.params import block_bounds
+from rddtensor.optim import LARS, SGD, Adam
 from rddtensor import allreduce as AR
 from rddtensor.engine import ParameterState
 
@@ -458,7 +458,7 @@ def test_choose_explicit_and_errors():
 def test_parameter_state_tensor_view(sc, strategy):
     m = classifier()
     m.build()
-    m._init_slots()
+    m.init_slots()
     rng = np.random.default_rng(0)
     for k in m.slots:
         m.slots[k][...] = rng.normal(size=m.layout.size).astype(np.float32) ** 2
@@ -488,7 +488,7 @@ def test_runner_state_tensor_after_training(sc):
     ref.fit(X, y, verbose=0, **{**kw, "epochs": 1})
     m = make()
     m.build()
-    m._init_slots()
+    m.init_slots()
     shards = make_shards(chunked_rdd(sc, pairs(X, y), LAYOUTS["uneven"]))
     runner = DistributedRunner(m, shards, AR.Sharded(), batch_size=kw["batch_size"],
                                shuffle=True, seed=kw["seed"], class_weight=None,

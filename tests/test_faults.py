@@ -23,8 +23,8 @@ from rddtensor import faults
 COMMON = textwrap.dedent("""
     import os, signal, threading, time
     import numpy as np
-    import layers as L
-    from optim import Adam
+    from rddtensor import layers as L
+    from rddtensor.optim import Adam
     from rddtensor.session import get_spark
 
     rng = np.random.default_rng(11)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import layers as L
-from layers.training import gradient_step
-import optim
-from optim import get_loss
+from rddtensor import layers as L
+from rddtensor.layers.training import gradient_step
+from rddtensor import optim
+from rddtensor.optim import get_loss
 
 
 def _tol(dtype):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor import device
 
 pytestmark = pytest.mark.gpu

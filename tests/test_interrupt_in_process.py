@@ -9,8 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.layers.training import FitInterrupted
+from rddtensor.optim import Adam
 
 
 def _model():
@@ -30,7 +31,8 @@ def test_ctrl_c_leaves_the_last_completed_step(delay):
     model = _model()
     timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.warns(FitInterrupted, match="the model holds the weights, optimizer slots and "
+                                            "step of"), pytest.raises(KeyboardInterrupt):
         model.fit(X, y, epochs=100_000, batch_size=512, verbose=0)  # one step per epoch
     timer.join()
     t = model.step  # (0 if the interrupt came before the first step)
@@ -44,7 +46,6 @@ def test_ctrl_c_leaves_the_last_completed_step(delay):
 
 
 def test_an_error_in_a_callback_keeps_the_progress_and_says_so():
-    from rddtensor.errors import FitInterrupted
     rng = np.random.default_rng(1)
     X = rng.normal(size=(96, 16)).astype(np.float32)
     y = rng.integers(0, 3, 96)

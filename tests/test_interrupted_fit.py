@@ -18,9 +18,9 @@ import textwrap
 import numpy as np
 import pytest
 
-import layers as L
-from layers.callbacks import LambdaCallback
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.layers.callbacks import LambdaCallback
+from rddtensor.optim import Adam
 from rddtensor.errors import FitInterrupted
 
 pytestmark = pytest.mark.spark
@@ -130,8 +130,8 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_completed_epoch(data, aft
 _SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, threading, time, warnings
     import numpy as np
-    import layers as L
-    from layers.callbacks import Callback, LambdaCallback, ModelCheckpoint
+    from rddtensor import layers as L
+    from rddtensor.layers.callbacks import Callback, LambdaCallback, ModelCheckpoint
     from rddtensor.errors import FitInterrupted
     from rddtensor.session import get_spark
 

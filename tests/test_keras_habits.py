@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-import layers as L
-from optim import SGD, Adam
+from rddtensor import layers as L
+from rddtensor.optim import SGD, Adam
 
 
 def _data(n=200, seed=0):

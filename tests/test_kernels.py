@@ -1,7 +1,7 @@
 """``rddtensor.kernels``: generic references equal the library paths; CuPy kernels equal them.
 
-On NumPy the generic implementations must reproduce ``optim.optimizers``, ``layers.activations``
-and ``optim.losses`` bit for bit (same operations, same order), and the LSTM cell the textbook
+On NumPy the generic implementations must reproduce ``rddtensor.optim.optimizers``, ``rddtensor.layers.activations``
+and ``rddtensor.optim.losses`` bit for bit (same operations, same order), and the LSTM cell the textbook
 formulas and PyTorch. The ``gpu`` tests compare every CuPy kernel with its generic path on random
 CuPy inputs; without cupy or a visible GPU they skip.
 """
@@ -16,9 +16,9 @@ import pytest
 import scipy.special
 from gradcheck import check_grad
 
-from layers.activations import activation_forward
-from optim.losses import sparse_categorical_crossentropy
-from optim.optimizers import adam_update, sgd_update
+from rddtensor.layers.activations import activation_forward
+from rddtensor.optim.losses import sparse_categorical_crossentropy
+from rddtensor.optim.optimizers import adam_update, sgd_update
 from rddtensor import kernels
 from rddtensor.kernels import KERNELS, generic, kernel_or_generic
 
@@ -250,16 +250,14 @@ CONV_GEOMETRIES = [
 
 
 @pytest.mark.parametrize("geometry", range(len(CONV_GEOMETRIES)))
-def test_generic_im2col_col2im_are_the_layers_and_adjoint(geometry):
-    from layers.im2col import col2im, im2col
+def test_im2col_col2im_are_adjoint(geometry):
+    from rddtensor.layers.im2col import col2im, im2col
     x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[geometry]
     rng = np.random.default_rng(geometry)
     X = rng.standard_normal(x_shape)
     cols, out = im2col(X, kernel, strides, dilation, pads)
-    np.testing.assert_array_equal(kernels.im2col_generic(X, kernel, strides, dilation, pads), cols)
     C = rng.standard_normal(cols.shape)
-    dX = kernels.col2im_generic(C, x_shape, kernel, strides, dilation, pads, out)
-    np.testing.assert_array_equal(dX, col2im(C, x_shape, kernel, strides, dilation, pads, out))
+    dX = col2im(C, x_shape, kernel, strides, dilation, pads, out)
     # <im2col(X), C> == <X, col2im(C)>: col2im is the adjoint the backward pass needs
     assert np.isclose(np.vdot(cols, C), np.vdot(X, dX), rtol=1e-12)
 
@@ -268,7 +266,7 @@ def test_generic_im2col_col2im_are_the_layers_and_adjoint(geometry):
 @pytest.mark.parametrize("geometry", range(len(CONV_GEOMETRIES)))
 def test_matmul_col2im_equals_col2im_of_the_product(geometry, groups):
     # the GPU strategy: one GEMM, then the col2im kernel, instead of one GEMM per offset
-    from layers.im2col import col2im, im2col, matmul_col2im
+    from rddtensor.layers.im2col import col2im, im2col, matmul_col2im
     x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[geometry]
     x_shape = (x_shape[0], 2 * groups, *x_shape[2:])
     rng = np.random.default_rng(20 + geometry)
@@ -314,9 +312,10 @@ def test_every_kernel_has_both_implementations():
     assert set(KERNELS) == {"adam", "sgd", "relu_backward", "gelu_tanh_backward",
                             "sigmoid_backward", "tanh_backward", "lstm_cell_forward",
                             "lstm_cell_backward", "gru_cell_forward", "gru_cell_backward",
-                            "softmax_cross_entropy", "im2col", "col2im"}
+                            "softmax_cross_entropy"}
     for name, (gen, cup) in KERNELS.items():
         assert callable(gen) and callable(cup), name
+    assert set(kernels.CUPY_ONLY) == {"im2col", "col2im"}  # reference: rddtensor.layers.im2col
 
 
 def test_unknown_kernel_is_named():
@@ -468,12 +467,12 @@ def test_gpu_im2col_col2im_kernels(cp, geometry, dtype):
     x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[geometry]
     rng = np.random.default_rng(geometry)
     X = rng.standard_normal(x_shape).astype(dtype)
-    ref = kernels.im2col_generic(X, kernel, strides, dilation, pads)
-    got = kernels.cupy_kernel("im2col")(cp.asarray(X), kernel, strides, dilation, pads)
+    from rddtensor.layers.im2col import col2im_strided, im2col_strided
+    ref, out = im2col_strided(X, kernel, strides, dilation, pads)
+    got = kernels.cupy_kernel("im2col")(cp.asarray(X), kernel, strides, dilation, pads, out)
     np.testing.assert_array_equal(cp.asnumpy(got), ref)  # a gather: exact
-    out = ref.shape[-2:]
     C = rng.standard_normal(ref.shape).astype(dtype)
-    ref_dX = kernels.col2im_generic(C, x_shape, kernel, strides, dilation, pads, out)
+    ref_dX = col2im_strided(C, x_shape, kernel, strides, dilation, pads, out)
     got_dX = kernels.cupy_kernel("col2im")(cp.asarray(C), x_shape, kernel, strides, dilation,
                                            pads, out)
     # the same additions in the same order as the slice-adds (equal up to rounding at most)
@@ -482,12 +481,12 @@ def test_gpu_im2col_col2im_kernels(cp, geometry, dtype):
 
 @pytest.mark.gpu
 def test_gpu_conv_layers_take_the_kernels(cp, monkeypatch):
-    from layers.im2col import col2im, im2col, matmul_col2im
+    from rddtensor.layers.im2col import col2im, im2col, matmul_col2im
     x_shape, kernel, strides, dilation, pads = CONV_GEOMETRIES[1]
     X = cp.asarray(np.random.default_rng(0).standard_normal(x_shape).astype(np.float32))
     calls = []
     real = kernels.cupy_kernel
-    monkeypatch.setattr("layers.im2col.cupy_kernel", lambda n: calls.append(n) or real(n))
+    monkeypatch.setattr("rddtensor.layers.im2col.cupy_kernel", lambda n: calls.append(n) or real(n))
     cols, out = im2col(X, kernel, strides, dilation, pads)
     col2im(cols, x_shape, kernel, strides, dilation, pads, out)
     A = cp.ones((1, x_shape[1] * 6, 2), np.float32)

@@ -22,8 +22,8 @@ import scenarios
 # shared by the cluster run and the in-process reference
 SETUP = textwrap.dedent("""
     import numpy as np
-    import layers as L
-    from optim import Adam
+    from rddtensor import layers as L
+    from rddtensor.optim import Adam
 
     rng = np.random.default_rng(11)
     X = rng.normal(size=(24, 5)).astype(np.float32)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from gradcheck import check_loss
 
-import optim.losses as losses_module
-from optim.losses import (BinaryCrossentropy, CategoricalCrossentropy, Hinge, Huber, Loss,
+import rddtensor.optim.losses as losses_module
+from rddtensor.optim.losses import (BinaryCrossentropy, CategoricalCrossentropy, Hinge, Huber, Loss,
                           SparseCategoricalCrossentropy, binary_crossentropy,
                           categorical_crossentropy, get_loss, hinge, huber, mae, mse,
                           sparse_categorical_crossentropy)
@@ -379,7 +379,7 @@ def test_get_loss():
         assert repr(get_loss(config.pop("name"), **config)) == repr(loss)
     with pytest.raises(ValueError, match=r"unknown loss 'xyz'; known losses: \[.*'mse'"):
         get_loss("xyz")
-    with pytest.raises(TypeError, match="subclass optim.losses.Loss"):
+    with pytest.raises(TypeError, match="subclass rddtensor.optim.losses.Loss"):
         get_loss(lambda Y, y: (0.0, Y))
 
 

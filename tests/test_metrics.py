@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-import optim.metrics as metrics_module
-from optim.losses import binary_crossentropy, hinge, sparse_categorical_crossentropy
-from optim.metrics import (MAE, MSE, RMSE, ROCAUC, Accuracy, ConfusionMatrix, F1, Metric,
+import rddtensor.optim.metrics as metrics_module
+from rddtensor.optim.losses import binary_crossentropy, hinge, sparse_categorical_crossentropy
+from rddtensor.optim.metrics import (MAE, MSE, RMSE, ROCAUC, Accuracy, ConfusionMatrix, F1, Metric,
                            Precision, Recall, TopKAccuracy, get_metric)
 
 N, C = 600, 6

@@ -1,4 +1,4 @@
-"""``rddtensor.ml.columns``: feature columns (vectors, arrays, image structs) to numpy batches.
+"""``rddtensor.columns``: feature columns (vectors, arrays, image structs) to numpy batches.
 
 The Arrow path (``transform``) and the row path (training, through ``make_shards``) must decode
 the same values to the same arrays. No Spark here: Arrow batches are built with pyarrow in the
@@ -13,9 +13,9 @@ import scipy.sparse
 from pyspark.ml.linalg import Vectors
 from pyspark.sql import Row
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor import wire
-from rddtensor.ml import columns as C
+from rddtensor import columns as C
 
 _rng = np.random.default_rng(0)
 

@@ -17,7 +17,7 @@ from pyspark.ml.evaluation import (BinaryClassificationEvaluator,
 from pyspark.ml.feature import StandardScaler, StringIndexer, VectorAssembler
 from pyspark.ml.linalg import Vectors
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor.ml import (NNClassificationModel, NNClassifier, NNEstimator, NNModel,
                           NNRegressor)
 

@@ -16,10 +16,10 @@ import pytest
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 from pyspark.ml.functions import vector_to_array
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor import wire
 from rddtensor.ml import NNClassifier
-from rddtensor.ml.columns import SparseRows
+from rddtensor.columns import SparseRows
 from rddtensor.shards import make_shards
 
 pytestmark = pytest.mark.spark

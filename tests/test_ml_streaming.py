@@ -13,8 +13,8 @@ import pytest
 from pyspark.ml import PipelineModel
 from pyspark.ml.feature import VectorAssembler
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.optim import Adam
 from rddtensor.ml import NNClassificationModel
 
 pytestmark = pytest.mark.spark

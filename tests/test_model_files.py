@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-import layers as L
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.optim import Adam
 
 MARKER_NAME = "pwned"
 

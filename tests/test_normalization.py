@@ -1,4 +1,4 @@
-"""BatchNorm and LayerNorm (``layers.normalization``).
+"""BatchNorm and LayerNorm (``rddtensor.layers.normalization``).
 
 Gradient checks (float64, trainable weights and input; a buffer's entry in ``grads`` is its
 change, checked against the running-average formula instead), PyTorch comparisons (train and eval
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from gradcheck import check_grad
 
-import layers as L
-from layers import normalization
-from layers.base import layer_class
-from layers.batching import step_rng
-from layers.normalization import BatchNorm, LayerNorm
-from layers.training import gradient_step, optimizer_step
-from optim import SGD
+from rddtensor import layers as L
+from rddtensor.layers import normalization
+from rddtensor.layers.base import layer_class
+from rddtensor.layers.batching import step_rng
+from rddtensor.layers.normalization import BatchNorm, LayerNorm
+from rddtensor.layers.training import gradient_step, optimizer_step
+from rddtensor.optim import SGD
 
 BUFFERS = ("running_mean", "running_var")
 
@@ -464,7 +464,7 @@ def test_partitions_normalise_locally_and_share_weight_running_stats(sc, sizes, 
 
     # the trainable weights follow per-partition statistics: the sum of per-partition steps
     ref = dist_model().build()
-    ref._init_slots()
+    ref.init_slots()
     for step in range(1, steps + 1):
         grads = [gradient_step(ref, ref.theta, p.astype(np.float32), y, loss=ref.loss,
                                n_batch=12, rng=step_rng(0, step, j))[0]

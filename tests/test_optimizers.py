@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-import optim.optimizers as optimizers
-from optim.optimizers import (LAMB, LARS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop,
+import rddtensor.optim.optimizers as optimizers
+from rddtensor.optim.optimizers import (LAMB, LARS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop,
                               get_optimizer, lamb_direction, lamb_update, lars_update,
                               segment_norms, serialize_optimizer, trust_ratio_update)
-from optim.schedules import CosineDecay, LinearWarmup, StepDecay
+from rddtensor.optim.schedules import CosineDecay, LinearWarmup, StepDecay
 
 N_STEPS = 5
 

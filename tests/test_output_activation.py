@@ -15,9 +15,9 @@ import warnings
 import numpy as np
 import pytest
 
-import layers as L
-from optim import SGD
-from optim.losses import (BinaryCrossentropy, CategoricalCrossentropy,
+from rddtensor import layers as L
+from rddtensor.optim import SGD
+from rddtensor.optim.losses import (BinaryCrossentropy, CategoricalCrossentropy,
                           SparseCategoricalCrossentropy, get_loss)
 
 torch = pytest.importorskip("torch")

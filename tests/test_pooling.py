@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gradcheck import check_layer
 
-from layers.base import layer_class
-from layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D, UpSampling2D
+from rddtensor.layers.base import layer_class
+from rddtensor.layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D, UpSampling2D
 
 # (layer factory, per-sample input shape); inputs are standard normal, so no window has ties
 CASES = {
@@ -231,5 +231,5 @@ def test_built_pool_checks_channels():
 def test_docstring_examples_run():
     import doctest
 
-    import layers.pooling as pooling_module
+    import rddtensor.layers.pooling as pooling_module
     assert doctest.testmod(pooling_module).failed == 0

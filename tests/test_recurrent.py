@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from gradcheck import check_grad, check_layer
 
-import layers as L
-from layers.base import layer_class
-from layers.recurrent import GRU, LSTM, SimpleRNN, valid_steps
-from layers.wrappers import Bidirectional, TimeDistributed, reverse_index
+from rddtensor import layers as L
+from rddtensor.layers.base import layer_class
+from rddtensor.layers.recurrent import GRU, LSTM, SimpleRNN, valid_steps
+from rddtensor.layers.wrappers import Bidirectional, TimeDistributed, reverse_index
 
 CELLS = {"SimpleRNN": SimpleRNN, "LSTM": LSTM, "GRU": GRU}
 TORCH_NAMES = [("W_ih", "weight_ih_l0"), ("W_hh", "weight_hh_l0"), ("b_ih", "bias_ih_l0"),
@@ -352,7 +352,7 @@ def test_time_distributed_dense_equals_dense_on_3d():
 
 
 def test_time_distributed_keeps_none_input_gradient():
-    from layers.embedding import Embedding
+    from rddtensor.layers.embedding import Embedding
     td = TimeDistributed(Embedding(10, 2))
     params = _built(td, (3, 4))
     Y, bp = td.forward(params, np.random.default_rng(0).integers(0, 10, (2, 3, 4)))

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-import optim.schedules as schedules
-from optim.schedules import (Constant, CosineDecay, ExponentialDecay, LinearWarmup, Schedule,
+import rddtensor.optim.schedules as schedules
+from rddtensor.optim.schedules import (Constant, CosineDecay, ExponentialDecay, LinearWarmup, Schedule,
                              StepDecay, get_schedule, serialize_schedule)
 
 

@@ -3,10 +3,10 @@ train like PyTorch step for step, and train the same on Spark as in process."""
 import numpy as np
 import pytest
 
-import layers as L
-from layers.embedding import Embedding
-from layers.recurrent import GRU, LSTM
-from optim import Adam
+from rddtensor import layers as L
+from rddtensor.layers.embedding import Embedding
+from rddtensor.layers.recurrent import GRU, LSTM
+from rddtensor.optim import Adam
 
 
 def _classifier(*layers, seed=0, lr=1e-2):

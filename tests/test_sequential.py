@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-import layers as L
-from optim import SGD, Adam, get_loss
+from rddtensor import layers as L
+from rddtensor.optim import SGD, Adam, get_loss
 
 
 def small_mlp(seed=0, dropout=False):

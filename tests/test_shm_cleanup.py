@@ -27,8 +27,8 @@ JVM_OPTIONS = "-XX:TieredStopAtLevel=1"  # as tests/scenarios.py: these JVMs liv
 # a driver that fits a small Dense model (P = 2,306) on local[2] until it is killed
 DRIVER = textwrap.dedent("""
     import numpy as np
-    import layers as L
-    from optim import SGD
+    from rddtensor import layers as L
+    from rddtensor.optim import SGD
     from rddtensor.session import get_spark
     spark = get_spark("local[2]", conf={"spark.default.parallelism": "2",
                                         "spark.ui.enabled": "false"})
@@ -142,8 +142,8 @@ def _before() -> set:
 @pytest.mark.slow
 @pytest.mark.spark
 def test_the_next_fit_removes_what_a_sigkilled_driver_left(driver, spark, capsys):
-    import layers as L
-    from optim import SGD
+    from rddtensor import layers as L
+    from rddtensor.optim import SGD
     from rddtensor.cli import main
     before = _before()
     proc = driver()

@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import json, os, sys, time
     import numpy as np
-    import layers as L
-    from optim import Adam
+    from rddtensor import layers as L
+    from rddtensor.optim import Adam
     from rddtensor.session import get_spark
 
     local_dir = sys.argv[1]

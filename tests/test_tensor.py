@@ -3,7 +3,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from layers.params import block_bounds
+from rddtensor.layers.params import block_bounds
 from rddtensor import wire
 from rddtensor.tensor import BlockTensor
 

@@ -7,10 +7,10 @@ Adam reference).
 import numpy as np
 import pytest
 
-import layers as L
-from layers.batching import local_batches, step_rng
-from layers.training import gradient_step
-from optim import SGD, Adam
+from rddtensor import layers as L
+from rddtensor.layers.batching import local_batches, step_rng
+from rddtensor.layers.training import gradient_step
+from rddtensor.optim import SGD, Adam
 
 
 def separable(n=200, seed=0, margin=0.3):
@@ -330,7 +330,7 @@ def test_matches_pytorch_adam():
 
 
 def test_history_plot_writes_a_png_or_says_what_to_install(tmp_path):
-    from layers.history import History
+    from rddtensor.layers.history import History
     h = History()
     for e, (loss, acc) in enumerate([(1.0, 0.5), (0.5, 0.8)]):
         h.record(e, {"loss": loss, "accuracy": acc, "val_loss": loss + 0.1})

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import layers as L
+from rddtensor import layers as L
 from rddtensor import wire
 
 

@@ -1,7 +1,7 @@
 """Spark ML stages: train and apply rddtensor networks inside ``pyspark.ml`` pipelines.
 
 - ``NNEstimator`` / ``NNRegressor`` / ``NNClassifier``: Estimators whose ``fit`` trains a
-  ``layers.Sequential`` with the distributed engine and returns
+  ``rddtensor.layers.Sequential`` with the distributed engine and returns
 - ``NNModel`` / ``NNClassificationModel``: Models whose ``transform`` predicts on Arrow batches
   (a scalar Arrow UDF; ``mapInArrow`` on older PySpark), on batch and streaming DataFrames
   alike.
@@ -11,7 +11,7 @@ All of them have camelCase Params (``featuresCol``, ``labelCol``, ``batchSize``,
 ``load(path)``, alone or inside a saved ``PipelineModel`` (JSON + ``.npz``, never pickle).
 
 Example:
-    >>> import layers as L
+    >>> from rddtensor import layers as L
     >>> from pyspark.ml import Pipeline
     >>> from pyspark.ml.feature import StandardScaler, VectorAssembler
     >>> from rddtensor.ml import NNClassifier

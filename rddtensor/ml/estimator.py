@@ -12,8 +12,13 @@ import inspect
 from pyspark import keyword_only
 from pyspark.ml import Estimator
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+from pyspark.ml.linalg import VectorUDT
+from pyspark.sql.types import ArrayType, NumericType
 
-from rddtensor.ml.columns import feature_kind
+from rddtensor.engine import fit_distributed
+from rddtensor.layers.sequential import Sequential
+
+from rddtensor.columns import feature_kind
 from rddtensor.ml.model import NNClassificationModel, NNModel
 from rddtensor.ml.network import network_from_json
 from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, loss_from_param,
@@ -22,15 +27,11 @@ from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, loss_fro
 
 def engine_accepts(option: str) -> bool:
     """Whether a distributed ``fit`` takes keyword ``option`` (e.g. ``checkpoint_dir``)."""
-    from layers.sequential import Sequential
-    from rddtensor.engine import fit_distributed
     return option in inspect.signature(Sequential.fit).parameters or \
         option in inspect.signature(fit_distributed).parameters
 
 
 def _check_label(schema, col: str, scalar: bool):
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.sql.types import ArrayType, NumericType
     if col not in schema.names:
         raise ValueError(f"labelCol={col!r}: the DataFrame has no column {col!r}; its columns "
                          f"are {schema.names}")
@@ -45,7 +46,7 @@ def _check_label(schema, col: str, scalar: bool):
 
 
 class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultParamsReadable):
-    """Trains a ``layers.Sequential`` on a DataFrame; ``fit`` returns an ``NNModel``.
+    """Trains a ``rddtensor.layers.Sequential`` on a DataFrame; ``fit`` returns an ``NNModel``.
 
     Features come from ``featuresCol`` (a vector column, dense or sparse; ``array<float>`` /
     ``array<int>`` sequences; image structs from ``spark.read.format("image")``, decoded to
@@ -55,7 +56,7 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
     distributed engine; the optimizer is ``optimizer`` with learning rate ``learningRate``.
 
     Example:
-        >>> import layers as L
+        >>> from rddtensor import layers as L
         >>> net = L.Sequential([L.Dense(16, activation="relu", input_shape=(4,)), L.Dense(1)])
         >>> est = NNEstimator(network=net, loss="mse", maxEpoch=5, batchSize=64)
         >>> model = est.fit(train_df)                 # doctest: +SKIP
@@ -131,7 +132,7 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
     # --- fit ----------------------------------------------------------------------------------
     def _network(self):
         if not self.isDefined(self.network):
-            raise ValueError(f"{type(self).__name__}: set network=... (a layers.Sequential) "
+            raise ValueError(f"{type(self).__name__}: set network=... (a rddtensor.layers.Sequential) "
                              "before fit")
         model = network_from_json(self.getNetwork(), seed=self.getSeed())
         model.compile(optimizer=optimizer_from_params(self.getOptimizer(),
@@ -192,7 +193,7 @@ class NNClassifier(NNEstimator, NNClassifierParams):
     and ``BinaryClassificationEvaluator`` read.
 
     Example:
-        >>> import layers as L
+        >>> from rddtensor import layers as L
         >>> net = L.Sequential([L.Dense(32, activation="relu", input_shape=(64,)), L.Dense(10)])
         >>> clf = NNClassifier(network=net, maxEpoch=10, batchSize=64, learningRate=3e-3)
         >>> pipeline = Pipeline(stages=[assembler, scaler, clf])   # doctest: +SKIP

@@ -4,9 +4,12 @@ from __future__ import annotations
 from pyspark import keyword_only
 from pyspark.ml import Model
 from pyspark.ml.util import MLReadable, MLWritable
+from pyspark.ml.linalg import VectorUDT
+from pyspark.sql.types import DoubleType
 
+from rddtensor.layers.sequential import Sequential
 from rddtensor.ml import network as net
-from rddtensor.ml.columns import feature_kind
+from rddtensor.columns import feature_kind
 from rddtensor.ml.params import NNClassificationModelParams, NNModelParams
 from rddtensor.ml.persistence import NNModelReader, NNModelWriter
 from rddtensor.ml.transform import transform as arrow_transform
@@ -20,13 +23,13 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
     with the weights shipped once per executor, so it also runs on a streaming DataFrame.
 
     Args:
-        network: a built ``layers.Sequential`` (weights included), e.g. trained with
+        network: a built ``rddtensor.layers.Sequential`` (weights included), e.g. trained with
             ``model.fit``; ``NNEstimator.fit`` makes this for you.
         featuresCol, predictionCol: column names.
         inferenceBatchSize: rows per forward pass.
 
     Example:
-        >>> import layers as L
+        >>> from rddtensor import layers as L
         >>> m = L.Sequential([L.Dense(1, input_shape=(3,))], seed=0)
         >>> model = NNModel(network=m.build())
         >>> model.transform(df).select("prediction")   # doctest: +SKIP
@@ -49,9 +52,8 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         self._set(**kwargs)
 
     def _set_network(self, model):
-        from layers.sequential import Sequential
         if not isinstance(model, Sequential):
-            raise TypeError(f"network must be a layers.Sequential, got {type(model).__name__}")
+            raise TypeError(f"network must be a rddtensor.layers.Sequential, got {type(model).__name__}")
         if not model.built:
             raise ValueError("network is not built: train it, or call network.build(input_shape) "
                              "so that it has weights")
@@ -59,7 +61,7 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
 
     @property
     def network(self):
-        """The trained ``layers.Sequential``."""
+        """The trained ``rddtensor.layers.Sequential``."""
         if self._network is None:
             raise ValueError(f"{type(self).__name__} has no network: pass network=... or fit an "
                              "estimator")
@@ -88,8 +90,6 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         return {k: v for k, v in cols.items() if v}
 
     def _output_types(self) -> dict:
-        from pyspark.ml.linalg import VectorUDT
-        from pyspark.sql.types import DoubleType
         n_out = 1
         for s in self.network.output_shape:
             n_out *= int(s)
@@ -178,7 +178,5 @@ class NNClassificationModel(NNModel, NNClassificationModelParams):
         return {k: v for k, v in cols.items() if v}
 
     def _output_types(self) -> dict:
-        from pyspark.ml.linalg import VectorUDT
-        from pyspark.sql.types import DoubleType
         return {"rawPrediction": VectorUDT(), "probability": VectorUDT(),
                 "prediction": DoubleType()}

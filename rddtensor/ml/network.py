@@ -13,11 +13,12 @@ import json
 import numpy as np
 
 from rddtensor import wire
+from rddtensor.layers.sequential import Sequential
+from rddtensor.optim import get_loss
 
 
 def network_json(value) -> str:
     """The ``network`` Param's value: a ``Sequential``, its config dict or JSON text -> JSON text."""
-    from layers.sequential import Sequential
     if isinstance(value, Sequential):
         config = value.get_config()
     elif isinstance(value, dict):
@@ -28,7 +29,7 @@ def network_json(value) -> str:
         except json.JSONDecodeError as e:
             raise ValueError(f"network: not valid JSON ({e})") from None
     else:
-        raise TypeError(f"network must be a layers.Sequential, its get_config() dict or that "
+        raise TypeError(f"network must be a rddtensor.layers.Sequential, its get_config() dict or that "
                         f"dict as JSON, got {type(value).__name__}")
     if not isinstance(config, dict) or not isinstance(config.get("layers"), list) \
             or not config["layers"]:
@@ -40,7 +41,6 @@ def network_json(value) -> str:
 
 def network_from_json(text: str, seed=None):
     """A fresh, unbuilt ``Sequential`` from the ``network`` Param."""
-    from layers.sequential import Sequential
     model = Sequential.from_config(json.loads(text))
     model.seed = seed
     return model
@@ -59,7 +59,7 @@ def _loss_config(model):
 
 def encode(model) -> bytes:
     """A built model as one wire record: config, input shape, loss config, parameters."""
-    model._require_built()
+    model.ensure_built()
     meta = {"config": model.get_config(), "input_shape": list(model.input_shape),
             "loss": _loss_config(model)}
     return wire.pack("network", meta, {k: model.params[k] for k in model.layout.keys})
@@ -67,7 +67,6 @@ def encode(model) -> bytes:
 
 def decode(payload: bytes):
     """Inverse of ``encode``: a built ``Sequential`` (compiled with the loss, if there was one)."""
-    from layers.sequential import Sequential
     kind, meta, arrays = wire.unpack(payload)
     if kind != "network":
         raise ValueError(f"expected a network record, got {kind!r}")
@@ -76,7 +75,6 @@ def decode(payload: bytes):
     model.set_weights([arrays[k] for k in model.layout.keys])
     if meta.get("loss") is not None:
         loss = dict(meta["loss"])
-        from optim import get_loss
         model.loss = get_loss(loss.pop("name"), **loss)
     return model
 

@@ -13,6 +13,8 @@ from pyspark.ml.param.shared import (HasFeaturesCol, HasLabelCol, HasPredictionC
                                      HasProbabilityCol, HasRawPredictionCol, HasSeed)
 
 from rddtensor.ml.network import network_json
+from rddtensor.optim import Loss, Optimizer, get_loss, get_optimizer
+from rddtensor.optim.optimizers import serialize_optimizer
 
 ALLREDUCE = ("auto", "sharded", "replicated")
 
@@ -57,10 +59,8 @@ def _allreduce(value):
 
 
 def _optimizer(value):
-    """A name (``"adam"``), an ``optim`` optimizer or its ``{"class_name", "config"}`` dict ->
+    """A name (``"adam"``), an ``rddtensor.optim`` optimizer or its ``{"class_name", "config"}`` dict ->
     the name or the dict as JSON text."""
-    from optim import Optimizer, get_optimizer
-    from optim.optimizers import serialize_optimizer
     if isinstance(value, Optimizer):
         value = serialize_optimizer(value)
     if isinstance(value, dict):
@@ -74,8 +74,7 @@ def _optimizer(value):
 
 
 def _loss(value):
-    """A loss name (``"mse"``), an ``optim.Loss`` or its config dict -> the name or JSON text."""
-    from optim import Loss
+    """A loss name (``"mse"``), an ``rddtensor.optim.Loss`` or its config dict -> the name or JSON text."""
     if isinstance(value, Loss):
         value = value.get_config()
     if isinstance(value, dict):
@@ -89,7 +88,6 @@ def _loss(value):
 
 
 def loss_from_param(value: str):
-    from optim import get_loss
     if value.lstrip().startswith("{"):
         config = dict(json.loads(value))
         return get_loss(config.pop("name"), **config)
@@ -98,8 +96,6 @@ def loss_from_param(value: str):
 
 def optimizer_from_params(name_or_json: str, learning_rate: float):
     """The optimizer of the ``optimizer`` Param with its learning rate set to ``learningRate``."""
-    from optim import get_optimizer
-    from optim.optimizers import serialize_optimizer
     spec = json.loads(name_or_json) if name_or_json.lstrip().startswith("{") else name_or_json
     config = serialize_optimizer(get_optimizer(spec))
     config["config"]["lr"] = float(learning_rate)
@@ -132,7 +128,7 @@ class NNEstimatorParams(NNModelParams, HasLabelCol, HasSeed):
     """Params of ``NNEstimator`` (and of its subclasses)."""
 
     network = Param(Params._dummy(), "network",
-                    "the network to train: a layers.Sequential, its get_config() dict or that "
+                    "the network to train: a rddtensor.layers.Sequential, its get_config() dict or that "
                     "dict as JSON (kept as JSON; weights start from seed)",
                     typeConverter=network_json)
     batchSize = Param(Params._dummy(), "batchSize", "global mini-batch size for training",

@@ -3,7 +3,7 @@
 A saved model is a directory::
 
     path/metadata/     Spark ML's JSON metadata (class, uid, Params, training history)
-    path/network/      the network as ``layers.Sequential.save`` writes it:
+    path/network/      the network as ``rddtensor.layers.Sequential.save`` writes it:
                        model.json (architecture, loss) + weights.npz
 
 Nothing is pickled: metadata and config are JSON, weights load with ``allow_pickle=False``, so
@@ -20,6 +20,9 @@ import tempfile
 from urllib.parse import urlparse
 
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
+
+from rddtensor.layers.sequential import load_model
+from rddtensor.version import __version__
 
 
 def _is_local(path: str) -> bool:
@@ -55,7 +58,6 @@ def save_network(model, path: str, sc) -> None:
 
 def load_network(path: str, sc):
     """Read a network written by ``save_network`` (validated; never unpickles)."""
-    from layers.serialization import load_model
     if _is_local(path):
         return load_model(path)
     tmp = tempfile.mkdtemp(prefix="rddtensor-load-")
@@ -82,7 +84,6 @@ class NNModelWriter(MLWriter):
         if not self.shouldOverwrite and _exists(self.sc, path):
             raise FileExistsError(f"path {path!r} already exists; use "
                                   "model.write().overwrite().save(path) to replace it")
-        from rddtensor import __version__
         DefaultParamsWriter.saveMetadata(
             self.instance, path, self.sc,
             extraMetadata={"history": self.instance.history, "rddtensorVersion": __version__})
@@ -107,9 +108,17 @@ class NNModelReader(MLReader):
         return instance
 
 
+def _family(cls):
+    """``cls`` and its subclasses, recursively."""
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _family(sub)
+
+
 def _model_class(name: str, requested):
-    from rddtensor.ml import model as M
-    found = {c.__module__ + "." + c.__name__: c for c in (M.NNModel, M.NNClassificationModel)}
+    """The class ``name`` among ``requested`` and its subclasses (``NNModel.load`` reads an
+    ``NNClassificationModel``; the reverse is refused)."""
+    found = {c.__module__ + "." + c.__name__: c for c in _family(requested)}
     cls = found.get(name)
     if cls is None or not issubclass(cls, requested):
         raise ValueError(f"the saved stage is a {name}, not an {requested.__name__}; load it "

@@ -3,7 +3,7 @@
 The trained network crosses to the executors once, as a broadcast of one ``rddtensor.wire``
 record; each Python worker decodes it once into ``_MODELS`` (keyed by the model's fingerprint)
 and keeps it for every later task, micro-batch and query. Each Arrow batch of the features
-column is decoded column-wise (``rddtensor.ml.columns``, no Python per row) and run through the
+column is decoded column-wise (``rddtensor.columns``, no Python per row) and run through the
 network in chunks of ``inferenceBatchSize`` rows.
 
 Two plans, both narrow and both valid on a streaming DataFrame:
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from rddtensor.ml import network as net
-from rddtensor.ml.columns import batch_from_arrow
+from rddtensor.columns import batch_from_arrow
 
 _MODELS: dict = {}  # worker-local: fingerprint -> decoded Sequential
 _MAX_MODELS = 4

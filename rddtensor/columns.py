@@ -14,14 +14,17 @@ they decode to NCHW float32 in ``[0, 1]`` with the channels in RGB(A) order (tor
 ``ToTensor`` convention, so a PyTorch-trained network maps straight in).
 
 Sparse vectors stay sparse (``SparseRows``, a CSR matrix) when every row of a partition or
-batch is sparse and at most ``SPARSE_MAX_DENSITY`` of the entries are stored; ``layers.Dense``
+batch is sparse and at most ``SPARSE_MAX_DENSITY`` of the entries are stored; ``rddtensor.layers.Dense``
 multiplies them without densifying. Denser data is densified: a dense GEMM beats a sparse
 product there.
 """
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse
+from pyspark.ml.linalg import VectorUDT
+from pyspark.sql.types import ArrayType, NumericType, StructType
 
 #: Largest share of stored entries for which sparse vectors stay a CSR matrix.
 SPARSE_MAX_DENSITY = 0.1
@@ -48,8 +51,6 @@ def feature_kind(schema, col: str, param: str = "featuresCol") -> str:
     Raises a ``ValueError`` that names ``param`` and the column when it is missing or of a type
     no network can take.
     """
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.sql.types import ArrayType, NumericType, StructType
     if col not in schema.names:
         raise ValueError(f"{param}={col!r}: the DataFrame has no column {col!r}; its columns "
                          f"are {schema.names}")
@@ -218,7 +219,6 @@ def _vectors(arr, col):
 
 
 def _arrays(arr, col):
-    import pyarrow as pa
     shape, a = [len(arr)], arr
     while pa.types.is_list(a.type) or pa.types.is_large_list(a.type):
         _check_no_nulls(a, col)
@@ -236,7 +236,6 @@ def _arrays(arr, col):
 
 
 def _images(arr, col):
-    import pyarrow as pa
     fields = {arr.type.field(i).name: f for i, f in enumerate(arr.flatten())}
     n = len(arr)
     geometry = [fields[k].to_numpy(zero_copy_only=False) for k in ("height", "width",
