@@ -263,7 +263,7 @@ def test_nnclassifier_columns_with_probability_outputs(spark, output):
     else:
         net = L.Sequential([L.Dense(2, input_shape=(2,)), L.Softmax()], seed=0)
         loss = "sparse_categorical_crossentropy"
-    clf = NNClassifier(network=net, loss=loss, maxEpoch=10, batchSize=50, learningRate=0.1,
+    clf = NNClassifier(network=net, loss=loss, maxEpoch=4, batchSize=100, learningRate=0.5,
                        optimizer="sgd")
     out = clf.fit(df).transform(df).cache()
     pred = np.array([r.prediction for r in out.select("prediction").collect()])
