@@ -125,13 +125,23 @@ def _run_dir(local: dict) -> str:
     return path
 
 
+def _remove_run(path: str) -> None:
+    """Remove a run directory, and the cache root with it once nothing else is left there
+    (``rmdir`` takes an empty directory only: a run another process is writing keeps it)."""
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
+
+
 def _prune_stale_runs(current: str) -> list:
     """Remove the run directories other than ``current`` that no live process owns (see the
     module docstring); return what was removed (``runs``' records)."""
     removed = []
     for r in runs():
         if r["run"] != current and r["stale"]:
-            shutil.rmtree(r["path"], ignore_errors=True)
+            _remove_run(r["path"])
             removed.append(r)
     return removed
 
@@ -291,7 +301,7 @@ def _remove_owned() -> None:
     # (no lock: this runs in a signal handler, maybe while this thread holds it)
     for run in list(_OWNED):
         if os.getpid() == _HOOKS["pid"]:  # (a child forked from the driver leaves them be)
-            shutil.rmtree(os.path.join(root(), run), ignore_errors=True)
+            _remove_run(os.path.join(root(), run))
         fd = _OWNED.pop(run, None)
         if fd is not None:
             os.close(fd)
@@ -359,9 +369,10 @@ def expand(token_meta: dict):
 
 
 def drop_run(run: str) -> None:
-    """Remove a run's cache files on this host (the driver's, at the end of a fit) and, when
+    """Remove a run's cache files on this host (the driver's, at the end of a fit; the cache root
+    too once no run is left) and, when
     this process owns it, release it (``register_run``)."""
-    shutil.rmtree(os.path.join(root(), run), ignore_errors=True)
+    _remove_run(os.path.join(root(), run))
     with _LOCK:
         fd = _OWNED.pop(run, None)
         if fd is not None:

@@ -87,8 +87,12 @@ def test_two_slots_per_kind_overwritten_in_place_and_stale_tokens_miss(cache_roo
     put(2, 4, 40)  # the same step written again by a later job (e.g. a replay)
     with pytest.raises(localcache.CacheMiss, match="holds job 2 step 4"):
         split_records([tokens[4]])
+    localcache.put({"run": "r5", "job": 1}, "grad", 0, 1, {}, {"g": np.ones(2)})
     localcache.drop_run("r4")
     assert not (cache_root / "r4").exists()
+    assert (cache_root / "r5").exists()  # another run keeps the cache root
+    localcache.drop_run("r5")
+    assert not cache_root.exists()  # the last run leaves no empty root behind in /dev/shm
 
 
 def test_stale_runs_are_removed_but_live_ones_kept(cache_root):
