@@ -369,9 +369,9 @@ def expand(token_meta: dict):
 
 
 def drop_run(run: str) -> None:
-    """Remove a run's cache files on this host (the driver's, at the end of a fit; the cache root
-    too once no run is left) and, when
-    this process owns it, release it (``register_run``)."""
+    """Remove a run's cache files on this host (the driver's, at the end of a fit; the cache
+    root too once no run is left) and, when this process owns it, release it
+    (``register_run``)."""
     _remove_run(os.path.join(root(), run))
     with _LOCK:
         fd = _OWNED.pop(run, None)
