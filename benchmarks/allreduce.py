@@ -81,7 +81,7 @@ class SyntheticParams(Layer):
 
 
 def _session():
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
     extra = json.loads(os.environ.get("RDDTENSOR_BENCH_CONF", "{}"))
     return get_spark("local[2]", app_name="bench-allreduce",
                      conf={"spark.driver.memory": "1g", "spark.ui.enabled": "false", **extra})
@@ -143,9 +143,9 @@ def _time_groups(run_group, k: int, repeats: int) -> list:
 
 def _rddtensor(sc, size, mode, k, repeats):
     from rddtensor import layers as L
-    from rddtensor.allreduce import STRATEGIES
-    from rddtensor.engine import DistributedRunner
-    from rddtensor.shards import make_shards
+    from rddtensor.spark.allreduce import STRATEGIES
+    from rddtensor.spark.engine import DistributedRunner
+    from rddtensor.spark.shards import make_shards
     model = L.Sequential([SyntheticParams(size, input_shape=(1,))], seed=0)
     model.compile(optimizer="sgd", loss="mse")
     model.build()
@@ -190,7 +190,7 @@ def _mllib(sc, size, k, repeats):
 
 
 def _floor(sc, passes, k, repeats):
-    from rddtensor import rawrdd
+    from rddtensor.spark import rawrdd
 
     def emit(_, records):
         for _ in records:

@@ -79,9 +79,9 @@ def calibrate(step_seconds: float, probe: int = 128) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from rddtensor.layers.batching import step_rng
-    from rddtensor.layers.training import gradient_step, optimizer_step
-    from rddtensor.runtime import prepare_process
+    from rddtensor.training.batching import step_rng
+    from rddtensor.training.steps import gradient_step, optimizer_step
+    from rddtensor.backend.runtime import prepare_process
     prepare_process()  # as LocalRunner (in-process) and every Spark worker do once
     model = rddtensor_cnn()
     model.build()
@@ -129,7 +129,7 @@ def worker_rddtensor(master, batch, steps, epochs) -> dict:
         model.fit(X, y, epochs=epochs, batch_size=batch, verbose=0, callbacks=[on_epoch])
         extra = {"threads": threads["threads"]}
     else:
-        from rddtensor.session import get_spark
+        from rddtensor.spark.session import get_spark
         spark = get_spark(master, app_name="bench-cnn", conf={"spark.ui.enabled": "false"})
         sc = spark.sparkContext
         parts = sc.defaultParallelism

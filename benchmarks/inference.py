@@ -43,7 +43,7 @@ CONTENDERS = ("rddtensor", "mllib", "rddtensor-udt", "rddtensor-mapInArrow", "ma
 
 
 def _session(driver_memory: str):
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
     return get_spark("local[2]", app_name="rddtensor-inference-bench",
                      conf={"spark.driver.memory": driver_memory,
                            "spark.sql.shuffle.partitions": "2"})

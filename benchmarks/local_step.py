@@ -3,7 +3,7 @@
 One step is forward + loss + backward + optimizer update on one batch of a 64-256-256-10 MLP
 (ReLU; sparse categorical cross-entropy from logits; Adam, lr 1e-3), batch 512, float32.
 
-- rddtensor runs the library's own step path, the body of ``rddtensor.layers.training.LocalRunner``:
+- rddtensor runs the library's own step path, the body of ``rddtensor.training.loop.LocalRunner``:
   ``gradient_step`` on the flat ``theta`` (forward, loss, backprop, flatten into the flat
   gradient) then ``optimizer_step`` (clipping checks, ``adam_update`` on the whole vector);
   a check requires it to give LocalRunner's weights bit for bit.
@@ -81,9 +81,9 @@ def rddtensor_step(model, X, y, seed: int):
     ``check_matches_local_runner`` verifies that this stays the library's step, bit for bit.
     """
     import numpy as np
-    from rddtensor.layers.batching import step_rng
-    from rddtensor.layers.training import gradient_step, optimizer_step
-    from rddtensor.runtime import prepare_process
+    from rddtensor.training.batching import step_rng
+    from rddtensor.training.steps import gradient_step, optimizer_step
+    from rddtensor.backend.runtime import prepare_process
     prepare_process()  # as LocalRunner does once per fit
     grad = np.empty(model.layout.size, dtype=np.float32)  # LocalRunner.grad
     n_batch = len(X)
@@ -105,7 +105,7 @@ def check_matches_local_runner(X, y, seed: int) -> dict:
     Guards the benchmark against timing a stale copy of the step when the library changes.
     """
     import numpy as np
-    from rddtensor.layers.training import LocalRunner
+    from rddtensor.training.loop import LocalRunner
     ours, theirs = build_rddtensor(seed), build_rddtensor(seed)
     step = rddtensor_step(ours, X, y, seed)
     for _ in range(CHECK_STEPS):
@@ -241,7 +241,7 @@ def parameters(args, model, opt) -> dict:
         "param_count": int(model.layout.size), "steps_per_block": args.steps,
         "repeats": args.repeats, "warmup_steps": args.warmup, "seed": args.seed,
         "quick": args.quick,
-        "rddtensor_path": "layers.training.gradient_step + optimizer_step (LocalRunner's step "
+        "rddtensor_path": "rddtensor.training.steps.gradient_step + optimizer_step (LocalRunner's step "
                           "body, checked bit-identical to LocalRunner; same batch every step, "
                           "no row gather)",
         "pytorch_path": "zero_grad(set_to_none=True), CrossEntropyLoss, backward, "

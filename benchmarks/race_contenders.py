@@ -128,7 +128,7 @@ def train_rddtensor_inprocess(cfg, epochs, data) -> dict:
 
 
 def train_rddtensor_distributed(cfg, epochs, data) -> dict:
-    from rddtensor.layers.batching import steps_per_epoch
+    from rddtensor.training.batching import steps_per_epoch
     Xtr, ytr, Xte, yte = data["arrays"]
     # no validation or callbacks: one Spark job may run across epoch ends, so the whole fit
     # (up to 32 iterations of lineage) runs as one job

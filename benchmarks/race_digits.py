@@ -246,7 +246,7 @@ def setup(args) -> dict:
     from benchmarks import race_contenders as rc
     data = {"arrays": rc.race_data(args.replicas)}
     if any(n in rc.SPARK_CONTENDERS for n in args.only):
-        from rddtensor.session import get_spark
+        from rddtensor.spark.session import get_spark
         spark = get_spark("local[2]", app_name="bench-race",
                           conf={"spark.ui.enabled": "true", "spark.ui.showConsoleProgress": "false"})
         data["spark"] = spark

@@ -3,8 +3,9 @@
 Every number in the report is read from ``benchmarks/results/<name>.json`` (each section names
 its file); the tables are the ones each benchmark writes to ``<name>.md``, the charts are drawn
 here with matplotlib (Agg backend, no display needed). A benchmark without a JSON yet gets a
-line saying so. ``results/closing_note.md`` (hand-written analysis: where the time goes, what
-would close a gap) is included verbatim when present, after the generated target verdicts.
+line saying so. ``results/measured_choices.md`` (the timings behind choices the code makes,
+kept out of code comments) and ``results/closing_note.md`` (hand-written analysis: where the
+time goes, what would close a gap) are included verbatim when present, after the generated sections.
 
 Example::
 
@@ -350,9 +351,11 @@ def write_report(results_dir, quick: bool = False, path=None) -> Path:
         head += ["## Summary", "", markdown_table(["what", "result", "detail"], srows), ""]
     if verdicts:
         head += ["Targets:", ""] + [f"- {v}" for v in verdicts] + [""]
-    note = results_dir / "closing_note.md"
     tail = []
-    if note.exists() and not quick:
-        tail = ["## Closing note", "", note.read_text().strip(), ""]
+    for name, title in (("measured_choices.md", "Measurements behind choices in the code"),
+                        ("closing_note.md", "Closing note")):
+        note = results_dir / name
+        if note.exists() and not quick:
+            tail += [f"## {title}", "", note.read_text().strip(), ""]
     path.write_text("\n".join(head + lines + tail).rstrip() + "\n")
     return path

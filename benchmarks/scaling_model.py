@@ -153,7 +153,7 @@ def measure_point(sc, contender, size, n, k, repeats) -> dict:
 def measure_all(masters, sizes, partitions, contenders, k, repeats, launch: bool, quick: bool):
     """Every point on each of ``masters`` (``;``-separated), one session at a time: yields the
     task-launch line and one line per point, as dicts."""
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
     for master in masters.split(";"):
         spark = get_spark(master, app_name="bench-scaling",
                           conf={"spark.driver.memory": "1g", "spark.ui.enabled": "false",

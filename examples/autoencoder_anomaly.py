@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from rddtensor import layers as L
 from rddtensor.optim import Adam
-from rddtensor.session import get_spark
+from rddtensor.spark.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))
 

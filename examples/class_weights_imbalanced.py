@@ -15,7 +15,7 @@ from pyspark.ml.linalg import Vectors
 
 from rddtensor import layers as L
 from rddtensor.optim import Adam
-from rddtensor.session import get_spark
+from rddtensor.spark.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))
 

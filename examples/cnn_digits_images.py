@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 
 from rddtensor import layers as L
 from rddtensor.optim import Adam
-from rddtensor.session import get_spark
+from rddtensor.spark.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))
 

@@ -14,7 +14,7 @@ from pyspark.ml.feature import VectorAssembler
 
 from rddtensor import layers as L
 from rddtensor.optim import SGD
-from rddtensor.session import get_spark
+from rddtensor.spark.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))
 TRUE_W, TRUE_B = np.array([2.0, -3.0, 0.5]), 1.0

@@ -14,7 +14,7 @@ from sklearn.svm import LinearSVC
 
 from rddtensor import layers as L
 from rddtensor.optim import SGD
-from rddtensor.session import get_spark
+from rddtensor.spark.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))
 

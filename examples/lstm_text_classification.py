@@ -14,7 +14,7 @@ import numpy as np
 
 from rddtensor import layers as L
 from rddtensor.optim import Adam
-from rddtensor.session import get_spark
+from rddtensor.spark.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))
 MAX_LEN = 12

@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 
 from rddtensor import layers as L
 from rddtensor.ml import NNClassifier
-from rddtensor.session import get_spark
+from rddtensor.spark.session import get_spark
 
 QUICK = bool(os.environ.get("RDDTENSOR_QUICK"))
 PIXELS = [f"p{i}" for i in range(64)]

@@ -19,11 +19,11 @@ import math
 import numbers
 
 import numpy as np
-import scipy.special
 
 from rddtensor.layers.base import Layer, register
-from rddtensor.backend import cupy_special, get_array_module, is_cupy_array
-from rddtensor.kernels import kernel_or_generic
+from rddtensor.backend import get_array_module, get_ops
+from rddtensor.backend.ops import GELU_C as _GELU_C
+from rddtensor.backend.ops import SQRT_2_OVER_PI as _SQRT_2_OVER_PI
 
 __all__ = [
     "Activation", "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax", "Linear",
@@ -31,13 +31,7 @@ __all__ = [
     "ACTIVATION_DEFAULTS",
 ]
 
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_GELU_C = 0.044715
-# fused CuPy kernels for the backward passes, used on CuPy arrays only (same formulas)
-_GPU_BACKWARD = {name: kernel_or_generic(name) for name in (
-    "relu_backward", "gelu_tanh_backward", "sigmoid_backward", "tanh_backward")}
 
 
 # --- array helpers (also used by recurrent layers and losses) ------------------------------------
@@ -52,9 +46,8 @@ def _sigmoid_pair(xp, nonneg, e):
     """``(sigmoid(v), sigmoid(-v))`` from ``nonneg = v >= 0`` and ``e = exp(-|v|)``.
 
     ``1 / (1 + e)`` for the larger and ``e / (1 + e)`` for the smaller, each without
-    cancellation in float32 tails; the numerator ``max(e, v >= 0)`` picks 1 or ``e`` branch-free.
-    ``where`` branches per element: on 512x256 float32 the sigmoid forward took 0.58 ms with it
-    and 0.15 ms this way (the same bits), GELU-tanh's forward 1.50 and 0.23 ms.
+    cancellation in float32 tails; the numerator ``max(e, v >= 0)`` picks 1 or ``e`` branch-free
+    (the same bits as ``where``, which branches per element and mispredicts on mixed signs).
     """
     d = 1.0 + e
     return xp.maximum(e, nonneg) / d, xp.maximum(e, ~nonneg) / d
@@ -68,29 +61,6 @@ def softmax(X, axis: int = -1):
     return e
 
 
-def _normal_cdf(X):
-    """Standard normal CDF ``Phi(X) = erfc(-X / sqrt 2) / 2``, accurate in both tails."""
-    xp = get_array_module(X)
-    if xp is np:
-        return scipy.special.ndtr(X)
-    ndtr = cupy_special("ndtr")  # CuPy's own: float64-accurate, as SciPy's
-    if ndtr is not None and is_cupy_array(X):
-        return ndtr(X)
-    return _normal_cdf_chebyshev(xp, X)
-
-
-def _normal_cdf_chebyshev(xp, X):
-    # Other array modules (CuPy) have no erf in their main namespace; Numerical Recipes' erfc
-    # (Chebyshev fit, relative error < 1.2e-7, i.e. float32 precision) needs only exp.
-    z = xp.abs(X) * _INV_SQRT2
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
-            -0.82215223 + t * 0.17087277))))))))
-    half_erfc = 0.5 * t * xp.exp(-z * z + poly)  # = Phi(-|X|)
-    return xp.where(X >= 0, 1.0 - half_erfc, half_erfc)
-
-
 def _identity_backprop(dY):
     return dY
 
@@ -101,15 +71,11 @@ def _linear(X):
 
 
 def _relu(X):
-    xp = get_array_module(X)
-    Y = xp.maximum(X, 0)
+    ops = get_ops(X)
+    Y = ops.xp.maximum(X, 0)
 
     def backprop(dY):
-        if xp is not np:
-            return _GPU_BACKWARD["relu_backward"](dY, Y)
-        # gradient 0 at X == 0, as in PyTorch; a multiply, not np.where: where() branches per
-        # element and mispredicts on a ~50% mask (measured 456 vs 22 us on 512x256 float32)
-        return dY * (Y > 0)
+        return ops.relu_backward(dY, Y)  # gradient 0 at X == 0, as in PyTorch
     return Y, backprop
 
 
@@ -127,14 +93,14 @@ def _elu(X, alpha):
     xp = get_array_module(X)
     positive = X > 0
     # expm1 of min(X, 0) never overflows and is 0 where X > 0, so adding max(X, 0) selects
-    # without where(), which branches per element (0.95 vs 0.51 ms on 512x256 float32)
+    # without where(), which branches per element
     Y = xp.expm1(xp.minimum(X, 0))
     Y *= alpha
     Y += xp.maximum(X, 0)
 
     def backprop(dY):
         # 1 where X > 0, else d/dX alpha*(e^X - 1) = Y + alpha; min(Y, 0) keeps an infinite
-        # Y out of the product with the zero mask (0.51 ms with where(), 0.09 ms this way)
+        # Y out of the product with the zero mask (and avoids where(), which branches)
         dX = xp.minimum(Y, 0.0)
         dX += alpha
         dX *= ~positive
@@ -145,7 +111,8 @@ def _elu(X, alpha):
 
 
 def _gelu(X, approximate):
-    xp = get_array_module(X)
+    ops = get_ops(X)
+    xp = ops.xp
     if approximate == "tanh":
         # 0.5 (1 + tanh u) = sigmoid(2u) and 0.5 (1 - tanh^2 u) = 2 sigmoid(2u) sigmoid(-2u):
         # written with sigmoids, nothing cancels where tanh u is close to -1 (float32 tails)
@@ -154,12 +121,9 @@ def _gelu(X, approximate):
         Y = X * S
 
         def backprop(dY):
-            if xp is not np:
-                return _GPU_BACKWARD["gelu_tanh_backward"](dY, X)
-            dv = 2.0 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * X * X)
-            return dY * (S + X * S * S_neg * dv)
+            return ops.gelu_tanh_backward(dY, X, S, S_neg)
         return Y, backprop
-    Phi = _normal_cdf(X)
+    Phi = ops.normal_cdf(X)
     Y = X * Phi
 
     def backprop(dY):
@@ -168,24 +132,20 @@ def _gelu(X, approximate):
 
 
 def _sigmoid(X):
-    xp = get_array_module(X)
+    ops = get_ops(X)
     Y = sigmoid(X)
 
     def backprop(dY):
-        if xp is not np:
-            return _GPU_BACKWARD["sigmoid_backward"](dY, Y)
-        return dY * Y * (1.0 - Y)
+        return ops.sigmoid_backward(dY, Y)
     return Y, backprop
 
 
 def _tanh(X):
-    xp = get_array_module(X)
-    Y = xp.tanh(X)
+    ops = get_ops(X)
+    Y = ops.xp.tanh(X)
 
     def backprop(dY):
-        if xp is not np:
-            return _GPU_BACKWARD["tanh_backward"](dY, Y)
-        return dY * (1.0 - Y * Y)
+        return ops.tanh_backward(dY, Y)
     return Y, backprop
 
 

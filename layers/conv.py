@@ -20,15 +20,15 @@ from rddtensor.layers.base import Layer, positive_int, register
 from rddtensor.layers.im2col import SPATIAL_AXES, conv_output_size, im2col, int_tuple, matmul_col2im
 from rddtensor.layers.initializers import get_initializer, initialize
 from rddtensor.layers.winograd import winograd_conv3x3
-from rddtensor.backend import get_array_module
+from rddtensor.backend import get_array_module, get_ops
 
 __all__ = ["Conv1D", "Conv2D", "Conv2DTranspose", "conv_nd", "conv_transpose_nd",
            "WINOGRAD_MIN_CHANNELS"]
 
 #: Winograd runs when the harmonic mean of input and output channels is at least this. Its
 #: transforms cost about (C + O) per pixel and it saves about C * O / 2 multiply-adds, so few
-#: channels (a 3-channel image, 2 -> 6 channels) stay on im2col: at 3 -> 32 channels Winograd
-#: was 1.7x slower, at 8 -> 8 already 2x faster (single thread, batch 32, 8x8 to 32x32 images).
+#: channels (a 3-channel image, 2 -> 6 channels) stay on im2col, where Winograd is slower;
+#: from about 8 -> 8 channels on it is faster (single thread, CPU).
 WINOGRAD_MIN_CHANNELS = 8
 
 
@@ -51,9 +51,10 @@ def _to_channel_major(xp, X):
     return xp.ascontiguousarray(X.reshape(N, C, P).swapaxes(0, 1)).reshape(C, N * P)
 
 
-def _winograd_applies(xp, X, W, strides, dilation, groups) -> bool:
-    """3x3, unit strides and dilation, one group, float, NumPy, enough channels."""
-    if xp is not np or X.ndim != 4 or groups != 1 or tuple(W.shape[2:]) != (3, 3):
+def _winograd_applies(ops, X, W, strides, dilation, groups) -> bool:
+    """3x3, unit strides and dilation, one group, float, enough channels, ops that use it
+    (``NumpyOps.use_winograd``: NumPy)."""
+    if not ops.use_winograd or X.ndim != 4 or groups != 1 or tuple(W.shape[2:]) != (3, 3):
         return False
     if tuple(strides) != (1, 1) or tuple(dilation) != (1, 1) or X.shape[0] == 0:
         return False
@@ -69,7 +70,8 @@ def conv_nd(X, W, b, strides, dilation, pads, groups=1):
     ``Y[n, o, p] = b[o] + sum_{c, k} W[o, c, k] * Xpad[n, g(o) Cg + c, p s + k d]``, where
     ``g(o)`` is the group of output channel ``o`` and ``Cg = C / groups``. A 3x3 kernel with
     unit strides and dilation, one group and enough channels (``WINOGRAD_MIN_CHANNELS``) runs
-    ``rddtensor.layers.winograd.winograd_conv3x3`` on NumPy; everything else im2col and one GEMM.
+    ``rddtensor.layers.winograd.winograd_conv3x3`` on NumPy (``ops.use_winograd``); everything
+    else im2col and one GEMM.
 
     Args:
         X: ``(batch, C, *spatial)``. W: ``(O, C / groups, *kernel)``. b: ``(O,)`` or ``None``.
@@ -80,8 +82,9 @@ def conv_nd(X, W, b, strides, dilation, pads, groups=1):
         ``Y`` of shape ``(batch, O, *out)`` and ``backprop(dY) -> (dX, dW, db)`` (``db`` is
         ``None`` without a bias).
     """
-    xp = get_array_module(X)
-    if _winograd_applies(xp, X, W, strides, dilation, groups):
+    ops = get_ops(X)
+    xp = ops.xp
+    if _winograd_applies(ops, X, W, strides, dilation, groups):
         return winograd_conv3x3(X, W, b, pads)
     N, x_shape = X.shape[0], X.shape  # backprop keeps the shape, not the input
     O, Cg, *kernel = W.shape

@@ -16,11 +16,11 @@ an overlapping-tile add give ``dX``). Every transform is one small-by-large GEMM
 are the padding, the tile gathers (strided, one per tile offset) and their adjoints.
 
 For a 64->64-channel 3x3 convolution on 32x32 images at batch 32 the GEMM work falls from 7.2
-to about 2.8 GFLOP per forward+backward, and one thread took 51 instead of 94 ms (CPU time).
+to about 2.8 GFLOP per forward+backward, and one CPU thread runs it in about half the time.
 The price is float rounding of the transforms: float32 results differ from im2col's by about
-1e-6 relative to the output's scale (float64 by about 1e-15). The code is written with
-``get_array_module``, but ``rddtensor.layers.conv.conv_nd`` picks it for NumPy arrays only (on a GPU the
-im2col GEMM stays; not measured there).
+1e-6 relative to the output's scale (float64 by about 1e-15). The code runs on the device's
+ops (``rddtensor.backend.get_ops``), but ``rddtensor.layers.conv.conv_nd`` picks it only where
+``ops.use_winograd`` (NumPy; on a GPU the im2col GEMM stays, not measured there).
 
 Example:
     >>> import numpy as np
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rddtensor.backend import get_array_module
+from rddtensor.backend import get_ops
 
 __all__ = ["winograd_conv3x3", "M_TILE"]
 
@@ -71,18 +71,12 @@ _ATAT = np.kron(_AT, _AT)   # (16, 36): transformed product -> 4x4 output tile
 # its gradient cost O x T instead of a pass over the whole output
 _BIAS_SLOT = int(np.flatnonzero((_ATAT == 1).all(axis=0))[0])
 
-_MATRICES: dict = {}
-
-
-def _matrices(xp, dtype):
-    """``(BtBt, GG, AtAt)`` in ``dtype`` as arrays of ``xp`` (cached for NumPy)."""
-    key = np.dtype(dtype).str
-    m = _MATRICES.get(key) if xp is np else None
-    if m is None:
-        m = tuple(xp.asarray(a.astype(dtype)) for a in (_BTBT, _GG, _ATAT))
-        if xp is np:
-            _MATRICES[key] = m
-    return m
+def _matrices(ops, dtype):
+    """``(BtBt, GG, AtAt)`` in ``dtype`` as arrays of ``ops.xp`` (``ops.cached_constants``:
+    made once on NumPy)."""
+    return ops.cached_constants(
+        ("winograd", np.dtype(dtype).str),
+        lambda: tuple(ops.xp.asarray(a.astype(dtype)) for a in (_BTBT, _GG, _ATAT)))
 
 
 def _grid_slices(a, n):
@@ -185,7 +179,8 @@ def winograd_conv3x3(X, W, b, pads):
         ``Y`` of shape ``(batch, O, H_out, W_out)`` with ``H_out = H + top + bottom - 2``, and
         ``backprop(dY) -> (dX, dW, db)``.
     """
-    xp = get_array_module(X)
+    ops = get_ops(X)
+    xp = ops.xp
     dtype = np.result_type(X.dtype, W.dtype)
     N, C, H, Wd = x_shape = X.shape  # backprop keeps the shape, not the input
     O = W.shape[0]
@@ -193,7 +188,7 @@ def winograd_conv3x3(X, W, b, pads):
     Ho, Wo = H + pt + pb - 2, Wd + pl + pr - 2
     nth, ntw = -(-Ho // M_TILE), -(-Wo // M_TILE)
     T = N * nth * ntw
-    BtBt, GG, AtAt = _matrices(xp, dtype)
+    BtBt, GG, AtAt = _matrices(ops, dtype)
     # zero padding up to whole tiles: (4 nth + 2) x (4 ntw + 2) >= the padded input
     Xp = xp.zeros((N, C, M_TILE * nth + 2, M_TILE * ntw + 2), dtype)
     Xp[:, :, pt:pt + H, pl:pl + Wd] = X

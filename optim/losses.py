@@ -34,8 +34,8 @@ import warnings
 
 import numpy as np
 
-from rddtensor.backend import get_array_module
-from rddtensor.kernels import cupy_kernel
+from rddtensor.backend import get_array_module, get_ops
+from rddtensor.backend.ops import softmax_xent as _softmax_xent
 
 __all__ = [
     "Loss", "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy",
@@ -408,15 +408,6 @@ def _logits_2d(Y, name: str):
         raise ValueError(f"{name} needs logits of shape (batch, classes), got {tuple(Y.shape)}")
 
 
-def _softmax_xent(xp, Y, T):
-    """Cross-entropy of softmax(Y) against target rows ``T``; gradient ``softmax * sum(T) - T``."""
-    Z = Y - Y.max(axis=1, keepdims=True)
-    lse = xp.log(xp.exp(Z).sum(axis=1, keepdims=True))
-    logP = Z - lse
-    per = -(T * logP).sum(axis=1)
-    return per, xp.exp(logP) * T.sum(axis=1, keepdims=True) - T
-
-
 class BinaryCrossentropy(Loss):
     """Binary cross-entropy from logits: ``l = softplus(Y) - y * Y``, ``dl/dY = sigmoid(Y) - y``.
 
@@ -597,15 +588,14 @@ class SparseCategoricalCrossentropy(Loss):
         return _check_labels(xp, y, Y.shape[1])
 
     def _per_sample(self, xp, Y, y):
-        batch, C = Y.shape
         s = self.label_smoothing
-        if s == 0 and xp is not np and Y.dtype in (np.float32, np.float64) and \
-                not self.probabilities_in:
-            # CuPy: one fused pass per row (rddtensor.kernels); normalised by the caller
-            return cupy_kernel("softmax_cross_entropy")(Y, y, 1)
+        if not self.probabilities_in:
+            # logits: the device's op (one fused pass per row on CuPy); normalised by the caller
+            return get_ops(Y).sparse_softmax_cross_entropy(Y, y, s)
+        batch, C = Y.shape
         T = xp.full(Y.shape, s / C, dtype=Y.dtype)
         T[xp.arange(batch), y] += 1 - s
-        return (_xent_probabilities if self.probabilities_in else _softmax_xent)(xp, Y, T)
+        return _xent_probabilities(xp, Y, T)
 
     def _num_classes(self, Y):
         return Y.shape[1]

@@ -5,9 +5,12 @@ loop passes the whole vector, the distributed engine one parameter block with th
 slice of every slot. Element-wise algorithms (SGD, Adam/AdamW, RMSprop, Adagrad) give
 bit-identical results however the vector is cut. LARS and LAMB scale each *layer* by a trust
 ratio of norms, so they take ``segments``: (start, stop) ranges within the slice, one per
-parameter tensor (the default treats the whole slice as one layer). A block that cuts a layer
-must pass that layer's full norms (``norms``; for LAMB via :func:`lamb_direction` then
-:func:`trust_ratio_update`), or its result differs from the in-process one.
+parameter tensor (the default treats the whole slice as one layer); a block must hold whole
+layers (``Optimizer.layerwise_norms``).
+
+SGD and Adam/AdamW run through the device switch (``rddtensor.backend.ops_for(xp)``): the
+NumPy reference of ``rddtensor.backend.ops.NumpyOps`` on NumPy, one fused kernel pass on CuPy.
+The others are written with ``xp`` and run as they are on both.
 
 Conventions: ``step`` is the 1-based update count ``t``; ``g`` is scratch and is overwritten
 (callers pass a copy of the gradient); arithmetic runs in the dtype of ``w``, with at most one
@@ -16,34 +19,23 @@ temporary of the slice's size per call.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy
 
 from rddtensor.optim.clipping import sum_of_squares
 from rddtensor.optim.schedules import Schedule, get_schedule, serialize_schedule
-from rddtensor.backend import get_array_module
-from rddtensor.kernels import kernel_or_generic
+from rddtensor.backend import get_array_module, ops_for
+from rddtensor.backend.ops import adam_moments as _adam_moments
+from rddtensor.backend.ops import add_weight_decay as _add_weight_decay
+from rddtensor.backend.ops import check_step as _check_step
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "LAMB",
            "get_optimizer", "sgd_update", "adam_update", "rmsprop_update", "adagrad_update",
-           "lars_update", "lamb_update", "lamb_direction", "trust_ratio_update", "segment_norms",
-           "serialize_optimizer"]
+           "lars_update", "lamb_update", "serialize_optimizer"]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def _check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, Integral) or step < 1:
-        raise ValueError(f"step is 1-based and must be an integer >= 1, got {step!r}")
-    return int(step)
-
-
-def _add_weight_decay(xp, g, w, weight_decay, tmp) -> None:
-    if weight_decay != 0:
-        xp.multiply(w, weight_decay, out=tmp)
-        g += tmp
-
 
 def _segments(segments, n: int) -> list:
     if segments is None:
@@ -61,19 +53,9 @@ def _segments(segments, n: int) -> list:
     return segments
 
 
-def segment_norms(x, segments=None) -> list:
-    """L2 norm of each ``x[start:stop]`` (float64 accumulation): the per-layer norms of a slice.
-
-    Args:
-        x: 1-D array (a parameter slice, gradient or direction).
-        segments: (start, stop) ranges tiling ``x``; default one segment.
-
-    Example:
-        >>> import numpy as np
-        >>> segment_norms(np.array([3.0, 4.0, 1.0]), [(0, 2), (2, 3)])
-        [5.0, 1.0]
-    """
-    return [math.sqrt(sum_of_squares(x[a:b])) for a, b in _segments(segments, x.shape[0])]
+def _segment_norms(x, segs) -> list:
+    """L2 norm of each ``x[start:stop]`` (float64 accumulation): the per-layer norms of a slice."""
+    return [math.sqrt(sum_of_squares(x[a:b])) for a, b in segs]
 
 
 # ---------------------------------------------------------------------------- update functions
@@ -102,44 +84,8 @@ def sgd_update(xp, w, g, buf, *, lr, momentum, dampening, nesterov, weight_decay
         >>> w
         array([0.95, 0.95])
     """
-    step, lr, momentum = _check_step(step), float(lr), float(momentum)
-    dampening, weight_decay = float(dampening), float(weight_decay)
-    if xp is not numpy:  # CuPy: one fused kernel pass (rddtensor.kernels), the same formulas
-        kernel_or_generic("sgd")(w, g, buf, lr=lr, momentum=momentum, dampening=dampening,
-                                 nesterov=nesterov, weight_decay=weight_decay, step=step)
-        return
-    tmp = xp.empty_like(w) if (weight_decay or dampening or nesterov) else None
-    _add_weight_decay(xp, g, w, weight_decay, tmp)
-    if momentum != 0:
-        if step == 1:
-            xp.copyto(buf, g)
-        else:
-            buf *= momentum
-            if dampening != 0:
-                xp.multiply(g, 1.0 - dampening, out=tmp)
-                buf += tmp
-            else:
-                buf += g
-        if nesterov:
-            xp.multiply(buf, momentum, out=tmp)
-            g += tmp
-            g *= -lr
-        else:
-            xp.multiply(buf, -lr, out=g)
-    else:
-        g *= -lr
-    w += g
-
-
-def _adam_moments(xp, g, m, v, beta1, beta2, tmp) -> None:
-    # v = beta2*v + (1-beta2)*g^2 ; m = lerp(m, g, 1-beta1), the forms torch uses
-    v *= beta2
-    xp.multiply(g, 1.0 - beta2, out=tmp)
-    tmp *= g
-    v += tmp
-    xp.subtract(g, m, out=tmp)
-    tmp *= 1.0 - beta1
-    m += tmp
+    ops_for(xp).sgd_update(w, g, buf, lr=lr, momentum=momentum, dampening=dampening,
+                           nesterov=nesterov, weight_decay=weight_decay, step=step)
 
 
 def adam_update(xp, w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decoupled,
@@ -168,30 +114,9 @@ def adam_update(xp, w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decouple
         >>> np.round(w, 6)
         array([0.9, 0.9])
     """
-    step, lr, beta1, beta2 = _check_step(step), float(lr), float(beta1), float(beta2)
-    weight_decay = float(weight_decay)
-    if xp is not numpy:  # CuPy: one fused kernel pass (rddtensor.kernels), the same formulas
-        kernel_or_generic("adam")(w, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                  weight_decay=weight_decay, decoupled=decoupled,
-                                  amsgrad_vmax=amsgrad_vmax, step=step)
-        return
-    tmp = xp.empty_like(w)
-    if weight_decay != 0:
-        if decoupled:
-            w *= 1.0 - lr * weight_decay
-        else:
-            _add_weight_decay(xp, g, w, weight_decay, tmp)
-    _adam_moments(xp, g, m, v, beta1, beta2, tmp)
-    second = v
-    if amsgrad_vmax is not None:
-        xp.maximum(amsgrad_vmax, v, out=amsgrad_vmax)
-        second = amsgrad_vmax
-    xp.sqrt(second, out=tmp)
-    tmp /= (1.0 - beta2 ** step) ** 0.5
-    tmp += float(eps)
-    xp.divide(m, tmp, out=tmp)
-    tmp *= -(lr / (1.0 - beta1 ** step))
-    w += tmp
+    ops_for(xp).adam_update(w, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, decoupled=decoupled, step=step,
+                            amsgrad_vmax=amsgrad_vmax)
 
 
 def rmsprop_update(xp, w, g, square_avg, *, lr, alpha, eps, weight_decay, momentum, centered,
@@ -282,26 +207,20 @@ def adagrad_update(xp, w, g, acc, *, lr, lr_decay, weight_decay, eps, step) -> N
     w += tmp
 
 
-def _norm_pairs(w, d, segs, norms) -> list:
-    if norms is None:
-        return list(zip(segment_norms(w, segs), segment_norms(d, segs)))
-    norms = [(float(a), float(b)) for a, b in norms]
-    if len(norms) != len(segs):
-        raise ValueError(f"norms must hold one (weight_norm, other_norm) pair per segment: "
-                         f"got {len(norms)} pairs for {len(segs)} segments")
-    return norms
+def _norm_pairs(w, d, segs) -> list:
+    return list(zip(_segment_norms(w, segs), _segment_norms(d, segs)))
 
 
 def lars_update(xp, w, g, buf, *, lr, momentum, weight_decay, trust_coefficient, eps, step,
-                segments=None, norms=None) -> None:
+                segments=None) -> None:
     """LARS (You et al. 2017, torchlars-style) in place: SGD on layer-wise trust-scaled gradients.
 
     Per layer: ``local = tc*||w|| / (||g|| + wd*||w|| + eps)`` (1 if either norm is 0),
     ``d = local * (g + wd*w)``; then ``buf = momentum*buf + d`` (``buf = d`` at t=1) and
     ``w -= lr*buf`` (``w -= lr*d`` when ``momentum == 0``).
 
-    A layer is one parameter tensor: ``segments`` must follow tensor boundaries. A slice that
-    holds only part of a layer passes that whole layer's norms in ``norms``.
+    A layer is one parameter tensor: ``segments`` must follow tensor boundaries, and a slice
+    must hold whole layers.
 
     Args:
         xp: ``numpy`` or ``cupy``.
@@ -311,9 +230,6 @@ def lars_update(xp, w, g, buf, *, lr, momentum, weight_decay, trust_coefficient,
         lr, momentum, weight_decay, trust_coefficient, eps: hyperparameters.
         step: 1-based update count.
         segments: (start, stop) ranges tiling the slice, one per layer; default one layer.
-        norms: optional ``(||w_layer||, ||g_layer||)`` per segment, computed over whole layers
-            (e.g. square roots of block-summed :func:`segment_norms` squares); default: computed
-            here from the segment.
 
     Example:
         >>> import numpy as np
@@ -326,7 +242,7 @@ def lars_update(xp, w, g, buf, *, lr, momentum, weight_decay, trust_coefficient,
     step, lr, momentum = _check_step(step), float(lr), float(momentum)
     weight_decay, tc, eps = float(weight_decay), float(trust_coefficient), float(eps)
     segs = _segments(segments, w.shape[0])
-    pairs = _norm_pairs(w, g, segs, norms)
+    pairs = _norm_pairs(w, g, segs)
     _add_weight_decay(xp, g, w, weight_decay, xp.empty_like(w) if weight_decay else None)
     for (a, b), (w_norm, g_norm) in zip(segs, pairs):
         if w_norm > 0 and g_norm > 0:
@@ -344,19 +260,10 @@ def lars_update(xp, w, g, buf, *, lr, momentum, weight_decay, trust_coefficient,
     w += g
 
 
-def lamb_direction(xp, w, g, m, v, *, beta1, beta2, eps, weight_decay, step):
+def _lamb_direction(xp, w, g, m, v, *, beta1, beta2, eps, weight_decay, step):
     """LAMB phase 1: update the moments and write the direction ``r + wd*w`` into ``g``.
 
     ``m, v`` as Adam; ``r = (m/(1-b1^t)) / (sqrt(v)/sqrt(1-b2^t) + eps)``. Returns ``g``.
-    A block that cuts a layer sums the squared per-layer norms of ``w`` and of this direction
-    across blocks, then calls :func:`trust_ratio_update` with the whole-layer norms.
-
-    Example:
-        >>> import numpy as np
-        >>> w, g, m, v = np.ones(2), np.full(2, 3.0), np.zeros(2), np.zeros(2)
-        >>> np.round(lamb_direction(np, w, g, m, v, beta1=0.9, beta2=0.999, eps=0.0,
-        ...                         weight_decay=0.5, step=1), 6)
-        array([1.5, 1.5])
     """
     step, beta1, beta2 = _check_step(step), float(beta1), float(beta2)
     tmp = xp.empty_like(w)
@@ -370,27 +277,12 @@ def lamb_direction(xp, w, g, m, v, *, beta1, beta2, eps, weight_decay, step):
     return g
 
 
-def trust_ratio_update(xp, w, d, *, lr, segments=None, norms=None) -> None:
-    """LAMB phase 2: ``w -= lr * ||w|| / ||d|| * d`` per layer (ratio 1 if either norm is 0).
-
-    Args:
-        xp: ``numpy`` or ``cupy``.
-        w: parameters (1-D slice), updated in place.
-        d: direction from :func:`lamb_direction`, used as scratch.
-        lr: learning rate.
-        segments: (start, stop) ranges tiling the slice, one per layer; default one layer.
-        norms: optional whole-layer ``(||w||, ||d||)`` per segment; default computed here.
-
-    Example:
-        >>> import numpy as np
-        >>> w = np.array([3.0, 4.0])
-        >>> trust_ratio_update(np, w, np.array([1.0, 0.0]), lr=0.1)
-        >>> w
-        array([2.5, 4. ])
-    """
+def _trust_ratio_update(w, d, *, lr, segments=None) -> None:
+    """LAMB phase 2: ``w -= lr * ||w|| / ||d|| * d`` per layer (ratio 1 if either norm is 0);
+    ``d`` (the direction) is scratch."""
     lr = float(lr)
     segs = _segments(segments, w.shape[0])
-    for (a, b), (w_norm, d_norm) in zip(segs, _norm_pairs(w, d, segs, norms)):
+    for (a, b), (w_norm, d_norm) in zip(segs, _norm_pairs(w, d, segs)):
         ratio = w_norm / d_norm if w_norm > 0 and d_norm > 0 else 1.0
         seg, w_seg = d[a:b], w[a:b]
         seg *= -lr * ratio
@@ -403,8 +295,7 @@ def lamb_update(xp, w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step,
 
     ``m, v`` as Adam; ``r = m_hat / (sqrt(v_hat) + eps)``; per layer
     ``w -= lr * ||w|| / ||r + wd*w|| * (r + wd*w)`` (ratio 1 if either norm is 0).
-    :func:`lamb_direction` followed by :func:`trust_ratio_update`; use those two directly when a
-    slice holds only part of a layer.
+    A slice must hold whole layers.
 
     Args:
         xp: ``numpy`` or ``cupy``.
@@ -423,9 +314,9 @@ def lamb_update(xp, w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step,
         >>> np.round(w, 4)
         array([2.5, 4. ])
     """
-    lamb_direction(xp, w, g, m, v, beta1=beta1, beta2=beta2, eps=eps,
-                   weight_decay=weight_decay, step=step)
-    trust_ratio_update(xp, w, g, lr=lr, segments=segments)
+    _lamb_direction(xp, w, g, m, v, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, step=step)
+    _trust_ratio_update(w, g, lr=lr, segments=segments)
 
 
 # ---------------------------------------------------------------------------- classes

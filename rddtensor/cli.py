@@ -29,13 +29,14 @@ import time
 
 import numpy as np
 
-from rddtensor import backend, localcache
+from rddtensor.backend import arrays as backend
+from rddtensor.spark import localcache
 from rddtensor import layers as L
-from rddtensor.device import discovery_script_path
+from rddtensor.spark.device import discovery_script_path
 from rddtensor.layers.base import layer_class
 from rddtensor.optim import Adam
-from rddtensor.readers import guess_format, read_dataset
-from rddtensor.session import get_spark, java_version
+from rddtensor.spark.readers import guess_format, read_dataset
+from rddtensor.spark.session import get_spark, java_version
 from rddtensor.version import __version__
 
 log = logging.getLogger("rddtensor")
@@ -339,7 +340,7 @@ def info(args) -> int:
 
 
 def _cache_lines(clean: bool) -> None:
-    """The host-local cache's run directories on this host (``rddtensor.localcache``): size,
+    """The host-local cache's run directories on this host (``rddtensor.spark.localcache``): size,
     the driver that owns each and whether it still runs; ``clean`` removes the stale ones."""
 
     def size(n):

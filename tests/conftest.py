@@ -28,7 +28,7 @@ sys.meta_path.insert(0, _OneImportRoot())
 @pytest.fixture(scope="session")
 def spark():
     """One local[2] SparkSession for the whole test run (Spark takes ~5 s to start)."""
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
     s = get_spark("local[2]", app_name="rddtensor-tests",
                   conf={"spark.default.parallelism": "2", "spark.sql.shuffle.partitions": "2"})
     yield s
@@ -65,7 +65,7 @@ def scenario_results(request):
 @pytest.fixture(scope="session")
 def cp():
     """The cupy module, for tests marked ``gpu``: skips without cupy or without a visible GPU."""
-    from rddtensor import backend
+    from rddtensor.backend import arrays as backend
     cupy = pytest.importorskip("cupy")
     if not backend.gpu_available():
         pytest.skip("no CUDA GPU visible")

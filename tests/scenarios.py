@@ -63,7 +63,7 @@ def run(names, timeout: float = 1200) -> dict:
 
     Returns ``{name: (result or None, stderr of that scenario, error text or None)}``.
     """
-    from rddtensor import faults
+    from rddtensor.spark import faults
     order = [n for n in REGISTRY if n in set(names)]
     env = dict(os.environ)
     env.pop(faults.ENV, None)

@@ -262,7 +262,7 @@ def _fake_java(tmp_path, version_line):
 @pytest.mark.parametrize("line, version", [('openjdk version "11.0.22" 2024-01-16', 11),
                                            ('java version "1.8.0_402"', 8)])
 def test_java_too_old(tmp_path, monkeypatch, line, version):
-    from rddtensor.session import check_java, get_spark
+    from rddtensor.spark.session import check_java, get_spark
     monkeypatch.setenv("JAVA_HOME", _fake_java(tmp_path, line))
     with pytest.raises(RuntimeError, match=rf"Java {version} is too old: Spark needs Java 17 or "
                                            r"newer .*JAVA_HOME") as e:
@@ -274,7 +274,7 @@ def test_java_too_old(tmp_path, monkeypatch, line, version):
 
 
 def test_java_missing(tmp_path, monkeypatch):
-    from rddtensor.session import check_java
+    from rddtensor.spark.session import check_java
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
     with pytest.raises(RuntimeError, match=r"Java was not found: Spark needs Java 17 or newer\. "
                                            r"Install it .*or set JAVA_HOME") as e:
@@ -287,7 +287,7 @@ def test_java_missing(tmp_path, monkeypatch):
 
 
 def test_java_17_passes(tmp_path, monkeypatch):
-    from rddtensor.session import check_java
+    from rddtensor.spark.session import check_java
     monkeypatch.setenv("JAVA_HOME", _fake_java(tmp_path, 'openjdk version "17.0.15" 2025-04-15'))
     assert check_java() == 17
     assert os.environ["JAVA_HOME"].endswith("jdk")

@@ -1,4 +1,4 @@
-"""layers/batching.py: the one mini-batch rule every engine shares.
+"""rddtensor/training/batching.py: the one mini-batch rule every engine shares.
 
 What users rely on: a partitioned run draws exactly the same global mini-batches as the
 in-process loop (for any partitioning, empty partitions included), batches cover every row once
@@ -7,8 +7,8 @@ per epoch, and the random streams are reproducible from (seed, step, partition).
 import numpy as np
 import pytest
 
-from rddtensor.layers.batching import batch_sizes, epoch_order, local_batches, step_rng, steps_per_epoch
-from rddtensor.layers.params import block_bounds
+from rddtensor.training.batching import batch_sizes, epoch_order, local_batches, step_rng, steps_per_epoch
+from rddtensor.training.params import block_bounds
 
 # (n_total, batch_size, partition boundaries): uneven, with an empty range, and a single one
 PARTITIONINGS = [

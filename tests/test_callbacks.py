@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers.callbacks import (Callback, CSVLogger, EarlyStopping, LambdaCallback,
+from rddtensor.training.callbacks import (Callback, CSVLogger, EarlyStopping, LambdaCallback,
                               LearningRateScheduler, ModelCheckpoint)
 from rddtensor.optim import SGD, Adam
 

@@ -1,4 +1,4 @@
-"""Checkpoints and resume (``rddtensor.layers.checkpoint``, ``rddtensor.checkpoint``).
+"""Checkpoints and resume (``rddtensor.training.checkpoint``, ``rddtensor.spark.checkpoint``).
 
 The promise: interrupt a fit anywhere (an epoch boundary or mid-epoch, in process or on Spark),
 resume from the newest complete checkpoint, and end with weights, optimizer slots, step and the
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers import checkpoint as C
+from rddtensor.training import checkpoint as C
 from rddtensor.optim import SGD, Adam
 
 _rng = np.random.default_rng(3)
@@ -106,7 +106,7 @@ def test_checkpoint_directory_layout(tmp_path):
     sdir = d / "step-000000010"
     assert sorted(os.listdir(sdir)) == ["block-00000-of-00001.npz", "manifest.json"]
     meta = json.loads((sdir / "manifest.json").read_text())
-    assert meta["format"] == "rddtensor.checkpoint" and meta["format_version"] == 1
+    assert meta["format"] == "rddtensor.spark.checkpoint" and meta["format_version"] == 1
     assert (meta["step"], meta["t0"], meta["epoch"], meta["step_in_epoch"]) == (10, 0, 2, 0)
     assert meta["seed"] == 3 and meta["batch_size"] == 7 and meta["n_total"] == 30
     assert meta["slots"] == ["momentum"] and meta["size"] == m.layout.size
@@ -305,7 +305,7 @@ def test_state_lost_before_a_job_that_reads_it_is_recovered(sc, tmp_path, monkey
     """The state lost between the training job that made it and a job that reads it (the
     executor-loss scenario once caught a kill there, during a checkpoint write): the fit reloads
     its last checkpoint, replays, and runs that job again, bit-identically."""
-    from rddtensor import engine
+    from rddtensor.spark import engine
     ref, href = dist_ref(sc, "sharded")
     before = set(_persisted(sc))
     name = "save_state" if job == "checkpoint" else "evaluate_state"

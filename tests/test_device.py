@@ -1,4 +1,4 @@
-"""``rddtensor.device``: which device a task uses, the executor-local cache, the discovery script.
+"""``rddtensor.spark.device``: which device a task uses, the executor-local cache, the discovery script.
 
 These run on any machine. The choice logic is exercised by switching ``backend``'s answers
 (cupy installed, GPUs visible) with monkeypatch: that checks the messages and the fallback
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor import backend, device
+from rddtensor.backend import arrays as backend
+from rddtensor.spark import device
 from rddtensor.cli import main
 
 

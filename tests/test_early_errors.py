@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers.callbacks import LearningRateScheduler
+from rddtensor.training.callbacks import LearningRateScheduler
 from rddtensor.optim import Adam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +105,7 @@ _NOISY_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from rddtensor import layers as L
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
 
     spark = get_spark("local[2]")
     sc = spark.sparkContext

@@ -1,4 +1,4 @@
-"""The distributed engine (``rddtensor.engine``): distributed training equals in-process training.
+"""The distributed engine (``rddtensor.spark.engine``): distributed training equals in-process training.
 
 Every comparison runs the same model, seed and optimizer in process (numpy ``fit``) and on Spark
 (``fit`` on an RDD/DataFrame) and compares weights, optimizer slots, step and history, for 1, 2
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers.params import block_bounds
+from rddtensor.training.params import block_bounds
 from rddtensor.optim import LARS, SGD, Adam
-from rddtensor import allreduce as AR
-from rddtensor.engine import ParameterState
+from rddtensor.spark import allreduce as AR
+from rddtensor.spark.engine import ParameterState
 
 pytestmark = pytest.mark.spark
 
@@ -413,8 +413,8 @@ def test_choose_auto():
     # big: replicated's extra values (full state and update, (N-1)·P gradient values out)
     # cost more than the Python pass it saves, at every N
     for n in (2, 3, 8, 32):
-        extra = (AR.values_per_partition("replicated", P, n, 2)
-                 - AR.values_per_partition("sharded", P, n, 2))
+        extra = (AR.Replicated.values_per_partition(P, n, 2)
+                 - AR.Sharded.values_per_partition(P, n, 2))
         assert extra * AR.SECONDS_PER_VALUE_ONE_HOST > AR.PASS_SECONDS
         assert AR.choose("auto", big, n).name == "sharded"
         assert AR.choose("auto", big, n, one_host=True).name == "sharded"
@@ -423,8 +423,8 @@ def test_choose_auto():
     # Spark's shuffle SGD near 2e6 values and Adam near 8e5; on one host's cache 4.5e6 / 1.7e6
     def crossover(n_slots, price):
         return min(P for P in np.geomspace(1e4, 1e8, 400)
-                   if AR.values_per_partition("replicated", P, 2, n_slots)
-                   - AR.values_per_partition("sharded", P, 2, n_slots)
+                   if AR.Replicated.values_per_partition(P, 2, n_slots)
+                   - AR.Sharded.values_per_partition(P, 2, n_slots)
                    > AR.PASS_SECONDS / price)
     assert 1.5e6 < crossover(0, AR.SECONDS_PER_VALUE) < 3e6
     assert 4e5 < crossover(2, AR.SECONDS_PER_VALUE) < 8e5
@@ -451,6 +451,31 @@ def test_choose_explicit_and_errors():
         with pytest.raises(ValueError, match="use allreduce='replicated'"):
             AR.choose("sharded", bad, 4)
         assert AR.choose("replicated", bad, 4).name == "replicated"
+
+
+def test_strategies_share_the_allreduce_interface():
+    for cls in (AR.Sharded, AR.Replicated):
+        assert issubclass(cls, AR.AllReduce) and AR.STRATEGIES[cls.name] is cls
+    with pytest.raises(TypeError):
+        AR.AllReduce()  # abstract
+
+
+def test_task_settings_are_frozen_and_pickle():
+    import dataclasses
+    import pickle
+    from rddtensor.spark.config import CacheSettings, Iteration, StepConfig
+    from rddtensor.spark.worker import Worker
+    step = StepConfig(n_total=10, batch_size=4, seed=0, shuffle=True, offsets=(0, 6), t0=0,
+                      batch_sizes=(4, 4, 2), wire_bf16=True)
+    it = Iteration(step, CacheSettings(run="r", job=2, peers=True), cut=False)
+    assert pickle.loads(pickle.dumps(it)) == it
+    assert step.steps_per_epoch == 3 and step.gradient_bf16 == ("g",)
+    assert it.state_cache is it.cache and dataclasses.replace(it, cut=True).state_cache is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        it.cache.job = 3
+    w = Worker()  # (not ``worker.current()``: that would tune and gc.freeze the test process)
+    assert w.scratch("g", 5) is w.scratch("g", 5) and w.scratch("g", 6).shape == (6,)
+    assert w.epoch_plan(step, 0, 0, 6) is w.epoch_plan(step, 0, 0, 6)
 
 
 # --- the parameter state as a BlockTensor -------------------------------------------------------
@@ -481,8 +506,8 @@ def test_parameter_state_tensor_view(sc, strategy):
 
 def test_runner_state_tensor_after_training(sc):
     """The view also reads a trained state (the output of an update pass, not the initial one)."""
-    from rddtensor.engine import DistributedRunner
-    from rddtensor.shards import make_shards
+    from rddtensor.spark.engine import DistributedRunner
+    from rddtensor.spark.shards import make_shards
     make, y, kw = RUNS["adam_minibatch"]
     ref = make()
     ref.fit(X, y, verbose=0, **{**kw, "epochs": 1})
@@ -552,12 +577,12 @@ def test_failed_fit_leaves_nothing_persisted(sc):
     assert set(_persisted(sc)) - before == set()
 
 
-# --- the host-local cache (rddtensor.localcache) changes speed only -----------------------------
+# --- the host-local cache (rddtensor.spark.localcache) changes speed only -----------------------------
 @pytest.mark.parametrize("allreduce", ["sharded", "replicated"])
 def test_local_cache_off_or_missing_gives_bit_identical_weights(spark, sc, allreduce):
     import os
 
-    from rddtensor import localcache
+    from rddtensor.spark import localcache
     on = cached_distributed_run(sc, "adam_minibatch", "N2", allreduce)
     before = set(os.listdir(localcache.root())) if os.path.isdir(localcache.root()) else set()
     try:
@@ -587,7 +612,7 @@ def _cache_files_at_epoch_ends(before: set) -> tuple:
     that did not exist in ``before``; returns ``(callback, seen)``."""
     import os
 
-    from rddtensor import localcache
+    from rddtensor.spark import localcache
     seen: set = set()
 
     def callback(epoch, logs):
@@ -607,7 +632,7 @@ def test_records_between_partitions_use_the_cache_only_on_one_host(sc, monkeypat
     sends itself do. Same weights either way."""
     import os
 
-    from rddtensor import engine, localcache
+    from rddtensor.spark import engine, localcache
     on = cached_distributed_run(sc, "adam_minibatch", "N2", "sharded")
     if several_hosts:
         monkeypatch.setattr(engine, "one_host", lambda sc_: False)

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import scenarios
 
-from rddtensor import faults
+from rddtensor.spark import faults
 
 COMMON = textwrap.dedent("""
     import os, signal, threading, time
     import numpy as np
     from rddtensor import layers as L
     from rddtensor.optim import Adam
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
 
     rng = np.random.default_rng(11)
     X = rng.normal(size=(48, 5)).astype(np.float32)
@@ -206,7 +206,7 @@ def test_parse_rules():
 
 
 def test_unset_hook_uses_the_plain_accumulator(sc, monkeypatch):
-    from rddtensor.stages import StatsParam
+    from rddtensor.spark.stages import StatsParam
     monkeypatch.delenv(faults.ENV, raising=False)
     assert type(faults.stats_param(sc)) is StatsParam
     monkeypatch.setenv(faults.ENV, "1:0:0")

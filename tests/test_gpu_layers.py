@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers.training import gradient_step
+from rddtensor.training.steps import gradient_step
 from rddtensor import optim
 from rddtensor.optim import get_loss
 

@@ -1,6 +1,6 @@
 """Device-resident training on a GPU (``gpu`` tests; skipped without cupy and a visible GPU).
 
-``rddtensor.device.Placement`` copies exactly and keeps the shard on the device between tasks;
+``rddtensor.spark.device.Placement`` copies exactly and keeps the shard on the device between tasks;
 a distributed fit with ``device="gpu"`` matches the same fit with ``device="cpu"`` to float
 tolerance (the CuPy and NumPy reductions differ in order, so not bit for bit).
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor import device
+from rddtensor.spark import device
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers.training import FitInterrupted
+from rddtensor.training.loop import FitInterrupted
 from rddtensor.optim import Adam
 
 

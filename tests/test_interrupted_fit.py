@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers.callbacks import LambdaCallback
+from rddtensor.training.callbacks import LambdaCallback
 from rddtensor.optim import Adam
-from rddtensor.errors import FitInterrupted
+from rddtensor.spark.errors import FitInterrupted
 
 pytestmark = pytest.mark.spark
 
@@ -131,9 +131,9 @@ _SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, threading, time, warnings
     import numpy as np
     from rddtensor import layers as L
-    from rddtensor.layers.callbacks import Callback, LambdaCallback, ModelCheckpoint
-    from rddtensor.errors import FitInterrupted
-    from rddtensor.session import get_spark
+    from rddtensor.training.callbacks import Callback, LambdaCallback, ModelCheckpoint
+    from rddtensor.spark.errors import FitInterrupted
+    from rddtensor.spark.session import get_spark
 
     sc = get_spark("local[2]").sparkContext
     rng = np.random.default_rng(0)

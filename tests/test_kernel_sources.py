@@ -1,4 +1,4 @@
-"""Every CUDA source in ``rddtensor.kernels`` compiles with NVRTC, for float and double.
+"""Every CUDA source in ``rddtensor.backend.cupy_ops`` compiles with NVRTC, for float and double.
 
 Needs no GPU, only NVRTC (``libnvrtc.so``: the CUDA toolkit, or ``pip install
 nvidia-cuda-nvrtc-cu12``; ``RDDTENSOR_NVRTC=/path/to/libnvrtc.so.12`` names it). Skips without
@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-from rddtensor import kernels
+from rddtensor.backend import cupy_ops
 
 
 def _find_nvrtc():
@@ -84,7 +84,7 @@ def _param(decl: str, ctype: str, out: bool):
 
 
 def _elementwise_source(name: str, ctype: str) -> str:
-    in_params, out_params, operation = kernels._ELEMENTWISE[name]
+    in_params, out_params, operation = cupy_ops._ELEMENTWISE[name]
     args, binds = [], []
     for decls, out in ((in_params, False), (out_params, True)):
         for decl in decls.split(","):
@@ -93,7 +93,7 @@ def _elementwise_source(name: str, ctype: str) -> str:
             if bind:
                 binds.append(bind)
     body = "\n    ".join(binds)
-    return (f"{_HARNESS}{kernels._PREAMBLE}\n"
+    return (f"{_HARNESS}\n"
             f'extern "C" __global__ void k({", ".join(args)}, ptrdiff_t _n_elements) {{\n'
             f"    typedef {ctype} T;\n"
             f"    const ptrdiff_t i = (ptrdiff_t)blockIdx.x * blockDim.x + threadIdx.x;\n"
@@ -101,20 +101,27 @@ def _elementwise_source(name: str, ctype: str) -> str:
 
 
 @pytest.mark.parametrize("ctype", ["float", "double"])
-@pytest.mark.parametrize("name", sorted(kernels._ELEMENTWISE))
+@pytest.mark.parametrize("name", sorted(cupy_ops._ELEMENTWISE))
 def test_elementwise_operation_compiles(nvrtc, name, ctype):
     _compile(nvrtc, _elementwise_source(name, ctype), f"{name}_{ctype}.cu")
 
 
 @pytest.mark.parametrize("ctype", ["float", "double"])
 def test_softmax_cross_entropy_source_compiles(nvrtc, ctype):
-    source = (kernels._SOFTMAX_XENT_SOURCE.replace("TYPE", ctype)
-              .replace("BLOCK", str(kernels._SOFTMAX_XENT_BLOCK)))
+    source = (cupy_ops._SOFTMAX_XENT_SOURCE.replace("TYPE", ctype)
+              .replace("BLOCK", str(cupy_ops._SOFTMAX_XENT_BLOCK)))
     _compile(nvrtc, source, f"softmax_xent_{ctype}.cu")
 
 
 def test_harness_catches_a_broken_operation(nvrtc, monkeypatch):
-    monkeypatch.setitem(kernels._ELEMENTWISE, "broken", ("T x", "T y", "y = x +;"))
+    monkeypatch.setitem(cupy_ops._ELEMENTWISE, "broken", ("T x", "T y", "y = x +;"))
     with pytest.raises(AssertionError, match="does not compile"):
         _compile(nvrtc, _elementwise_source("broken", "float"), "broken.cu")
-    assert re.search(r"rdd_sigmoid", kernels._PREAMBLE)
+
+
+def test_the_sources_are_the_ones_cupy_ops_runs():
+    # one ElementwiseKernel per name; the cell kernels of the recurrent layers are gone
+    assert set(cupy_ops._ELEMENTWISE) == {
+        "adam", "adam_amsgrad", "sgd_momentum", "sgd_plain", "relu_backward", "sigmoid_backward",
+        "tanh_backward", "gelu_tanh_backward", "im2col", "col2im"}
+    assert re.search(r"rdd_softmax_xent_TYPE", cupy_ops._SOFTMAX_XENT_SOURCE)

@@ -16,10 +16,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: module prefix -> folder (pyproject.toml's package-dir)
 FOLDERS = {"rddtensor.layers": "layers", "rddtensor.optim": "optim", "rddtensor": "rddtensor"}
-#: a module's floor: its longest matching prefix. Everything else in rddtensor/ is the Spark floor.
-FLOORS = {"rddtensor.backend": 1, "rddtensor.kernels": 1, "rddtensor.allocator": 1,
-          "rddtensor._checkout": 1, "rddtensor.version": 1,
-          "rddtensor.layers": 2, "rddtensor.optim": 2, "rddtensor.training": 3, "rddtensor": 4}
+#: a module's floor: its longest matching prefix. The folders are the floors: rddtensor/backend (1),
+#: layers/ and optim/ (2), rddtensor/training (3), rddtensor/spark (4); the rest of rddtensor/
+#: (Spark ML, the command line) is the top.
+FLOORS = {"rddtensor.backend": 1, "rddtensor._checkout": 1, "rddtensor.version": 1,
+          "rddtensor.layers": 2, "rddtensor.optim": 2, "rddtensor.training": 3,
+          "rddtensor.spark": 4, "rddtensor": 5}
 #: faces: package __init__ files that only hand names on. The root face may import anything;
 #: ``rddtensor.layers`` hands on the training names users spell ``L.Sequential`` (lazily).
 FACES = {"rddtensor", "rddtensor.layers"}

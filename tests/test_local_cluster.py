@@ -41,7 +41,7 @@ SETUP = textwrap.dedent("""
 
 SCRIPT = SETUP + textwrap.dedent("""
     import os, time
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
 
     spark = get_spark("local-cluster[2,1,1024]", app_name="rddtensor-local-cluster-test")
     sc = spark.sparkContext

@@ -1,4 +1,4 @@
-"""``rddtensor.columns``: feature columns (vectors, arrays, image structs) to numpy batches.
+"""``rddtensor.spark.columns``: feature columns (vectors, arrays, image structs) to numpy batches.
 
 The Arrow path (``transform``) and the row path (training, through ``make_shards``) must decode
 the same values to the same arrays. No Spark here: Arrow batches are built with pyarrow in the
@@ -14,8 +14,8 @@ from pyspark.ml.linalg import Vectors
 from pyspark.sql import Row
 
 from rddtensor import layers as L
-from rddtensor import wire
-from rddtensor import columns as C
+from rddtensor.spark import wire
+from rddtensor.spark import columns as C
 
 _rng = np.random.default_rng(0)
 

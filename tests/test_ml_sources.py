@@ -17,10 +17,10 @@ from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 from pyspark.ml.functions import vector_to_array
 
 from rddtensor import layers as L
-from rddtensor import wire
+from rddtensor.spark import wire
 from rddtensor.ml import NNClassifier
-from rddtensor.columns import SparseRows
-from rddtensor.shards import make_shards
+from rddtensor.spark.columns import SparseRows
+from rddtensor.spark.shards import make_shards
 
 pytestmark = pytest.mark.spark
 

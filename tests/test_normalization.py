@@ -17,9 +17,9 @@ from gradcheck import check_grad
 from rddtensor import layers as L
 from rddtensor.layers import normalization
 from rddtensor.layers.base import layer_class
-from rddtensor.layers.batching import step_rng
+from rddtensor.training.batching import step_rng
 from rddtensor.layers.normalization import BatchNorm, LayerNorm
-from rddtensor.layers.training import gradient_step, optimizer_step
+from rddtensor.training.steps import gradient_step, optimizer_step
 from rddtensor.optim import SGD
 
 BUFFERS = ("running_mean", "running_var")

@@ -7,8 +7,7 @@ import pytest
 
 import rddtensor.optim.optimizers as optimizers
 from rddtensor.optim.optimizers import (LAMB, LARS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop,
-                              get_optimizer, lamb_direction, lamb_update, lars_update,
-                              segment_norms, serialize_optimizer, trust_ratio_update)
+                              get_optimizer, lars_update, serialize_optimizer)
 from rddtensor.optim.schedules import CosineDecay, LinearWarmup, StepDecay
 
 N_STEPS = 5
@@ -254,59 +253,6 @@ def test_lars_lamb_blocks_on_layer_boundaries_are_bit_identical(opt):
     assert np.array_equal(w, _run_whole(opt, w0, grads))
 
 
-def _layer_norms(blocks, arrays):
-    """Whole-layer norms from per-block squared piece norms, as a distributed caller sums them."""
-    sq = np.zeros(len(SEGMENTS))
-    for (a, b, _), x in zip(blocks, arrays):
-        pieces = _pieces(a, b)
-        for (i, _, _), norm in zip(pieces, segment_norms(x, [(s, e) for _, s, e in pieces])):
-            sq[i] += norm ** 2
-    return np.sqrt(sq)
-
-
-def _block_norms(a, b, w_norms, other_norms):
-    pieces = _pieces(a, b)
-    return [(s, e) for _, s, e in pieces], [(w_norms[i], other_norms[i]) for i, _, _ in pieces]
-
-
-def test_lars_blocks_cutting_layers_with_external_norms():
-    config = LARS_CONFIGS[2]
-    w0, grads = _lars_lamb_data()
-    cuts = [0, 10, 33, 34, int(BOUNDS[-1])]  # cuts through layers 1 and 3
-    w, whole = w0.copy(), w0.copy()
-    blocks = [(a, b, np.zeros(b - a)) for a, b in zip(cuts[:-1], cuts[1:])]
-    buf = np.zeros_like(w)
-    for t, g in enumerate(grads, 1):
-        lars_update(np, whole, g.copy(), buf, step=t, segments=SEGMENTS, **config)
-        w_norms = _layer_norms(blocks, [w[a:b] for a, b, _ in blocks])
-        g_norms = _layer_norms(blocks, [g[a:b] for a, b, _ in blocks])
-        for a, b, block_buf in blocks:
-            segs, norms = _block_norms(a, b, w_norms, g_norms)
-            lars_update(np, w[a:b], g[a:b].copy(), block_buf, step=t, segments=segs,
-                        norms=norms, **config)
-    np.testing.assert_allclose(w, whole, rtol=1e-13, atol=1e-15)
-
-
-def test_lamb_blocks_cutting_layers_with_two_phases():
-    config = LAMB_CONFIGS[1]
-    w0, grads = _lars_lamb_data()
-    cuts = [0, 10, 33, 34, int(BOUNDS[-1])]
-    w, whole = w0.copy(), w0.copy()
-    whole_m, whole_v = np.zeros_like(w), np.zeros_like(w)
-    blocks = [(a, b, (np.zeros(b - a), np.zeros(b - a))) for a, b in zip(cuts[:-1], cuts[1:])]
-    for t, g in enumerate(grads, 1):
-        lamb_update(np, whole, g.copy(), whole_m, whole_v, step=t, segments=SEGMENTS, **config)
-        hyper = {k: v for k, v in config.items() if k != "lr"}
-        dirs = [lamb_direction(np, w[a:b], g[a:b].copy(), m, v, step=t, **hyper)
-                for a, b, (m, v) in blocks]
-        w_norms = _layer_norms(blocks, [w[a:b] for a, b, _ in blocks])
-        d_norms = _layer_norms(blocks, dirs)
-        for (a, b, _), d in zip(blocks, dirs):
-            segs, norms = _block_norms(a, b, w_norms, d_norms)
-            trust_ratio_update(np, w[a:b], d, lr=config["lr"], segments=segs, norms=norms)
-    np.testing.assert_allclose(w, whole, rtol=1e-13, atol=1e-15)
-
-
 @pytest.mark.parametrize("segments", [[(0, 5)], [(0, 5), (6, 10)], [(0, 6), (5, 10)],
                                       [(5, 10), (0, 5)], [(0, 11)]])
 def test_segments_must_tile_the_slice(segments):
@@ -314,12 +260,6 @@ def test_segments_must_tile_the_slice(segments):
     with pytest.raises(ValueError, match="segments must tile"):
         lars_update(np, w, g, buf, lr=1.0, momentum=0.9, weight_decay=0.0,
                     trust_coefficient=0.001, eps=1e-8, step=1, segments=segments)
-
-
-def test_norms_must_match_segments():
-    with pytest.raises(ValueError, match="one .* pair per segment"):
-        trust_ratio_update(np, np.ones(4), np.ones(4), lr=0.1, segments=[(0, 2), (2, 4)],
-                           norms=[(1.0, 1.0)])
 
 
 # ---------------------------------------------------------------------------- class API

@@ -1,12 +1,12 @@
-"""``rddtensor.shards.make_shards``: stacking RDD / DataFrame rows into one cached shard record per
+"""``rddtensor.spark.shards.make_shards``: stacking RDD / DataFrame rows into one cached shard record per
 partition, partitioned like the parameter shuffles it is unioned with."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rddtensor import wire
-from rddtensor.shards import from_numpy, make_shards, read_shard
+from rddtensor.spark import wire
+from rddtensor.spark.shards import from_numpy, make_shards, read_shard
 
 pytestmark = pytest.mark.spark
 
@@ -115,7 +115,7 @@ def test_sizes_offsets_with_uneven_and_empty_partitions(sc):
 
 
 def test_shards_are_partitioned_like_the_parameter_shuffles(sc):
-    from rddtensor import rawrdd
+    from rddtensor.spark import rawrdd
     s = make_shards(sc.parallelize(list(zip(X, Y)), 2))
     try:
         other = rawrdd.shuffle_raw(sc.parallelize([0, 1], 2),
@@ -301,7 +301,7 @@ def test_bad_rows_leave_nothing_persisted(sc):
 
 # --- DataFrames through Arrow batches: the same arrays as the rows path --------------------------
 def _rows_path(data, **kw):
-    import rddtensor.shards as shards_module
+    import rddtensor.spark.shards as shards_module
     real = shards_module._arrow_build
     shards_module._arrow_build = lambda *a: None
     try:

@@ -1,5 +1,5 @@
 """A killed fit leaks no host memory: the host-local cache's files under ``/dev/shm``
-(``rddtensor.localcache``) of a driver ended by SIGTERM are removed by the driver itself, those of
+(``rddtensor.spark.localcache``) of a driver ended by SIGTERM are removed by the driver itself, those of
 a SIGKILLed one by the next fit on the host, and ``rddtensor info`` shows what is there.
 
 The drivers run in subprocesses started in a session of their own, with a marker in their
@@ -19,7 +19,8 @@ import uuid
 import numpy as np
 import pytest
 
-from rddtensor import localcache
+from rddtensor.spark import localcache
+from rddtensor.spark.config import CacheSettings, Kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JVM_OPTIONS = "-XX:TieredStopAtLevel=1"  # as tests/scenarios.py: these JVMs live seconds
@@ -29,7 +30,7 @@ DRIVER = textwrap.dedent("""
     import numpy as np
     from rddtensor import layers as L
     from rddtensor.optim import SGD
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
     spark = get_spark("local[2]", conf={"spark.default.parallelism": "2",
                                         "spark.ui.enabled": "false"})
     rng = np.random.default_rng(0)
@@ -186,11 +187,13 @@ def _owner_process(root: str, run: str, before_register: str = "") -> subprocess
     code = textwrap.dedent(f"""
         import sys, time
         import numpy as np
-        from rddtensor import localcache
+        from rddtensor.spark import localcache
+        from rddtensor.spark.config import CacheSettings, Kind
         localcache.root = lambda: {root!r}
         {before_register}
         localcache.register_run({run!r})
-        localcache.put({{"run": {run!r}, "job": 1}}, "grad", 0, 1, {{}}, {{"g": np.ones(1000)}})
+        localcache.put(CacheSettings(run={run!r}, job=1), Kind.GRAD, 0, 1, {{}},
+                       {{"g": np.ones(1000)}})
         print("ready", flush=True)
         time.sleep(60)
     """)
@@ -251,7 +254,8 @@ def test_info_lists_runs_with_their_owner_and_cleans_the_stale_ones(tmp_path, mo
     localcache.register_run("liverun")
     try:
         assert signal.getsignal(signal.SIGTERM) is not handler  # ours while a run is owned
-        localcache.put({"run": "liverun", "job": 1}, "grad", 0, 1, {}, {"g": np.ones(10)})
+        localcache.put(CacheSettings(run="liverun", job=1), Kind.GRAD, 0, 1, {},
+                       {"g": np.ones(10)})
         assert not (root / "deadrun").exists() and not (root / "executor-old").exists()
         # again, as `rddtensor info` finds them after a SIGKILL, before the next fit
         dead = _owner_process(str(root), "deadrun")
@@ -277,9 +281,9 @@ def test_info_lists_runs_with_their_owner_and_cleans_the_stale_ones(tmp_path, mo
 def test_a_task_after_its_runs_end_does_not_make_the_directory_anew(tmp_path, monkeypatch):
     monkeypatch.setattr(localcache, "root", lambda: str(tmp_path / "cache"))
     localcache._SEEN_RUNS.clear()
-    local = {"run": "ended", "job": 1, "owner": localcache.register_run("ended")}
-    assert localcache.put(local, "grad", 0, 1, {}, {"g": np.ones(4)}) is not None
+    cache = CacheSettings(run="ended", job=1, owner=localcache.register_run("ended"))
+    assert localcache.put(cache, Kind.GRAD, 0, 1, {}, {"g": np.ones(4)}) is not None
     localcache.drop_run("ended")  # the driver's SIGTERM, or the end of its fit
     localcache._SEEN_RUNS.clear()  # a task in a worker that has not written for it yet
-    assert localcache.put(local, "grad", 1, 1, {}, {"g": np.ones(4)}) is None  # goes inline
+    assert localcache.put(cache, Kind.GRAD, 1, 1, {}, {"g": np.ones(4)}) is None  # goes inline
     assert not (tmp_path / "cache" / "ended").exists()

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     from rddtensor import layers as L
     from rddtensor.optim import Adam
-    from rddtensor.session import get_spark
+    from rddtensor.spark.session import get_spark
 
     local_dir = sys.argv[1]
     spark = get_spark("local[2]", app_name="rddtensor-soak",

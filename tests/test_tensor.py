@@ -3,9 +3,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from rddtensor.layers.params import block_bounds
-from rddtensor import wire
-from rddtensor.tensor import BlockTensor
+from rddtensor.training.params import block_bounds
+from rddtensor.spark import wire
+from rddtensor.spark.tensor import BlockTensor
 
 # (size, n_blocks): N = 1, 2, 3, 7 with size not divisible by N, size < N (empty blocks), size 0
 SHAPES = [(10, 1), (11, 2), (10, 3), (17, 7), (3, 7), (0, 3)]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.layers.batching import local_batches, step_rng
-from rddtensor.layers.training import gradient_step
+from rddtensor.training.batching import local_batches, step_rng
+from rddtensor.training.steps import gradient_step
 from rddtensor.optim import SGD, Adam
 
 
@@ -330,7 +330,7 @@ def test_matches_pytorch_adam():
 
 
 def test_history_plot_writes_a_png_or_says_what_to_install(tmp_path):
-    from rddtensor.layers.history import History
+    from rddtensor.training.history import History
     h = History()
     for e, (loss, acc) in enumerate([(1.0, 0.5), (0.5, 0.8)]):
         h.record(e, {"loss": loss, "accuracy": acc, "val_loss": loss + 0.1})

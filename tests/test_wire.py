@@ -1,9 +1,9 @@
-"""Raw-bytes records (rddtensor.wire) and the bfloat16 wire option of the distributed engine."""
+"""Raw-bytes records (rddtensor.spark.wire) and the bfloat16 wire option of the distributed engine."""
 import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor import wire
+from rddtensor.spark import wire
 
 
 def test_pack_unpack_round_trip_is_exact_and_zero_copy():
@@ -14,6 +14,16 @@ def test_pack_unpack_round_trip_is_exact_and_zero_copy():
     np.testing.assert_array_equal(arrays["x"], x)
     assert arrays["n"].shape == () and int(arrays["n"]) == 7 and arrays["e"].shape == (0,)
     assert not arrays["x"].flags.writeable  # a view into the received bytes
+
+
+def test_a_kind_member_packs_as_its_value():
+    from rddtensor.spark.config import Kind
+    x = np.arange(5, dtype=np.float32)
+    for kind in Kind:  # the same bytes as the plain string: records unchanged
+        assert wire.pack(kind, {"i": 1}, {"x": x}) == wire.pack(kind.value, {"i": 1}, {"x": x})
+        got = wire.unpack(wire.pack(kind))[0]
+        assert type(got) is str and got == kind
+    assert b'"k":"own"' in wire.pack(Kind.OWN)
 
 
 def test_bf16_rounds_to_nearest_even_and_halves_the_bytes():
@@ -98,7 +108,7 @@ def test_missing_chunks_are_an_error_not_zeros():
 
 
 def test_frames_records_cross_spark_unjoined_and_co_union_keeps_partitions(sc):
-    from rddtensor import rawrdd
+    from rddtensor.spark import rawrdd
     big = np.arange(300_000, dtype=np.float32)
 
     def emit(j, records):

@@ -15,10 +15,10 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql.types import ArrayType, NumericType
 
-from rddtensor.engine import fit_distributed
-from rddtensor.layers.sequential import Sequential
+from rddtensor.spark.engine import fit_distributed
+from rddtensor.training.sequential import Sequential
 
-from rddtensor.columns import feature_kind
+from rddtensor.spark.columns import feature_kind
 from rddtensor.ml.model import NNClassificationModel, NNModel
 from rddtensor.ml.network import network_from_json
 from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, loss_from_param,

@@ -7,9 +7,9 @@ from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql.types import DoubleType
 
-from rddtensor.layers.sequential import Sequential
+from rddtensor.training.protocol import Model as Network
 from rddtensor.ml import network as net
-from rddtensor.columns import feature_kind
+from rddtensor.spark.columns import feature_kind
 from rddtensor.ml.params import NNClassificationModelParams, NNModelParams
 from rddtensor.ml.persistence import NNModelReader, NNModelWriter
 from rddtensor.ml.transform import transform as arrow_transform
@@ -52,8 +52,9 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         self._set(**kwargs)
 
     def _set_network(self, model):
-        if not isinstance(model, Sequential):
-            raise TypeError(f"network must be a rddtensor.layers.Sequential, got {type(model).__name__}")
+        if not isinstance(model, Network):
+            raise TypeError(f"network must be a rddtensor model (e.g. rddtensor.layers.Sequential), "
+                            f"got {type(model).__name__}")
         if not model.built:
             raise ValueError("network is not built: train it, or call network.build(input_shape) "
                              "so that it has weights")

@@ -2,7 +2,7 @@
 
 An estimator holds only the architecture (``network`` Param: JSON text, so estimators persist
 with ``DefaultParamsWriter`` and copy cheaply); every ``fit`` builds a fresh ``Sequential`` from
-it. A model holds the trained ``Sequential``; ``transform`` ships it as one ``rddtensor.wire``
+it. A model holds the trained ``Sequential``; ``transform`` ships it as one ``rddtensor.spark.wire``
 record (JSON header + raw float32 arrays, never pickle) in a broadcast.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ import json
 
 import numpy as np
 
-from rddtensor import wire
-from rddtensor.layers.sequential import Sequential
+from rddtensor.spark import wire
+from rddtensor.spark.config import Kind
+from rddtensor.training.sequential import Sequential
 from rddtensor.optim import get_loss
 
 
@@ -62,13 +63,13 @@ def encode(model) -> bytes:
     model.ensure_built()
     meta = {"config": model.get_config(), "input_shape": list(model.input_shape),
             "loss": _loss_config(model)}
-    return wire.pack("network", meta, {k: model.params[k] for k in model.layout.keys})
+    return wire.pack(Kind.NETWORK, meta, {k: model.params[k] for k in model.layout.keys})
 
 
 def decode(payload: bytes):
     """Inverse of ``encode``: a built ``Sequential`` (compiled with the loss, if there was one)."""
     kind, meta, arrays = wire.unpack(payload)
-    if kind != "network":
+    if kind != Kind.NETWORK:
         raise ValueError(f"expected a network record, got {kind!r}")
     model = Sequential.from_config(meta["config"])
     model.build(tuple(meta["input_shape"]), seed=0)

@@ -1,9 +1,9 @@
 """``NNModel.transform``: batched prediction on Arrow record batches.
 
-The trained network crosses to the executors once, as a broadcast of one ``rddtensor.wire``
+The trained network crosses to the executors once, as a broadcast of one ``rddtensor.spark.wire``
 record; each Python worker decodes it once into ``_MODELS`` (keyed by the model's fingerprint)
 and keeps it for every later task, micro-batch and query. Each Arrow batch of the features
-column is decoded column-wise (``rddtensor.columns``, no Python per row) and run through the
+column is decoded column-wise (``rddtensor.spark.columns``, no Python per row) and run through the
 network in chunks of ``inferenceBatchSize`` rows.
 
 Two plans, both narrow and both valid on a streaming DataFrame:
@@ -14,8 +14,9 @@ Two plans, both narrow and both valid on a streaming DataFrame:
   columns stay in the JVM;
 - ``mapInArrow`` (older PySpark): whole rows go to Python and back, the outputs appended.
 
-On the 2-core machine the UDF plan is the faster one (``benchmarks/inference.py``): with
-``mapInArrow`` the input vectors cross the Python boundary twice.
+The UDF plan moves less, so it is the default: with ``mapInArrow`` the input vectors cross
+the Python boundary twice (``benchmarks/inference.py`` times both: ``rddtensor`` and
+``rddtensor-mapInArrow``).
 
 Output columns (MLlib's types, so its evaluators read them):
 
@@ -34,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from rddtensor.ml import network as net
-from rddtensor.columns import batch_from_arrow
+from rddtensor.spark.columns import batch_from_arrow
 
 _MODELS: dict = {}  # worker-local: fingerprint -> decoded Sequential
 _MAX_MODELS = 4
@@ -151,10 +152,10 @@ def arrow_map_predictor(payload, token: str, *, features_col: str, kind: str, co
 
 def has_arrow_udf() -> bool:
     try:
-        from pyspark.sql.functions import arrow_udf  # noqa: F401  (PySpark >= 4.1)
+        from pyspark.sql import functions
     except ImportError:
         return False
-    return True
+    return hasattr(functions, "arrow_udf")  # PySpark >= 4.1
 
 
 #: ``"udf"`` (a scalar Arrow UDF: only the features column travels), ``"map"`` (``mapInArrow``:
@@ -162,8 +163,9 @@ def has_arrow_udf() -> bool:
 MODE = "auto"
 
 #: Vector columns at most this wide reach the Arrow UDF as ``vector_to_array(col, "float32")``:
-#: a ``VectorUDT`` value costs ~20 us per row on its way into a Python UDF whatever its size
-#: (measured on the 2-core machine for 8 to 512 features), a float array ~15 ns per element.
+#: a ``VectorUDT`` value has a fixed cost per row on its way into a Python UDF whatever its
+#: size, a float array a much smaller cost per element (``benchmarks/inference.py``:
+#: ``rddtensor-udt`` against ``rddtensor``).
 #: Wider vectors travel as the UDT struct and sparse batches stay sparse (``SparseRows``).
 DENSE_VECTOR_MAX = 2048
 

@@ -24,8 +24,8 @@ partition, or ``<src>-<dest>`` for a record only one destination reads): step ``
 slot ``t % 2`` in place (the step ``t - 2`` record, no longer needed: every task that reads a
 step's records finishes before the stage that writes step ``t + 2`` starts, and a re-run of the
 current stage still finds its inputs). Overwriting keeps the file's memory pages;
-a new file per record cost more than the shuffle it replaces here (every page allocated and
-zeroed by the kernel: ~370 MB/s on this VM). Each file starts with a stamp, the job and step
+a new file per record cost more than the shuffle it replaces (every page allocated and zeroed
+by the kernel). Each file starts with a stamp, the job and step
 that wrote it, which ``load`` checks against the token: a record overwritten by a later step
 (a task re-run from an older stage) is a miss, never a wrong record. The stamp is written last.
 ``drop_run`` removes a run's files at the end of a fit on the driver's host.
@@ -45,7 +45,7 @@ executor's files on a host that is not the driver's, or a directory that predate
 once it has been untouched for an hour (a live run rewrites its files every step). A directory a
 driver has just created and not yet claimed has no owner file and is new, so it is never taken.
 Nor does a task on the driver's host make a registered run's directory anew once it is removed
-(``local["owner"]``): a task of a killed driver still writing for a moment gets no file.
+(``CacheSettings.owner``): a task of a killed driver still writing for a moment gets no file.
 ``rddtensor info`` lists the run directories, their size, owner and whether it is alive
 (``runs``); ``rddtensor info --clean-cache`` removes the stale ones now (``remove_stale``).
 """
@@ -64,7 +64,8 @@ import tempfile
 import threading
 import time
 
-from rddtensor import wire
+from rddtensor.spark import wire
+from rddtensor.spark.config import CacheSettings, Kind
 
 __all__ = ["CacheMiss", "MISS", "root", "host_id", "put", "load", "expand", "register_run",
            "drop_run", "runs", "remove_stale"]
@@ -112,14 +113,14 @@ def _home() -> str:
     return f"{host_id()} {root()}"
 
 
-def _run_dir(local: dict) -> str:
-    run = local["run"]
+def _run_dir(cache: CacheSettings) -> str:
+    run = cache.run
     path = os.path.join(root(), run)
     if run not in _SEEN_RUNS:
         _SEEN_RUNS.add(run)
         # where the driver registered the run, its directory exists until the run ends: a
         # task still writing after that (its driver was killed) must not make it anew
-        if local.get("owner") != _home():
+        if cache.owner != _home():
             os.makedirs(path, exist_ok=True)
         _prune_stale_runs(run)
     return path
@@ -231,7 +232,7 @@ def register_run(run: str):
     files are removed on SIGTERM and at exit, and by the next fit on the host once this
     process is gone however it ended; and remove what runs of dead owners left here.
 
-    Returns the value for the run's ``local["owner"]`` (``put``: a task on this host never
+    Returns the value for the run's ``CacheSettings.owner`` (``put``: a task on this host never
     makes the run's directory anew once it is removed), or ``None`` when the directory
     could not be made (every write will go inline)."""
     path = os.path.join(root(), run)
@@ -307,18 +308,18 @@ def _remove_owned() -> None:
             os.close(fd)
 
 
-def put(local: dict, kind: str, part: int, t: int, meta: dict, arrays: dict,
+def put(cache: CacheSettings, kind: Kind, part, t: int, meta: dict, arrays: dict,
         bf16: tuple = ()):
     """Write a record (as ``wire.frames(kind, meta, arrays, bf16)``) to the cache; return its
     token record, or ``None`` when it could not be written (the caller sends it inline).
 
-    ``local`` is the job's cache settings from the driver: ``run``, ``job``, ``peers``
-    (whether records between partitions may use the cache: ``stages.deliver``) and optionally
-    ``owner`` (``register_run``'s value) and ``evict`` (fault injection: the file is deleted at once, so every read misses). ``part``
-    names the file (a partition, or ``"<src>-<dest>"``)."""
-    path = os.path.join(root(), local["run"], f"{kind}-{part}-{t % 2}")
+    ``cache`` is the job's settings from the driver (``run`` and ``job`` name and stamp the
+    file, ``owner`` and ``evict``: see ``CacheSettings``). ``part`` names the file (a
+    partition, or ``"<src>-<dest>"``)."""
+    kind = Kind(kind)
+    path = os.path.join(root(), cache.run, f"{kind.value}-{part}-{t % 2}")
     try:
-        _run_dir(local)
+        _run_dir(cache)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         with os.fdopen(fd, "r+b", buffering=0) as f:
             f.write(_STAMP.pack(-1, -1))  # invalid until the record is complete
@@ -327,8 +328,8 @@ def put(local: dict, kind: str, part: int, t: int, meta: dict, arrays: dict,
                 while view.nbytes:  # (a raw file may write less than asked)
                     view = view[f.write(view):]
             f.truncate()
-            os.pwrite(fd, _STAMP.pack(local["job"], t), 0)
-        if local.get("evict"):
+            os.pwrite(fd, _STAMP.pack(cache.job, t), 0)
+        if cache.evict:
             os.unlink(path)
     except OSError:  # e.g. the memory filesystem is full: the shuffle carries the record
         try:
@@ -336,8 +337,8 @@ def put(local: dict, kind: str, part: int, t: int, meta: dict, arrays: dict,
         except OSError:
             pass
         return None
-    return wire.pack("local", {"host": host_id(), "path": path, "kind": kind,
-                               "job": local["job"], "t": t})
+    return wire.pack(Kind.LOCAL, {"host": host_id(), "path": path, "kind": kind.value,
+                                  "job": cache.job, "t": t})
 
 
 def load(meta: dict):

@@ -9,6 +9,7 @@ non-owners when ``fit(..., wire_dtype="bfloat16")``; owners keep float32 master 
 """
 from __future__ import annotations
 
+import enum
 import json
 import struct
 
@@ -42,7 +43,8 @@ def pack(kind: str, meta: dict | None = None, arrays: dict | None = None,
          bf16: tuple = ()) -> bytes:
     """Encode ``kind``, JSON-able ``meta`` and NumPy ``arrays`` into one bytes record.
 
-    Arrays named in ``bf16`` travel as bfloat16 and are float32 again after ``unpack``.
+    ``kind`` is a ``str`` (the engine's are ``rddtensor.spark.config.Kind`` members: their
+    ``.value`` is written, so ``unpack`` returns it as a plain ``str``). Arrays named in ``bf16`` travel as bfloat16 and are float32 again after ``unpack``.
     """
     return b"".join(frames(kind, meta, arrays, bf16))
 
@@ -51,8 +53,10 @@ def frames(kind: str, meta: dict | None = None, arrays: dict | None = None,
            bf16: tuple = ()) -> list:
     """``pack``'s record as a list of buffers (the header, then views of the arrays): what a
     stage yields to send a record without copying the arrays into one ``bytes`` first
-    (``rddtensor.rawrdd.RawFrames`` writes them back to back). The arrays must not change
+    (``rddtensor.spark.rawrdd.RawFrames`` writes them back to back). The arrays must not change
     until the stage's generator resumes."""
+    if isinstance(kind, enum.Enum):
+        kind = kind.value
     arrays = arrays or {}
     specs, offset, parts = [], 0, []
     for name, a in arrays.items():
@@ -112,7 +116,7 @@ def chunks(kind: str, meta: dict, arrays: dict, bf16: tuple = ()):
 
 def chunk_views(meta: dict, arrays: dict):
     """``(chunk meta, slice)`` for each chunk ``chunks`` would send of ``arrays`` (views, no
-    copy): one definition of the chunk boundaries, shared with ``rddtensor.localcache``."""
+    copy): one definition of the chunk boundaries, shared with ``rddtensor.spark.localcache``."""
     for name, a in arrays.items():
         flat = np.ascontiguousarray(a).reshape(-1)
         step = max(CHUNK_BYTES // max(flat.itemsize, 1), 1)

@@ -3,14 +3,14 @@
 The JVM turns each partition of ``df.select(features, label)`` into Arrow record batches
 (``Dataset.toArrowBatchRdd``: columnar, no Python worker involved); one Python pass per
 partition reads them (``pyarrow.ipc.read_record_batch``, zero-copy) and decodes the columns with
-vectorised numpy (``rddtensor.columns``, the decoder ``transform`` uses). The rows path
-(``rddtensor.shards``) built one ``Row``, one vector object and one small array per row:
-on digits x20 (26,940 rows of 64 features, ``local[2]``) that was most of a fit's fixed cost.
+vectorised numpy (``rddtensor.spark.columns``, the decoder ``transform`` uses). The rows path
+(``rddtensor.spark.shards``) built one ``Row``, one vector object and one small array per row:
+on small data sets that was most of a fit's fixed cost (``benchmarks/race_digits.py``).
 
 The arrays and the checks are the rows path's: float32 features (a CSR matrix for sparse
 enough vectors, decided per partition), integer labels as int64 and others as float32, errors
 that name the row, the partition and the column. ``arrow_rows`` returns ``None`` where the JVM
-method is missing (another Spark), and ``rddtensor.shards`` then takes the rows path.
+method is missing (another Spark), and ``rddtensor.spark.shards`` then takes the rows path.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import DecimalType
 
-from rddtensor import rawrdd
-from rddtensor.columns import SparseRows, batch_from_arrow
+from rddtensor.spark import rawrdd
+from rddtensor.spark.columns import SparseRows, batch_from_arrow
 
 
 def arrow_rows(df, columns: list, n_partitions: int | None = None):
@@ -61,7 +61,7 @@ def read_table(records, schema):
 def stack_table(table, kinds, feature_shape, j: int, names):
     """Partition ``j``'s rows (``table``: features, then the label if any) as shard arrays.
 
-    ``kinds``: the ``rddtensor.columns.feature_kind`` of each column; ``feature_shape``
+    ``kinds``: the ``rddtensor.spark.columns.feature_kind`` of each column; ``feature_shape``
     ``None`` takes it from the partition (the driver compares partitions).
     """
     cols = [table.column(i).combine_chunks() for i in range(table.num_columns)]

@@ -1,6 +1,6 @@
 """Distributed checkpoints: every parameter block is written by the partition that owns it.
 
-The file format, the save policy and resuming are in ``rddtensor.layers.checkpoint`` (shared with
+The file format, the save policy and resuming are in ``rddtensor.training.checkpoint`` (shared with
 in-process fits). Here a checkpoint of a distributed fit is one Spark job over the parameter
 state's ``settled()`` RDD: partition i holds block i of θ_t and its optimizer slots, writes them
 to ``block-<i>-of-<N>.npz`` in the step directory and returns only the file's name, bounds, size
@@ -12,9 +12,9 @@ for ``local[*]`` and ``local-cluster`` masters; NFS or a mounted bucket on a rea
 """
 from __future__ import annotations
 
-from rddtensor.layers.checkpoint import Checkpointer, _clear, block_name, step_dir, write_block
-from rddtensor.errors import spark_errors
-from rddtensor.stages import read_own, split_records
+from rddtensor.training.checkpoint import Checkpointer, _clear, block_name, step_dir, write_block
+from rddtensor.spark.errors import spark_errors
+from rddtensor.spark.stages import read_own, split_records
 
 
 def _writer(sdir: str, n: int):
@@ -48,7 +48,7 @@ def save_state(checkpointer: Checkpointer, state, model, step: int, t0: int,
         blocks = write_state(state, sdir)
         return checkpointer.commit(checkpointer.info(model, step, t0, steps_per_epoch, stats),
                                    blocks)
-    except OSError as e:  # (a task's OSError arrives as itself: rddtensor.errors)
+    except OSError as e:  # (a task's OSError arrives as itself: rddtensor.spark.errors)
         try:
             err = type(e)(f"the checkpoint of step {step} could not be written to {sdir!r}: {e}")
         except Exception:

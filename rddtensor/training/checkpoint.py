@@ -11,7 +11,7 @@ A checkpoint directory holds one sub-directory per saved step::
         step-000000016/ ...
 
 In a distributed fit each block file is written by the partition that owns the block
-(``rddtensor.checkpoint``): the driver never gathers θ for a checkpoint; an in-process fit writes
+(``rddtensor.spark.checkpoint``): the driver never gathers θ for a checkpoint; an in-process fit writes
 one block. Block files are written under a temporary name and renamed; the manifest is written
 (atomically) only once every block is in place, so a directory without ``manifest.json`` is a
 checkpoint that did not finish and is never loaded, and a damaged block is detected by its hash.
@@ -21,7 +21,7 @@ statistics are buffers inside θ), the step ``t`` and the step the fit started f
 (epoch = ``(t - t0) // steps_per_epoch``, and the batch within it), the statistics of the
 unfinished epoch (so its logged loss and metrics cover all of its batches), and the random
 state. Every random draw of training is a pure function of ``(seed, epoch)`` (the row order) or
-``(seed, step, partition)`` (dropout masks; ``rddtensor.layers.batching.step_rng``), so the seed and the
+``(seed, step, partition)`` (dropout masks; ``rddtensor.training.batching.step_rng``), so the seed and the
 step *are* the random state: a resumed fit continues bit-identically.
 
 Like model files, checkpoints are data only: ``.npz`` loaded with ``allow_pickle=False`` and JSON.
@@ -46,7 +46,7 @@ from rddtensor.version import __version__
 
 log = logging.getLogger("rddtensor")
 
-FORMAT = "rddtensor.checkpoint"
+FORMAT = "rddtensor.spark.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _PREFIX = "step-"

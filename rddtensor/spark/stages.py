@@ -1,19 +1,22 @@
-"""Task-side pieces shared by the all-reduce strategies (``rddtensor.allreduce``).
+"""Task-side pieces shared by the all-reduce strategies (``rddtensor.spark.allreduce``).
 
-Every record here is raw bytes (``rddtensor.wire``). Compute goes through ``rddtensor.layers.training``'s
+Every record here is raw bytes (``rddtensor.spark.wire``). Compute goes through ``rddtensor.training.steps``'s
 step functions (``gradient_step``, ``apply_update``), the same ones the in-process loop calls.
 Per-step stats (loss sum, rows, metric states) go to the driver through an accumulator keyed by
 ``(step, partition)``: a retried or recomputed task rewrites the same entry, never double-counts.
+Record kinds are ``config.Kind``; ``cache`` arguments are the job's ``config.CacheSettings``
+(``None``: the host-local cache is off for these records).
 """
 from __future__ import annotations
 
 import numpy as np
 from pyspark.accumulators import AccumulatorParam
 
-from rddtensor.layers.batching import local_batches, step_rng, steps_per_epoch
-from rddtensor.layers.training import evaluate_arrays, gradient_step
-from rddtensor import device, localcache, rawrdd, runtime, wire
-from rddtensor.shards import read_shard
+from rddtensor.training.batching import step_rng
+from rddtensor.training.steps import evaluate_arrays, gradient_step
+from rddtensor.spark import device, localcache, rawrdd, wire, worker
+from rddtensor.spark.config import CacheSettings, Kind, StepConfig
+from rddtensor.spark.shards import read_shard
 
 
 class StatsParam(AccumulatorParam):
@@ -27,16 +30,18 @@ class StatsParam(AccumulatorParam):
         return a
 
 
-def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict, local=None):
+def own_record(i: int, t: int, lo: int, hi: int, w, slots: dict,
+               cache: CacheSettings | None = None):
     """Block ``[lo, hi)`` of θ_t with its optimizer slots, what its owner needs for a step:
     chunk records of kind ``own`` (``wire.chunks``), or a token of the host-local cache when
-    ``local`` (the job's cache settings) allows (``to_self``)."""
-    return to_self(local, "own", i, t, {"i": i, "t": t, "lo": lo, "hi": hi}, join_own(w, slots))
+    ``cache`` (the job's cache settings) allows (``to_self``)."""
+    return to_self(cache, Kind.OWN, i, t, {"i": i, "t": t, "lo": lo, "hi": hi},
+                   join_own(w, slots))
 
 
 def theta_record(i: int, t: int, lo: int, hi: int, w, bf16: bool = False):
     """Block ``[lo, hi)`` of θ_t for a non-owner: chunk records of kind ``theta``."""
-    return wire.chunks("theta", {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
+    return wire.chunks(Kind.THETA, {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
                        bf16=("w",) if bf16 else ())
 
 
@@ -53,28 +58,29 @@ def split_own(arrays: dict):
 def split_records(records):
     """A task's input as ``(parameter records, data shard records)``: each parameter record is
     ``(kind, meta, x, raw bytes)`` (a decoded chunk), shard records stay raw bytes. A token of
-    the host-local cache (``rddtensor.localcache``) stands for the chunks of the record it
+    the host-local cache (``rddtensor.spark.localcache``) stands for the chunks of the record it
     names: each of them carries the token as its raw bytes."""
     params, shard = [], []
     for r in records:
         if not len(r):
             continue
         kind, meta, arrays = wire.unpack(r)
-        if kind == "shard":
+        if kind == Kind.SHARD:
             shard.append(r)
-        elif kind == "local":
+        elif kind == Kind.LOCAL:
             params.extend((k, m, x, r) for k, m, x in localcache.expand(meta))
         else:
             params.append((kind, meta, arrays["x"], r))
     return params, shard
 
 
-def to_self(local, kind: str, part: int, t: int, meta: dict, arrays: dict, bf16: tuple = ()):
+def to_self(cache: CacheSettings | None, kind: Kind, part, t: int, meta: dict, arrays: dict,
+            bf16: tuple = ()):
     """The records that carry a record of ``kind`` from partition ``part`` to itself: one token
-    of the host-local cache when the job's ``local`` settings allow it (and the write worked),
+    of the host-local cache when the job's ``cache`` settings allow it (and the write worked),
     else its chunks (``wire.chunks``). ``t`` versions the file."""
-    if local:
-        token = localcache.put(local, kind, part, t, meta, arrays, bf16)
+    if cache is not None:
+        token = localcache.put(cache, kind, part, t, meta, arrays, bf16)
         if token is not None:
             return [token]
     return wire.chunks(kind, meta, arrays, bf16)
@@ -87,20 +93,20 @@ def keyed(dest: int, records):
         yield rec
 
 
-def deliver(local, kind: str, src: int, t: int, meta: dict, arrays: dict, dests,
-            bf16: tuple = (), file=None):
+def deliver(cache: CacheSettings | None, kind: Kind, src: int, t: int, meta: dict, arrays: dict,
+            dests, bf16: tuple = (), file=None):
     """``key(d), record`` pairs that deliver one record of ``kind`` from partition ``src`` to
     every partition in ``dests``.
 
-    Through the host-local cache (``to_self``) when the job's ``local`` settings allow it: to
-    ``src`` itself always, to other partitions when ``local["peers"]`` (every task of the job
+    Through the host-local cache (``to_self``) when the job's ``cache`` settings allow it: to
+    ``src`` itself always, to other partitions when ``cache.peers`` (every task of the job
     runs on this host). The record is written once (file ``<kind>-<file or src>``) and each of
     those destinations gets its token; the others get its chunks."""
     cached = inline = None
     for d in dests:
-        if local and (d == src or local.get("peers")):
+        if cache is not None and (d == src or cache.peers):
             if cached is None:
-                cached = list(to_self(local, kind, src if file is None else file, t, meta,
+                cached = list(to_self(cache, kind, src if file is None else file, t, meta,
                                       arrays, bf16))
             yield from keyed(d, cached)
         else:
@@ -109,7 +115,7 @@ def deliver(local, kind: str, src: int, t: int, meta: dict, arrays: dict, dests,
             yield from keyed(d, inline)
 
 
-def raws_of(params, kind: str):
+def raws_of(params, kind: Kind):
     """The raw records (chunks or tokens, each once) that delivered the ``kind`` records."""
     seen = set()
     for k, _, _, raw in params:
@@ -118,13 +124,13 @@ def raws_of(params, kind: str):
             yield raw
 
 
-def is_local(params, kind: str) -> bool:
+def is_local(params, kind: Kind) -> bool:
     """Whether the ``kind`` records came through the host-local cache (as a token)."""
     raw = next((raw for k, _, _, raw in params if k == kind), None)
-    return raw is not None and wire.unpack(raw)[0] == "local"
+    return raw is not None and wire.unpack(raw)[0] == Kind.LOCAL
 
 
-def chunks_of(params, kind: str) -> wire.Chunks:
+def chunks_of(params, kind: Kind) -> wire.Chunks:
     """The chunk records of ``kind`` among decoded parameter records."""
     got = wire.Chunks()
     for k, meta, x, _ in params:
@@ -136,33 +142,19 @@ def chunks_of(params, kind: str) -> wire.Chunks:
 def read_own(params):
     """``(meta, w, slots)`` of the ``own`` block among decoded parameter records (new,
     writable arrays)."""
-    got = chunks_of(params, "own")
+    got = chunks_of(params, Kind.OWN)
     if got.meta is None:
         raise RuntimeError("the partition holds no parameter block")
     arrays = {name: got.into(name) for name in got.names()}
     return got.meta, *split_own(arrays)
 
 
-_SCRATCH: dict = {}
-
-
-def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
-    """A worker-local buffer reused across tasks (a Python worker runs one task at a time).
-
-    Fresh 40 MB arrays cost ~10k page faults each; reusing them changes speed, never results.
-    """
-    buf = _SCRATCH.get(name)
-    if buf is None or buf.shape != (size,) or buf.dtype != dtype:
-        buf = _SCRATCH[name] = np.empty(size, dtype=dtype)
-    return buf
-
-
 def assemble(params, size: int, dtype=np.float32):
     """θ_t from the blocks (``own``/``theta`` chunks) of an all-gather partition: ``(t, θ)``."""
-    theta = scratch("theta", size, dtype)
+    theta = worker.current().scratch("theta", size, dtype)
     t, filled = None, 0
     for kind, meta, x, _ in params:
-        if kind not in ("own", "theta") or meta["name"] != "w":
+        if kind not in (Kind.OWN, Kind.THETA) or meta["name"] != "w":
             continue
         if t is not None and meta["t"] != t:
             raise RuntimeError(f"all-gather mixed parameter versions {meta['t']} and {t}")
@@ -175,42 +167,26 @@ def assemble(params, size: int, dtype=np.float32):
     return t, theta
 
 
-# --- worker-local cache of batch plans (speed only: a miss recomputes the same plan) -----------
-_PLAN_CACHE: dict = {}
-
-
-def _epoch_plan(cfg, epoch, lo, hi):
-    key = (cfg["n_total"], cfg["batch_size"], cfg["seed"], epoch, cfg["shuffle"], lo, hi)
-    plan = _PLAN_CACHE.get(key)
-    if plan is None:
-        plan = local_batches(cfg["n_total"], cfg["batch_size"], cfg["seed"], epoch,
-                             cfg["shuffle"], lo, hi)
-        if len(_PLAN_CACHE) > 8:
-            _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = plan
-    return plan
-
-
-def local_gradient(cfg: dict, model, theta, t: int, j: int, shard_records, acc):
+def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records, acc):
     """Partition j's part of step ``t+1``: its rows of the global batch, their gradient at θ_t
     (normalised by the global batch size), and its stats sent to the driver."""
     meta, arrays = read_shard(shard_records)
-    spe = steps_per_epoch(cfg["n_total"], cfg["batch_size"])
-    epoch, b = divmod(t - cfg["t0"], spe)
-    lo = cfg["offsets"][j]
-    rows = _epoch_plan(cfg, epoch, lo, lo + meta["n"])[b]
+    here = worker.current()
+    epoch, b = divmod(t - step.t0, step.steps_per_epoch)
+    lo = step.offsets[j]
+    rows = here.epoch_plan(step, epoch, lo, lo + meta["n"])[b]
     w, X, y, grad_out = theta, arrays["X"], arrays["y"], None
-    # --- GPU executors (rddtensor.device): the shard stays on the task's GPU, θ_t goes in and
+    # --- GPU executors (rddtensor.spark.device): the shard stays on the task's GPU, θ_t goes in and
     # the gradient comes out through pinned memory; None (no GPU, device="cpu") is pure NumPy
     gpu = device.task_placement(getattr(model, "device", "auto"), meta, arrays)
     if gpu is not None:
         w, X, y, rows = gpu.step_inputs(theta, meta, arrays, rows)
     else:
-        grad_out = scratch("grad", model.layout.size, theta.dtype)
+        grad_out = here.scratch("grad", model.layout.size, theta.dtype)
     g, stats = gradient_step(model, w, X[rows], y[rows],
-                             loss=model.loss, n_batch=int(cfg["batch_sizes"][b]),
-                             rng=step_rng(cfg["seed"], t + 1, j),
-                             class_weight=cfg["class_weight"], metrics=model.metrics,
+                             loss=model.loss, n_batch=int(step.batch_sizes[b]),
+                             rng=step_rng(step.seed, t + 1, j),
+                             class_weight=step.class_weight, metrics=model.metrics,
                              grad_out=grad_out)
     if gpu is not None:
         g = gpu.gradient_to_host(g)
@@ -233,7 +209,7 @@ def eval_stage(model, batch_size: int):
     """Partition j of ``co_union(AG, D)``: loss and metric stats of θ on all its rows (eval
     mode)."""
     def run(j, records):
-        runtime.prepare_worker()
+        worker.current()
         ag, shard_recs = split_records(records)
         _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
@@ -246,7 +222,7 @@ def eval_stage(model, batch_size: int):
 def predict_stage(model, batch_size: int):
     """Partition j of ``co_union(AG, D)``: model outputs for its rows, in row order."""
     def run(j, records):
-        runtime.prepare_worker()
+        worker.current()
         ag, shard_recs = split_records(records)
         _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)

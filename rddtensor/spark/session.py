@@ -25,7 +25,7 @@ DEFAULT_CONF = {
     "spark.executorEnv.OMP_NUM_THREADS": "1",
     "spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
     "spark.executorEnv.MKL_NUM_THREADS": "1",
-    # the engine stores each cut parameter state on two executors (rddtensor.engine); an
+    # the engine stores each cut parameter state on two executors (rddtensor.spark.engine); an
     # executor picks where to copy a block from its cached list of peers, kept 60 s by default:
     # after an executor is lost and replaced, blocks stored within that minute got no copy
     # (the list still named only the dead peer, or none), and a second loss then lost them

@@ -3,7 +3,7 @@
 Two paths decode the same column types to the same arrays, so a model sees identical inputs in
 training and in ``transform``:
 
-- rows (training, through ``rddtensor.shards``): ``decode_value`` turns one value (a
+- rows (training, through ``rddtensor.spark.shards``): ``decode_value`` turns one value (a
   ``pyspark.ml`` vector, a list, an image ``Row``) into a numpy array; ``stack_sparse`` stacks a
   partition of sparse vectors into one CSR matrix instead of densifying it;
 - Arrow batches (``transform``): ``batch_from_arrow`` turns one column of a ``RecordBatch`` into
@@ -121,7 +121,7 @@ def stack_sparse(values, feature_shape, j: int):
 
 
 def encode_sparse(arrays: dict) -> dict:
-    """Arrays for ``rddtensor.wire``: a sparse ``X`` becomes its CSR parts."""
+    """Arrays for ``rddtensor.spark.wire``: a sparse ``X`` becomes its CSR parts."""
     X = arrays.get("X")
     if not scipy.sparse.issparse(X):
         return arrays

@@ -2,23 +2,22 @@
 ``compile`` / ``fit`` / ``evaluate`` / ``predict`` / ``save`` API.
 
 ``fit`` on numpy arrays trains in this process; on a Spark RDD or DataFrame it hands the same
-step function to the engine registered for that type (``rddtensor.layers.engines``: the Spark
+step function to the engine registered for that type (``rddtensor.training.engines``: the Spark
 engine, imported only then, so ``rddtensor.layers`` stays usable without Spark or a JVM).
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import scipy.sparse
 
-from rddtensor.layers import checkpoint, engines, serialization
+from rddtensor.training import checkpoint, engines, serialization
 from rddtensor.layers.base import Layer, layer_class, non_negative_int, positive_int, shape_tuple
-from rddtensor.layers.batching import steps_per_epoch
-from rddtensor.layers.params import ParamLayout
-from rddtensor.layers.training import (LocalRunner, evaluate_arrays, fit_loop,
-                                       interrupts_deferred, stats_logs)
-from rddtensor.allocator import tune_malloc
+from rddtensor.training.batching import steps_per_epoch
+from rddtensor.training.params import ParamLayout
+from rddtensor.training.protocol import Model, TensorSpec
+from rddtensor.training.steps import evaluate_arrays, stats_logs
+from rddtensor.training.loop import LocalRunner, fit_loop
+from rddtensor.backend.allocator import tune_malloc
 from rddtensor.backend import check_device
 from rddtensor.optim import get_loss, get_metric, get_optimizer
 
@@ -79,7 +78,7 @@ def split_validation(x, y, split: float, seed: int):
     return x[:at], y[:at], (x[at:], y[at:])
 
 
-class Sequential:
+class Sequential(Model):
     """A linear stack of layers trained as one model.
 
     Parameters live in one float32 vector ``theta`` (layer order; keys ``"<index>.<name>"`` such
@@ -128,27 +127,25 @@ class Sequential:
             self.loss = self._loss  # the output activation changed: bind the loss again
 
     @property
-    def loss(self):
-        """The compiled loss (``rddtensor.optim.Loss``), bound to this model's output activation
-        (``Loss.bind``: a sigmoid/softmax output with a cross-entropy trains on the logits)."""
-        return self._loss
-
-    @loss.setter
-    def loss(self, loss) -> None:
-        self._loss = None if loss is None else loss.bind(
-            self.layers[-1].output_activation() if self.layers else None)
-
-    @property
-    def built(self) -> bool:
-        return self.theta is not None
-
-    @property
     def input_shape(self):
         return self.layers[0].input_shape if self.layers else None
 
     @property
     def output_shape(self):
         return self.layers[-1].output_shape if self.built else None
+
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """One input, ``"X"``: the features (per-row shape of the first layer)."""
+        return (TensorSpec("X", self.input_shape),)
+
+    @property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        """One output, ``"y"``: the last layer's (per-row shape once built)."""
+        return (TensorSpec("y", self.output_shape),)
+
+    def output_activation(self):
+        return self.layers[-1].output_activation() if self.layers else None
 
     def build(self, input_shape=None, seed: int | None = None) -> "Sequential":
         """Build every layer from the per-sample ``input_shape`` and initialise the weights."""
@@ -184,15 +181,6 @@ class Sequential:
         self._set_theta(self.layout.flatten(init, out=theta))
         return self
 
-    def _set_theta(self, theta) -> None:
-        self.theta = theta
-        self.params = self.layout.unflatten(theta)
-
-    def count_params(self) -> int:
-        if not self.built:
-            self.build()
-        return self.layout.size
-
     # --- compute --------------------------------------------------------------------------
     def forward(self, params: dict, X, training: bool = False, rng=None, logits: bool = False):
         """Forward through every layer; returns ``(Y, backprop)``, ``backprop(dY) -> (dX, grads)``.
@@ -224,56 +212,6 @@ class Sequential:
 
         return X, backprop
 
-    # --- weights --------------------------------------------------------------------------
-    def get_weights(self) -> list[np.ndarray]:
-        """Copies of all parameters in layer order (PyTorch layouts)."""
-        self.ensure_built()
-        return [self.params[k].copy() for k in self.layout.keys]
-
-    def set_weights(self, weights) -> None:
-        """Set all parameters from a list of arrays in ``get_weights`` order, or from a mapping
-        such as a PyTorch ``state_dict`` (matched by position, in its order; BatchNorm's
-        ``num_batches_tracked`` counters are skipped). Every shape is checked before anything
-        changes; a mismatch names both keys.
-
-        Example:
-            >>> import torch, rddtensor.layers as L                                   # doctest: +SKIP
-            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-            ...                           torch.nn.Linear(8, 2))            # doctest: +SKIP
-            >>> m = L.Sequential([L.Dense(8, activation="relu", input_shape=(4,)), L.Dense(2)])
-            >>> m.set_weights(net.state_dict())                             # doctest: +SKIP
-        """
-        self.ensure_built()
-        keys = self.layout.keys
-        if hasattr(weights, "keys") and hasattr(weights, "items"):
-            names = [str(k) for k, v in weights.items()
-                     if not str(k).endswith("num_batches_tracked")]
-            weights = [_to_numpy(v) for k, v in weights.items()
-                       if not str(k).endswith("num_batches_tracked")]
-            what = "state_dict entry"
-        else:
-            if isinstance(weights, np.ndarray) and weights.dtype != object:
-                raise TypeError("set_weights takes a list of arrays (get_weights order) or a "
-                                f"mapping such as a state_dict, got one array of shape "
-                                f"{weights.shape}")
-            weights = [_to_numpy(w) for w in weights]
-            names, what = [str(i) for i in range(len(weights))], "array"
-        if len(weights) != len(keys):
-            raise ValueError(f"set_weights expects {len(keys)} arrays ({keys}), got "
-                             f"{len(weights)}" + (f" ({names})" if what != "array" else ""))
-        for name, k, w in zip(names, keys, weights):  # check all first: a failed call changes nothing
-            if w.shape != self.layout.shapes[k]:
-                raise ValueError(f"weight {k!r} must have shape {self.layout.shapes[k]}, got "
-                                 f"{w.shape}" + (f" from {what} {name!r}" if what != "array"
-                                                 else ""))
-        for k, w in zip(keys, weights):
-            self.params[k][...] = w
-
-    def ensure_built(self) -> None:
-        """Build from the first layer's ``input_shape`` if not built yet."""
-        if not self.built:
-            self.build()
-
     def check_input_shape(self, shape, what: str) -> None:
         """Refuse per-row input ``shape`` the first layer cannot take, naming ``what``."""
         first = self.layers[0] if self.layers else None
@@ -281,34 +219,6 @@ class Sequential:
                 tuple(shape) != tuple(first.input_shape):
             raise ValueError(f"{what} has per-row shape {tuple(shape)} but the first layer "
                              f"({first.describe()}) expects {tuple(first.input_shape)}")
-
-    # --- training state: what the engines read and write through the model --------------------
-    def init_slots(self) -> None:
-        """Create the optimizer slots (zeros) and set the step to 0, unless they exist."""
-        if self.slots is None:
-            self.slots = self.optimizer.init_slots(self.layout.size)
-            self.step = 0
-
-    def load_state(self, theta, slots: dict, step: int) -> None:
-        """Set θ, the optimizer slots and the step together (a Ctrl-C waits until all of
-        them are written): what an engine hands back after training or a checkpoint holds."""
-        with interrupts_deferred():
-            self.theta[...] = theta
-            for k in self.slots:
-                self.slots[k][...] = slots[k]
-            self.step = int(step)
-
-    def task_copy(self, freeze_optimizer: bool = False) -> "Sequential":
-        """A copy without weights or slots for Spark task closures (kilobytes, not O(P)).
-
-        With ``freeze_optimizer`` the copy gets its own copy of the optimizer: the settings
-        (e.g. a learning rate a callback changes between epochs) of the job it is shipped with.
-        """
-        s = copy.copy(self)
-        s.theta, s.params, s.slots = None, {}, {}
-        if freeze_optimizer:
-            s.optimizer = copy.deepcopy(self.optimizer)
-        return s
 
     def summary(self, print_fn=print) -> None:
         """Print a table of layers, output shapes and parameter counts (as Keras: returns
@@ -341,7 +251,7 @@ class Sequential:
             metrics: names or ``rddtensor.optim.Metric`` objects (``["accuracy"]``).
             device: where the distributed engine's training tasks compute: ``"auto"`` (the
                 task's GPU when CuPy sees one, else NumPy with a warning if CuPy is installed),
-                ``"gpu"`` (fail without one) or ``"cpu"`` (see ``rddtensor.device``).
+                ``"gpu"`` (fail without one) or ``"cpu"`` (see ``rddtensor.spark.device``).
                 In-process fits on numpy arrays compute on NumPy.
         """
         self.device = check_device(device)
@@ -362,7 +272,7 @@ class Sequential:
 
         Args:
             x: numpy features (in-process), or a Spark RDD of ``(features, label)`` / DataFrame
-                (distributed engine; see ``rddtensor.engine.fit_distributed`` for its options).
+                (distributed engine; see ``rddtensor.spark.engine.fit_distributed`` for its options).
             y: numpy labels/targets (with numpy ``x`` only).
             epochs: passes over the data.
             batch_size: global mini-batch size (split across partitions in distributed fits).
@@ -383,7 +293,7 @@ class Sequential:
                 ``fit(epochs=6, initial_epoch=3)`` gives the weights of ``fit(epochs=6)``.
                 ``epochs <= initial_epoch`` trains nothing.
             checkpoint_dir: save checkpoints (weights, optimizer slots, step counters) in this
-                directory (``rddtensor.layers.checkpoint``; distributed fits: each partition writes its
+                directory (``rddtensor.training.checkpoint``; distributed fits: each partition writes its
                 own block).
             checkpoint_every: save every this many optimizer steps (default: each epoch end).
             resume: continue from the newest complete checkpoint in ``checkpoint_dir``;
@@ -450,7 +360,7 @@ class Sequential:
         if engine is not None:
             return engine.evaluate_distributed(self, x, batch_size=batch_size)
         X, y = self._check_arrays(x, y, "x")
-        tune_malloc()  # (process tuning of an in-process evaluate; rddtensor.allocator)
+        tune_malloc()  # (process tuning of an in-process evaluate; rddtensor.backend.allocator)
         stats = evaluate_arrays(self, self.theta, X, y, loss=self.loss, metrics=self.metrics,
                                 batch_size=batch_size)
         return stats_logs(self.metrics, stats)
@@ -468,7 +378,7 @@ class Sequential:
         return self._forward_batches(X, batch_size, logits=False)
 
     def _forward_batches(self, X, batch_size: int, logits: bool):
-        tune_malloc()  # (process tuning of an in-process predict; rddtensor.allocator)
+        tune_malloc()  # (process tuning of an in-process predict; rddtensor.backend.allocator)
         outs = [self.forward(self.params, X[a:a + batch_size], logits=logits)[0]
                 for a in range(0, len(X), batch_size)]
         if not outs:
@@ -573,13 +483,6 @@ class Sequential:
 
     def __repr__(self):
         return f"Sequential({len(self.layers)} layers" + (f", {self.layout.size:,} params)" if self.built else ")")
-
-
-def _to_numpy(w):
-    """An array-like (numpy, a PyTorch tensor on any device, a list) as a numpy array."""
-    if hasattr(w, "detach") and hasattr(w, "cpu"):  # a torch.Tensor: no torch import needed
-        w = w.detach().cpu().numpy()
-    return np.asarray(w)
 
 
 def load_model(path: str) -> Sequential:

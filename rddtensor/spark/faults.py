@@ -12,14 +12,14 @@ on every matching task attempt (``TaskContext.attemptNumber()``, 0 for the first
 - ``"4:*:*"``: every attempt of step 4 fails: the job aborts as if the run had crashed there.
 
 The hook rides on the per-step stats accumulator, which every training task adds to exactly once
-per step under the key ``(step, partition)`` (``rddtensor.stages.StatsParam``); the engine uses
+per step under the key ``(step, partition)`` (``rddtensor.spark.stages.StatsParam``); the engine uses
 the plain accumulator when no rule is set, so an unset hook costs nothing.
 """
 from __future__ import annotations
 
 import os
 
-from rddtensor.stages import StatsParam
+from rddtensor.spark.stages import StatsParam
 
 ENV = "RDDTENSOR_FAIL_AT"
 CONF = "spark.rddtensor.failAt"

@@ -17,13 +17,14 @@ import contextlib
 import re
 import threading
 
+from rddtensor.training import loop as _loop
+
 # the last line of a Python traceback: a built-in exception's name (never dotted: custom
 # exceptions print as ``module.Name``) and its message
 _PY_ERR = re.compile(r"^([A-Z]\w*(?:Error|Exception|Exit|Interrupt)): (.*)$", re.M)
 QUIET_CONF = "spark.rddtensor.quietTaskFailures"
 
-
-from rddtensor.layers.training import FitInterrupted  # noqa: F401  (warned by both engines' fits)
+FitInterrupted = _loop.FitInterrupted  # re-exported: the warning both engines' fits give
 
 
 def _builtin_error(name: str):

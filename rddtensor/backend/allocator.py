@@ -5,18 +5,19 @@ step (gates, activations, im2col tiles, gradients). glibc serves a request above
 threshold* (128 KiB at start, raised by the sizes freed since, at most 32 MiB) with a fresh
 ``mmap``, and returns free memory at the top of its heap to the kernel past its *trim
 threshold*: either way the next step's arrays land on new pages, and on first touch the kernel
-faults in and zeroes each 4 KiB page. On this project's 2-core VM that is ~1.2 us a page: the LSTM
-case of the layer benchmark (128 units x 50 steps, batch 32), timed alone in a fresh process,
-faulted 3,770 pages per call and ran 14.4 ms, and 8.7 ms with the settings below (no faults). PyTorch's CPU allocator is glibc
-too; the effect in a process depends on what it freed before, so without fixed settings a
-layer's speed depends on what else the process ran.
+faults in and zeroes each 4 KiB page. For a layer whose step allocates megabytes (the LSTM
+case of the layer benchmark, ``benchmarks/layers.py --malloc default`` against the default
+``tuned``) those faults are a large part of the step's time, and the settings below remove
+them. PyTorch's CPU allocator is glibc too; the effect in a process depends on what it freed
+before, so without fixed settings a layer's speed depends on what else the process ran.
 
 ``tune_malloc`` fixes both thresholds: requests up to 32 MiB come from the heap and up to
 256 MiB of free heap stays mapped for reuse. The price is memory: a process keeps up to that
 much free heap resident instead of giving it back (a Python worker training a model holds its
-working set anyway). It runs once per process, applied by ``rddtensor.runtime`` (every Spark Python worker) and by
-the in-process fit, evaluate and predict, never by the math itself; ``RDDTENSOR_MALLOC=default``
-leaves glibc's defaults alone, and it does nothing where glibc is absent (macOS, musl).
+working set anyway). It runs once per process, applied by ``rddtensor.backend.runtime`` (every
+Spark Python worker) and by the in-process fit, evaluate and predict, never by the math itself;
+``RDDTENSOR_MALLOC=default`` leaves glibc's defaults alone, and it does nothing where glibc is
+absent (macOS, musl).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The distributed engine: ``model.fit`` on an RDD or DataFrame.
 
-θ and the optimizer slots live on an RDD (the *state*, see ``rddtensor.allreduce``); every
+θ and the optimizer slots live on an RDD (the *state*, see ``rddtensor.spark.allreduce``); every
 iteration all-reduces gradients through Spark's shuffle. The driver builds
 ``iterations_per_job`` iterations of lineage, runs them as one Spark job, and receives only
 per-step stats through an accumulator (loss sum, rows, metric states: O(classes) per partition).
@@ -19,27 +19,29 @@ are deterministic); without a checkpoint it stops with an error that says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import uuid
 
 import numpy as np
 from pyspark import StorageLevel
 
-from rddtensor.layers import checkpoint as checkpoints
+from rddtensor.training import checkpoint as checkpoints
 from rddtensor.layers.base import positive_int
-from rddtensor.layers.batching import batch_sizes, steps_per_epoch
-from rddtensor.layers.params import block_bounds
-from rddtensor.layers.training import (empty_stats, fit_loop, merge_stats, stats_logs, stopped_at,
-                                       warn_interrupted)
-from rddtensor import localcache, rawrdd, wire
-from rddtensor.allreduce import Sharded, choose
-from rddtensor.checkpoint import save_state
-from rddtensor.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
+from rddtensor.training.batching import batch_sizes, steps_per_epoch
+from rddtensor.training.params import block_bounds
+from rddtensor.training.steps import empty_stats, merge_stats, stats_logs
+from rddtensor.training.loop import fit_loop, stopped_at, warn_interrupted
+from rddtensor.spark import localcache, rawrdd, wire
+from rddtensor.spark.allreduce import AllReduce, Sharded, choose
+from rddtensor.spark.checkpoint import save_state
+from rddtensor.spark.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
                               task_error)
-from rddtensor.faults import stats_param
-from rddtensor.shards import Shards, make_shards
-from rddtensor.tensor import BlockTensor
-from rddtensor.stages import (broadcast_emit, chunks_of, eval_stage, own_record, predict_stage,
+from rddtensor.spark.faults import stats_param
+from rddtensor.spark.config import CacheSettings, Iteration, Kind, StepConfig
+from rddtensor.spark.shards import Shards, make_shards
+from rddtensor.spark.tensor import BlockTensor
+from rddtensor.spark.stages import (broadcast_emit, chunks_of, eval_stage, own_record, predict_stage,
                               split_records)
 
 LOCAL_CACHE_CONF = "spark.rddtensor.localCache"
@@ -66,7 +68,7 @@ def state_level(sc) -> StorageLevel:
 def one_host(sc) -> bool:
     """Whether the driver and every executor run on one machine (local masters,
     ``local-cluster``, a one-machine cluster): then every task of a job can read the files
-    any other task writes to the host-local cache (``rddtensor.localcache``)."""
+    any other task writes to the host-local cache (``rddtensor.spark.localcache``)."""
     keys = sc._jsc.sc().getExecutorMemoryStatus().keys().mkString("\n").split("\n")
     return len({k.rsplit(":", 1)[0] for k in keys}) == 1
 
@@ -93,9 +95,13 @@ def quiet_unpersist_warning(sc) -> None:
 
 
 class ParameterState:
-    """θ and optimizer slots on the executors, in the layout of an all-reduce strategy."""
+    """θ and optimizer slots on the executors, in the layout of an all-reduce strategy.
 
-    def __init__(self, strategy, S, model, bounds, handles=()):
+    ``S`` is the state RDD; ``model`` the task copy of the model whose optimizer settings
+    produced it (the replicated strategy applies an update still pending in ``S`` with them);
+    ``bounds`` the parameter blocks."""
+
+    def __init__(self, strategy: AllReduce, S, model, bounds, handles=()):
         self.strategy, self.S, self.model, self.bounds = strategy, S, model, bounds
         self.handles = list(handles)  # broadcasts the state was built from (destroyed with it)
 
@@ -145,9 +151,9 @@ class ParameterState:
         size, n = self.model.layout.size, self.n_blocks
 
         def view(i, records):
-            got = chunks_of(split_records(records)[0], "own")
+            got = chunks_of(split_records(records)[0], Kind.OWN)
             x = got.into("w" if name == "w" else "slot." + name)
-            yield wire.frames("block", {"i": i, "lo": got.meta["lo"], "hi": got.meta["hi"],
+            yield wire.frames(Kind.BLOCK, {"i": i, "lo": got.meta["lo"], "hi": got.meta["hi"],
                                         "size": size, "n": n}, {"x": x})
         return BlockTensor(rawrdd.map_raw(self.settled(), view), size, n, np.float32)
 
@@ -175,7 +181,7 @@ class DistributedRunner:
 
     engine = "distributed"
 
-    def __init__(self, model, shards: Shards, strategy, *, batch_size, shuffle, seed,
+    def __init__(self, model, shards: Shards, strategy: AllReduce, *, batch_size, shuffle, seed,
                  class_weight, iterations_per_job: int, wire_dtype: str = "float32",
                  t0: int | None = None, checkpoint=None, resume_stats=None):
         self.model, self.shards = model, shards
@@ -186,22 +192,25 @@ class DistributedRunner:
         self.t0 = model.step if t0 is None else int(t0)  # the step epoch 0 started from
         self.checkpoint, self.resume_stats = checkpoint, resume_stats
         self.recoveries = 0
-        # host-local delivery of the records a partition sends itself (rddtensor.localcache):
+        # host-local delivery of the records a partition sends itself (rddtensor.spark.localcache):
         # conf spark.rddtensor.localCache = true (default) | false | evict (every read misses)
         mode = _conf(self.sc, LOCAL_CACHE_CONF, "true").strip().lower()
         if mode not in ("true", "false", "evict"):
             raise ValueError(f"{LOCAL_CACHE_CONF} must be true, false or evict, got {mode!r}")
         self.local_cache, self.cache_missed = mode != "false", False
-        self.local = {"run": uuid.uuid4().hex[:16], "job": 0, "evict": mode == "evict"}
-        if self.local_cache:  # this driver owns the run's files on its host (killed: removed)
-            self.local["owner"] = localcache.register_run(self.local["run"])
+        run = uuid.uuid4().hex[:16]
+        # this driver owns the run's files on its host (killed: removed)
+        owner = localcache.register_run(run) if self.local_cache else None
+        # the settings of the last job (``_try_group`` numbers the jobs: ``job``)
+        self.cache = CacheSettings(run=run, job=0, evict=mode == "evict", owner=owner)
         self.since_gc = 0  # iterations since the driver JVM last collected garbage
         self.bytes_since_gc = 0  # estimated shuffle bytes since then
         self.peers = False  # whether the last job sent records between partitions as tokens
-        self.cfg = {"n_total": self.n_total, "batch_size": batch_size, "seed": seed,
-                    "shuffle": shuffle, "offsets": shards.offsets, "t0": self.t0,
-                    "batch_sizes": batch_sizes(self.n_total, batch_size).tolist(),
-                    "class_weight": class_weight, "wire_bf16": wire_dtype == "bfloat16"}
+        self.step_config = StepConfig(
+            n_total=self.n_total, batch_size=batch_size, seed=seed, shuffle=shuffle,
+            offsets=tuple(shards.offsets), t0=self.t0,
+            batch_sizes=tuple(batch_sizes(self.n_total, batch_size).tolist()),
+            class_weight=class_weight, wire_bf16=wire_dtype == "bfloat16")
         self.spe = steps_per_epoch(self.n_total, batch_size)
         self.state = ParameterState.from_driver(strategy, self.sc, model, self.N)
         self.acc = self.sc.accumulator({}, stats_param(self.sc))
@@ -217,7 +226,7 @@ class DistributedRunner:
         # fit's jobs so that one left running by a Ctrl-C can be cancelled
         self.synced, self.epoch, self.in_flight, self.finished = model.step, None, None, False
         self._started = model.step
-        self.tag = f"rddtensor-fit-{self.local['run']}"
+        self.tag = f"rddtensor-fit-{self.cache.run}"
         self.sc.addJobTag(self.tag)
 
     def _run_group(self, steps: int) -> dict:
@@ -253,7 +262,8 @@ class DistributedRunner:
         """Let Spark delete the shuffle files of finished iterations (see ``_GC_ITERATIONS``):
         per 100 iterations or ~1 GB of shuffle, one driver JVM collection (which frees what the
         previous round released; py4j releases JVM objects from its own thread) and one Python
-        ``gc.collect()`` (tens of ms each). Files live for at most two rounds.
+        ``gc.collect()`` (each a pause too long to take every iteration). Files live for at most
+        two rounds.
 
         The shuffle bytes are estimated: ~8·P·N per iteration whose records go inline, and only
         the job's last (cut) iteration does while the partitions share a host's cache."""
@@ -290,19 +300,22 @@ class DistributedRunner:
 
     def _try_group(self, steps: int) -> dict:
         st = self.state
-        S = st.S
         job = self.model.task_copy(freeze_optimizer=True)
-        self.local["job"] += 1
+        self.cache = dataclasses.replace(self.cache, job=self.cache.job + 1)
         # records between partitions go through the cache too while all tasks share a host
-        local = dict(self.local, peers=one_host(self.sc)) if self.local_cache else None
-        self.peers = bool(local and local["peers"])
+        cache = (dataclasses.replace(self.cache, peers=one_host(self.sc)) if self.local_cache
+                 else None)
+        self.peers = cache is not None and cache.peers
+        # each iteration starts from the state before it: an update pending in it (the
+        # replicated strategy) applies with the optimizer settings of the job that computed its
+        # gradients: the previous job's (``st.model``) in the cut state, then this job's
+        state = st
         for s in range(steps):
             # the last iteration's state is the job's cut state: inline, never a cache token
-            cfg = {**self.cfg, "local": local, "cut": s == steps - 1}
-            # updates pending in S (the replicated strategy's last step) use the optimizer
-            # settings of the job that computed their gradients, later ones this job's
-            S = st.strategy.iteration(S, self.shards.keyed(), cfg, job, st.bounds,
-                                      self.acc, pending_model=st.model if S is st.S else job)
+            it = Iteration(self.step_config, cache, cut=s == steps - 1)
+            state = ParameterState(st.strategy, st.strategy.iteration(
+                state, self.shards.keyed(), it, job, self.acc), job, st.bounds)
+        S = state.S
         S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
         steps_done = range(self.t + 1, self.t + steps + 1)
@@ -351,7 +364,7 @@ class DistributedRunner:
         self.epoch = epoch
         stats, self.resume_stats = self.resume_stats or empty_stats(metrics), None
         start = self.t - self.t0 - epoch * self.spe  # steps of this epoch already done
-        sizes = self.cfg["batch_sizes"]
+        sizes = self.step_config.batch_sizes
         ckpt = self.checkpoint
         if epoch in self.ahead:  # run by the previous epoch's last job
             stats = merge_stats(metrics, stats, self.ahead.pop(epoch))
@@ -471,7 +484,7 @@ class DistributedRunner:
         except Exception:  # (a SparkContext already stopped)
             pass
         self.state.unpersist()
-        localcache.drop_run(self.local["run"])
+        localcache.drop_run(self.cache.run)
 
 
 def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, shuffle=True,
@@ -492,12 +505,12 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         iterations_per_job: iterations run as one Spark job (fewer jobs, longer lineage).
         allreduce: ``"sharded"`` (reduce-scatter + all-gather, blocks owned by partitions),
             ``"replicated"`` (all-to-all gradients, one pass per iteration) or ``"auto"``
-            (see ``rddtensor.allreduce.choose``).
+            (see ``rddtensor.spark.allreduce.choose``).
         wire_dtype: ``"float32"`` (exact: equals in-process training) or ``"bfloat16"``
             (gradients and parameter copies cross the shuffle as bfloat16, half the bytes;
             owners keep float32 master weights and optimizer slots, as BigDL did).
         features_col, label_col: DataFrame columns.
-        checkpoint_dir: save checkpoints here (see ``rddtensor.layers.checkpoint``): each partition writes
+        checkpoint_dir: save checkpoints here (see ``rddtensor.training.checkpoint``): each partition writes
             its own parameter block and optimizer slots, the driver a manifest last. Must be a
             path the driver and every executor see (shared filesystem on a cluster).
         checkpoint_every: save every this many optimizer steps (default: every epoch end).

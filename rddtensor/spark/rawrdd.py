@@ -2,7 +2,7 @@
 partition, and partition-wise unions — the three moves the training iteration is made of.
 
 PySpark pickles every record by default and its ``partitionBy`` pickles lists of pairs; here a
-record is one ``bytes`` object (see ``rddtensor.wire``) that the JVM stores, shuffles and hands
+record is one ``bytes`` object (see ``rddtensor.spark.wire``) that the JVM stores, shuffles and hands
 back untouched. ``co_union`` appends partition ``j`` of one shuffle output to partition ``j`` of
 another without a shuffle (Spark's partitioner-aware union), which is how a task sees both the
 shuffled parameters and its cached data shard (``pin``), whatever the number of records on each
@@ -16,7 +16,7 @@ import struct
 from pyspark.rdd import RDD
 from pyspark.serializers import FramedSerializer, NoOpSerializer, write_int
 
-from rddtensor import runtime
+from rddtensor.spark import worker
 
 _KEY = struct.Struct(">q")  # PairwiseRDD reads keys as big-endian longs
 
@@ -47,9 +47,10 @@ class RawFrames(FramedSerializer):
 
 def map_raw(rdd: RDD, f, preserves_partitioning: bool = False) -> RDD:
     """``f(split, records) -> iterable of records``; a record is ``bytes`` or a list of buffers
-    (``rddtensor.wire.frames``) and is stored unpickled."""
+    (``rddtensor.spark.wire.frames``) and is stored unpickled. Every task starts with
+    ``worker.current()`` (a worker's first task prepares the process)."""
     def run(split, records):
-        runtime.prepare_worker()
+        worker.current()
         return f(split, records)
     out = rdd.mapPartitionsWithIndex(run, preservesPartitioning=preserves_partitioning)
     out._jrdd_deserializer = RawFrames()

@@ -3,7 +3,7 @@
 Accepted inputs: an RDD of ``(features, label)`` pairs (features: list, numpy array or
 ``pyspark.ml.linalg`` vector), an RDD of features alone (prediction), or a DataFrame with a
 features column (vector, array or image; read through Arrow batches, see
-``rddtensor.arrow_shards``) and a label column. Partition ``j`` of the shard RDD holds one raw
+``rddtensor.spark.arrow_shards``) and a label column. Partition ``j`` of the shard RDD holds one raw
 record, shard ``j``, and the RDD has the partitioner of ``rawrdd.shuffle_pairs``' outputs, so that
 ``rawrdd.co_union`` appends shard ``j`` to partition ``j`` of any parameter shuffle: the one pass
 that stacks the rows also writes that shuffle. Uneven and empty partitions are fine.
@@ -19,10 +19,11 @@ from pyspark.accumulators import AccumulatorParam
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql.types import ArrayType, NumericType
 
-from rddtensor import arrow_shards, rawrdd, wire
-from rddtensor.columns import (decode_sparse, decode_value, encode_sparse, feature_kind,
+from rddtensor.spark import arrow_shards, rawrdd, wire
+from rddtensor.spark.columns import (decode_sparse, decode_value, encode_sparse, feature_kind,
                                stack_sparse)
-from rddtensor.errors import quiet_task_failures, spark_errors
+from rddtensor.spark.errors import quiet_task_failures, spark_errors
+from rddtensor.spark.config import Kind
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _features_of(value):
 
 def _stack_rows(rows, feature_shape, has_labels, j, names=("features", "labels")):
     """``_stack``, but a partition of sparse vectors may stay one sparse matrix (see
-    ``rddtensor.columns.stack_sparse``) instead of being densified row by row."""
+    ``rddtensor.spark.columns.stack_sparse``) instead of being densified row by row."""
     rows = list(rows)
     feats = [r[0] if isinstance(r, (tuple, list)) and len(r) == 2 else None for r in rows] \
         if has_labels else rows
@@ -272,7 +273,7 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
 
 
 def _arrow_build(df, features_col, label_col, n_partitions):
-    """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.arrow_shards``), or
+    """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.spark.arrow_shards``), or
     ``None`` where this Spark cannot hand them out."""
     columns = [features_col] + ([label_col] if label_col else [])
     got = arrow_shards.arrow_rows(df, columns, n_partitions)
@@ -316,8 +317,8 @@ def _build(rows, stack, feature_shape):
         X = arrays["X"]
         facts.add({j: (len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:]))})
         yield rawrdd.key(j)
-        # "id" tells this data apart in executor-local caches (rddtensor.device)
-        yield wire.pack("shard", {"j": j, "n": len(X), "id": shard_id}, _wire_arrays(arrays))
+        # "id" tells this data apart in executor-local caches (rddtensor.spark.device)
+        yield wire.pack(Kind.SHARD, {"j": j, "n": len(X), "id": shard_id}, _wire_arrays(arrays))
 
     N = rows.getNumPartitions()
     shard_rdd = rawrdd.shuffle_raw(rows, build, N).persist()

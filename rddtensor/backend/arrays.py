@@ -6,7 +6,6 @@ and run unchanged on NumPy (CPU executors) or CuPy (GPU executors).
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 

@@ -1,10 +1,9 @@
-"""The training step shared by every engine, and the epoch loop around it.
+"""The epoch loop shared by every engine, and the in-process runner.
 
-``gradient_step`` (forward, loss, backprop on one partition's rows) and ``apply_update`` (clip and
-optimize one slice of the flat vector) are the only places a training step computes. The
-in-process ``LocalRunner`` calls them on the whole vector; the distributed engine
-(``rddtensor.engine``) calls the same two functions inside Spark tasks on shards and parameter
-blocks. ``fit_loop`` drives either runner: epochs, progress bar, validation, history.
+``fit_loop`` drives a runner (``LocalRunner`` here, the Spark engine's runner in
+``rddtensor.spark.engine``): epochs, progress bar, validation, callbacks, history, and what a fit
+that ends with an exception leaves behind (``FitInterrupted``). A runner trains one epoch with the
+step functions of ``rddtensor.training.steps``.
 """
 from __future__ import annotations
 
@@ -18,164 +17,14 @@ import warnings
 
 import numpy as np
 
-from rddtensor.layers.batching import batch_sizes, local_batches, step_rng
-from rddtensor.layers.callbacks import CallbackList
-from rddtensor.layers.history import History
-from rddtensor.allocator import tune_malloc  # (per in-process fit: LocalRunner)
-from rddtensor.backend import to_numpy
-from rddtensor.optim.clipping import clip_by_value, norm_clip_scale
+from rddtensor.backend.allocator import tune_malloc  # (per in-process fit: LocalRunner)
+from rddtensor.training.batching import batch_sizes, local_batches, step_rng
+from rddtensor.training.callbacks import CallbackList
+from rddtensor.training.history import History
+from rddtensor.training.steps import (empty_stats, evaluate_arrays, gradient_step, merge_stats,
+                                      optimizer_step, stats_logs)
 
 log = logging.getLogger("rddtensor")
-
-
-# --- aggregates: what crosses from workers to the driver (O(classes), never O(rows)) ----------
-def empty_stats(metrics) -> dict:
-    return {"loss": 0.0, "count": 0, "states": [None] * len(metrics)}
-
-
-def merge_stats(metrics, a: dict, b: dict) -> dict:
-    states = [sb if sa is None else sa if sb is None else m.merge(sa, sb)
-              for m, sa, sb in zip(metrics, a["states"], b["states"])]
-    return {"loss": a["loss"] + b["loss"], "count": a["count"] + b["count"], "states": states}
-
-
-def batch_stats(metrics, loss, Y, y, loss_value: float, n_norm: int) -> dict:
-    """Stats of one batch: the loss summed over its rows and each metric's mergeable state."""
-    n = int(Y.shape[0])
-    if n == 0:
-        return empty_stats(metrics)
-    P = to_numpy(loss.link(Y)) if metrics else None
-    y = to_numpy(y)
-    return {"loss": float(loss_value) * n_norm, "count": n,
-            "states": [m.state(y, P) for m in metrics]}
-
-
-def stats_logs(metrics, stats: dict, prefix: str = "") -> dict:
-    """Turn merged stats into the numbers a user reads: mean loss and each metric's result."""
-    n = max(stats["count"], 1)
-    logs = {prefix + "loss": stats["loss"] / n}
-    for m, s in zip(metrics, stats["states"]):
-        if s is not None:
-            r = m.result(s)
-            if np.ndim(r) == 0:
-                logs[prefix + m.name] = float(r)
-    return logs
-
-
-# --- the step ---------------------------------------------------------------------------------
-def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=None,
-                  metrics=(), grad_out=None):
-    """Forward, loss and backprop of ``model`` at flat weights ``theta`` on rows ``X, y``.
-
-    ``loss`` is bound to the model (``Loss.bind``): when it is fused with the model's output
-    activation, the forward pass stops before it and the loss reads the logits.
-
-    The loss and gradient are normalised by ``n_batch``, the GLOBAL batch size, so the gradients
-    of disjoint parts of a batch sum to the gradient of the whole batch.
-
-    Returns:
-        ``(grad, stats)``: the flat gradient (``grad_out`` if given) and this part's stats.
-    """
-    layout = model.layout
-    if len(X) == 0:
-        grad = np.zeros(layout.size, theta.dtype) if grad_out is None else grad_out
-        grad[...] = 0
-        return grad, empty_stats(metrics)
-    Y, backprop = model.forward(layout.unflatten(theta), X, training=True, rng=rng,
-                                logits=loss.fused is not None)
-    value, dY = loss(Y, y, n_total=n_batch, class_weight=class_weight)
-    _, grads = backprop(dY)
-    grad = layout.flatten(grads, out=grad_out, dtype=theta.dtype)
-    if layout.buffers:  # a buffer's change counts by this part's share of the global batch
-        share = grad.dtype.type(len(X) / n_batch)
-        for a, b in layout.split_segments()[1]:
-            grad[a:b] *= share
-    return grad, batch_stats(metrics, loss, Y, y, value, n_batch)
-
-
-def clip_values(optimizer, g):
-    """Clip ``g`` by value in place (if the optimizer asks); return its squared norm if it clips by norm.
-
-    With ``clipnorm``, ``optimizer_step`` turns the sum of these squared norms over the
-    parameter runs into one factor (``rddtensor.optim.clipping.norm_clip_scale``) for ``apply_update``.
-    """
-    if optimizer.clipvalue is not None:
-        clip_by_value(g, optimizer.clipvalue)
-    if optimizer.clipnorm is None:
-        return None
-    return float(np.dot(g.astype(np.float64, copy=False), g))
-
-
-def apply_update(optimizer, w, g, slots: dict, step: int, *, clip_scale: float = 1.0,
-                 segments=None, buffer_segments=()) -> None:
-    """Scale ``g`` by the global-norm clip factor and update ``w`` and its slots in place.
-
-    ``segments`` are the parameter tensors in ``w`` (relative offsets); ``buffer_segments`` the
-    non-trainable buffers, which get ``w += g`` (their all-reduced change) instead.
-    """
-    if not buffer_segments:
-        if clip_scale != 1.0:
-            g *= g.dtype.type(clip_scale)
-        optimizer.update(w, g, slots, step, segments=segments)
-        return
-    for a, b in buffer_segments:
-        w[a:b] += g[a:b]
-    for a, b in _runs(segments):  # contiguous runs of parameters between buffers
-        ga = g[a:b]
-        if clip_scale != 1.0:
-            ga *= ga.dtype.type(clip_scale)
-        inner = [(x - a, y - a) for x, y in segments if a <= x and y <= b]
-        optimizer.update(w[a:b], ga, {k: v[a:b] for k, v in slots.items()}, step, segments=inner)
-
-
-def _runs(segments):
-    runs = []
-    for a, b in segments:
-        if runs and runs[-1][1] == a:
-            runs[-1] = (runs[-1][0], b)
-        else:
-            runs.append((a, b))
-    return runs
-
-
-def optimizer_step(optimizer, w, g, slots: dict, step: int, segments) -> None:
-    """One full optimizer step on the whole vector: clip by value, clip by global norm, update.
-
-    ``segments`` is ``layout.split_segments()``: (parameter tensors, buffer tensors).
-
-    Used by the in-process loop and by the replicated distributed all-reduce (both hold the whole
-    gradient); the sharded all-reduce calls ``clip_trainable`` (by value only: it refuses
-    ``clipnorm``) and ``apply_update`` per block.
-    """
-    train, bufs = segments
-    sq_norm = clip_values(optimizer, g) if not bufs else clip_trainable(optimizer, g, train)
-    clip_scale = 1.0
-    if sq_norm is not None:
-        clip_scale = norm_clip_scale(sq_norm, optimizer.clipnorm)
-    apply_update(optimizer, w, g, slots, step, clip_scale=clip_scale, segments=train,
-                 buffer_segments=bufs)
-
-
-def clip_trainable(optimizer, g, segments):
-    """``clip_values`` on the parameter ``segments`` of ``g`` only (never a buffer's change);
-    the sum of their squared norms when the optimizer clips by norm."""
-    total = None
-    for a, b in _runs(segments):
-        sq = clip_values(optimizer, g[a:b])
-        total = sq if total is None else total + sq
-    return total
-
-
-def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_norm=None) -> dict:
-    """Loss and metric stats of ``model`` on ``X, y`` in eval mode (no dropout)."""
-    stats = empty_stats(metrics)
-    params = model.layout.unflatten(theta)
-    for a in range(0, len(X), batch_size):
-        Xb, yb = X[a:a + batch_size], y[a:a + batch_size]
-        Y, _ = model.forward(params, Xb, training=False, logits=loss.fused is not None)
-        value, _ = loss(Y, yb, n_total=len(Xb))
-        stats = merge_stats(metrics, stats, batch_stats(metrics, loss, Y, yb, value, len(Xb)))
-    return stats
 
 
 @contextlib.contextmanager
@@ -364,7 +213,7 @@ def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, ve
              callbacks=(), initial_epoch: int = 0) -> History:
     """Run ``epochs`` epochs of ``runner``: train, validate, record, report progress.
 
-    ``callbacks`` (``rddtensor.layers.callbacks.Callback`` objects or functions ``f(epoch, logs)``) run at
+    ``callbacks`` (``rddtensor.training.callbacks.Callback`` objects or functions ``f(epoch, logs)``) run at
     the Keras hooks; one setting ``model.stop_training`` ends training after that epoch.
     """
     history = History({"epochs": epochs, "batch_size": batch_size, "engine": runner.engine,

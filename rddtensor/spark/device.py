@@ -37,7 +37,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from rddtensor import backend
+from rddtensor.backend import arrays as backend
 
 log = logging.getLogger("rddtensor")
 
@@ -51,7 +51,7 @@ def discovery_script_path() -> str:
     It prints ``{"name": "gpu", "addresses": [...]}`` from ``nvidia-smi`` (Spark's resource
     discovery format); standalone and YARN clusters without their own script point Spark at it.
     """
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts",
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                         "get_gpus_resources.sh")
 
 

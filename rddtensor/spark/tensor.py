@@ -1,7 +1,7 @@
 """``BlockTensor``: a 1-D float tensor held on an RDD, one contiguous block per partition.
 
 Partition ``i`` holds exactly one raw record, ``wire.pack("block", {"i", "lo", "hi", "size", "n"},
-{"x": block})``, with ``(lo, hi) = layers.params.block_bounds(size, n)[i]`` (the first
+{"x": block})``, with ``(lo, hi) = rddtensor.training.params.block_bounds(size, n)[i]`` (the first
 ``size % n`` blocks one element longer; blocks may be empty when ``size < n``). This is how the
 training engine holds θ and the optimizer slots. Tensors are immutable and every transformation is
 lazy; elementwise ops between tensors zip partitions (no shuffle), reductions send O(N) floats to
@@ -21,22 +21,23 @@ import operator
 import numpy as np
 from pyspark import StorageLevel
 
-from rddtensor.layers.params import block_bounds
-from rddtensor import rawrdd, wire
+from rddtensor.training.params import block_bounds
+from rddtensor.spark import rawrdd, wire
+from rddtensor.spark.config import Kind
 from rddtensor.backend import to_numpy as _host
-from rddtensor.errors import spark_errors
+from rddtensor.spark.errors import spark_errors
 
 __all__ = ["BlockTensor"]
 
 
 # --- records and argument checks (module level: task closures must never capture an RDD) --------
 def _pack_block(meta: dict, x) -> bytes:
-    return wire.pack("block", meta, {"x": x})
+    return wire.pack(Kind.BLOCK, meta, {"x": x})
 
 
 def _unpack_block(buf):
     kind, meta, arrays = wire.unpack(buf)
-    if kind != "block":
+    if kind != Kind.BLOCK:
         raise ValueError(f"expected a 'block' record, got kind {kind!r}")
     return meta, arrays["x"]
 
@@ -116,7 +117,7 @@ def _slice_task(size, n_new):
                 a, b = max(a, lo), min(b, hi)
                 if a < b:
                     yield rawrdd.key(j)
-                    yield wire.pack("slice", {"lo": a, "hi": b}, {"x": x[a - lo:b - lo]})
+                    yield wire.pack(Kind.SLICE, {"lo": a, "hi": b}, {"x": x[a - lo:b - lo]})
     return f
 
 
@@ -165,7 +166,7 @@ class BlockTensor:
     that record format directly.
 
     Args:
-        rdd: raw-bytes RDD (``rddtensor.rawrdd``) with ``n_blocks`` partitions of one block each.
+        rdd: raw-bytes RDD (``rddtensor.spark.rawrdd``) with ``n_blocks`` partitions of one block each.
         size: total number of elements.
         n_blocks: number of blocks (= partitions).
         dtype: floating-point dtype of the blocks.
@@ -263,7 +264,7 @@ class BlockTensor:
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
-        """``[(lo, hi), ...]`` of every block: ``rddtensor.layers.params.block_bounds(size, n_blocks)``."""
+        """``[(lo, hi), ...]`` of every block: ``rddtensor.training.params.block_bounds(size, n_blocks)``."""
         return block_bounds(self._size, self._n)
 
     def to_numpy(self) -> np.ndarray:

@@ -12,7 +12,7 @@ slots to the driver in a distributed fit).
 
 Example:
     >>> import numpy as np, rddtensor.layers as L
-    >>> from rddtensor.layers.callbacks import EarlyStopping
+    >>> from rddtensor.training.callbacks import EarlyStopping
     >>> m = L.Sequential([L.Dense(1, input_shape=(2,))], seed=0)
     >>> m.compile(optimizer="sgd", loss="mse")
     >>> X = np.ones((8, 2), "float32"); y = np.ones((8, 1), "float32")
@@ -95,7 +95,7 @@ class CallbackList(Callback):
             elif callable(cb):
                 self.callbacks.append(LambdaCallback(on_epoch_end=cb))
             else:
-                raise TypeError(f"callbacks[{i}] must be a rddtensor.layers.callbacks.Callback or a function "
+                raise TypeError(f"callbacks[{i}] must be a rddtensor.training.callbacks.Callback or a function "
                                 f"f(epoch, logs), got {type(cb).__name__}")
 
     def set_model(self, model, sync_weights=None):

@@ -1,0 +1,289 @@
+"""Two ways to all-reduce gradients through Spark's shuffle, behind one interface (``AllReduce``).
+
+``Sharded`` (the design's reduce-scatter + all-gather): θ and the optimizer slots are cut into N
+blocks; owner i updates block i. Each partition moves ``2(N-1)/N·P`` values per iteration (what a
+ring all-reduce moves) but an iteration is two Python passes.
+
+``Replicated`` (all-to-all gradient exchange): every partition sends its whole gradient to every
+partition, and each applies the identical update to its own full copy of θ and the slots (same
+inputs, same fixed summation order: bit-identical replicas). One Python pass per iteration, but
+``(N-1)·P`` values out of each partition, and every partition updates (and sends itself) the whole
+state. A Python pass has a fixed cost in scheduling and worker round trips (``PASS_SECONDS``,
+measured by ``python -m benchmarks.allreduce``), so for small models ``Replicated`` wins; past a
+few million parameters ``Sharded`` does, even at N = 2 where both send the same
+cross-partition bytes (``choose``).
+
+``initial`` ships driver-side θ (start of a fit) by broadcast and returns the state RDD and
+the broadcast handles to destroy once that state is cut loose from its lineage.
+
+A strategy produces the *state RDD* ``S``: the raw pre-shuffle records of the last pass
+(``key(dest), payload`` pairs). ``iteration`` maps ``S_t -> S_{t+1}``; ``own_block`` reads the
+settled block i of θ_t (and its slots) from partition i of ``shuffle_pairs(S_t)``.
+
+Every parameter-sized array crosses Spark as 256 KiB chunk records (``wire.chunks``: the JVM
+never holds a humongous array), and a gradient pass sees the shuffled parameters and its data
+shard through ``rawrdd.co_union`` (no record-count bookkeeping). Gradients are summed chunk by
+chunk in source order (``wire.Chunks.sum_into``): bit-reproducible whatever the arrival order.
+Within a job, records go through the host-local cache where the job's ``CacheSettings`` allow
+(``stages.deliver``, ``rddtensor.spark.localcache``): a token in the shuffle instead of the chunks.
+"""
+from __future__ import annotations
+
+import abc
+
+from rddtensor.training.steps import apply_update, clip_trainable, optimizer_step
+from rddtensor.spark import rawrdd, wire, worker
+from rddtensor.spark.config import CacheSettings, Iteration, Kind
+from rddtensor.spark.stages import (assemble, chunks_of, deliver, is_local, join_own, keyed,
+                                    local_gradient, own_record, raws_of, read_own, split_own,
+                                    split_records, to_self)
+
+# The cost model of ``choose``: an iteration costs PASS_SECONDS per Python pass plus a price per
+# float32 value a partition sends, writes to itself or updates. SECONDS_PER_VALUE is the price
+# when the records between partitions cross Spark's shuffle (fitted to ``python -m
+# benchmarks.allreduce`` on local[2], idle, N = 2, SGD, with only a partition's records to
+# itself in the host-local cache, at P = 1e5 / 1e6 / 1e7); SECONDS_PER_VALUE_ONE_HOST when all
+# tasks share one host's cache (fitted to the same benchmark with the peers' records cached too).
+PASS_SECONDS = 0.0375
+SECONDS_PER_VALUE = 7.5e-9
+SECONDS_PER_VALUE_ONE_HOST = 3.3e-9
+
+
+class AllReduce(abc.ABC):
+    """An all-reduce strategy: how θ, the optimizer slots and the gradients are laid out on
+    the state RDD and exchanged each iteration. Strategies hold no state of their own (their
+    methods return task functions or RDDs), so one instance serves a whole fit.
+
+    The ``state`` an ``iteration`` starts from is the engine's ``ParameterState``
+    (``rddtensor.spark.engine``): its RDD ``S``, the block ``bounds`` and ``model``, the model
+    whose optimizer settings produced ``S`` (they apply an update still pending in it).
+    """
+
+    name: str = ""
+
+    def check(self, model) -> None:
+        """Raise ``ValueError`` when this strategy cannot train ``model`` (its optimizer)."""
+
+    @abc.abstractmethod
+    def initial(self, sc, theta, slots: dict, bounds, t: int):
+        """The state RDD of driver-side ``theta``/``slots`` at step ``t``, and the broadcast
+        handles it reads (destroy them with the state): ``(S, handles)``."""
+
+    @abc.abstractmethod
+    def iteration(self, state, shards, it: Iteration, model, acc):
+        """``S_t -> S_{t+1}`` (lazy): one training step of ``model`` (this job's copy) on
+        ``shards`` (keyed shard RDD), stats into the accumulator ``acc``."""
+
+    @abc.abstractmethod
+    def own_block(self, model, bounds):
+        """A function ``(i, records) -> (meta, w, slots)``: the settled block ``i`` of θ_t and
+        its slots from partition ``i`` of ``shuffle_pairs(S_t)`` (``model``: as ``state``'s)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def values_per_partition(P: int, n: int, n_slots: int) -> float:
+        """Values one partition sends, sends itself and updates per iteration, for ``P``
+        parameters on ``n`` partitions with ``n_slots`` optimizer slots (``choose``)."""
+
+
+class Sharded(AllReduce):
+    """Reduce-scatter gradients to block owners, update there, all-gather θ (two passes)."""
+
+    name = "sharded"
+
+    def check(self, model):
+        opt = model.optimizer
+        if opt.needs_whole_gradient:
+            what = "clipnorm" if opt.clipnorm is not None else type(opt).__name__
+            raise ValueError(f"{what} needs norms over the whole gradient, which the sharded "
+                             "all-reduce does not have; use allreduce='replicated'")
+
+    @staticmethod
+    def emit_state(i, t, bounds, w, slots, bf16=False, cache: CacheSettings | None = None):
+        lo, hi = bounds[i]
+        yield from keyed(i, own_record(i, t, lo, hi, w, slots, cache))
+        yield from deliver(cache, Kind.THETA, i, t, {"i": i, "t": t, "lo": lo, "hi": hi}, {"w": w},
+                           [d for d in range(len(bounds)) if d != i], ("w",) if bf16 else ())
+
+    def initial(self, sc, theta, slots, bounds, t):
+        # one broadcast per block: task i fetches block i only, and the driver JVM streams it
+        # from a file (a parallelized collection would hold all of θ in the driver's heap)
+        handles = [sc.broadcast(wire.pack(
+                       Kind.OWN, {}, join_own(theta[a:z], {k: v[a:z] for k, v in slots.items()})))
+                   for a, z in bounds]
+        emit_state = self.emit_state
+
+        def emit(i, records):
+            for _ in records:
+                pass
+            _, _, arrays = wire.unpack(handles[i].value)
+            w, sl = split_own(arrays)
+            return emit_state(i, t, bounds, w, sl)
+        return rawrdd.map_raw(sc.parallelize(range(len(bounds)), len(bounds)), emit), handles
+
+    def iteration(self, state, shards, it: Iteration, model, acc):
+        # (a sharded state holds no pending update: the owners applied it)
+        bounds = state.bounds
+        n = len(bounds)
+        AG = rawrdd.shuffle_pairs(state.S, n)
+        RS = rawrdd.shuffle_raw(rawrdd.co_union(AG, shards),
+                                self._gradient(it, model, bounds, acc), n)
+        return rawrdd.map_raw(RS, self._update(model, bounds, it.step.wire_bf16,
+                                               it.state_cache))
+
+    @staticmethod
+    def _gradient(it: Iteration, model, bounds, acc):
+        step, cache = it.step, it.cache
+        bf16 = step.gradient_bf16
+
+        def run(j, records):
+            params, shard = split_records(records)
+            t, theta = assemble(params, model.layout.size)
+            g = local_gradient(step, model, theta, t, j, shard, acc)
+            for i, (a, z) in enumerate(bounds):
+                yield from deliver(cache, Kind.GRAD, j, t, {"src": j, "t": t}, {"g": g[a:z]}, [i],
+                                   bf16, file=f"{j}-{i}")
+            # the block's state rides back to its owner unchanged (into the host-local cache
+            # when it arrived inline, at a job's first iteration)
+            if cache is not None and not is_local(params, Kind.OWN):
+                meta, w, slots = read_own(params)
+                yield from keyed(j, own_record(j, t, meta["lo"], meta["hi"], w, slots, cache))
+            else:
+                yield from keyed(j, raws_of(params, Kind.OWN))
+        return run
+
+    def _update(self, model, bounds, bf16=False, cache: CacheSettings | None = None):
+        emit_state = self.emit_state
+        n = len(bounds)
+
+        def run(i, records):
+            params, _ = split_records(records)
+            meta, w, slots = read_own(params)
+            grads = chunks_of(params, Kind.GRAD)
+            if grads.sources() != list(range(n)):
+                raise RuntimeError(f"block {i} got gradients from partitions {grads.sources()}, "
+                                   f"expected all {n}")
+            g = grads.sum_into("g", worker.current().scratch("gsum", w.size))
+            train, bufs = model.layout.split_segments(*bounds[i])
+            if model.optimizer.clipvalue is not None:  # elementwise: exact on a block
+                clip_trainable(model.optimizer, g, train)
+            apply_update(model.optimizer, w, g, slots, meta["t"] + 1,
+                         segments=train, buffer_segments=bufs)
+            return emit_state(i, meta["t"] + 1, bounds, w, slots, bf16, cache)
+        return run
+
+    def own_block(self, model, bounds):
+        def read(i, records):
+            params, _ = split_records(records)
+            return read_own(params)
+        return read
+
+    @staticmethod
+    def values_per_partition(P: int, n: int, n_slots: int) -> float:
+        # blocks of P/n: 2 cross-partition moves, state + gradient to self
+        return P * (2 * (n - 1) / n + (2 + n_slots) / n + (1 + n_slots) / n)
+
+
+class Replicated(AllReduce):
+    """Every partition sends its gradient to all and applies the same update (one pass).
+
+    The state ``S_t`` holds each replica's θ and slots of step ``t`` and the gradients of step
+    ``t + 1`` (``rstate`` and ``rgrad`` records): the update is pending, and the next pass (or
+    ``own_block``) applies it first (``settle``), with the optimizer settings of the model that
+    produced the state (``state.model``)."""
+
+    name = "replicated"
+
+    def initial(self, sc, theta, slots, bounds, t):
+        handle = sc.broadcast(wire.pack(Kind.RSTATE, {"t": t},
+                                        join_own(theta, slots)))
+
+        def emit(j, records):
+            for _ in records:
+                pass
+            _, meta, arrays = wire.unpack(handle.value)
+            return keyed(j, wire.chunks(Kind.RSTATE, meta, arrays))
+        return rawrdd.map_raw(sc.parallelize(range(len(bounds)), len(bounds)), emit), [handle]
+
+    def iteration(self, state, shards, it: Iteration, model, acc):
+        """``S_t -> S_{t+1}``; the update pending in ``S_t`` is applied with the optimizer
+        settings of ``state.model`` (those of the job that computed its gradients)."""
+        n = len(state.bounds)
+        settle = self.settle
+        step, bf16 = it.step, it.step.gradient_bf16
+        settle_model = state.model
+        cache = it.state_cache
+
+        def run(j, records):
+            params, shard = split_records(records)
+            t, w, slots = settle(settle_model, params)
+            g = local_gradient(step, model, w, t, j, shard, acc)
+            yield from deliver(cache, Kind.RGRAD, j, t, {"src": j, "t": t}, {"g": g}, range(n),
+                               bf16)
+            yield from keyed(j, to_self(cache, Kind.RSTATE, j, t, {"t": t},
+                                         join_own(w, slots)))
+        return rawrdd.map_raw(rawrdd.co_union(rawrdd.shuffle_pairs(state.S, n), shards), run)
+
+    @staticmethod
+    def settle(model, params):
+        """θ_t and slots after applying the pending gradients (if any): ``(t, w, slots)``."""
+        state = chunks_of(params, Kind.RSTATE)
+        if state.meta is None:
+            raise RuntimeError("the partition holds no parameter state")
+        t = state.meta["t"]
+        here = worker.current()
+        arrays = {name: state.into(name, here.scratch("state." + name, state.sizes[(0, name)]))
+                  for name in state.names()}
+        w, slots = split_own(arrays)
+        grads = chunks_of(params, Kind.RGRAD)
+        if grads.meta is not None:
+            if grads.meta["t"] != t:
+                raise RuntimeError(f"gradients of step {grads.meta['t'] + 1} met the state of step {t}")
+            g = grads.sum_into("g", here.scratch("gsum", w.size))
+            optimizer_step(model.optimizer, w, g, slots, t + 1, model.layout.split_segments())
+            t += 1
+        return t, w, slots
+
+    def own_block(self, model, bounds):
+        settle = self.settle
+
+        def read(i, records):
+            params, _ = split_records(records)
+            t, w, slots = settle(model, params)
+            lo, hi = bounds[i]
+            return ({"i": i, "t": t, "lo": lo, "hi": hi}, w[lo:hi],
+                    {k: v[lo:hi] for k, v in slots.items()})
+        return read
+
+    @staticmethod
+    def values_per_partition(P: int, n: int, n_slots: int) -> float:
+        # whole gradients to all; full state to itself; the full update (and settle)
+        return P * ((n - 1) + (2 + n_slots) + 2 * (1 + n_slots))
+
+
+STRATEGIES = {"sharded": Sharded, "replicated": Replicated}
+
+
+def choose(allreduce: str, model, n: int, one_host: bool = False) -> AllReduce:
+    """The strategy for ``allreduce`` ("auto", "sharded" or "replicated").
+
+    ``auto`` picks ``replicated`` when the optimizer needs whole-gradient norms (clipnorm,
+    LARS, LAMB), or when the values it moves and updates beyond ``sharded``'s cost less than
+    the Python pass it saves (``values_per_partition``, ``PASS_SECONDS`` and the price per
+    value: ``SECONDS_PER_VALUE_ONE_HOST`` when every task shares one host's cache
+    (``one_host``), else ``SECONDS_PER_VALUE``): small models, few partitions. With the fitted
+    constants, at N = 2 with SGD the two cross near P = 4.5e6 on one host (Adam: 1.7e6), 2e6
+    across hosts (Adam: 8e5).
+    """
+    if allreduce not in ("auto", *STRATEGIES):
+        raise ValueError(f"allreduce must be 'auto', 'sharded' or 'replicated', got {allreduce!r}")
+    if allreduce != "auto":
+        strategy = STRATEGIES[allreduce]()
+        strategy.check(model)
+        return strategy
+    opt = model.optimizer
+    needs_norms = opt.needs_whole_gradient
+    P, s = model.layout.size, len(opt.slot_names)
+    extra = Replicated.values_per_partition(P, n, s) - Sharded.values_per_partition(P, n, s)
+    price = SECONDS_PER_VALUE_ONE_HOST if one_host else SECONDS_PER_VALUE
+    return Replicated() if needs_norms or extra * price < PASS_SECONDS else Sharded()

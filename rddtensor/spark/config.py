@@ -1,0 +1,128 @@
+"""The engine's task protocol: the kinds of record tasks exchange, and the settings the driver
+ships to them.
+
+Everything here travels inside Spark task closures (pickled once per stage), so the types are
+plain, small and immutable: frozen dataclasses of ints, strings, tuples and flags, and a string
+enum. Readers: ``rddtensor.spark.allreduce`` (the strategies), ``rddtensor.spark.stages`` (the
+task-side pieces), ``rddtensor.spark.localcache`` (the host-local cache) and
+``rddtensor.spark.worker`` (the plan cache); the driver side builds them in
+``rddtensor.spark.engine``.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from rddtensor.training.batching import steps_per_epoch
+
+__all__ = ["Kind", "StepConfig", "CacheSettings", "Iteration"]
+
+
+class Kind(str, enum.Enum):
+    """The kind of a ``rddtensor.spark.wire`` record: the ``"k"`` of its header.
+
+    A member is a ``str`` equal to its value (``Kind.OWN == "own"``), so what ``wire.unpack``
+    returns (a plain ``str``) compares equal to it. Where a kind becomes bytes or part of a
+    file name, its ``.value`` is written (``wire.frames``, ``localcache.put``): never
+    ``str()``/``format()`` of a member, which spell ``Kind.OWN``.
+    """
+
+    OWN = "own"          #: an owner's block of θ and its optimizer slots (sharded state)
+    THETA = "theta"      #: a block of θ for the other partitions (all-gather, broadcast)
+    GRAD = "grad"        #: one partition's gradient for one block (sharded reduce-scatter)
+    RSTATE = "rstate"    #: a replica's whole θ and optimizer slots (replicated state)
+    RGRAD = "rgrad"      #: one partition's whole gradient, to every partition (replicated)
+    SHARD = "shard"      #: a partition's data shard (``rddtensor.spark.shards``)
+    LOCAL = "local"      #: a token naming a record in the host-local cache (``localcache``)
+    BLOCK = "block"      #: one block of a ``BlockTensor`` (``rddtensor.spark.tensor``)
+    SLICE = "slice"      #: a piece of a block on its way to a new blocking (``BlockTensor``)
+    NETWORK = "network"  #: a Spark ML model's network (``rddtensor.ml.network``)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a task needs to compute its part of a training step: which rows of the global
+    batch are its own, how to weigh and normalise them, how gradients travel. Fixed for a fit;
+    built by ``DistributedRunner``, read by ``stages.local_gradient`` and the strategies.
+
+    Fields:
+        n_total: training rows over all partitions.
+        batch_size: rows per global mini-batch.
+        seed: the fit's seed (row order per epoch, per-step dropout streams).
+        shuffle: whether every epoch draws a new row order.
+        offsets: ``offsets[j]`` is the global index of partition ``j``'s first row.
+        t0: the step epoch 0 started from (``epoch, batch = divmod(t - t0, steps_per_epoch)``).
+        batch_sizes: rows of each mini-batch of an epoch (the last may be short): the
+            gradient's normaliser.
+        class_weight: ``{class: weight}`` or ``None``, as given to ``fit``.
+        wire_bf16: whether gradients and non-owners' parameter copies cross the shuffle as
+            bfloat16 (``fit(..., wire_dtype="bfloat16")``).
+    """
+
+    n_total: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+    offsets: tuple
+    t0: int
+    batch_sizes: tuple
+    class_weight: dict | None = None
+    wire_bf16: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.n_total, self.batch_size)
+
+    @property
+    def gradient_bf16(self) -> tuple:
+        """The ``bf16`` argument of ``wire.chunks`` for a gradient record (array ``g``)."""
+        return ("g",) if self.wire_bf16 else ()
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """A job's settings for the host-local cache (``rddtensor.spark.localcache``), from the
+    driver. ``DistributedRunner`` holds one per fit and makes a new one per job with
+    ``dataclasses.replace`` (a task only ever reads them); ``localcache.put`` and
+    ``stages.deliver``/``to_self`` read them.
+
+    Fields:
+        run: the fit's run id: the cache directory ``<root>/<run>`` and the job tag.
+        job: the job's number within the run (1, 2, ...): stamped into each file, so a token
+            of an earlier job never reads a later job's record.
+        evict: fault injection (``spark.rddtensor.localCache=evict``): every file is deleted as
+            soon as it is written, so every read misses.
+        owner: ``localcache.register_run``'s value (the driver's host and cache root), or
+            ``None``: a task there never makes the run's directory anew once it is removed.
+        peers: whether records between partitions may go through the cache too (every task of
+            the job runs on the driver's host, ``engine.one_host``); else only a partition's
+            records to itself do.
+    """
+
+    run: str
+    job: int = 0
+    evict: bool = False
+    owner: str | None = None
+    peers: bool = False
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """What one iteration's tasks read besides the model: built per iteration by
+    ``DistributedRunner._try_group``, read by the strategies (``allreduce``).
+
+    Fields:
+        step: the fit's ``StepConfig``.
+        cache: the job's ``CacheSettings``, or ``None`` while the host-local cache is off.
+        cut: whether this is the job's last iteration, whose state is the job's cut state:
+            it outlives the job, so it goes inline (never as cache tokens).
+    """
+
+    step: StepConfig
+    cache: CacheSettings | None = None
+    cut: bool = True
+
+    @property
+    def state_cache(self) -> CacheSettings | None:
+        """The cache settings for the iteration's state records: none when ``cut``."""
+        return None if self.cut else self.cache

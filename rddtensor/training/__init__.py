@@ -1,0 +1,8 @@
+"""The training floor: the model protocol and ``Sequential``, the step functions, batching,
+``fit_loop`` and the in-process runner, callbacks, history, the checkpoint format and model files.
+
+It builds on the math floor (``rddtensor.layers``, ``rddtensor.optim``) and knows nothing of
+Spark: the Spark engine (``rddtensor.spark``) registers itself in
+``rddtensor.training.engines`` and calls these step functions inside its tasks. Users reach the
+public names through ``rddtensor.layers`` (``L.Sequential``, ``L.load_model``, ``L.History``).
+"""
