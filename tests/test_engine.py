@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
+from rddtensor.training.callbacks import Callback
 from rddtensor.training.params import block_bounds
 from rddtensor.optim import LARS, SGD, Adam
 from rddtensor.spark import allreduce as AR
@@ -605,6 +606,102 @@ def test_local_cache_off_or_missing_gives_bit_identical_weights(spark, sc, allre
     # the fits removed their cache files (all on this host with a local master)
     after = set(os.listdir(localcache.root())) if os.path.isdir(localcache.root()) else set()
     assert after <= before
+
+
+# --- the executor-local data store (rddtensor.spark.datastore) changes speed only ----------------
+def _store_dirs(shards) -> list:
+    return [d[1] for d in shards.dirs if d is not None]
+
+
+@pytest.mark.parametrize("allreduce,layout", [("sharded", "uneven"), ("replicated", "empty")])
+def test_data_store_on_off_or_missing_gives_bit_identical_weights(spark, sc, allreduce, layout):
+    """Training reads its rows from memory-mapped files (the default), from inline records
+    (``dataStore=false``), or after every stored partition vanished (``evict``: each build's
+    files are deleted at once, so the fit restores twice and then goes inline): the same
+    weights, slots and history, bit for bit, as in-process training."""
+    on = cached_distributed_run(sc, "adam_minibatch", layout, allreduce)
+    _, y, kw = RUNS["adam_minibatch"]
+    try:
+        for mode, expect in (("true", "on"), ("false", "off"), ("evict", "off after 3 misses")):
+            spark.conf.set("spark.rddtensor.dataStore", mode)
+            m = new_model("adam_minibatch")
+            h = m.fit(chunked_rdd(sc, pairs(X, y), LAYOUTS[layout]), verbose=0,
+                      allreduce=allreduce, iterations_per_job=3, **kw)
+            assert h.params["data_store"] == expect
+            assert_same_training(snapshot(m, h), on, exact=True)
+        spark.conf.set("spark.rddtensor.dataStore", "sometimes")
+        with pytest.raises(ValueError, match="spark.rddtensor.dataStore must be true, false"):
+            new_model("adam_minibatch").fit(chunked_rdd(sc, pairs(X, Y_CLS), [12, 12]),
+                                            verbose=0, batch_size=8)
+    finally:
+        spark.conf.unset("spark.rddtensor.dataStore")
+    assert_same_training(on, local_run("adam_minibatch"))
+
+
+def test_data_store_files_lost_mid_fit_are_rebuilt_from_lineage(spark, sc):
+    """The stored files vanish between epochs (an executor's disk cleaned, a restart): the next
+    job misses, the shards are built again from lineage (stored again) and training goes on
+    with the same results; the fit's files are gone after it."""
+    import shutil
+
+    from rddtensor.spark import engine
+
+    seen = []
+    real = engine.make_shards
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    class Wipe(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                for d in _store_dirs(seen[0]):
+                    shutil.rmtree(d)
+
+    _, y, kw = RUNS["adam_minibatch"]
+    m = new_model("adam_minibatch")
+    engine.make_shards = spy
+    try:
+        h = m.fit(chunked_rdd(sc, pairs(X, y), LAYOUTS["N3"]), verbose=0, callbacks=[Wipe()],
+                  allreduce="sharded", **kw)
+    finally:
+        engine.make_shards = real
+    assert h.params["data_store"] == "on (1 restored)"
+    assert_same_training(snapshot(m, h), cached_distributed_run(sc, "adam_minibatch", "N3",
+                                                                "sharded"), exact=True)
+    import os
+    assert seen and not any(os.path.exists(d) for d in _store_dirs(seen[0]))
+
+
+def test_data_store_refuses_a_lineage_that_gives_other_rows(spark, sc):
+    """Rebuilding after a miss must give the same rows; an input whose lineage draws new random
+    rows each time is refused with a message that says what to do, not trained on."""
+    spark.conf.set("spark.rddtensor.dataStore", "evict")
+    try:
+        rdd = sc.parallelize(range(24), 2).map(
+            lambda i: (np.random.default_rng().normal(size=5).astype(np.float32), i % 2))
+        with pytest.raises(ValueError, match="not deterministic.*persist or checkpoint"):
+            new_model("adam_minibatch").fit(rdd, verbose=0, batch_size=8, epochs=1)
+    finally:
+        spark.conf.unset("spark.rddtensor.dataStore")
+
+
+def test_stored_shards_are_tokens_and_their_files_go_with_them(sc):
+    """The cached record of a stored partition is a token of a few hundred bytes whatever the
+    partition's size; ``unpersist`` removes the files (one host here)."""
+    import os
+
+    from rddtensor.spark.shards import make_shards
+    big = _rng.normal(size=(4000, 64)).astype(np.float32)
+    shards = make_shards(sc.parallelize(pairs(big, np.arange(4000) % 3), 2))
+    try:
+        sizes = shards.rdd.map(len).collect()
+        assert shards.stored and max(sizes) < 2048 < big.nbytes // 2
+        assert all(os.path.isfile(os.path.join(d, "X.npy")) for d in _store_dirs(shards))
+    finally:
+        shards.unpersist()
+    assert not any(os.path.exists(d) for d in _store_dirs(shards))
 
 
 def _cache_files_at_epoch_ends(before: set) -> tuple:

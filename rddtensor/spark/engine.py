@@ -32,7 +32,7 @@ from rddtensor.training.batching import batch_sizes, steps_per_epoch
 from rddtensor.training.params import block_bounds
 from rddtensor.training.steps import empty_stats, merge_stats, stats_logs
 from rddtensor.training.loop import fit_loop, stopped_at, warn_interrupted
-from rddtensor.spark import localcache, rawrdd, wire
+from rddtensor.spark import datastore, localcache, rawrdd, wire
 from rddtensor.spark.allreduce import AllReduce, Sharded, choose
 from rddtensor.spark.checkpoint import save_state
 from rddtensor.spark.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
@@ -167,9 +167,12 @@ class ParameterState:
 def evaluate_state(state: ParameterState, shards: Shards, batch_size: int) -> dict:
     """Loss/metric stats of the weights in ``state`` over ``shards`` (zip with a broadcast)."""
     AG = state.broadcast(shards.n_partitions)
-    with spark_errors():
-        parts = rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(
-            eval_stage(state.model, batch_size)).collect()
+
+    def job():
+        with spark_errors():
+            return rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(
+                eval_stage(state.model, batch_size)).collect()
+    parts = shards.run(job)
     stats = empty_stats(state.model.metrics)
     for _, s in sorted(parts, key=lambda p: p[0]):
         stats = merge_stats(state.model.metrics, stats, s)
@@ -244,6 +247,11 @@ class DistributedRunner:
                 checkpoints.log.warning("%s: re-running the job from step %d", exc, self.t)
                 continue
             except Exception as exc:
+                if datastore.MISS in str(exc):
+                    # a task found no stored rows where its shard's token points: build the
+                    # shards again from their lineage and run the job again from its start state
+                    self.shards.restore(f"at step {self.t}")
+                    continue
                 if self.local_cache and localcache.MISS in str(exc):
                     # a record the job sent through the host-local cache was not found where
                     # it was read: run the job again from its (inline) start state, without it
@@ -572,7 +580,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                            initial_epoch=resumed.epoch if resumed else initial_epoch)
         history.params.update(partitions=shards.n_partitions, allreduce=strategy.name,
                               iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,
-                              local_cache=runner.local_cache_state())
+                              local_cache=runner.local_cache_state(),
+                              data_store=shards.store_state())
         if resumed:
             history.params["resumed_from"] = resumed.path
         return history
@@ -607,7 +616,7 @@ def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="f
     """Loss and metrics of the driver's model over an RDD/DataFrame, computed on executors."""
     model.ensure_built()
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
-                         label_col=label_col, what="evaluation data")
+                         label_col=label_col, what="evaluation data", store=False)
     if not shards.has_labels:
         shards.unpersist()
         raise ValueError("evaluate needs labels: an RDD of (features, label) pairs or a DataFrame "
@@ -627,7 +636,8 @@ def predict_distributed(model, data, *, batch_size: int = 4096, features_col="fe
     model.ensure_built()
     labelled = not hasattr(data, "columns") and _looks_labelled(data)
     shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
-                         label_col="label" if labelled else None, what="prediction data")
+                         label_col="label" if labelled else None, what="prediction data",
+                         store=False)
     state = _driver_state(model, shards)
     AG = state.broadcast(shards.n_partitions)
     return rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(

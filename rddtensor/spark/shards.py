@@ -7,11 +7,30 @@ features column (vector, array or image; read through Arrow batches, see
 record, shard ``j``, and the RDD has the partitioner of ``rawrdd.shuffle_pairs``' outputs, so that
 ``rawrdd.co_union`` appends shard ``j`` to partition ``j`` of any parameter shuffle: the one pass
 that stacks the rows also writes that shuffle. Uneven and empty partitions are fine.
+
+Where the rows live (conf ``spark.rddtensor.dataStore``):
+
+- ``true`` (the default, for data read more than once: a fit's training and validation data): the
+  build task writes partition ``j``'s arrays to the executor's local disk
+  (``rddtensor.spark.datastore``) and the cached record is a token of a few hundred bytes; a
+  training task maps the files and copies out only its batch's rows, so an iteration costs
+  O(batch), not O(partition), and the page cache, not the JVM heap, holds the data. A task that
+  cannot read the files (another host, files removed, executor restarted) fails with a store
+  miss; the engine builds the shards again from their lineage (``Shards.restore``: the same
+  rows, checked by fingerprint) and re-runs the job; after ``MAX_RESTORES`` restores in one fit
+  the shards go inline. Results never depend on where the rows were read from.
+- ``false``: the cached record holds the partition's arrays (inline), read whole by every task.
+- ``evict``: fault injection for tests: every stored partition is deleted as soon as it is
+  written, so every read misses (and the fit ends inline, with the same results).
+
+Sparse shards, ``evaluate`` and ``predict`` (which read each row once) stay inline.
 """
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,16 +38,32 @@ from pyspark.accumulators import AccumulatorParam
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql.types import ArrayType, NumericType
 
-from rddtensor.spark import arrow_shards, rawrdd, wire
+from rddtensor.spark import arrow_shards, datastore, rawrdd, wire
 from rddtensor.spark.columns import (decode_sparse, decode_value, encode_sparse, feature_kind,
                                stack_sparse)
-from rddtensor.spark.errors import quiet_task_failures, spark_errors
+from rddtensor.spark.errors import quiet_task_failures, spark_errors, spark_setting
 from rddtensor.spark.config import Kind
+from rddtensor.spark.localcache import host_id
+
+log = logging.getLogger("rddtensor")
+
+STORE_CONF = "spark.rddtensor.dataStore"
+#: store misses a fit's shards recover from by building them again before going inline
+MAX_RESTORES = 2
+
+
+def store_mode(sc) -> str:
+    """``spark.rddtensor.dataStore``: ``"true"`` (default), ``"false"`` or ``"evict"``."""
+    mode = (spark_setting(sc, STORE_CONF, "true") or "true").strip().lower()
+    if mode not in ("true", "false", "evict"):
+        raise ValueError(f"{STORE_CONF} must be true, false or evict, got {mode!r}")
+    return mode
 
 
 @dataclass
 class Shards:
-    """Cached, stacked training data: ``rdd`` (raw records), rows per partition, feature shape."""
+    """Cached, stacked training data: ``rdd`` (raw records: tokens of stored partitions, or the
+    arrays inline), rows per partition, feature shape."""
 
     rdd: object
     sizes: list
@@ -36,6 +71,16 @@ class Shards:
     has_labels: bool
     #: ``(min, max, all integers)`` of scalar labels over every row (``None``: no scalar labels)
     label_range: tuple | None = None
+    #: ``"true"`` (stored), ``"false"`` (inline) or ``"evict"`` (see the module docstring)
+    mode: str = "false"
+    #: builds the shards again: ``rebuild(mode) -> _Built`` (``restore``)
+    rebuild: object = None
+    #: per partition: ``(host, directory)`` of its stored files, or ``None`` (inline)
+    dirs: list = field(default_factory=list)
+    #: per partition: ``{array: fingerprint}`` of its rows, or ``None`` (sparse)
+    fingerprints: list = field(default_factory=list)
+    #: store misses recovered from (``restore``)
+    restores: int = 0
 
     @property
     def n_partitions(self) -> int:
@@ -53,8 +98,72 @@ class Shards:
         """The shard RDD, partitioned like every parameter shuffle (``rawrdd.co_union``)."""
         return self.rdd
 
+    @property
+    def stored(self) -> bool:
+        """Whether the cached records are tokens of partitions in the data store."""
+        return any(d is not None for d in self.dirs)
+
+    def store_state(self) -> str:
+        """``"on"``, ``"off"`` or ``"off after N misses"`` (``History.params["data_store"]``)."""
+        if self.stored:
+            return "on" + (f" ({self.restores} restored)" if self.restores else "")
+        return f"off after {self.restores} misses" if self.restores else "off"
+
     def unpersist(self):
+        """Drop the cached records and the stored files this host holds (the files on other
+        hosts go with their executors' local directories)."""
         self.rdd.unpersist()
+        _remove_files(self.dirs)
+
+    def restore(self, why: str = "") -> None:
+        """After a store miss: build the shards again from their lineage, stored again or,
+        after ``MAX_RESTORES`` restores, inline. The rows must come back the same (size and
+        fingerprint per partition): a lineage that gives other rows (e.g. an unseeded sample)
+        raises ``ValueError`` instead of training on other data."""
+        self.restores += 1
+        mode = self.mode if self.restores <= MAX_RESTORES else "false"
+        log.warning("data store miss%s: building the shards again from their lineage (%s)",
+                    f" ({why})" if why else "",
+                    "stored again" if mode != "false" else
+                    f"inline for the rest of this fit, after {self.restores} misses")
+        self.unpersist()
+        built = self.rebuild(mode)
+        for j, (n, fp) in enumerate(zip(built.sizes, built.fingerprints)):
+            old = self.fingerprints[j] if j < len(self.fingerprints) else None
+            if n != self.sizes[j] or (fp is not None and old is not None and fp != old):
+                built.rdd.unpersist()
+                _remove_files(built.dirs)
+                raise ValueError(
+                    f"partition {j} of the data was built again from its lineage after a data "
+                    f"store miss and holds other rows than before ({n} rows, {self.sizes[j]} "
+                    "before): the input is not deterministic (e.g. an unseeded sample, or a "
+                    "repartition of unordered input); persist or checkpoint the input "
+                    "DataFrame/RDD before fit, or set spark.rddtensor.dataStore=false")
+        self.rdd, self.dirs, self.fingerprints = built.rdd, built.dirs, built.fingerprints
+        if mode == "false":
+            self.mode = "false"
+
+    def run(self, job):
+        """``job()``, again after ``restore`` each time it fails on a store miss."""
+        while True:
+            try:
+                return job()
+            except Exception as exc:
+                if datastore.MISS not in str(exc):
+                    raise
+                self.restore(_first_line(exc))
+
+
+def _first_line(exc) -> str:
+    text = str(exc)
+    at = text.find(datastore.MISS)
+    return text[at:].splitlines()[0][:300] if at >= 0 else ""
+
+
+def _remove_files(dirs) -> None:
+    here = host_id()
+    for d in {os.path.dirname(d[1]) for d in dirs if d is not None and d[0] == here}:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _features_of(value):
@@ -190,7 +299,7 @@ _SAME_LENGTH = "(every row needs the same feature length)"
 
 def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                 features_col: str = "features", label_col: str | None = "label",
-                what: str = "training data") -> Shards:
+                what: str = "training data", store: bool = True) -> Shards:
     """Stack ``data`` into cached shards, one per partition (``n_partitions`` repartitions).
 
     Args:
@@ -201,11 +310,15 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
             the model's input shape, and errors say so.
         what: how error messages name this data ("training data", "validation_data", ...):
             every error about other data than the training data starts with it.
+        store: write the rows to the executors' data store (``spark.rddtensor.dataStore``
+            decides; ``False``: inline, for data read once).
     """
     ctx = data.ctx if hasattr(data, "ctx") else data.sparkSession.sparkContext
+    mode = store_mode(ctx) if store else "false"
     with quiet_task_failures(ctx):
         try:
-            return _make_shards(data, n_partitions, feature_shape, features_col, label_col, what)
+            return _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
+                                mode)
         except ValueError as e:
             raise _named(e, what, feature_shape is not None) from None
 
@@ -228,7 +341,8 @@ def _named(e: ValueError, what: str, model_shape: bool) -> ValueError:
     return err
 
 
-def _make_shards(data, n_partitions, feature_shape, features_col, label_col, what) -> Shards:
+def _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
+                 mode) -> Shards:
     is_df = hasattr(data, "select") and hasattr(data, "columns")
     names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
              if is_df else ("features", "labels"))
@@ -254,22 +368,26 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
 
         def stack(it, shape, j):
             return _stack_rows(it, shape, has_labels, j, names)
-    shard_rdd, sizes, labels, shapes = _build(rows, stack, feature_shape)
-    if sum(sizes) == 0:
-        shard_rdd.unpersist()
+    built = _build(rows, stack, feature_shape, mode)
+    if sum(built.sizes) == 0:
+        built.drop()
         raise ValueError(f"the {what} is empty: no rows")
     if feature_shape is None:  # (Arrow path) every partition's own: they must agree
-        found = [(j, s) for j, s in enumerate(shapes) if sizes[j]]
+        found = [(j, s) for j, s in enumerate(built.shapes) if built.sizes[j]]
         feature_shape = found[0][1]
         bad = next(((j, s) for j, s in found if s != feature_shape), None)
         if bad is not None:
-            shard_rdd.unpersist()
+            built.drop()
             raise ValueError(f"row 0 of partition {bad[0]} has {names[0]} of shape {bad[1]}, "
                              f"expected {feature_shape} {_SAME_LENGTH}")
-        if not all(sizes):  # empty partitions' arrays need the shape too: build them again
-            shard_rdd.unpersist()
-            shard_rdd, sizes, labels, _ = _build(rows, stack, feature_shape)
-    return Shards(shard_rdd, sizes, feature_shape, has_labels, label_range=labels)
+        if not all(built.sizes):  # empty partitions' arrays need the shape too: build them again
+            built.drop()
+            built = _build(rows, stack, feature_shape, mode)
+
+    def rebuild(again_mode):
+        return _build(rows, stack, feature_shape, again_mode)
+    return Shards(built.rdd, built.sizes, feature_shape, has_labels, label_range=built.labels,
+                  mode=mode, rebuild=rebuild, dirs=built.dirs, fingerprints=built.fingerprints)
 
 
 def _arrow_build(df, features_col, label_col, n_partitions):
@@ -305,20 +423,56 @@ class _PartsParam(AccumulatorParam):
         return a
 
 
-def _build(rows, stack, feature_shape):
-    """Stack every partition (``stack(records, feature_shape, j)``) into one shard record,
-    carried by a shuffle into the same partition and cached; returns the RDD, rows and feature
-    shape per partition, and ``(min, max, all integers)`` of the scalar labels (or ``None``)."""
+@dataclass
+class _Built:
+    """What one build of the shards made: the cached RDD and, per partition, rows, feature
+    shape, stored directory and fingerprints; ``labels`` summarises the scalar labels."""
+
+    rdd: object
+    sizes: list
+    labels: tuple | None
+    shapes: list
+    dirs: list
+    fingerprints: list
+
+    def drop(self):
+        self.rdd.unpersist()
+        _remove_files(self.dirs)
+
+
+def _build(rows, stack, feature_shape, mode) -> _Built:
+    """Stack every partition (``stack(records, feature_shape, j)``), carried by a shuffle into
+    the same partition and cached: as a token of its files in the data store (``mode``
+    ``"true"``/``"evict"``) or as one inline record (``"false"``, and sparse partitions)."""
     facts = rows.ctx.accumulator({}, _PartsParam())
-    shard_id = uuid.uuid4().hex
+    dataset = datastore.new_dataset_id()  # also tells this data apart in executor-local caches
 
     def build(j, it):
         arrays = stack(it, feature_shape, j)
         X = arrays["X"]
-        facts.add({j: (len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:]))})
+        dense = all(isinstance(a, np.ndarray) for a in arrays.values())
+        where = None
+        if mode != "false" and dense:
+            directory = datastore.partition_dir(dataset, j)
+            writer = datastore.PartitionWriter(directory, dataset=dataset, part=j)
+            try:
+                writer.append(arrays)
+            except BaseException:
+                writer.abort()
+                raise
+            manifest = writer.finish()
+            if mode == "evict":  # fault injection: every read of this partition misses
+                shutil.rmtree(directory, ignore_errors=True)
+            where, fingerprint = (host_id(), directory), manifest.fingerprints
+            record = datastore.token(directory, manifest, j=j, n=len(X), id=dataset)
+        else:
+            fingerprint = datastore.fingerprints(arrays) if dense else None
+            record = wire.pack(Kind.SHARD, {"j": j, "n": len(X), "id": dataset},
+                               _wire_arrays(arrays))
+        facts.add({j: (len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:]), where,
+                       fingerprint)})
         yield rawrdd.key(j)
-        # "id" tells this data apart in executor-local caches (rddtensor.spark.device)
-        yield wire.pack(Kind.SHARD, {"j": j, "n": len(X), "id": shard_id}, _wire_arrays(arrays))
+        yield record
 
     N = rows.getNumPartitions()
     shard_rdd = rawrdd.shuffle_raw(rows, build, N).persist()
@@ -327,24 +481,33 @@ def _build(rows, stack, feature_shape):
             shard_rdd._jrdd.count()  # the JVM caches the shuffled records: no Python pass
     except BaseException:
         shard_rdd.unpersist()
+        _remove_files([f[3] for f in facts.value.values()])
         raise
     parts = [facts.value[j] for j in range(N)]
     found = [p[1] for p in parts if p[1] is not None]
     labels = None
     if found and len(found) == sum(1 for p in parts if p[0]):
         labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
-    return shard_rdd, [p[0] for p in parts], labels, [p[2] for p in parts]
+    return _Built(shard_rdd, [p[0] for p in parts], labels, [p[2] for p in parts],
+                  [p[3] for p in parts], [p[4] for p in parts])
 
 
 def read_shard(records):
-    """The ``(meta, arrays)`` of the shard among a partition's records (reads them all)."""
+    """The ``(meta, arrays)`` of the shard among a partition's records (reads them all).
+
+    A stored shard's arrays are read-only views of its memory-mapped files: indexing rows
+    (``X[rows]``) reads only those rows. ``datastore.StoreMiss`` where they are not readable.
+    """
     found = None
     for r in records:
         if len(r):
             found = r
     if found is None:
         raise ValueError("partition holds no shard record")
-    _, meta, arrays = wire.unpack(found)
+    kind, meta, arrays = wire.unpack(found)
+    if kind == Kind.STORE:
+        reader = datastore.open_token(meta)  # (each view keeps its file mapped while it lives)
+        return meta, {name: reader.array(name) for name in reader.names}
     if "X.indptr" in arrays:  # a sparse shard (see _stack_rows)
         arrays = decode_sparse(arrays)
     return meta, arrays

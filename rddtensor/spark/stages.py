@@ -57,7 +57,8 @@ def split_own(arrays: dict):
 
 def split_records(records):
     """A task's input as ``(parameter records, data shard records)``: each parameter record is
-    ``(kind, meta, x, raw bytes)`` (a decoded chunk), shard records stay raw bytes. A token of
+    ``(kind, meta, x, raw bytes)`` (a decoded chunk), shard records (inline, or tokens of the
+    data store: ``rddtensor.spark.shards.read_shard``) stay raw bytes. A token of
     the host-local cache (``rddtensor.spark.localcache``) stands for the chunks of the record it
     names: each of them carries the token as its raw bytes."""
     params, shard = [], []
@@ -65,7 +66,7 @@ def split_records(records):
         if not len(r):
             continue
         kind, meta, arrays = wire.unpack(r)
-        if kind == Kind.SHARD:
+        if kind in (Kind.SHARD, Kind.STORE):  # inline, or a token of the data store
             shard.append(r)
         elif kind == Kind.LOCAL:
             params.extend((k, m, x, r) for k, m, x in localcache.expand(meta))

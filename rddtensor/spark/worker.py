@@ -43,7 +43,7 @@ class Worker:
 
     def epoch_plan(self, step, epoch: int, lo: int, hi: int):
         """``local_batches`` of the rows ``[lo, hi)`` (one partition's) in ``epoch`` of the fit
-        that ``step`` (a ``protocol.StepConfig``) describes."""
+        that ``step`` (a ``config.StepConfig``) describes."""
         key = (step.n_total, step.batch_size, step.seed, epoch, step.shuffle, lo, hi)
         plan = self.plans.get(key)
         if plan is None:
