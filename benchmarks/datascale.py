@@ -63,7 +63,7 @@ def _model(features: int, seed: int = 0):
     from rddtensor.optim import SGD
     m = L.Sequential([L.Dense(HIDDEN, activation="relu", input_shape=(features,)),
                       L.Dense(CLASSES)], seed=seed)
-    m.compile(optimizer=SGD(learning_rate=0.01), loss="sparse_categorical_crossentropy")
+    m.compile(optimizer=SGD(lr=0.01), loss="sparse_categorical_crossentropy")
     return m
 
 
@@ -167,7 +167,7 @@ def main(argv=None):
     ap.add_argument("--wait-idle", type=float, default=60.0)
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats, args.wait_idle = "2e4", 1, 0
+        args.sizes, args.repeats, args.wait_idle, args.driver_memory = "2e4", 1, 0, "1g"
     import tempfile
     data_dir = args.data_dir or tempfile.gettempdir()
     sizes = [int(float(s)) for s in args.sizes.split(",")]

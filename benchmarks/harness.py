@@ -83,6 +83,11 @@ def _inference(payload) -> dict:
     return {n: _has_samples(t) for n, t in payload.get("timing", {}).items()}
 
 
+def _datascale(payload) -> dict:
+    return {f"{r.get('contender')} rows={r.get('rows')}": _has_samples(r.get("ms_per_iteration"))
+            for r in payload.get("results", [])}
+
+
 def _listed(expected):
     def check(payload) -> dict:
         ran = set(payload.get("contenders_ran", []))
@@ -143,6 +148,8 @@ REGISTRY = {e.name: e for e in [
           quick_cpu_s=15),
     Entry("inference", "benchmarks.inference", _inference, "Spark ML engineer", optional=True,
           timeout_s=3600, quick_cpu_s=15),
+    Entry("datascale", "benchmarks.datascale", _datascale, "data engineer", timeout_s=7200,
+          quick_cpu_s=15),
 ]}
 
 

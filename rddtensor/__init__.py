@@ -14,6 +14,6 @@ from rddtensor.version import __version__  # noqa: E402
 # RDDs and DataFrames train on the Spark engine (imported, with pyspark, only when one arrives)
 _engines.register("rddtensor.spark.engine", ("pyspark.rdd.RDD", "pyspark.sql.dataframe.DataFrame"),
                   options=("num_partitions", "iterations_per_job", "allreduce", "wire_dtype",
-                           "features_col", "label_col"))
+                           "features_col", "label_col", "weight_col"))
 
 __all__ = ["__version__", "asarray", "get_array_module", "gpu_available", "has_cupy", "to_numpy"]

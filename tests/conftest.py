@@ -70,3 +70,34 @@ def cp():
     if not backend.gpu_available():
         pytest.skip("no CUDA GPU visible")
     return cupy
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """A Spark standalone cluster of two "hosts" on this machine (``rddtensor.spark.testing``:
+    a master on 127.0.0.1, one worker of one 1-core executor on each of 127.0.0.2 and 127.0.0.3,
+    each with a private ``/dev/shm``), started once per test module and torn down after it;
+    skips with the reason where it cannot start (no ``unshare``, mount namespaces not permitted,
+    no Java 17, no 127.0.0.x).
+
+    A process holds one SparkContext at a time and the ``spark`` fixture's may be live, so the
+    session on this cluster lives in a subprocess: the fixture yields ``run(code, conf=None)
+    -> (result, log)``, which runs ``code`` as a driver with ``spark`` (a session on the cluster,
+    stopped when the code ends), ``sc`` and ``emit(obj)`` (hands a JSON-able result back); its
+    ``.cluster`` is the ``testing.Cluster``.
+    """
+    from rddtensor.spark import testing
+    reason = testing.unavailable_reason(hosts=2)
+    if reason:
+        pytest.skip(f"no multi-host test cluster: {reason}")
+    import scenarios  # the scenarios' JVM options: C1 only, for JVMs that live seconds
+    path = {"PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")]
+                                                    if p])}
+    driver = {**path, "PYSPARK_SUBMIT_ARGS": f'--driver-java-options "{scenarios.JVM_OPTIONS}" '
+                                             'pyspark-shell'}
+    jvm = {"spark.executor.extraJavaOptions": scenarios.JVM_OPTIONS}
+    with testing.multi_host_cluster(hosts=2, env=path) as cluster:
+        def run(code, conf=None):
+            return testing.run_driver(cluster, code, conf={**jvm, **(conf or {})}, env=driver)
+        run.cluster = cluster
+        yield run

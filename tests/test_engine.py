@@ -614,15 +614,18 @@ def _store_dirs(shards) -> list:
 
 
 @pytest.mark.parametrize("allreduce,layout", [("sharded", "uneven"), ("replicated", "empty")])
-def test_data_store_on_off_or_missing_gives_bit_identical_weights(spark, sc, allreduce, layout):
+def test_data_store_on_off_or_missing_gives_bit_identical_weights(spark, sc, allreduce, layout,
+                                                                 monkeypatch):
     """Training reads its rows from memory-mapped files (the default), from inline records
     (``dataStore=false``), or after every stored partition vanished (``evict``: each build's
-    files are deleted at once, so the fit restores twice and then goes inline): the same
+    files are deleted at once, so the fit goes inline after its restores, here none): the same
     weights, slots and history, bit for bit, as in-process training."""
+    from rddtensor.spark import shards as shards_module
+    monkeypatch.setattr(shards_module, "MAX_RESTORES", 0)  # (restores: the next test)
     on = cached_distributed_run(sc, "adam_minibatch", layout, allreduce)
     _, y, kw = RUNS["adam_minibatch"]
     try:
-        for mode, expect in (("true", "on"), ("false", "off"), ("evict", "off after 3 misses")):
+        for mode, expect in (("true", "on"), ("false", "off"), ("evict", "off after 1 miss")):
             spark.conf.set("spark.rddtensor.dataStore", mode)
             m = new_model("adam_minibatch")
             h = m.fit(chunked_rdd(sc, pairs(X, y), LAYOUTS[layout]), verbose=0,

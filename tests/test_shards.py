@@ -396,3 +396,330 @@ def test_dataframe_arrow_path_errors_name_row_partition_and_column(spark, case, 
         make_shards(df)
     _assert_clean(excinfo)
     assert _persisted(spark.sparkContext) - before == set()
+
+
+# --- streaming build: chunk by chunk into the data store, the inline arrays bit for bit ---------
+STORE_CONF = "spark.rddtensor.dataStore"
+
+
+def _inline(spark, data, **kw):
+    """``make_shards`` with the data store off: the whole partition stacked at once."""
+    spark.conf.set(STORE_CONF, "false")
+    try:
+        return make_shards(data, **kw)
+    finally:
+        spark.conf.unset(STORE_CONF)
+
+
+def _small_chunks(monkeypatch, rows: int, row_bytes: int = 16):
+    """Chunks (rows path) and Arrow record batches of ``rows`` rows of ``row_bytes``."""
+    import rddtensor.spark.arrow_shards as arrow_module
+    import rddtensor.spark.shards as shards_module
+    monkeypatch.setattr(shards_module, "CHUNK_BYTES", rows * row_bytes)
+    monkeypatch.setattr(arrow_module, "TARGET_BATCH_BYTES", rows * row_bytes)
+
+
+SIZES = [0, 17, 3, 20]  # uneven, an empty partition, partitions several chunks long
+_Xs = _rng.normal(size=(40, 4)).astype(np.float32)
+_Xs[np.arange(40), np.arange(40) % 4] = 0
+_ints = np.arange(40) % 3
+
+
+def _stream_rows(case):
+    if case == "list_int":
+        return [(x.tolist(), int(t)) for x, t in zip(_Xs, _ints)]
+    if case == "numpy_float":
+        return [(x, float(t) + 0.25) for x, t in zip(_Xs, _ints)]
+    if case == "ints_then_floats":  # int labels, then fractional ones chunks later: float32
+        return [(x, int(t) if i < 30 else float(t) + 0.5)
+                for i, (x, t) in enumerate(zip(_Xs, _ints))]
+    if case == "floats_then_ints":
+        return [(x, float(t) + 0.5 if i % 17 < 4 else int(t))
+                for i, (x, t) in enumerate(zip(_Xs, _ints))]
+    if case == "int32_then_int64":
+        return [(x, np.int32(t) if i % 17 < 5 else int(t)) for i, (x, t) in
+                enumerate(zip(_Xs, _ints))]
+    if case == "dense_then_sparse":  # first rows dense vectors: densified chunk by chunk
+        return [(_ml_dense(x) if i % 17 < 4 else _ml_sparse(x), int(t))
+                for i, (x, t) in enumerate(zip(_Xs, _ints))]
+    if case == "sparse_first":  # a sparse first row: the partition decided whole, as inline
+        return [(_ml_sparse(x) if i % 17 < 4 else _ml_dense(x), int(t))
+                for i, (x, t) in enumerate(zip(_Xs, _ints))]
+    if case == "vector_labels":
+        return [(x, [float(t), 2.0 * t]) for x, t in zip(_Xs, _ints)]
+    if case == "features_only":
+        return [x for x in _Xs]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["list_int", "numpy_float", "ints_then_floats",
+                                  "floats_then_ints", "int32_then_int64", "dense_then_sparse",
+                                  "sparse_first", "vector_labels", "features_only"])
+def test_streamed_build_equals_inline_rows_path(spark, sc, monkeypatch, case):
+    _small_chunks(monkeypatch, 3)  # 3 rows per chunk: partitions of 1 to 7 chunks
+    rows = _stream_rows(case)
+    a = make_shards(chunked_rdd(sc, rows, SIZES))
+    b = _inline(spark, chunked_rdd(sc, rows, SIZES))
+    try:
+        assert a.stored and not b.stored
+        _same_shards(a, b)
+        if case in ("ints_then_floats", "floats_then_ints"):
+            assert partitions(a)[3][1]["y"].dtype == np.float32
+    finally:
+        a.unpersist()
+        b.unpersist()
+
+
+def _stream_df(spark, sc, case):
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import (ArrayType, DoubleType, FloatType, LongType, StructField,
+                                   StructType)
+    if case == "array_int":
+        rows = [(x.tolist(), int(t)) for x, t in zip(_Xs, _ints)]
+        schema = StructType([StructField("features", ArrayType(FloatType())),
+                             StructField("label", LongType())])
+    elif case == "nested_array_float":
+        rows = [(x.reshape(2, 2).tolist(), float(t) + 0.5) for x, t in zip(_Xs, _ints)]
+        schema = StructType([StructField("features", ArrayType(ArrayType(DoubleType()))),
+                             StructField("label", DoubleType())])
+    else:
+        vec = {"vector": lambda i, x: _ml_dense(x),
+               "vector_dense_then_sparse": lambda i, x: _ml_dense(x) if i % 17 < 4
+               else _ml_sparse(x),
+               "vector_sparse_first": lambda i, x: _ml_sparse(x) if i % 17 < 4
+               else _ml_dense(x)}[case]
+        rows = [(vec(i, x), float(t)) for i, (x, t) in enumerate(zip(_Xs, _ints))]
+        schema = StructType([StructField("features", VectorUDT()),
+                             StructField("label", DoubleType())])
+    return spark.createDataFrame(chunked_rdd(sc, rows, SIZES), schema)
+
+
+@pytest.mark.parametrize("case", ["array_int", "nested_array_float", "vector",
+                                  "vector_dense_then_sparse", "vector_sparse_first"])
+def test_streamed_build_equals_inline_arrow_path(spark, sc, monkeypatch, case):
+    from rddtensor.spark import arrow_shards
+    _small_chunks(monkeypatch, 3)  # record batches of 3 rows
+    df = _stream_df(spark, sc, case)
+    got = arrow_shards.arrow_rows(df, ["features", "label"], row_bytes=16)[0]
+    assert max(got.glom().map(len).collect()) > 3  # partitions of several record batches
+    assert spark.conf.get(arrow_shards.MAX_RECORDS, None) is None  # (the conf is restored)
+    a, b = make_shards(df), _inline(spark, df)
+    c = _rows_path(df)
+    try:
+        assert a.stored and not b.stored and a.sizes == SIZES
+        _same_shards(a, b)
+        _same_shards(a, c)
+    finally:
+        for s in (a, b, c):
+            s.unpersist()
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_streamed_build_errors_count_partition_rows(sc, monkeypatch, case):
+    """The error texts of ``test_bad_rows_name_row_and_partition``, with chunks of 1 and 2
+    rows: row numbers are the partition's."""
+    rows, msg = BAD_ROWS[case]
+    for n in (1, 2):
+        _small_chunks(monkeypatch, n)
+        with pytest.raises(ValueError, match=msg) as excinfo:
+            make_shards(sc.parallelize(rows, 2))
+        _assert_clean(excinfo)
+
+
+@pytest.mark.parametrize("case, msg", [
+    ("ragged", r"row 5 of partition 0 has features \(column 'features'\) of shape \(3,\), "
+               r"expected \(4,\)"),
+    ("null", r"row 5 of partition 0: features \(column 'features'\) is null"),
+    ("null_label", r"row 6 of partition 0: labels \(column 'label'\) is null"),
+    ("nan", r"features \(column 'features'\) contain NaN or inf \(row 6 of partition 0\)"),
+])
+def test_streamed_arrow_errors_count_partition_rows(spark, monkeypatch, case, msg):
+    _small_chunks(monkeypatch, 2)  # record batches of 2 rows: the bad row is in the 3rd/4th
+    rows = [(x.tolist(), float(t)) for x, t in zip(X, Y)]
+    if case == "ragged":
+        rows[5] = (rows[5][0][:3], rows[5][1])
+    elif case == "null":
+        rows[5] = (None, rows[5][1])
+    elif case == "null_label":
+        rows[6] = (rows[6][0], None)
+    else:
+        rows[6] = (rows[6][0][:3] + [float("nan")], rows[6][1])
+    df = spark.createDataFrame(rows, "features array<double>, label double").coalesce(1)
+    with pytest.raises(ValueError, match=msg) as excinfo:
+        make_shards(df)
+    _assert_clean(excinfo)
+
+
+def test_streamed_build_holds_a_chunk_not_the_partition(tmp_path):
+    """A partition 80 chunks long (20 MiB of features) is written holding one 256 KiB chunk:
+    rows path (``_row_chunks``) and Arrow path (``stream_arrays``), same files as stacking
+    the whole partition."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from rddtensor.spark import arrow_shards, datastore
+    from rddtensor.spark import shards as S
+
+    d, n = 256, 20480  # 1 KiB rows
+
+    def row(i):
+        return np.random.default_rng(i).normal(size=d).astype(np.float32)
+
+    def rows():
+        for i in range(n):
+            yield row(i), i % 7
+
+    names = ("features", "labels")
+    n_chunk = S.chunk_rows((d,), 256 << 10)
+    assert n_chunk == 256 and S.chunk_rows((d,)) * 4 * d == S.CHUNK_BYTES
+    tracemalloc.start()
+    try:
+        chunks = S._row_chunks(rows(), (d,), True, 0, names, n_chunk)
+        manifest, got, labels, shape = S._write_partition(str(tmp_path / "rows"), "t", 0,
+                                                          chunks)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == n and shape == (d,) and labels == (0.0, 6.0, True)
+    assert peak < 3 << 20, peak  # the partition is 20 MiB
+    whole = S._stack_rows(list(rows()), (d,), True, 0, names)
+    assert manifest.fingerprints == datastore.fingerprints(whole)
+    with datastore.PartitionReader.open(str(tmp_path / "rows")) as r:
+        np.testing.assert_array_equal(r.array("X"), whole["X"])
+        assert r.array("y").dtype == whole["y"].dtype == np.int64
+
+    schema = pa.schema([("features", pa.list_(pa.float32())), ("label", pa.int64())])
+
+    def records():  # one record-batch message at a time, as the JVM hands them out
+        for a in range(0, n, 256):
+            xs = [row(i) for i in range(a, a + 256)]
+            batch = pa.record_batch([pa.array(xs, type=schema[0].type),
+                                     pa.array([i % 7 for i in range(a, a + 256)], pa.int64())],
+                                    schema=schema)
+            yield batch.serialize().to_pybytes()
+
+    names = ("features (column 'features')", "labels (column 'label')")
+    tracemalloc.start()
+    try:
+        chunks = arrow_shards.stream_arrays(records(), schema, ["array", None], None, 0, names)
+        manifest, got, labels, shape = S._write_partition(str(tmp_path / "arrow"), "t", 0,
+                                                          chunks)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == n and shape == (d,) and labels == (0.0, 6.0, True)
+    assert peak < 3 << 20, peak
+    assert manifest.fingerprints == datastore.fingerprints(whole)
+
+
+# --- sample weights: array "w" ------------------------------------------------------------------
+_W = np.array([1.0, 0.5, 2.0, 0.0, 3.25, 1.0, 0.75])
+
+
+def test_weight_column_dataframe(spark):
+    df = spark.createDataFrame([(x.tolist(), int(t), float(w), int(2 * w))
+                                for x, t, w in zip(X, Y, _W)],
+                               "features array<float>, label long, wt double, iw int")
+    a = make_shards(df, weight_col="wt")
+    b = _inline(spark, df, weight_col="wt")
+    c = _rows_path(df, weight_col="wt")
+    d = make_shards(df, weight_col="iw")  # an integer column: float32 weights too
+    plain = make_shards(df)
+    try:
+        assert a.has_weights and b.has_weights and c.has_weights and not plain.has_weights
+        _same_shards(a, b)
+        _same_shards(a, c)
+        parts = partitions(a)
+        w = np.concatenate([p[1]["w"] for p in parts])
+        assert w.dtype == np.float32 and w.shape == (7,)
+        np.testing.assert_array_equal(w, _W.astype(np.float32))
+        np.testing.assert_array_equal(np.concatenate([p[1]["w"] for p in partitions(d)]),
+                                      np.floor(2 * _W).astype(np.float32))
+        assert all("w" not in p[1] for p in partitions(plain))
+    finally:
+        for s in (a, b, c, d, plain):
+            s.unpersist()
+
+
+def test_weight_triples_rdd(spark, sc, monkeypatch):
+    _small_chunks(monkeypatch, 2)
+    rows = [(x, int(t), int(w) if w == int(w) else w) for x, t, w in zip(X, Y, _W)]
+    a = make_shards(chunked_rdd(sc, rows, [3, 0, 4]), weight_col="weight")
+    b = _inline(spark, chunked_rdd(sc, rows, [3, 0, 4]), weight_col="weight")
+    try:
+        assert a.has_weights and a.sizes == [3, 0, 4]
+        _same_shards(a, b)
+        parts = partitions(a)
+        assert parts[1][1]["w"].shape == (0,) and parts[1][1]["w"].dtype == np.float32
+        np.testing.assert_array_equal(np.concatenate([p[1]["w"] for p in parts]),
+                                      _W.astype(np.float32))
+    finally:
+        a.unpersist()
+        b.unpersist()
+
+
+def _weighted_df(spark, w, wtype="double"):
+    return spark.createDataFrame([(x.tolist(), float(t), v) for x, t, v in zip(X, Y, w)],
+                                 f"features array<float>, label double, wt {wtype}").coalesce(1)
+
+
+@pytest.mark.parametrize("case, msg", [
+    ("negative", r"sample weights \(column 'wt'\) must be finite and >= 0, got -1.0 \(row 5 "
+                 r"of partition 0\)"),
+    ("nan", r"sample weights \(column 'wt'\) must be finite and >= 0, got nan \(row 4 of "
+            r"partition 0\)"),
+    ("inf", r"sample weights \(column 'wt'\) must be finite and >= 0, got inf \(row 6 of "
+            r"partition 0\)"),
+    ("null", r"row 3 of partition 0: sample weights \(column 'wt'\) is null"),
+    ("string", r"weight_col='wt': column 'wt' has type string; sample weights must be numbers"),
+    ("missing", r"weight_col='nope': the DataFrame has no column 'nope'"),
+])
+@pytest.mark.parametrize("path", ["arrow", "rows"])
+def test_bad_weights_dataframe(spark, monkeypatch, case, msg, path):
+    _small_chunks(monkeypatch, 2)
+    w = [float(v) for v in _W]
+    col = "wt"
+    if case == "negative":
+        w[5] = -1.0
+    elif case == "nan":
+        w[4] = float("nan")
+    elif case == "inf":
+        w[6] = float("inf")
+    elif case == "null":
+        w[3] = None
+    elif case == "missing":
+        col = "nope"
+    df = _weighted_df(spark, [str(v) for v in w] if case == "string" else w,
+                      "string" if case == "string" else "double")
+    before = _persisted(spark.sparkContext)
+    with pytest.raises(ValueError, match=msg) as excinfo:
+        (make_shards if path == "arrow" else _rows_path)(df, weight_col=col)
+    _assert_clean(excinfo)
+    assert _persisted(spark.sparkContext) - before == set()
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (-2.0, r"sample weights must be finite and >= 0, got -2.0 \(row 2 of partition 1\)"),
+    (float("nan"), r"sample weights must be finite and >= 0, got nan \(row 2 of partition 1\)"),
+    (None, r"row 2 of partition 1: sample weights is null"),
+    ("heavy", r"row 2 of partition 1: sample weights must be numbers, got str 'heavy'"),
+    ("pair", r"row 2 of partition 1: expected a \(features, label, weight\) triple, got tuple"),
+])
+@pytest.mark.parametrize("store", ["true", "false"])
+def test_bad_weights_rdd(spark, sc, monkeypatch, bad, msg, store):
+    _small_chunks(monkeypatch, 2)
+    rows = [(x, int(t), float(w)) for x, t, w in zip(X, Y, _W)]
+    rows[5] = (rows[5][0], rows[5][1]) if bad == "pair" else (rows[5][0], rows[5][1], bad)
+    spark.conf.set(STORE_CONF, store)
+    try:
+        with pytest.raises(ValueError, match=msg) as excinfo:
+            make_shards(chunked_rdd(sc, rows, [3, 4]), weight_col="w")
+    finally:
+        spark.conf.unset(STORE_CONF)
+    _assert_clean(excinfo)
+
+
+def test_weight_col_needs_labels(sc):
+    with pytest.raises(ValueError, match=r"weight_col='w' needs labels"):
+        make_shards(sc.parallelize(list(zip(X, Y, _W)), 2), label_col=None, weight_col="w")

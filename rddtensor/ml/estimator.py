@@ -51,7 +51,8 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
     Features come from ``featuresCol`` (a vector column, dense or sparse; ``array<float>`` /
     ``array<int>`` sequences; image structs from ``spark.read.format("image")``, decoded to
     NCHW float32 in [0, 1], RGB), targets from ``labelCol`` (numeric; a vector or array column
-    for a network with several outputs). Training is
+    for a network with several outputs), optional sample weights from ``weightCol`` (numbers
+    >= 0: the loss is the weighted mean over each global batch). Training is
     ``maxEpoch`` epochs of synchronous mini-batch SGD with global batch ``batchSize`` on the
     distributed engine; the optimizer is ``optimizer`` with learning rate ``learningRate``.
 
@@ -70,7 +71,7 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
                  predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                  optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
                  checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
-                 verbose=0, inferenceBatchSize=4096):
+                 verbose=0, inferenceBatchSize=4096, weightCol=None):
         super().__init__()
         self._set(**self._input_kwargs)
 
@@ -79,7 +80,7 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
                   predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                   optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
                   checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
-                  verbose=0, inferenceBatchSize=4096):
+                  verbose=0, inferenceBatchSize=4096, weightCol=None):
         """Set any of the Params by keyword."""
         return self._set(**self._input_kwargs)
 
@@ -129,6 +130,9 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
     def setInferenceBatchSize(self, value):
         return self._set(inferenceBatchSize=value)
 
+    def setWeightCol(self, value):
+        return self._set(weightCol=value)
+
     # --- fit ----------------------------------------------------------------------------------
     def _network(self):
         if not self.isDefined(self.network):
@@ -145,6 +149,8 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
                 "allreduce": self.getAllreduce(), "iterations_per_job": self.getIterationsPerJob()}
         if self.getNumPartitions() is not None:
             opts["num_partitions"] = self.getNumPartitions()
+        if self.isDefined(self.weightCol) and self.getWeightCol():
+            opts["weight_col"] = self.getWeightCol()
         if self.getCheckpointDir() is not None and engine_accepts("checkpoint_dir"):
             opts["checkpoint_dir"] = self.getCheckpointDir()
         return opts
@@ -154,7 +160,11 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
         feature_kind(dataset.schema, fcol)
         _check_label(dataset.schema, lcol, scalar=self._model_class is NNClassificationModel)
         model = self._network()
-        data = dataset.select(fcol, lcol)
+        wcol = self.getWeightCol() if self.isDefined(self.weightCol) else None
+        if wcol and wcol not in dataset.columns:
+            raise ValueError(f"weightCol={wcol!r}: the DataFrame has no column {wcol!r}; its "
+                             f"columns are {dataset.columns}")
+        data = dataset.select(fcol, lcol, *([wcol] if wcol else []))
         validation = None
         if self.getValidationSplit() > 0:
             split = self.getValidationSplit()
@@ -178,7 +188,7 @@ class NNRegressor(NNEstimator):
                  predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                  optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
                  checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
-                 verbose=0, inferenceBatchSize=4096):
+                 verbose=0, inferenceBatchSize=4096, weightCol=None):
         super(NNEstimator, self).__init__()
         self._set(**self._input_kwargs)
 
@@ -207,7 +217,7 @@ class NNClassifier(NNEstimator, NNClassifierParams):
                  rawPredictionCol="rawPrediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                  optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, seed=0,
                  validationSplit=0.0, checkpointDir=None, numPartitions=None, allreduce="auto",
-                 iterationsPerJob=8, verbose=0, inferenceBatchSize=4096):
+                 iterationsPerJob=8, verbose=0, inferenceBatchSize=4096, weightCol=None):
         super(NNEstimator, self).__init__()
         self._set(**self._input_kwargs)
 
@@ -217,7 +227,7 @@ class NNClassifier(NNEstimator, NNClassifierParams):
                   rawPredictionCol="rawPrediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                   optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, seed=0,
                   validationSplit=0.0, checkpointDir=None, numPartitions=None, allreduce="auto",
-                  iterationsPerJob=8, verbose=0, inferenceBatchSize=4096):
+                  iterationsPerJob=8, verbose=0, inferenceBatchSize=4096, weightCol=None):
         """Set any of the Params by keyword."""
         return self._set(**self._input_kwargs)
 

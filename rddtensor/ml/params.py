@@ -10,7 +10,8 @@ import json
 
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import (HasFeaturesCol, HasLabelCol, HasPredictionCol,
-                                     HasProbabilityCol, HasRawPredictionCol, HasSeed)
+                                     HasProbabilityCol, HasRawPredictionCol, HasSeed,
+                                     HasWeightCol)
 
 from rddtensor.ml.network import network_json
 from rddtensor.optim import Loss, Optimizer, get_loss, get_optimizer
@@ -124,7 +125,7 @@ class NNClassificationModelParams(NNModelParams, HasProbabilityCol, HasRawPredic
     """Params of a fitted ``NNClassificationModel``."""
 
 
-class NNEstimatorParams(NNModelParams, HasLabelCol, HasSeed):
+class NNEstimatorParams(NNModelParams, HasLabelCol, HasSeed, HasWeightCol):
     """Params of ``NNEstimator`` (and of its subclasses)."""
 
     network = Param(Params._dummy(), "network",

@@ -139,7 +139,7 @@ class Sharded(AllReduce):
         def run(j, records):
             params, shard = split_records(records)
             t, theta = assemble(params, model.layout.size)
-            g = local_gradient(step, model, theta, t, j, shard, acc)
+            g = local_gradient(step, model, theta, t, j, shard, acc, it.weight_sum)
             for i, (a, z) in enumerate(bounds):
                 yield from deliver(cache, Kind.GRAD, j, t, {"src": j, "t": t}, {"g": g[a:z]}, [i],
                                    bf16, file=f"{j}-{i}")
@@ -217,7 +217,7 @@ class Replicated(AllReduce):
         def run(j, records):
             params, shard = split_records(records)
             t, w, slots = settle(settle_model, params)
-            g = local_gradient(step, model, w, t, j, shard, acc)
+            g = local_gradient(step, model, w, t, j, shard, acc, it.weight_sum)
             yield from deliver(cache, Kind.RGRAD, j, t, {"src": j, "t": t}, {"g": g}, range(n),
                                bf16)
             yield from keyed(j, to_self(cache, Kind.RSTATE, j, t, {"t": t},

@@ -2,8 +2,9 @@
 
 The JVM turns each partition of ``df.select(features, label)`` into Arrow record batches
 (``Dataset.toArrowBatchRdd``: columnar, no Python worker involved); one Python pass per
-partition reads them (``pyarrow.ipc.read_record_batch``, zero-copy) and decodes the columns with
-vectorised numpy (``rddtensor.spark.columns``, the decoder ``transform`` uses). The rows path
+partition reads them (``pyarrow.ipc.read_record_batch``, zero-copy) one batch at a time
+(``stream_arrays``: a build task holds one batch, not the partition) and decodes the columns
+with vectorised numpy (``rddtensor.spark.columns``, the decoder ``transform`` uses). The rows path
 (``rddtensor.spark.shards``) built one ``Row``, one vector object and one small array per row:
 on small data sets that was most of a fit's fixed cost (``benchmarks/race_digits.py``).
 
@@ -13,6 +14,8 @@ that name the row, the partition and the column. ``arrow_rows`` returns ``None``
 method is missing (another Spark), and ``rddtensor.spark.shards`` then takes the rows path.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pyarrow as pa
@@ -24,16 +27,28 @@ from rddtensor.spark import rawrdd
 from rddtensor.spark.columns import SparseRows, batch_from_arrow
 
 
-def arrow_rows(df, columns: list, n_partitions: int | None = None):
+#: Decoded bytes (float32 features) of one record batch the JVM hands to a build task, where
+#: rows are wide enough that Spark's default batch (``spark.sql.execution.arrow
+#: .maxRecordsPerBatch``, 10,000 rows) would be larger: a build task holds about one batch.
+TARGET_BATCH_BYTES = 4 << 20
+MAX_RECORDS = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+def arrow_rows(df, columns: list, n_partitions: int | None = None, row_bytes: int | None = None):
     """``(rdd, schema)``: an RDD of Arrow record-batch messages of ``df.select(*columns)``
-    (one or more per partition, none for an empty one) and their Arrow schema; or ``None``."""
+    (one or more per partition, none for an empty one) and their Arrow schema; or ``None``.
+
+    ``row_bytes`` (decoded bytes of one row): record batches of at most about
+    ``TARGET_BATCH_BYTES`` (``maxRecordsPerBatch`` is lowered for this call only; Spark reads it
+    when the RDD is made, and a rebuild from lineage batches the same)."""
     sel = df.select(*[F.col(c).cast("double") if isinstance(df.schema[c].dataType, DecimalType)
                       else F.col(c) for c in columns])
     try:
-        jrdd = _batches(sel)
-        if n_partitions is not None and jrdd.getNumPartitions() != int(n_partitions):
-            sel = sel.repartition(int(n_partitions))
+        with _batch_rows(df.sparkSession, row_bytes):
             jrdd = _batches(sel)
+            if n_partitions is not None and jrdd.getNumPartitions() != int(n_partitions):
+                sel = sel.repartition(int(n_partitions))
+                jrdd = _batches(sel)
     except Exception as exc:  # noqa: BLE001 (no such JVM method here: take the rows path)
         if type(exc).__name__ in ("Py4JError", "Py4JJavaError", "AttributeError", "TypeError"):
             return None
@@ -48,38 +63,133 @@ def _batches(sel):
     return sel._jdf.toArrowBatchRdd().toJavaRDD()
 
 
-def read_table(records, schema):
-    """The record-batch messages of one partition as one ``pyarrow.Table`` (zero-copy)."""
-    batches = []
+@contextlib.contextmanager
+def _batch_rows(spark, row_bytes):
+    """``maxRecordsPerBatch`` lowered to about ``TARGET_BATCH_BYTES / row_bytes`` rows (never
+    raised) while the block runs, then restored."""
+    conf, before = spark.conf, None
+    target = None
+    if row_bytes:
+        before = conf.get(MAX_RECORDS, None)
+        try:
+            current = int(before if before is not None else conf.get(MAX_RECORDS))
+        except (TypeError, ValueError):
+            current = 0
+        rows = max(1, TARGET_BATCH_BYTES // int(row_bytes))
+        if current <= 0 or rows < current:  # (<= 0: unlimited)
+            target = rows
+    if target is None:
+        yield
+        return
+    conf.set(MAX_RECORDS, str(target))
+    try:
+        yield
+    finally:
+        if before is None:
+            conf.unset(MAX_RECORDS)
+        else:
+            conf.set(MAX_RECORDS, before)
+
+
+def batches(records, schema):
+    """One partition's record-batch messages decoded one at a time (zero-copy views of the
+    records): the build holds one batch, not the partition."""
     for r in records:
         b = pa.ipc.read_record_batch(pa.py_buffer(r), schema)
         b.validate()  # the JVM's layout must be the schema's: refuse, never misread
-        batches.append(b)
-    return pa.Table.from_batches(batches, schema)
+        yield b
 
 
-def stack_table(table, kinds, feature_shape, j: int, names):
-    """Partition ``j``'s rows (``table``: features, then the label if any) as shard arrays.
+def read_table(records, schema):
+    """The record-batch messages of one partition as one ``pyarrow.Table`` (zero-copy)."""
+    return pa.Table.from_batches(list(batches(records, schema)), schema)
 
-    ``kinds``: the ``rddtensor.spark.columns.feature_kind`` of each column; ``feature_shape``
-    ``None`` takes it from the partition (the driver compares partitions).
+
+def stack_table(table, kinds, feature_shape, j: int, names, offset: int = 0, seen=None):
+    """Partition ``j``'s rows (``table``, or one record batch of them: features, then the
+    label and the sample weight where given) as shard arrays ``X``, ``y``, ``w``.
+
+    ``kinds``: per column, the ``rddtensor.spark.columns.feature_kind`` (``None``: a numeric
+    label, ``"weight"``: the sample weights); ``names``: per column, how errors call it;
+    ``feature_shape`` ``None`` takes it from the partition (the driver compares partitions).
+    ``offset``: the partition row of the batch's first row (errors count partition rows);
+    ``seen``: ``(feature shape, label row shape)`` of the partition's earlier batches.
     """
-    cols = [table.column(i).combine_chunks() for i in range(table.num_columns)]
-    feat = names[0]
-    X = _features(cols[0], kinds[0], feature_shape, j, feat, table.column_names[0])
+    cols = [table.column(i) for i in range(table.num_columns)]
+    cols = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols]
+    col_names = table.schema.names
+    seen_x, seen_y = seen if seen is not None else (None, None)
+    X = _features(cols[0], kinds[0], feature_shape, j, names[0], col_names[0], offset, seen_x)
     arrays = {"X": X}
-    if len(cols) > 1:
-        arrays["y"] = _labels(cols[1], kinds[1], j, names[1], table.column_names[1])
+    for i in range(1, len(cols)):
+        if kinds[i] == "weight":
+            arrays["w"] = weights_of(cols[i], j, names[i], offset)
+        else:
+            arrays["y"] = _labels(cols[i], kinds[i], j, names[i], col_names[i], offset, seen_y)
     return arrays
+
+
+def stream_arrays(records, schema, kinds, feature_shape, j: int, names):
+    """Partition ``j``'s shard arrays, one chunk per record batch (``stack_table`` of each).
+
+    The arrays equal ``stack_table`` of the whole partition, chunk by chunk: a vector column
+    whose first batch holds a sparse vector is decided on the whole partition (a CSR matrix or
+    dense), as the inline shards are, and yields one chunk; later batches of a dense partition
+    that decode to CSR are densified. An empty partition yields one empty chunk."""
+    records = iter(records)
+    offset, seen = 0, None
+    for b in batches(records, schema):
+        if not b.num_rows:
+            continue
+        if not offset and kinds[0] == "vector" and _any_sparse(b.column(0)):
+            table = pa.Table.from_batches([b] + list(batches(records, schema)), schema)
+            del b
+            yield stack_table(table, kinds, feature_shape, j, names)
+            return
+        arrays = stack_table(b, kinds, feature_shape, j, names, offset, seen)
+        if isinstance(arrays["X"], SparseRows):
+            arrays["X"] = arrays["X"].toarray()
+        if seen is None:
+            seen = (tuple(arrays["X"].shape[1:]),
+                    tuple(arrays["y"].shape[1:]) if "y" in arrays else None)
+        offset += b.num_rows
+        del b
+        yield arrays
+        arrays = None  # (hold no chunk while the next one is decoded)
+    if not offset:
+        yield stack_table(pa.Table.from_batches([], schema), kinds, feature_shape, j, names)
+
+
+def _any_sparse(arr) -> bool:
+    """Whether a vector column holds a sparse vector (type 0; nulls are checked later)."""
+    types = arr.field(0) if hasattr(arr, "field") else arr.flatten()[0]
+    return bool((types.fill_null(1).to_numpy(zero_copy_only=False) == 0).any())
+
+
+def weights_of(arr, j: int, what: str, offset: int = 0) -> np.ndarray:
+    """A numeric column as float32 sample weights (through float64, like the rows path);
+    nulls, NaN, inf and negative weights are refused, naming the row."""
+    _no_nulls(arr, j, what, offset)
+    w = np.asarray(arr.to_numpy(zero_copy_only=False), np.float64).astype(np.float32)
+    check_weights(w, j, what, offset)
+    return w
+
+
+def check_weights(w, j: int, what: str, offset: int = 0) -> None:
+    bad = ~(np.isfinite(w) & (w >= 0))
+    if bad.any():
+        r = _first(bad)
+        raise ValueError(f"{what} must be finite and >= 0, got {w[r]} (row {offset + r} of "
+                         f"partition {j})")
 
 
 def _first(mask) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _no_nulls(arr, j, what):
+def _no_nulls(arr, j, what, offset=0):
     if arr.null_count:
-        r = _first(arr.is_null().to_numpy(zero_copy_only=False))
+        r = offset + _first(arr.is_null().to_numpy(zero_copy_only=False))
         raise ValueError(f"row {r} of partition {j}: {what} is null; drop or fill nulls first "
                          "(df.na.drop(subset=[...]))")
 
@@ -107,43 +217,48 @@ def _shape_text(first: int, nested: bool) -> str:
     return f"({first}, ...)" if nested else f"({first},)"
 
 
-def _features(arr, kind, feature_shape, j, what, col):
-    _no_nulls(arr, j, what)
+def _features(arr, kind, feature_shape, j, what, col, offset=0, seen=None):
+    """``seen``: the feature shape of the partition's earlier rows (a later batch)."""
+    _no_nulls(arr, j, what, offset)
     n = len(arr)
     sizes = _row_sizes(arr, kind)
     if sizes is not None and n:  # ragged rows (or not the given length): name the first
-        want = int(feature_shape[0]) if feature_shape else int(sizes[0])
+        want = int(feature_shape[0]) if feature_shape else \
+            int(seen[0]) if seen else int(sizes[0])
         if (sizes != want).any():
-            r = _first(sizes != want)
+            r = offset + _first(sizes != want)
             nested = kind == "array" and _depth(arr.type) > 1
             expected = tuple(feature_shape) if feature_shape else _shape_text(want, nested)
             raise ValueError(f"row {r} of partition {j} has {what} of shape "
-                             f"{_shape_text(int(sizes[r]), nested)}, expected {expected} "
+                             f"{_shape_text(int(sizes[r - offset]), nested)}, expected {expected} "
                              "(every row needs the same feature length)")
     if not n:
         return np.zeros((0, *(feature_shape or ())), np.float32)
     try:
         X = batch_from_arrow(arr, kind, col)
     except ValueError as e:  # ragged inner axes of nested arrays, odd images
-        raise ValueError(f"partition {j}: {what}: {e}") from None
-    if feature_shape is not None and tuple(X.shape[1:]) != tuple(feature_shape):
-        raise ValueError(f"row 0 of partition {j} has {what} of shape {tuple(X.shape[1:])}, "
-                         f"expected {tuple(feature_shape)} (every row needs the same feature "
-                         "length)")
+        raise ValueError(f"partition {j}: {what}: {e}" + (
+            f" (rows counted from row {offset} of the partition)" if offset else "")) from None
+    want = feature_shape if feature_shape is not None else seen
+    if want is not None and tuple(X.shape[1:]) != tuple(want):
+        raise ValueError(f"row {offset} of partition {j} has {what} of shape "
+                         f"{tuple(X.shape[1:])}, expected {tuple(want)} (every row needs the "
+                         "same feature length)")
     if isinstance(X, SparseRows):
         finite = np.isfinite(X.data)
         if not finite.all():
-            r = int(np.searchsorted(X.indptr, _first(~finite), side="right")) - 1
+            r = offset + int(np.searchsorted(X.indptr, _first(~finite), side="right")) - 1
             raise ValueError(f"{what} contain NaN or inf (row {r} of partition {j})")
         return X
     if not np.isfinite(X).all():
-        r = _first(~np.isfinite(X.reshape(len(X), -1)).all(axis=1))
+        r = offset + _first(~np.isfinite(X.reshape(len(X), -1)).all(axis=1))
         raise ValueError(f"{what} contain NaN or inf (row {r} of partition {j})")
     return X
 
 
-def _labels(arr, kind, j, what, col):
-    _no_nulls(arr, j, what)
+def _labels(arr, kind, j, what, col, offset=0, seen=None):
+    """``seen``: the label row shape of the partition's earlier rows (a later batch)."""
+    _no_nulls(arr, j, what, offset)
     if kind is None:  # a numeric scalar column
         y = arr.to_numpy(zero_copy_only=False)
         y = y.astype(np.int64) if y.dtype.kind in "biu" else y.astype(np.float32)
@@ -152,11 +267,12 @@ def _labels(arr, kind, j, what, col):
         while pa.types.is_list(leaf) or pa.types.is_large_list(leaf):
             leaf = leaf.value_type
         sizes = _row_sizes(arr, kind)
-        if len(arr) and (sizes != sizes[0]).any():
+        want = int(seen[0]) if seen else int(sizes[0]) if len(arr) else 0
+        if len(arr) and (sizes != want).any():
+            r = _first(sizes != want)
             raise ValueError(f"{what} in partition {j} do not stack into one array (row "
-                             f"{_first(sizes != sizes[0])} has {int(sizes[_first(sizes != sizes[0])])}"
-                             f" values, row 0 {int(sizes[0])}); every row needs a label of the "
-                             "same shape")
+                             f"{offset + r} has {int(sizes[r])} values, row 0 {want}); every "
+                             "row needs a label of the same shape")
         try:
             y = batch_from_arrow(arr, kind, col)
         except ValueError as e:
@@ -166,7 +282,11 @@ def _labels(arr, kind, j, what, col):
             y = y.toarray()
         if pa.types.is_integer(leaf):
             y = y.astype(np.int64)
+    if seen is not None and tuple(y.shape[1:]) != tuple(seen):
+        raise ValueError(f"{what} in partition {j} do not stack into one array (row {offset} "
+                         f"has shape {tuple(y.shape[1:])}, row 0 {tuple(seen)}); every row "
+                         "needs a label of the same shape")
     if y.dtype.kind == "f" and not np.isfinite(y).all():
-        r = _first(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))
+        r = offset + _first(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))
         raise ValueError(f"{what} contain NaN or inf (row {r} of partition {j})")
     return y if len(y) else np.zeros(0, np.float32)

@@ -117,11 +117,15 @@ class Iteration:
         cache: the job's ``CacheSettings``, or ``None`` while the host-local cache is off.
         cut: whether this is the job's last iteration, whose state is the job's cut state:
             it outlives the job, so it goes inline (never as cache tokens).
+        weight_sum: with sample weights (``fit(..., weight_col=...)``), the sum of the weights
+            over this iteration's whole global batch: every partition's loss is normalised by
+            it (``rddtensor.training.steps.gradient_step``); ``None`` without weights.
     """
 
     step: StepConfig
     cache: CacheSettings | None = None
     cut: bool = True
+    weight_sum: float | None = None
 
     @property
     def state_cache(self) -> CacheSettings | None:

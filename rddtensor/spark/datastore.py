@@ -282,6 +282,47 @@ class PartitionWriter:
         self.n += rows.pop()
         return self.n
 
+    def widen(self, name: str, dtype) -> None:
+        """Convert the rows of ``name`` written so far to ``dtype`` (a type every value
+        fits, e.g. int64 labels followed by fractional ones: float32), in blocks of rows, and
+        store later chunks as ``dtype``. Integers become floats through float64, as
+        ``numpy.asarray`` of mixed Python numbers does. The fingerprint is of the new bytes."""
+        if self._done:
+            raise RuntimeError("widen after finish/abort")
+        old = self.specs and next((s for s in self.specs if s.name == name), None)
+        if old is None:
+            raise KeyError(f"no array {name!r} in this partition")
+        new = ArraySpec(name, np.dtype(dtype).str, old.row_shape)
+        if new == old:
+            return
+        src = self._files[name]
+        src.flush()
+        path = os.path.join(self._tmp, old.file)
+        wide = os.path.join(self._tmp, f".{old.file}.widen")
+        block = max(1, (1 << 20) // max(1, old.row_bytes))
+        via = np.float64 if np.dtype(dtype).kind == "f" and np.dtype(old.dtype).kind in "biu" \
+            else None
+        total = 1
+        with open(path, "rb") as f, open(wide, "wb") as out:
+            f.seek(HEADER_BYTES)
+            out.write(_header(new, 0))
+            for a in range(0, self.n, block):
+                rows = min(block, self.n - a)
+                chunk = np.fromfile(f, dtype=np.dtype(old.dtype),
+                                    count=rows * int(np.prod(old.row_shape, dtype=np.int64)))
+                chunk = chunk.reshape(rows, *old.row_shape)
+                if via is not None:
+                    chunk = chunk.astype(via)
+                view = _bytes_of(chunk.astype(new.dtype))
+                total = zlib.adler32(view, total)
+                out.write(view)
+        src.close()
+        os.replace(wide, path)
+        self._files[name] = open(path, "r+b")
+        self._files[name].seek(0, os.SEEK_END)
+        self._sums[name] = total
+        self.specs = tuple(new if s.name == name else s for s in self.specs)
+
     def finish(self, meta: dict | None = None) -> Manifest:
         """Finalise the headers, write the manifest and publish the directory; returns the
         manifest of what ``directory`` now holds."""

@@ -41,8 +41,8 @@ from rddtensor.spark.faults import stats_param
 from rddtensor.spark.config import CacheSettings, Iteration, Kind, StepConfig
 from rddtensor.spark.shards import Shards, make_shards
 from rddtensor.spark.tensor import BlockTensor
-from rddtensor.spark.stages import (broadcast_emit, chunks_of, eval_stage, own_record, predict_stage,
-                              split_records)
+from rddtensor.spark.stages import (batch_weight_sums, broadcast_emit, chunks_of, eval_stage,
+                                    own_record, predict_stage, split_records)
 
 LOCAL_CACHE_CONF = "spark.rddtensor.localCache"
 _LEVEL = StorageLevel.MEMORY_AND_DISK
@@ -164,6 +164,24 @@ class ParameterState:
         self.handles = []
 
 
+def batch_weight_table(shards: Shards, step: StepConfig, epochs) -> dict:
+    """``{t: W}``: for the state step ``t`` of each batch of ``epochs``, the sum of the sample
+    weights of its global batch (partitions' shares added in partition order, float64; with
+    one partition exactly the in-process sum)."""
+    epochs = list(epochs)
+    if not epochs:
+        return {}
+
+    def job():
+        with spark_errors():
+            return shards.keyed().mapPartitionsWithIndex(batch_weight_sums(step, epochs)).collect()
+    total = np.zeros((len(epochs), step.steps_per_epoch), np.float64)
+    for _, sums in sorted(shards.run(job), key=lambda p: p[0]):
+        total += sums
+    return {step.t0 + e * step.steps_per_epoch + b: float(total[k, b])
+            for k, e in enumerate(epochs) for b in range(step.steps_per_epoch)}
+
+
 def evaluate_state(state: ParameterState, shards: Shards, batch_size: int) -> dict:
     """Loss/metric stats of the weights in ``state`` over ``shards`` (zip with a broadcast)."""
     AG = state.broadcast(shards.n_partitions)
@@ -224,6 +242,8 @@ class DistributedRunner:
         # step lets one job run on into the next epochs (see ``fit_distributed``), whose stats
         # wait in ``ahead`` (epoch -> stats) for their ``train_epoch``
         self.horizon, self.ahead = None, {}
+        # with sample weights: {state step t: the weight sum of step t+1's global batch}
+        self.weight_sums = None
         # for a fit that ends with an exception (``keep_progress``): the step the driver's
         # model holds, the epoch running, the steps of the job in flight, and a tag on this
         # fit's jobs so that one left running by a Ctrl-C can be cancelled
@@ -320,7 +340,9 @@ class DistributedRunner:
         state = st
         for s in range(steps):
             # the last iteration's state is the job's cut state: inline, never a cache token
-            it = Iteration(self.step_config, cache, cut=s == steps - 1)
+            it = Iteration(self.step_config, cache, cut=s == steps - 1,
+                           weight_sum=self.weight_sums.get(self.t + s)
+                           if self.weight_sums is not None else None)
             state = ParameterState(st.strategy, st.strategy.iteration(
                 state, self.shards.keyed(), it, job, self.acc), job, st.bounds)
         S = state.S
@@ -500,7 +522,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                     iterations_per_job: int = 8, allreduce: str = "auto",
                     wire_dtype: str = "float32", features_col="features", label_col="label",
                     checkpoint_dir=None, checkpoint_every=None, resume: bool = False,
-                    initial_epoch: int = 0):
+                    initial_epoch: int = 0, weight_col=None):
     """Train ``model`` on an RDD of ``(features, label)`` or a DataFrame, distributed.
 
     Same semantics as in-process ``fit``: the same global mini-batches (rows come from one
@@ -518,6 +540,10 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             (gradients and parameter copies cross the shuffle as bfloat16, half the bytes;
             owners keep float32 master weights and optimizer slots, as BigDL did).
         features_col, label_col: DataFrame columns.
+        weight_col: sample weights: a DataFrame column of numbers >= 0, or (any name) an RDD
+            of ``(features, label, weight)`` rows. The loss is the weighted mean over each
+            global batch (``sum(w_i * l_i) / sum(w_i)``), as in-process ``fit(sample_weight=)``:
+            one small job at the start adds up each step's weights over all partitions.
         checkpoint_dir: save checkpoints here (see ``rddtensor.training.checkpoint``): each partition writes
             its own parameter block and optimizer slots, the driver a manifest last. Must be a
             path the driver and every executor see (shared filesystem on a cluster).
@@ -537,7 +563,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         checkpoints.check_directory(checkpoint_dir)
     shards = make_shards(data, n_partitions=num_partitions,
                          feature_shape=model.input_shape if model.built else None,
-                         features_col=features_col, label_col=label_col)
+                         features_col=features_col, label_col=label_col,
+                         **({"weight_col": weight_col} if weight_col is not None else {}))
     val = runner = ending = None
     quiet = quiet_task_failures(shards.rdd.ctx)  # one clear error, not a trace per failed task
     quiet.__enter__()
@@ -573,6 +600,10 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                                        shards.n_total, batch_size),
                                    checkpoint=ckpt,
                                    resume_stats=resumed.stats if resumed else None)
+        if weight_col is not None:
+            runner.weight_sums = batch_weight_table(
+                shards, runner.step_config, range(resumed.epoch if resumed else initial_epoch,
+                                                   epochs))
         if val is None and not callbacks and ckpt is None:  # no epoch end needs the driver
             runner.horizon = runner.t0 + epochs * runner.spe
         history = fit_loop(model, runner, epochs=epochs, validation=val, batch_size=batch_size,

@@ -92,8 +92,11 @@ _HOST = None
 
 def host_id() -> str:
     """This machine: host name plus boot id (containers on different machines can share a
-    host name)."""
+    host name), or ``RDDTENSOR_HOST_ID`` where set: the fake hosts of a test cluster on one
+    machine (``rddtensor.spark.testing``) share both but not ``/dev/shm``, and name themselves so."""
     global _HOST
+    if _HOST is None and os.environ.get("RDDTENSOR_HOST_ID"):
+        _HOST = os.environ["RDDTENSOR_HOST_ID"]
     if _HOST is None:
         try:
             with open("/proc/sys/kernel/random/boot_id") as f:

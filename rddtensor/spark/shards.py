@@ -23,10 +23,14 @@ Where the rows live (conf ``spark.rddtensor.dataStore``):
 - ``evict``: fault injection for tests: every stored partition is deleted as soon as it is
   written, so every read misses (and the fit ends inline, with the same results).
 
-Sparse shards, ``evaluate`` and ``predict`` (which read each row once) stay inline.
+In store mode the build streams: rows (RDD) or Arrow record batches (DataFrame) are decoded and
+appended to the files a chunk at a time (``CHUNK_BYTES``), so a build task holds one chunk, not
+the partition. A partition whose first row is a sparse vector is stacked whole and stays inline
+(a CSR matrix), as do ``evaluate`` and ``predict`` (which read each row once).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -40,7 +44,7 @@ from pyspark.sql.types import ArrayType, NumericType
 
 from rddtensor.spark import arrow_shards, datastore, rawrdd, wire
 from rddtensor.spark.columns import (decode_sparse, decode_value, encode_sparse, feature_kind,
-                               stack_sparse)
+                                     stack_sparse)
 from rddtensor.spark.errors import quiet_task_failures, spark_errors, spark_setting
 from rddtensor.spark.config import Kind
 from rddtensor.spark.localcache import host_id
@@ -50,6 +54,15 @@ log = logging.getLogger("rddtensor")
 STORE_CONF = "spark.rddtensor.dataStore"
 #: store misses a fit's shards recover from by building them again before going inline
 MAX_RESTORES = 2
+#: Decoded bytes (float32 features) of one chunk of an RDD partition's rows that a streaming
+#: build stacks and appends to the data store at a time: ``chunk_rows``, from the first row.
+CHUNK_BYTES = 1 << 20
+
+
+def chunk_rows(feature_shape, chunk_bytes: int | None = None) -> int:
+    """Rows per chunk of the streaming build: about ``CHUNK_BYTES`` of float32 features."""
+    row_bytes = 4 * int(np.prod(feature_shape, dtype=np.int64)) if feature_shape else 4
+    return max(1, int(chunk_bytes or CHUNK_BYTES) // max(1, row_bytes))
 
 
 def store_mode(sc) -> str:
@@ -81,6 +94,8 @@ class Shards:
     fingerprints: list = field(default_factory=list)
     #: store misses recovered from (``restore``)
     restores: int = 0
+    #: whether every partition holds sample weights: array ``"w"`` (float32, one per row)
+    has_weights: bool = False
 
     @property
     def n_partitions(self) -> int:
@@ -107,7 +122,9 @@ class Shards:
         """``"on"``, ``"off"`` or ``"off after N misses"`` (``History.params["data_store"]``)."""
         if self.stored:
             return "on" + (f" ({self.restores} restored)" if self.restores else "")
-        return f"off after {self.restores} misses" if self.restores else "off"
+        if not self.restores:
+            return "off"
+        return f"off after {self.restores} miss" + ("es" if self.restores > 1 else "")
 
     def unpersist(self):
         """Drop the cached records and the stored files this host holds (the files on other
@@ -125,7 +142,7 @@ class Shards:
         log.warning("data store miss%s: building the shards again from their lineage (%s)",
                     f" ({why})" if why else "",
                     "stored again" if mode != "false" else
-                    f"inline for the rest of this fit, after {self.restores} misses")
+                    f"inline for the rest of this fit, after {self.restores} store misses")
         self.unpersist()
         built = self.rebuild(mode)
         for j, (n, fp) in enumerate(zip(built.sizes, built.fingerprints)):
@@ -174,20 +191,58 @@ def _features_of(value):
     return value
 
 
-def _stack_rows(rows, feature_shape, has_labels, j, names=("features", "labels")):
+def _stack_rows(rows, feature_shape, has_labels, j, names=("features", "labels"),
+                has_weights=False):
     """``_stack``, but a partition of sparse vectors may stay one sparse matrix (see
     ``rddtensor.spark.columns.stack_sparse``) instead of being densified row by row."""
     rows = list(rows)
-    feats = [r[0] if isinstance(r, (tuple, list)) and len(r) == 2 else None for r in rows] \
+    width = 3 if has_weights else 2
+    feats = [r[0] if isinstance(r, (tuple, list)) and len(r) == width else None for r in rows] \
         if has_labels else rows
-    if feats and hasattr(feats[0], "indices"):
+    if _sparse_first(feats):
         X = stack_sparse(feats, feature_shape, j)
         if X is not None:  # labels are checked by _stack, with a placeholder feature per row
-            arrays = _stack([(0.0, r[1]) for r in rows] if has_labels else [0.0] * len(rows),
-                            (), has_labels, j, names)
+            arrays = _stack([(0.0, *r[1:]) for r in rows] if has_labels else [0.0] * len(rows),
+                            (), has_labels, j, names, has_weights=has_weights)
             arrays["X"] = X
             return arrays
-    return _stack(rows, feature_shape, has_labels, j, names)
+    return _stack(rows, feature_shape, has_labels, j, names, has_weights=has_weights)
+
+
+def _sparse_first(feats) -> bool:
+    return bool(feats) and hasattr(feats[0], "indices")
+
+
+def _row_chunks(rows, feature_shape, has_labels, j, names, n_chunk, has_weights=False):
+    """Partition ``j``'s rows stacked ``n_chunk`` rows at a time (``_stack`` of each, errors
+    counting partition rows): the streaming build holds one chunk, not the partition.
+
+    A partition whose first row holds a sparse vector is stacked whole (``_stack_rows``: a
+    CSR matrix or dense, decided on the partition), as the inline shards are, in one chunk.
+    An empty partition yields one empty chunk."""
+    rows = iter(rows)
+    chunk = list(itertools.islice(rows, n_chunk))
+    if not chunk:
+        yield _stack([], feature_shape, has_labels, j, names, has_weights=has_weights)
+        return
+    width = 3 if has_weights else 2
+    first = chunk[0]
+    if _sparse_first([(first[0] if isinstance(first, (tuple, list)) and len(first) == width
+                       else None) if has_labels else first]):
+        del first
+        yield _stack_rows(itertools.chain(chunk, rows), feature_shape, has_labels, j, names,
+                          has_weights)
+        return
+    del first
+    offset = 0
+    while chunk:
+        n = len(chunk)
+        arrays = _stack(chunk, feature_shape, has_labels, j, names, offset, has_weights)
+        chunk = None
+        yield arrays
+        del arrays
+        offset += n
+        chunk = list(itertools.islice(rows, n_chunk))
 
 
 def _short(value, n: int = 40) -> str:
@@ -218,24 +273,42 @@ def _check_columns(df, features_col, label_col):
                              f"of numbers for multi-output targets){hint}")
 
 
+def _check_weight_col(df, weight_col):
+    """The sample-weight column: present and numeric (checked on the driver)."""
+    if weight_col not in df.columns:
+        raise ValueError(f"weight_col={weight_col!r}: the DataFrame has no column "
+                         f"{weight_col!r}; its columns are {df.columns}")
+    t = df.schema[weight_col].dataType
+    if not isinstance(t, NumericType):
+        raise ValueError(f"weight_col={weight_col!r}: column {weight_col!r} has type "
+                         f"{t.simpleString()}; sample weights must be numbers (finite, >= 0), "
+                         "one per row")
+
+
 def _wire_arrays(arrays):
     if isinstance(arrays["X"], np.ndarray):
         return arrays
     return encode_sparse(arrays)
 
 
-def _stack(rows, feature_shape, has_labels, j, names=("features", "labels")):
-    """Stack partition ``j``'s rows; errors name the row, the partition and (``names``) what
-    the features and labels are called (DataFrame columns, see ``make_shards``)."""
-    feat, lab = names
-    X_rows, y_rows = [], []
-    for r, row in enumerate(rows):
+def _stack(rows, feature_shape, has_labels, j, names=("features", "labels"), offset=0,
+           has_weights=False):
+    """Stack partition ``j``'s rows (or a chunk of them starting at partition row ``offset``);
+    errors name the row, the partition and (``names``) what the features and labels are
+    called (DataFrame columns, see ``make_shards``; a third name for the sample weights).
+    ``has_weights``: rows are ``(features, label, weight)`` triples (array ``"w"``)."""
+    feat, lab = names[:2]
+    X_rows, y_rows, w_rows = [], [], []
+    width = 3 if has_weights else 2
+    for r, row in enumerate(rows, offset):
         if has_labels:
-            if not isinstance(row, (tuple, list)) or len(row) != 2:
-                raise ValueError(f"row {r} of partition {j}: expected a (features, label) pair, "
-                                 f"got {type(row).__name__}")
-            feats, label = row
+            if not isinstance(row, (tuple, list)) or len(row) != width:
+                raise ValueError(f"row {r} of partition {j}: expected a "
+                                 f"{_ROW_FORM[has_weights]}, got {type(row).__name__}")
+            feats, label = row[0], row[1]
             y_rows.append(label)
+            if has_weights:
+                w_rows.append(row[2])
         else:
             feats = row
         try:
@@ -249,9 +322,10 @@ def _stack(rows, feature_shape, has_labels, j, names=("features", "labels")):
                              f"expected {feature_shape} (every row needs the same feature length)")
         X_rows.append(x)
     X = np.stack(X_rows) if X_rows else np.zeros((0, *feature_shape), np.float32)
+    del X_rows
     if not np.isfinite(X).all():
         bad = int(np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(axis=1))[0])
-        raise ValueError(f"{feat} contain NaN or inf (row {bad} of partition {j})")
+        raise ValueError(f"{feat} contain NaN or inf (row {offset + bad} of partition {j})")
     arrays = {"X": X}
     if has_labels:
         try:
@@ -263,14 +337,38 @@ def _stack(rows, feature_shape, has_labels, j, names=("features", "labels")):
             bad = next((i for i, v in enumerate(y_rows)
                         if v is None or isinstance(v, (str, bytes))), 0)
             raise ValueError(f"{lab} must be numeric, got {y.dtype} values in partition {j} "
-                             f"(row {bad}: {_short(y_rows[bad]) if y_rows else ''})")
+                             f"(row {offset + bad}: {_short(y_rows[bad]) if y_rows else ''})")
         if y.dtype.kind == "f":
             y = y.astype(np.float32)
             if not np.isfinite(y).all():
                 bad = int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))[0])
-                raise ValueError(f"{lab} contain NaN or inf (row {bad} of partition {j})")
+                raise ValueError(f"{lab} contain NaN or inf (row {offset + bad} of partition {j})")
         arrays["y"] = y if len(y) else np.zeros(0, np.float32)
+    if has_weights:
+        arrays["w"] = _weights(w_rows, j, names[2] if len(names) > 2 else "sample weights",
+                               offset)
     return arrays
+
+
+_ROW_FORM = {False: "(features, label) pair", True: "(features, label, weight) triple"}
+
+
+def _weights(values, j, what, offset):
+    """Sample weights of a chunk of rows: float32 (through float64), finite and >= 0."""
+    for r, v in enumerate(values, offset):
+        if v is None:
+            raise ValueError(f"row {r} of partition {j}: {what} is null; drop or fill nulls "
+                             "first (df.na.drop(subset=[...]))")
+        if isinstance(v, (str, bytes, bool)) or not np.isscalar(v) and \
+                np.ndim(v) != 0:
+            raise ValueError(f"row {r} of partition {j}: {what} must be numbers, got "
+                             f"{type(v).__name__} {_short(v)}")
+    try:
+        w = np.asarray(values, dtype=np.float64).astype(np.float32).reshape(len(values))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} in partition {j} must be numbers ({e})") from None
+    arrow_shards.check_weights(w, j, what, offset)
+    return w
 
 
 def _check_df(df, features_col, label_col):
@@ -280,16 +378,22 @@ def _check_df(df, features_col, label_col):
     _check_columns(df, features_col, label_col)
 
 
-def _as_rows(data, features_col, label_col, what):
-    """An RDD of (features, label) pairs (or features) from an RDD or a DataFrame."""
+def _as_rows(data, features_col, label_col, what, weight_col=None):
+    """An RDD of (features, label) pairs (or features, or (features, label, weight) triples
+    with ``weight_col``) from an RDD or a DataFrame."""
     if hasattr(data, "select") and hasattr(data, "columns"):  # DataFrame
         _check_df(data, features_col, label_col)
+        if weight_col:
+            return data.select(features_col, label_col, weight_col).rdd.map(
+                lambda r: (r[0], r[1], r[2])), True
         if label_col:
             return data.select(features_col, label_col).rdd.map(lambda r: (r[0], r[1])), True
         return data.select(features_col).rdd.map(lambda r: r[0]), False
     first = data.first() if not data.isEmpty() else None
     if first is None:
         raise ValueError(f"the {what} RDD is empty: no rows")
+    if weight_col is not None:  # every row a (features, label, weight) triple (checked per row)
+        return data, True
     has_labels = isinstance(first, tuple) and len(first) == 2 and label_col is not None
     return data, has_labels
 
@@ -299,7 +403,8 @@ _SAME_LENGTH = "(every row needs the same feature length)"
 
 def make_shards(data, n_partitions: int | None = None, feature_shape=None,
                 features_col: str = "features", label_col: str | None = "label",
-                what: str = "training data", store: bool = True) -> Shards:
+                what: str = "training data", store: bool = True,
+                weight_col: str | None = None) -> Shards:
     """Stack ``data`` into cached shards, one per partition (``n_partitions`` repartitions).
 
     Args:
@@ -312,13 +417,26 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
             every error about other data than the training data starts with it.
         store: write the rows to the executors' data store (``spark.rddtensor.dataStore``
             decides; ``False``: inline, for data read once).
+        weight_col: sample weights, stored as array ``"w"`` (float32, one per row; finite and
+            >= 0, else ``ValueError`` naming the row and partition): for a DataFrame, a numeric
+            column; for an RDD (any string), its rows are ``(features, label, weight)``
+            triples. Needs labels.
+
+    The store mode streams: a build task decodes and writes its partition one chunk at a time
+    (``CHUNK_BYTES`` of rows, one Arrow record batch), so it holds one chunk, not the
+    partition; the stored arrays are those the inline build stacks at once, bit for bit.
     """
     ctx = data.ctx if hasattr(data, "ctx") else data.sparkSession.sparkContext
     mode = store_mode(ctx) if store else "false"
+    if weight_col is not None and (not isinstance(weight_col, str) or not weight_col):
+        raise ValueError(f"weight_col must be a column name (a non-empty string), got "
+                         f"{weight_col!r}")
+    if weight_col is not None and not label_col:
+        raise ValueError(f"weight_col={weight_col!r} needs labels: give label_col")
     with quiet_task_failures(ctx):
         try:
             return _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
-                                mode)
+                                mode, weight_col)
         except ValueError as e:
             raise _named(e, what, feature_shape is not None) from None
 
@@ -342,20 +460,26 @@ def _named(e: ValueError, what: str, model_shape: bool) -> ValueError:
 
 
 def _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
-                 mode) -> Shards:
+                 mode, weight_col=None) -> Shards:
     is_df = hasattr(data, "select") and hasattr(data, "columns")
     names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
              if is_df else ("features", "labels"))
+    if weight_col:
+        names += (f"sample weights (column {weight_col!r})" if is_df else "sample weights",)
     if feature_shape is not None:
         feature_shape = tuple(int(s) for s in feature_shape)
     arrow = None
     if is_df:
         _check_df(data, features_col, label_col)
-        arrow = _arrow_build(data, features_col, label_col, n_partitions)
+        if weight_col:
+            _check_weight_col(data, weight_col)
+        arrow = _arrow_build(data, features_col, label_col, n_partitions, weight_col,
+                             feature_shape)
+    has_weights = bool(weight_col)
     if arrow is not None:
         (rows, stack), has_labels = arrow, bool(label_col)
     else:
-        rows, has_labels = _as_rows(data, features_col, label_col, what)
+        rows, has_labels = _as_rows(data, features_col, label_col, what, weight_col)
         if n_partitions is not None and n_partitions != rows.getNumPartitions():
             rows = rows.repartition(int(n_partitions))
         with spark_errors():
@@ -363,12 +487,15 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
                 if rows.isEmpty():
                     raise ValueError(f"the {what} is empty: no rows")
                 first = rows.first()
-                feature_shape = tuple(np.asarray(_features_of(first[0] if has_labels
-                                                              else first)).shape)
+                feature_shape = tuple(np.asarray(_features_of(
+                    first[0] if has_labels and isinstance(first, (tuple, list)) else first)).shape)
+        n_chunk = chunk_rows(feature_shape)  # (decided here: a build task uses the driver's)
 
-        def stack(it, shape, j):
-            return _stack_rows(it, shape, has_labels, j, names)
-    built = _build(rows, stack, feature_shape, mode)
+        def stack(it, shape, j, stream):
+            if stream:
+                return _row_chunks(it, shape, has_labels, j, names, n_chunk, has_weights)
+            return iter([_stack_rows(it, shape, has_labels, j, names, has_weights)])
+    built = _build(rows, stack, feature_shape, mode, names)
     if sum(built.sizes) == 0:
         built.drop()
         raise ValueError(f"the {what} is empty: no rows")
@@ -382,19 +509,23 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
                              f"expected {feature_shape} {_SAME_LENGTH}")
         if not all(built.sizes):  # empty partitions' arrays need the shape too: build them again
             built.drop()
-            built = _build(rows, stack, feature_shape, mode)
+            built = _build(rows, stack, feature_shape, mode, names)
 
     def rebuild(again_mode):
-        return _build(rows, stack, feature_shape, again_mode)
+        return _build(rows, stack, feature_shape, again_mode, names)
     return Shards(built.rdd, built.sizes, feature_shape, has_labels, label_range=built.labels,
-                  mode=mode, rebuild=rebuild, dirs=built.dirs, fingerprints=built.fingerprints)
+                  mode=mode, rebuild=rebuild, dirs=built.dirs, fingerprints=built.fingerprints,
+                  has_weights=has_weights)
 
 
-def _arrow_build(df, features_col, label_col, n_partitions):
+def _arrow_build(df, features_col, label_col, n_partitions, weight_col=None,
+                 feature_shape=None):
     """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.spark.arrow_shards``), or
     ``None`` where this Spark cannot hand them out."""
-    columns = [features_col] + ([label_col] if label_col else [])
-    got = arrow_shards.arrow_rows(df, columns, n_partitions)
+    columns = [features_col] + ([label_col] if label_col else []) + \
+        ([weight_col] if weight_col else [])
+    got = arrow_shards.arrow_rows(df, columns, n_partitions,
+                                  row_bytes=_row_bytes(df, features_col, feature_shape))
     if got is None:
         return None
     rdd, schema = got
@@ -404,11 +535,32 @@ def _arrow_build(df, features_col, label_col, n_partitions):
         kinds.append(None if isinstance(t, NumericType) else
                      feature_kind(df.schema, label_col, "label_col"))
     names = (f"features (column {features_col!r})", f"labels (column {label_col!r})")
+    if weight_col:
+        kinds.append("weight")
+        names = (names if label_col else names[:1]) + (
+            f"sample weights (column {weight_col!r})",)
 
-    def stack(it, shape, j):
+    def stack(it, shape, j, stream):
+        if stream:  # one record batch at a time
+            return arrow_shards.stream_arrays(it, schema, kinds, shape, j, names)
         table = arrow_shards.read_table(it, schema)
-        return arrow_shards.stack_table(table, kinds, shape, j, names)
+        return iter([arrow_shards.stack_table(table, kinds, shape, j, names)])
     return rdd, stack
+
+
+def _row_bytes(df, features_col, feature_shape):
+    """Decoded bytes of one row's features (the model's shape, else the first row's), for the
+    Arrow batch size; ``None`` where unknown (Spark's batch size then)."""
+    if feature_shape is None:
+        try:
+            with spark_errors():
+                first = df.select(features_col).first()
+            if first is None or first[0] is None:
+                return None
+            feature_shape = np.shape(_features_of(first[0]))
+        except (ValueError, TypeError):  # a bad first row: the build names it
+            return None
+    return 4 * max(1, int(np.prod(feature_shape, dtype=np.int64)))
 
 
 class _PartsParam(AccumulatorParam):
@@ -440,37 +592,43 @@ class _Built:
         _remove_files(self.dirs)
 
 
-def _build(rows, stack, feature_shape, mode) -> _Built:
-    """Stack every partition (``stack(records, feature_shape, j)``), carried by a shuffle into
-    the same partition and cached: as a token of its files in the data store (``mode``
-    ``"true"``/``"evict"``) or as one inline record (``"false"``, and sparse partitions)."""
+def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _Built:
+    """Stack every partition (``stack(records, feature_shape, j, stream)``: an iterator of
+    chunks of its arrays), carried by a shuffle into the same partition and cached: as a token
+    of its files in the data store (``mode`` ``"true"``/``"evict"``: written chunk by chunk,
+    ``_write_partition``) or as one inline record (``"false"``, and sparse partitions: one
+    chunk, the whole partition)."""
     facts = rows.ctx.accumulator({}, _PartsParam())
     dataset = datastore.new_dataset_id()  # also tells this data apart in executor-local caches
+    label_name = names[1] if len(names) > 1 else "labels"
 
     def build(j, it):
-        arrays = stack(it, feature_shape, j)
-        X = arrays["X"]
-        dense = all(isinstance(a, np.ndarray) for a in arrays.values())
+        chunks = stack(it, feature_shape, j, mode != "false")
+        first = next(chunks)
+        dense = all(isinstance(a, np.ndarray) for a in first.values())
         where = None
         if mode != "false" and dense:
             directory = datastore.partition_dir(dataset, j)
-            writer = datastore.PartitionWriter(directory, dataset=dataset, part=j)
-            try:
-                writer.append(arrays)
-            except BaseException:
-                writer.abort()
-                raise
-            manifest = writer.finish()
+            chunks = itertools.chain([first], chunks)
+            del first
+            manifest, n, labels, shape = _write_partition(directory, dataset, j, chunks,
+                                                          label_name)
             if mode == "evict":  # fault injection: every read of this partition misses
                 shutil.rmtree(directory, ignore_errors=True)
             where, fingerprint = (host_id(), directory), manifest.fingerprints
-            record = datastore.token(directory, manifest, j=j, n=len(X), id=dataset)
+            record = datastore.token(directory, manifest, j=j, n=n, id=dataset)
         else:
+            arrays = first
+            del first
+            if next(chunks, None) is not None:  # (an inline or sparse build is one chunk)
+                raise RuntimeError(f"partition {j}: an inline shard came in several chunks")
+            X = arrays["X"]
+            n, labels, shape = len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:])
             fingerprint = datastore.fingerprints(arrays) if dense else None
-            record = wire.pack(Kind.SHARD, {"j": j, "n": len(X), "id": dataset},
+            record = wire.pack(Kind.SHARD, {"j": j, "n": n, "id": dataset},
                                _wire_arrays(arrays))
-        facts.add({j: (len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:]), where,
-                       fingerprint)})
+            del arrays, X
+        facts.add({j: (n, labels, shape, where, fingerprint)})
         yield rawrdd.key(j)
         yield record
 
@@ -490,6 +648,71 @@ def _build(rows, stack, feature_shape, mode) -> _Built:
         labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
     return _Built(shard_rdd, [p[0] for p in parts], labels, [p[2] for p in parts],
                   [p[3] for p in parts], [p[4] for p in parts])
+
+
+def _write_partition(directory, dataset, j, chunks, label_name="labels"):
+    """Append partition ``j``'s chunks of arrays to its files in the data store, one chunk in
+    memory at a time; returns ``(manifest, rows, label summary, feature shape)``.
+
+    The labels' dtype is the one stacking the whole partition gives: integer chunks followed by
+    fractional ones widen what was written (``PartitionWriter.widen``, to float32), later
+    integer chunks are converted; label row shapes must agree across chunks."""
+    writer = datastore.PartitionWriter(directory, dataset=dataset, part=j)
+    try:
+        n, summary, shape, y_dtype, y_row = 0, _NO_LABELS, None, None, None
+        for arrays in chunks:
+            X = arrays["X"]
+            if shape is None:
+                shape = tuple(X.shape[1:])
+            y = arrays.get("y")
+            if y is not None:
+                if y_dtype is None:
+                    y_dtype, y_row = y.dtype, tuple(y.shape[1:])
+                elif tuple(y.shape[1:]) != y_row:
+                    raise ValueError(f"{label_name} in partition {j} do not stack into one "
+                                     f"array (row {n} has shape {tuple(y.shape[1:])}, row 0 "
+                                     f"{y_row}); every row needs a label of the same shape")
+                elif y.dtype != y_dtype:
+                    wide = _label_dtype(y_dtype, y.dtype)
+                    if wide != y_dtype:
+                        writer.widen("y", wide)
+                        y_dtype = wide
+                        if summary not in (None, _NO_LABELS):
+                            summary = (float(wide.type(summary[0])),
+                                       float(wide.type(summary[1])), summary[2])
+                    if y.dtype != y_dtype:
+                        y = (y.astype(np.float64) if y_dtype.kind == "f" and y.dtype.kind in "biu"
+                             else y).astype(y_dtype)
+                        arrays["y"] = y
+                summary = _merge_summary(summary, _label_summary(y) if len(y) else _NO_LABELS)
+            writer.append(arrays)
+            n += len(X)
+            del arrays, X, y
+        manifest = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return manifest, n, (None if summary is _NO_LABELS else summary), shape
+
+
+_NO_LABELS = ()  # (no labelled rows yet)
+
+
+def _label_dtype(a, b):
+    """The dtype ``numpy.asarray`` gives labels of dtypes ``a`` and ``b`` together (floats:
+    float32, as ``_stack`` stores them)."""
+    t = np.result_type(a, b)
+    return np.dtype(np.float32) if t.kind == "f" else t
+
+
+def _merge_summary(a, b):
+    if a is _NO_LABELS:
+        return b
+    if b is _NO_LABELS:
+        return a
+    if a is None or b is None:
+        return None
+    return min(a[0], b[0]), max(a[1], b[1]), a[2] and b[2]
 
 
 def read_shard(records):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from pyspark.accumulators import AccumulatorParam
 
-from rddtensor.training.batching import step_rng
-from rddtensor.training.steps import evaluate_arrays, gradient_step
+from rddtensor.training.batching import local_batches, step_rng
+from rddtensor.training.steps import evaluate_arrays, gradient_step, sum_weights
 from rddtensor.spark import device, localcache, rawrdd, wire, worker
 from rddtensor.spark.config import CacheSettings, Kind, StepConfig
 from rddtensor.spark.shards import read_shard
@@ -168,15 +168,19 @@ def assemble(params, size: int, dtype=np.float32):
     return t, theta
 
 
-def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records, acc):
+def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records, acc,
+                   weight_sum=None):
     """Partition j's part of step ``t+1``: its rows of the global batch, their gradient at θ_t
-    (normalised by the global batch size), and its stats sent to the driver."""
+    (normalised by the global batch size, or with sample weights (shard array ``"w"``) by
+    ``weight_sum``, the weights' sum over the global batch), and its stats sent to the
+    driver."""
     meta, arrays = read_shard(shard_records)
     here = worker.current()
     epoch, b = divmod(t - step.t0, step.steps_per_epoch)
     lo = step.offsets[j]
     rows = here.epoch_plan(step, epoch, lo, lo + meta["n"])[b]
     w, X, y, grad_out = theta, arrays["X"], arrays["y"], None
+    sample_weight = arrays["w"][rows] if "w" in arrays else None
     # --- GPU executors (rddtensor.spark.device): the shard stays on the task's GPU, θ_t goes in and
     # the gradient comes out through pinned memory; None (no GPU, device="cpu") is pure NumPy
     gpu = device.task_placement(getattr(model, "device", "auto"), meta, arrays)
@@ -188,11 +192,31 @@ def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records
                              loss=model.loss, n_batch=int(step.batch_sizes[b]),
                              rng=step_rng(step.seed, t + 1, j),
                              class_weight=step.class_weight, metrics=model.metrics,
-                             grad_out=grad_out)
+                             grad_out=grad_out, sample_weight=sample_weight,
+                             weight_sum=weight_sum)
     if gpu is not None:
         g = gpu.gradient_to_host(g)
     acc.add({(t + 1, j): stats})
     return g
+
+
+def batch_weight_sums(step: StepConfig, epochs):
+    """Partition j's share of each step's weight sum: ``(j, sums)``, ``sums[k, b]`` the sum of
+    its sample weights (shard array ``"w"``) in batch ``b`` of ``epochs[k]`` (``sum_weights``:
+    float64, in the batch's row order)."""
+    epochs = list(epochs)
+
+    def run(j, records):
+        _, shard = split_records(records)
+        meta, arrays = read_shard(shard)
+        w, lo = arrays["w"], step.offsets[j]
+        sums = np.zeros((len(epochs), step.steps_per_epoch), np.float64)
+        for k, e in enumerate(epochs):
+            for b, rows in enumerate(local_batches(step.n_total, step.batch_size, step.seed, e,
+                                                   step.shuffle, lo, lo + meta["n"])):
+                sums[k, b] = sum_weights(w[rows])
+        yield (j, sums)
+    return run
 
 
 def broadcast_emit(n_dest: int, own_block):

@@ -22,7 +22,7 @@ from rddtensor.training.batching import batch_sizes, local_batches, step_rng
 from rddtensor.training.callbacks import CallbackList
 from rddtensor.training.history import History
 from rddtensor.training.steps import (empty_stats, evaluate_arrays, gradient_step, merge_stats,
-                                      optimizer_step, stats_logs)
+                                      optimizer_step, stats_logs, sum_weights)
 
 log = logging.getLogger("rddtensor")
 
@@ -97,8 +97,8 @@ class LocalRunner:
     engine = "in-process"
 
     def __init__(self, model, X, y, *, batch_size, shuffle, seed, class_weight, t0=None,
-                 checkpoint=None, resume_stats=None):
-        self.model, self.X, self.y = model, X, y
+                 checkpoint=None, resume_stats=None, sample_weight=None):
+        self.model, self.X, self.y, self.w = model, X, y, sample_weight
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.class_weight = class_weight
         self.n_total = len(X)
@@ -121,10 +121,12 @@ class LocalRunner:
             if b < done:
                 continue
             t = m.step + 1
+            w = None if self.w is None else self.w[rows]
             g, s = gradient_step(m, m.theta, self.X[rows], self.y[rows], loss=m.loss,
                                  n_batch=int(n_batch), rng=step_rng(self.seed, t),
                                  class_weight=self.class_weight, metrics=metrics,
-                                 grad_out=self.grad)
+                                 grad_out=self.grad, sample_weight=w,
+                                 weight_sum=None if w is None else sum_weights(w))
             with interrupts_deferred():  # θ, slots and step change together or not at all
                 optimizer_step(m.optimizer, m.theta, g, m.slots, t, m.layout.split_segments())
                 m.step = t

@@ -57,6 +57,28 @@ def _check_validation_split(split, validation_data) -> float:
     return float(split)
 
 
+def check_sample_weight(sample_weight, n: int) -> np.ndarray:
+    """``sample_weight`` as float32 ``(n,)``: one finite weight >= 0 per row, or ``ValueError``."""
+    try:
+        w = np.asarray(sample_weight, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sample_weight must be numbers, one per row: {e}") from None
+    if w.ndim == 2 and w.shape[1] == 1:
+        w = w[:, 0]
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight must have one weight per row of x: shape ({n},), got "
+                         f"{w.shape}")
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise ValueError(f"sample_weight must be finite and >= 0, got {w[r]} at row {r}")
+    return w
+
+
+def _rows(x) -> int:
+    return x.shape[0] if scipy.sparse.issparse(x) else len(x)
+
+
 def split_validation(x, y, split: float, seed: int):
     """``(x_train, y_train, validation_data)`` for ``fit(validation_split=split)``.
 
@@ -266,8 +288,8 @@ class Sequential(Model):
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
             validation_split: float = 0.0, shuffle: bool = True, seed: int = 0, verbose=1,
-            class_weight=None, callbacks=(), initial_epoch: int = 0, checkpoint_dir=None,
-            checkpoint_every=None, resume: bool = False, **engine_options):
+            class_weight=None, sample_weight=None, callbacks=(), initial_epoch: int = 0,
+            checkpoint_dir=None, checkpoint_every=None, resume: bool = False, **engine_options):
         """Train the model; returns a ``History`` with per-epoch loss and metrics.
 
         Args:
@@ -288,6 +310,12 @@ class Sequential(Model):
                 2 one line per epoch on stderr (epoch, loss, metrics, validation, time,
                 samples/s); ``"auto"`` is 1.
             class_weight: dict class -> weight multiplying each sample's loss.
+            sample_weight: one weight >= 0 per row of numpy ``x`` (shape ``(rows,)``): the loss
+                is the weighted mean over each global batch, ``sum(w_i * l_i) / sum(w_i)``
+                (PyTorch's ``(loss(reduction="none") * w).sum() / w.sum()``; class weights
+                multiply the terms, not the normaliser); the logged ``loss`` too, the metrics
+                stay unweighted. RDDs/DataFrames take ``weight_col=`` (a column, or the third
+                element of ``(features, label, weight)`` rows) instead.
             initial_epoch: the epoch to start at (Keras): epochs ``initial_epoch`` to
                 ``epochs - 1`` run, each with its own row order, so ``fit(epochs=3)`` then
                 ``fit(epochs=6, initial_epoch=3)`` gives the weights of ``fit(epochs=6)``.
@@ -312,7 +340,17 @@ class Sequential(Model):
                              "pass one of them")
         engine = engines.engine_for(x)
         _check_fit_options(engine_options, engine)
+        if sample_weight is not None and engine is not None:
+            raise ValueError("sample_weight is for numpy x; an RDD or DataFrame carries its "
+                             "weights in the data: fit(..., weight_col='weight') (a column, or "
+                             "(features, label, weight) rows)")
+        if sample_weight is not None:
+            sample_weight = check_sample_weight(sample_weight, _rows(x))
         if validation_split:
+            if sample_weight is not None:
+                # (the rows split_validation keeps: the first floor(n * (1 - split)))
+                sample_weight = sample_weight[:int(np.floor(len(sample_weight) *
+                                                            (1 - validation_split)))]
             x, y, validation_data = split_validation(x, y, validation_split, seed)
         if engine is not None:
             return engine.fit_distributed(self, x, epochs=epochs, batch_size=batch_size,
@@ -344,7 +382,8 @@ class Sequential(Model):
             self.step - initial_epoch * steps_per_epoch(len(X), batch_size)
         runner = LocalRunner(self, X, y, batch_size=batch_size, shuffle=shuffle, seed=seed,
                              class_weight=class_weight, t0=t0, checkpoint=ckpt,
-                             resume_stats=resumed.stats if resumed else None)
+                             resume_stats=resumed.stats if resumed else None,
+                             sample_weight=sample_weight)
         history = fit_loop(self, runner, epochs=epochs, validation=validation_data,
                            batch_size=batch_size, verbose=verbose, callbacks=callbacks,
                            initial_epoch=resumed.epoch if resumed else initial_epoch)

@@ -23,24 +23,32 @@ def empty_stats(metrics) -> dict:
 def merge_stats(metrics, a: dict, b: dict) -> dict:
     states = [sb if sa is None else sa if sb is None else m.merge(sa, sb)
               for m, sa, sb in zip(metrics, a["states"], b["states"])]
-    return {"loss": a["loss"] + b["loss"], "count": a["count"] + b["count"], "states": states}
+    out = {"loss": a["loss"] + b["loss"], "count": a["count"] + b["count"], "states": states}
+    if "weight" in a or "weight" in b:  # a weighted fit: the sum of the sample weights
+        out["weight"] = a.get("weight", 0.0) + b.get("weight", 0.0)
+    return out
 
 
-def batch_stats(metrics, loss, Y, y, loss_value: float, n_norm: int) -> dict:
-    """Stats of one batch: the loss summed over its rows and each metric's mergeable state."""
+def batch_stats(metrics, loss, Y, y, loss_value: float, n_norm, weight=None) -> dict:
+    """Stats of one batch: the loss summed over its rows (weighted, with sample weights whose
+    sum over these rows is ``weight``) and each metric's mergeable state."""
     n = int(Y.shape[0])
     if n == 0:
         return empty_stats(metrics)
     P = to_numpy(loss.link(Y)) if metrics else None
     y = to_numpy(y)
-    return {"loss": float(loss_value) * n_norm, "count": n,
-            "states": [m.state(y, P) for m in metrics]}
+    stats = {"loss": float(loss_value) * n_norm, "count": n,
+             "states": [m.state(y, P) for m in metrics]}
+    if weight is not None:
+        stats["weight"] = float(weight)
+    return stats
 
 
 def stats_logs(metrics, stats: dict, prefix: str = "") -> dict:
-    """Turn merged stats into the numbers a user reads: mean loss and each metric's result."""
-    n = max(stats["count"], 1)
-    logs = {prefix + "loss": stats["loss"] / n}
+    """Turn merged stats into the numbers a user reads: mean loss (weighted by the sample
+    weights, if the fit has them) and each metric's result (unweighted)."""
+    n = stats["weight"] if "weight" in stats else max(stats["count"], 1)
+    logs = {prefix + "loss": stats["loss"] / n if n else 0.0}
     for m, s in zip(metrics, stats["states"]):
         if s is not None:
             r = m.result(s)
@@ -51,14 +59,17 @@ def stats_logs(metrics, stats: dict, prefix: str = "") -> dict:
 
 # --- the step ---------------------------------------------------------------------------------
 def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=None,
-                  metrics=(), grad_out=None):
+                  metrics=(), grad_out=None, sample_weight=None, weight_sum=None):
     """Forward, loss and backprop of ``model`` at flat weights ``theta`` on rows ``X, y``.
 
     ``loss`` is bound to the model (``Loss.bind``): when it is fused with the model's output
     activation, the forward pass stops before it and the loss reads the logits.
 
     The loss and gradient are normalised by ``n_batch``, the GLOBAL batch size, so the gradients
-    of disjoint parts of a batch sum to the gradient of the whole batch.
+    of disjoint parts of a batch sum to the gradient of the whole batch. With ``sample_weight``
+    (one weight per row of ``X``) they are the weighted mean over the global batch instead:
+    normalised by ``weight_sum``, the sum of the sample weights over the WHOLE global batch
+    (``weight_normaliser``), the same in every part of it.
 
     Returns:
         ``(grad, stats)``: the flat gradient (``grad_out`` if given) and this part's stats.
@@ -70,14 +81,30 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
         return grad, empty_stats(metrics)
     Y, backprop = model.forward(layout.unflatten(theta), X, training=True, rng=rng,
                                 logits=loss.fused is not None)
-    value, dY = loss(Y, y, n_total=n_batch, class_weight=class_weight)
+    norm = n_batch if sample_weight is None else weight_normaliser(weight_sum)
+    value, dY = loss(Y, y, n_total=norm, class_weight=class_weight, sample_weight=sample_weight)
     _, grads = backprop(dY)
     grad = layout.flatten(grads, out=grad_out, dtype=theta.dtype)
     if layout.buffers:  # a buffer's change counts by this part's share of the global batch
         share = grad.dtype.type(len(X) / n_batch)
         for a, b in layout.split_segments()[1]:
             grad[a:b] *= share
-    return grad, batch_stats(metrics, loss, Y, y, value, n_batch)
+    return grad, batch_stats(metrics, loss, Y, y, value, norm,
+                             None if sample_weight is None else sum_weights(sample_weight))
+
+
+def sum_weights(sample_weight) -> float:
+    """The sum of some rows' sample weights, as every engine adds them: float64, in row order."""
+    return float(np.sum(np.asarray(sample_weight), dtype=np.float64))
+
+
+def weight_normaliser(total) -> float:
+    """What a weighted batch's loss is divided by: the sum of its sample weights, or 1 when
+    they are all zero (the batch then adds nothing: loss and gradient 0)."""
+    if total is None:
+        raise ValueError("a step with sample weights needs weight_sum, the sum of the weights "
+                         "over the whole global batch")
+    return float(total) if total > 0 else 1.0
 
 
 def clip_values(optimizer, g):
