@@ -229,3 +229,25 @@ def test_roots_dirs_and_cleanup(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(roots[0], "ds2")) and os.path.isdir(d0)
     monkeypatch.delenv("SPARK_LOCAL_DIRS")
     assert len(ds.store_roots()) == 1  # outside Spark: the temp directory
+
+
+def test_large_arrays_are_gathered_row_by_row_without_mapping_the_file(tmp_path, monkeypatch):
+    """Above ``PREAD_MIN_BYTES`` an array's rows are read with ``preadv`` into the result:
+    the same values as a gather through the map, in the order asked, and nothing mapped (a
+    random batch through the map would bring most of a large partition into the RSS)."""
+    full, chunks = _chunks(300, [64, 200, 36])
+    d = str(tmp_path / "p")
+    _write(d, chunks)
+    rows = np.array([299, 0, 17, 17, 150, 3])
+    r = PartitionReader.open(d)
+    mapped = {k: r.take(k, rows) for k in full}
+    monkeypatch.setattr(ds, "PREAD_MIN_BYTES", 0)
+    r2 = PartitionReader.open(d)
+    for k in full:
+        got = r2.take(k, rows)
+        assert got.dtype == mapped[k].dtype
+        np.testing.assert_array_equal(got, mapped[k])
+        np.testing.assert_array_equal(got, full[k][rows])
+    assert r2._maps == {}
+    with pytest.raises(IndexError):
+        r2.take("x", [300])

@@ -69,6 +69,9 @@ HEADER_BYTES = 4096
 """Each ``.npy`` file's header, padded to one page: the rows start page-aligned, and the header
 can be rewritten in place with the final row count (it never changes size)."""
 
+#: arrays larger than this are gathered row by row with ``os.preadv`` (``PartitionReader.take``)
+PREAD_MIN_BYTES = 64 << 20
+
 MANIFEST = "manifest.json"
 _FORMAT = 1  # manifest layout version
 _MAGIC = b"\x93NUMPY\x01\x00"  # .npy format 1.0: a 2-byte little-endian header length follows
@@ -467,14 +470,37 @@ class PartitionReader:
         return a
 
     def take(self, name: str, rows) -> np.ndarray:
-        """A new array of the given rows of ``name`` (reads only those rows' pages)."""
+        """A new array of the given rows of ``name`` (any order, repeats allowed).
+
+        An array larger than ``PREAD_MIN_BYTES`` is read row by row with ``os.preadv`` into
+        the new array, mapping nothing: a gather through the map would put the cached pages
+        around every row read into this process's RSS too (the kernel's fault-around, which
+        ``MADV_RANDOM`` does not turn off), most of the partition for a random batch. Smaller
+        arrays are gathered from the map. The same bytes either way."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1:
             raise ValueError(f"rows must be a 1-d array of row indices, got shape {rows.shape}")
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"row indices must be in [0, {self.n}), got "
                              f"[{int(rows.min())}, {int(rows.max())}]")
-        return self.array(name).take(rows, axis=0)
+        s = self.manifest.spec(name)
+        if self.n * s.row_bytes <= PREAD_MIN_BYTES or s.row_bytes == 0:
+            return self.array(name).take(rows, axis=0)
+        out = np.empty((len(rows), *s.row_shape), np.dtype(s.dtype))
+        dest = out.reshape(len(rows), -1).view(np.uint8)
+        path = os.path.join(self.directory, s.file)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise _miss(f"{path} ({exc})") from None
+        try:
+            rb = s.row_bytes
+            for i, r in enumerate(rows.tolist()):
+                if os.preadv(fd, [dest[i]], HEADER_BYTES + r * rb) != rb:
+                    raise _miss(f"{path}: row {r} is cut short")
+        finally:
+            os.close(fd)
+        return out
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of ``name``: a read-only view (no copy)."""

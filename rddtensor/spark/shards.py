@@ -715,11 +715,25 @@ def _merge_summary(a, b):
     return min(a[0], b[0]), max(a[1], b[1]), a[2] and b[2]
 
 
+class ShardArrays(dict):
+    """A shard's arrays by name; ``take(name, rows)`` copies rows out: from the data store's
+    files (``reader``: ``PartitionReader.take``, which maps no more than it reads) or from the
+    inline arrays."""
+
+    reader = None
+
+    def take(self, name: str, rows):
+        if self.reader is not None:
+            return self.reader.take(name, rows)
+        return self[name][rows]
+
+
 def read_shard(records):
     """The ``(meta, arrays)`` of the shard among a partition's records (reads them all).
 
-    A stored shard's arrays are read-only views of its memory-mapped files: indexing rows
-    (``X[rows]``) reads only those rows. ``datastore.StoreMiss`` where they are not readable.
+    Returns a ``ShardArrays``. A stored shard's arrays are read-only views of its
+    memory-mapped files; ``arrays.take(name, rows)`` reads only those rows and keeps the
+    process's RSS to them. ``datastore.StoreMiss`` where they are not readable.
     """
     found = None
     for r in records:
@@ -730,10 +744,12 @@ def read_shard(records):
     kind, meta, arrays = wire.unpack(found)
     if kind == Kind.STORE:
         reader = datastore.open_token(meta)  # (each view keeps its file mapped while it lives)
-        return meta, {name: reader.array(name) for name in reader.names}
+        arrays = ShardArrays({name: reader.array(name) for name in reader.names})
+        arrays.reader = reader
+        return meta, arrays
     if "X.indptr" in arrays:  # a sparse shard (see _stack_rows)
         arrays = decode_sparse(arrays)
-    return meta, arrays
+    return meta, ShardArrays(arrays)
 
 
 def from_numpy(sc, X, y=None, n_partitions: int = 2):

@@ -179,16 +179,18 @@ def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records
     epoch, b = divmod(t - step.t0, step.steps_per_epoch)
     lo = step.offsets[j]
     rows = here.epoch_plan(step, epoch, lo, lo + meta["n"])[b]
-    w, X, y, grad_out = theta, arrays["X"], arrays["y"], None
-    sample_weight = arrays["w"][rows] if "w" in arrays else None
+    w, grad_out = theta, None
+    sample_weight = arrays.take("w", rows) if "w" in arrays else None
     # --- GPU executors (rddtensor.spark.device): the shard stays on the task's GPU, θ_t goes in and
     # the gradient comes out through pinned memory; None (no GPU, device="cpu") is pure NumPy
     gpu = device.task_placement(getattr(model, "device", "auto"), meta, arrays)
     if gpu is not None:
         w, X, y, rows = gpu.step_inputs(theta, meta, arrays, rows)
-    else:
+        X, y = X[rows], y[rows]
+    else:  # only the batch's rows are read (from the data store: nothing else is mapped)
+        X, y = arrays.take("X", rows), arrays.take("y", rows)
         grad_out = here.scratch("grad", model.layout.size, theta.dtype)
-    g, stats = gradient_step(model, w, X[rows], y[rows],
+    g, stats = gradient_step(model, w, X, y,
                              loss=model.loss, n_batch=int(step.batch_sizes[b]),
                              rng=step_rng(step.seed, t + 1, j),
                              class_weight=step.class_weight, metrics=model.metrics,
