@@ -65,16 +65,7 @@ def im2col(X, kernel, strides, dilation, pads):
 
 
 def col2im(cols, x_shape, kernel, strides, dilation, pads, out):
-    """Adjoint of ``im2col``: sum every column back into its input position.
-
-    Args:
-        cols: ``(channels, *kernel, batch, *out)`` (or anything reshapeable to it).
-        x_shape: shape of the (unpadded) input ``(batch, channels, *spatial)``.
-        kernel, strides, dilation, pads: as in ``im2col``; out: the output shape it returned.
-
-    Returns:
-        ``dX`` of shape ``x_shape``, C-contiguous, dtype of ``cols``.
-    """
+    """Adjoint of ``im2col``: ``dX`` of shape ``x_shape`` (see ``NumpyOps.col2im``)."""
     return get_ops(cols).col2im(cols, x_shape, kernel, strides, dilation, pads, out)
 
 

@@ -79,8 +79,9 @@ def _rows(x) -> int:
     return x.shape[0] if scipy.sparse.issparse(x) else len(x)
 
 
-def split_validation(x, y, split: float, seed: int):
-    """``(x_train, y_train, validation_data)`` for ``fit(validation_split=split)``.
+def split_validation(x, y, split: float, seed: int, sample_weight=None):
+    """``(x_train, y_train, validation_data, sample_weight_train)`` for
+    ``fit(validation_split=split)``.
 
     numpy (Keras): the last ``split`` fraction of the rows, before any shuffling. An RDD or
     DataFrame: ``randomSplit([1 - split, split], seed)``, a deterministic function of the data's
@@ -88,7 +89,7 @@ def split_validation(x, y, split: float, seed: int):
     """
     if engines.engine_for(x) is not None:
         train, val = x.randomSplit([1 - split, split], seed=int(seed))
-        return train, None, val
+        return train, None, val, None
     n = len(x) if not scipy.sparse.issparse(x) else x.shape[0]
     at = int(np.floor(n * (1 - split)))
     if at == n or at == 0:
@@ -97,7 +98,8 @@ def split_validation(x, y, split: float, seed: int):
                          f"{'larger' if at == n else 'smaller'} fraction")
     if y is None:
         raise ValueError("y is required when x is a numpy array")
-    return x[:at], y[:at], (x[at:], y[at:])
+    return x[:at], y[:at], (x[at:], y[at:]), \
+        None if sample_weight is None else sample_weight[:at]
 
 
 class Sequential(Model):
@@ -347,11 +349,8 @@ class Sequential(Model):
         if sample_weight is not None:
             sample_weight = check_sample_weight(sample_weight, _rows(x))
         if validation_split:
-            if sample_weight is not None:
-                # (the rows split_validation keeps: the first floor(n * (1 - split)))
-                sample_weight = sample_weight[:int(np.floor(len(sample_weight) *
-                                                            (1 - validation_split)))]
-            x, y, validation_data = split_validation(x, y, validation_split, seed)
+            x, y, validation_data, sample_weight = split_validation(
+                x, y, validation_split, seed, sample_weight)
         if engine is not None:
             return engine.fit_distributed(self, x, epochs=epochs, batch_size=batch_size,
                                    validation_data=validation_data, shuffle=shuffle, seed=seed,
