@@ -81,7 +81,7 @@ def calibrate(step_seconds: float, probe: int = 128) -> dict:
 
     from rddtensor.training.batching import step_rng
     from rddtensor.training.steps import gradient_step, optimizer_step
-    from rddtensor.backend.runtime import prepare_process
+    from rddtensor.runtime import prepare_process
     prepare_process()  # as LocalRunner (in-process) and every Spark worker do once
     model = rddtensor_cnn()
     model.build()

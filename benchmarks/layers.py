@@ -19,7 +19,7 @@ kernels OpenBLAS would choose; by default the environment is left as it is. The 
 names the kernels OpenBLAS reported.
 
 Memory: both libraries allocate through glibc in this one process. The layers run with the
-malloc settings every rddtensor training step applies (``rddtensor.backend.allocator.tune_malloc``:
+malloc settings every rddtensor training step applies (``rddtensor.allocator.tune_malloc``:
 temporaries reuse heap pages instead of fresh, zero-filled ones), so the numbers are what a fit
 sees; ``--malloc default`` measures with glibc's defaults instead (then each side's speed also
 depends on what the other freed before it: glibc raises its mmap threshold as it goes).
@@ -124,7 +124,7 @@ def main(argv=None):
                                "run python -m benchmarks.layers in a fresh process")
         os.environ["OPENBLAS_CORETYPE"] = a.openblas_coretype
     if a.malloc == "tuned":
-        from rddtensor.backend.allocator import tune_malloc
+        from rddtensor.allocator import tune_malloc
         malloc = tune_malloc()
     else:
         malloc = "glibc defaults"

@@ -83,7 +83,7 @@ def rddtensor_step(model, X, y, seed: int):
     import numpy as np
     from rddtensor.training.batching import step_rng
     from rddtensor.training.steps import gradient_step, optimizer_step
-    from rddtensor.backend.runtime import prepare_process
+    from rddtensor.runtime import prepare_process
     prepare_process()  # as LocalRunner does once per fit
     grad = np.empty(model.layout.size, dtype=np.float32)  # LocalRunner.grad
     n_batch = len(X)

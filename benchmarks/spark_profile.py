@@ -103,7 +103,7 @@ def step_compute_ms(cfg: dict, arrays, parts: int = 2, repeats: int = 20) -> dic
     from benchmarks.race_contenders import rddtensor_model
     from rddtensor.training.batching import step_rng
     from rddtensor.training.steps import gradient_step, optimizer_step
-    from rddtensor.backend.runtime import prepare_process
+    from rddtensor.runtime import prepare_process
     prepare_process()  # as every Spark worker does once
     Xtr, ytr = arrays[0], arrays[1]
     rows = max(1, int(cfg["batch"]) // parts)

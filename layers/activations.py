@@ -21,9 +21,10 @@ import numbers
 import numpy as np
 
 from rddtensor.layers.base import Layer, register
-from rddtensor.backend import get_array_module, get_ops
-from rddtensor.backend.ops import GELU_C as _GELU_C
-from rddtensor.backend.ops import SQRT_2_OVER_PI as _SQRT_2_OVER_PI
+from rddtensor.backend import get_array_module
+from rddtensor.ops import get_ops
+from rddtensor.ops.numpy_ops import GELU_C as _GELU_C
+from rddtensor.ops.numpy_ops import SQRT_2_OVER_PI as _SQRT_2_OVER_PI
 
 __all__ = [
     "Activation", "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax", "Linear",

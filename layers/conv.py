@@ -20,7 +20,8 @@ from rddtensor.layers.base import Layer, positive_int, register
 from rddtensor.layers.im2col import SPATIAL_AXES, conv_output_size, im2col, int_tuple, matmul_col2im
 from rddtensor.layers.initializers import get_initializer, initialize
 from rddtensor.layers.winograd import winograd_conv3x3
-from rddtensor.backend import get_array_module, get_ops
+from rddtensor.backend import get_array_module
+from rddtensor.ops import get_ops
 
 __all__ = ["Conv1D", "Conv2D", "Conv2DTranspose", "conv_nd", "conv_transpose_nd",
            "WINOGRAD_MIN_CHANNELS"]

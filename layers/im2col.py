@@ -13,8 +13,8 @@ the batch or the pixels. ``matmul_col2im(A, B)`` is ``col2im(A @ B)`` (the data 
 the forward of a transposed convolution) with one GEMM per offset, so the ``K`` times larger
 product never exists.
 Everything keeps the dtype of its input (float32 stays float32) and works on NumPy and CuPy
-arrays alike: the functions here call the device's ops (``rddtensor.backend.get_ops``), whose
-NumPy methods (``rddtensor.backend.ops.NumpyOps``) are the strided reference and whose CuPy
+arrays alike: the functions here call the device's ops (``rddtensor.ops.get_ops``), whose
+NumPy methods (``rddtensor.ops.numpy_ops.NumpyOps``) are the strided reference and whose CuPy
 methods run gather kernels for 2-D float convolutions.
 
 Example:
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rddtensor.backend import get_ops
-from rddtensor.backend.ops import conv_output_size, crop_spatial, offset_slices, pad_spatial
+from rddtensor.ops import get_ops
+from rddtensor.ops.numpy_ops import conv_output_size, crop_spatial, offset_slices, pad_spatial
 
 __all__ = ["conv_output_size", "pad_spatial", "crop_spatial", "window_view", "offset_slices",
            "im2col", "col2im", "matmul_col2im", "int_tuple", "SPATIAL_AXES"]

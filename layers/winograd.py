@@ -19,7 +19,7 @@ For a 64->64-channel 3x3 convolution on 32x32 images at batch 32 the GEMM work f
 to about 2.8 GFLOP per forward+backward, and one CPU thread runs it in about half the time.
 The price is float rounding of the transforms: float32 results differ from im2col's by about
 1e-6 relative to the output's scale (float64 by about 1e-15). The code runs on the device's
-ops (``rddtensor.backend.get_ops``), but ``rddtensor.layers.conv.conv_nd`` picks it only where
+ops (``rddtensor.ops.get_ops``), but ``rddtensor.layers.conv.conv_nd`` picks it only where
 ``ops.use_winograd`` (NumPy; on a GPU the im2col GEMM stays, not measured there).
 
 Example:
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rddtensor.backend import get_ops
+from rddtensor.ops import get_ops
 
 __all__ = ["winograd_conv3x3", "M_TILE"]
 

@@ -34,8 +34,9 @@ import warnings
 
 import numpy as np
 
-from rddtensor.backend import get_array_module, get_ops
-from rddtensor.backend.ops import softmax_xent as _softmax_xent
+from rddtensor.backend import get_array_module
+from rddtensor.ops import get_ops
+from rddtensor.ops.numpy_ops import softmax_xent as _softmax_xent
 
 __all__ = [
     "Loss", "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy",

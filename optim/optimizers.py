@@ -8,8 +8,8 @@ ratio of norms, so they take ``segments``: (start, stop) ranges within the slice
 parameter tensor (the default treats the whole slice as one layer); a block must hold whole
 layers (``Optimizer.layerwise_norms``).
 
-SGD and Adam/AdamW run through the device switch (``rddtensor.backend.ops_for(xp)``): the
-NumPy reference of ``rddtensor.backend.ops.NumpyOps`` on NumPy, one fused kernel pass on CuPy.
+SGD and Adam/AdamW run through the device switch (``rddtensor.ops.ops_for(xp)``): the
+NumPy reference of ``rddtensor.ops.numpy_ops.NumpyOps`` on NumPy, one fused kernel pass on CuPy.
 The others are written with ``xp`` and run as they are on both.
 
 Conventions: ``step`` is the 1-based update count ``t``; ``g`` is scratch and is overwritten
@@ -25,10 +25,11 @@ import numpy
 
 from rddtensor.optim.clipping import sum_of_squares
 from rddtensor.optim.schedules import Schedule, get_schedule, serialize_schedule
-from rddtensor.backend import get_array_module, ops_for
-from rddtensor.backend.ops import adam_moments as _adam_moments
-from rddtensor.backend.ops import add_weight_decay as _add_weight_decay
-from rddtensor.backend.ops import check_step as _check_step
+from rddtensor.backend import get_array_module
+from rddtensor.ops import ops_for
+from rddtensor.ops.numpy_ops import adam_moments as _adam_moments
+from rddtensor.ops.numpy_ops import add_weight_decay as _add_weight_decay
+from rddtensor.ops.numpy_ops import check_step as _check_step
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "LAMB",
            "get_optimizer", "sgd_update", "adam_update", "rmsprop_update", "adagrad_update",

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from rddtensor.backend import arrays as backend
+from rddtensor import backend
 from rddtensor.spark import localcache
 from rddtensor import layers as L
 from rddtensor.spark.device import discovery_script_path

@@ -65,7 +65,7 @@ def scenario_results(request):
 @pytest.fixture(scope="session")
 def cp():
     """The cupy module, for tests marked ``gpu``: skips without cupy or without a visible GPU."""
-    from rddtensor.backend import arrays as backend
+    from rddtensor import backend
     cupy = pytest.importorskip("cupy")
     if not backend.gpu_available():
         pytest.skip("no CUDA GPU visible")

@@ -1,4 +1,4 @@
-"""``rddtensor.backend.allocator``: training steps set glibc's malloc thresholds once per process, so the
+"""``rddtensor.allocator``: training steps set glibc's malloc thresholds once per process, so the
 temporaries of one step reuse the pages of the last instead of faulting in fresh ones.
 
 Each case runs in a fresh interpreter: the settings are process-wide and stay set.
@@ -22,7 +22,7 @@ _PROBE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
     from rddtensor import layers as L
-    from rddtensor.backend import allocator
+    from rddtensor import allocator
     if sys.argv[1] == "fit":  # the in-process training step applies the settings itself
         m = L.Sequential([L.Dense(2, input_shape=(3,))], seed=0)
         m.compile(optimizer="sgd", loss="mse")
@@ -62,7 +62,7 @@ def test_rddtensor_malloc_default_leaves_glibc_alone():
 
 
 def test_tune_malloc_is_idempotent():
-    from rddtensor.backend.allocator import tune_malloc
+    from rddtensor.allocator import tune_malloc
     first = tune_malloc()
     assert first in ("tuned", "default", "unavailable")
     assert tune_malloc() == first

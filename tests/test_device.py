@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rddtensor import layers as L
-from rddtensor.backend import arrays as backend
+from rddtensor import backend
 from rddtensor.spark import device
 from rddtensor.cli import main
 

@@ -1,4 +1,4 @@
-"""Every CUDA source in ``rddtensor.backend.cupy_ops`` compiles with NVRTC, for float and double.
+"""Every CUDA source in ``rddtensor.ops.cupy_ops`` compiles with NVRTC, for float and double.
 
 Needs no GPU, only NVRTC (``libnvrtc.so``: the CUDA toolkit, or ``pip install
 nvidia-cuda-nvrtc-cu12``; ``RDDTENSOR_NVRTC=/path/to/libnvrtc.so.12`` names it). Skips without
@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-from rddtensor.backend import cupy_ops
+from rddtensor.ops import cupy_ops
 
 
 def _find_nvrtc():

@@ -16,10 +16,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: module prefix -> folder (pyproject.toml's package-dir)
 FOLDERS = {"rddtensor.layers": "layers", "rddtensor.optim": "optim", "rddtensor": "rddtensor"}
-#: a module's floor: its longest matching prefix. The folders are the floors: rddtensor/backend (1),
+#: a module's floor: its longest matching prefix. Floor 1 is the arrays switch rddtensor/backend.py, the ops
+#: switch rddtensor/ops/, rddtensor/{allocator,runtime}.py; then the folders are the floors:
 #: layers/ and optim/ (2), rddtensor/training (3), rddtensor/spark (4); the rest of rddtensor/
 #: (Spark ML, the command line) is the top.
-FLOORS = {"rddtensor.backend": 1, "rddtensor._checkout": 1, "rddtensor.version": 1,
+FLOORS = {"rddtensor.backend": 1, "rddtensor.ops": 1, "rddtensor.allocator": 1,
+          "rddtensor.runtime": 1, "rddtensor._checkout": 1, "rddtensor.version": 1,
           "rddtensor.layers": 2, "rddtensor.optim": 2, "rddtensor.training": 3,
           "rddtensor.spark": 4, "rddtensor": 5}
 #: faces: package __init__ files that only hand names on. The root face may import anything;

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import rddtensor.backend as backend
-from rddtensor.backend import cupy_ops as cupy_ops_module
-from rddtensor.backend import ops as ops_module
-from rddtensor.backend import NUMPY_OPS, CupyOps, NumpyOps, get_ops, ops_for
+from rddtensor.ops import cupy_ops as cupy_ops_module
+from rddtensor.ops import numpy_ops as ops_module
+import rddtensor.ops as ops_pkg
+from rddtensor.ops import NUMPY_OPS, CupyOps, NumpyOps, get_ops, ops_for
 from rddtensor.layers.activations import _sigmoid_pair, activation_forward
 from rddtensor.layers.im2col import col2im, im2col, matmul_col2im
 
@@ -129,7 +130,7 @@ def _matmul_inputs(geometry, groups, dtype=np.float64, seed=20):
 # --- the switch -----------------------------------------------------------------------------------
 def test_numpy_arrays_get_the_numpy_ops_and_build_nothing_of_cupy(monkeypatch):
     monkeypatch.setattr(cupy_ops_module, "_CACHE", {})
-    monkeypatch.setattr(backend, "_CUPY_OPS", [])
+    monkeypatch.setattr(ops_pkg, "_CUPY_OPS", [])
     X, dY = _activation_inputs(np.float32)
     assert get_ops(X) is NUMPY_OPS and get_ops(X, dY, 1.0, None) is NUMPY_OPS
     assert get_ops() is NUMPY_OPS and ops_for(np) is NUMPY_OPS
@@ -144,14 +145,12 @@ def test_numpy_arrays_get_the_numpy_ops_and_build_nothing_of_cupy(monkeypatch):
     cols, out = get_ops(X).im2col(X[None, None], (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))
     get_ops(cols).col2im(cols, (1, 1, 7, 7), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), out)
     assert cupy_ops_module._CACHE == {}  # no CuPy kernel was created for NumPy inputs
-    assert backend._CUPY_OPS == []  # nor the CuPy ops
+    assert ops_pkg._CUPY_OPS == []  # nor the CuPy ops
 
 
-def test_the_package_hands_on_the_array_functions_and_the_switch():
-    from rddtensor.backend import arrays
-    assert set(arrays.__all__) | {"get_ops", "ops_for", "NumpyOps", "CupyOps", "NUMPY_OPS"} \
-        == set(backend.__all__)
-    assert all(getattr(backend, name) is getattr(arrays, name) for name in arrays.__all__)
+def test_the_switch_package_hands_on_only_the_switch():
+    assert set(ops_pkg.__all__) == {"get_ops", "ops_for", "NumpyOps", "CupyOps", "NUMPY_OPS"}
+    assert ops_pkg.NumpyOps is ops_module.NumpyOps and ops_pkg.CupyOps is cupy_ops_module.CupyOps
 
 
 def test_ops_for_refuses_other_modules():
@@ -174,14 +173,14 @@ def test_every_cupy_override_has_the_reference_signature():
 
 def test_cupy_ops_without_cupy_names_the_gpu_extra(monkeypatch):
     monkeypatch.setattr(cupy_ops_module, "cupy_module", lambda: None)
-    monkeypatch.setattr(backend, "_CUPY_OPS", [])
+    monkeypatch.setattr(ops_pkg, "_CUPY_OPS", [])
     with pytest.raises(RuntimeError, match=r"`gpu` extra \(pip install rddtensor\[gpu\]\)"):
         CupyOps()
     with pytest.raises(RuntimeError, match=r"pip install rddtensor\[gpu\]"):
-        backend.CUPY_OPS  # noqa: B018 (built on first use)
+        ops_pkg.CUPY_OPS  # noqa: B018 (built on first use)
     with pytest.raises(RuntimeError, match=r"pip install rddtensor\[gpu\]"):
         cupy_ops_module._elementwise("adam")
-    assert backend._CUPY_OPS == []
+    assert ops_pkg._CUPY_OPS == []
 
 
 def _cupy_ops_on_numpy():
@@ -282,7 +281,7 @@ def test_window_view_is_read_only_on_numpy():
 
 
 def test_docstring_examples():
-    for module in (ops_module, backend, cupy_ops_module):
+    for module in (ops_module, backend, ops_pkg, cupy_ops_module):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
@@ -296,12 +295,12 @@ def test_only_backend_imports_cupy():
         for folder, _, files in os.walk(os.path.join(ROOT, tree)):
             for name in files:
                 path = os.path.join(folder, name)
-                if not name.endswith(".py") or path == os.path.join(ROOT, "rddtensor", "backend", "arrays.py"):
+                if not name.endswith(".py") or path == os.path.join(ROOT, "rddtensor", "backend.py"):
                     continue
                 with open(path, encoding="utf-8") as fh:
                     if _CUPY_IMPORT.search(fh.read()):
                         offenders.append(os.path.relpath(path, ROOT))
-    assert offenders == [], f"only rddtensor/backend/arrays.py may import cupy; found in {offenders}"
+    assert offenders == [], f"only rddtensor/backend.py may import cupy; found in {offenders}"
     assert _CUPY_IMPORT.search("    import cupy as _cupy")  # the pattern does catch imports
     assert _CUPY_IMPORT.search("import numpy, cupy") and _CUPY_IMPORT.search("from cupy import x")
     assert not _CUPY_IMPORT.search("from rddtensor.backend import cupy_module")
@@ -315,7 +314,7 @@ def _tol(dtype):
 @pytest.fixture
 def gpu_ops(cp):
     ops = ops_for(cp)
-    assert type(ops) is CupyOps and ops.xp is cp and ops is backend.CUPY_OPS
+    assert type(ops) is CupyOps and ops.xp is cp and ops is ops_pkg.CUPY_OPS
     return ops
 
 

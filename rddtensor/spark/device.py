@@ -37,7 +37,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from rddtensor.backend import arrays as backend
+from rddtensor import backend
 
 log = logging.getLogger("rddtensor")
 

@@ -3,7 +3,7 @@
 A Python worker runs one task at a time and, with ``spark.python.worker.reuse`` (the default),
 many tasks in turn. ``current()`` is called first thing by every stage function the engine runs
 (``rawrdd.map_raw``, ``stages.eval_stage``/``predict_stage``): on a worker's first task it
-tunes the process (``rddtensor.backend.runtime.prepare_worker``: malloc thresholds and
+tunes the process (``rddtensor.runtime.prepare_worker``: malloc thresholds and
 ``gc.freeze()``) and makes the worker's ``Worker``; later tasks get the same one.
 
 Nothing here changes a result, only speed: a buffer is fully overwritten before it is read,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rddtensor.backend import runtime
+from rddtensor import runtime
 from rddtensor.training.batching import local_batches
 
 __all__ = ["Worker", "current"]

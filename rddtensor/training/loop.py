@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from rddtensor.backend.allocator import tune_malloc  # (per in-process fit: LocalRunner)
+from rddtensor.allocator import tune_malloc  # (per in-process fit: LocalRunner)
 from rddtensor.training.batching import batch_sizes, local_batches, step_rng
 from rddtensor.training.callbacks import CallbackList
 from rddtensor.training.history import History

@@ -17,7 +17,7 @@ from rddtensor.training.params import ParamLayout
 from rddtensor.training.protocol import Model, TensorSpec
 from rddtensor.training.steps import evaluate_arrays, stats_logs
 from rddtensor.training.loop import LocalRunner, fit_loop
-from rddtensor.backend.allocator import tune_malloc
+from rddtensor.allocator import tune_malloc
 from rddtensor.backend import check_device
 from rddtensor.optim import get_loss, get_metric, get_optimizer
 
@@ -398,7 +398,7 @@ class Sequential(Model):
         if engine is not None:
             return engine.evaluate_distributed(self, x, batch_size=batch_size)
         X, y = self._check_arrays(x, y, "x")
-        tune_malloc()  # (process tuning of an in-process evaluate; rddtensor.backend.allocator)
+        tune_malloc()  # (process tuning of an in-process evaluate; rddtensor.allocator)
         stats = evaluate_arrays(self, self.theta, X, y, loss=self.loss, metrics=self.metrics,
                                 batch_size=batch_size)
         return stats_logs(self.metrics, stats)
@@ -416,7 +416,7 @@ class Sequential(Model):
         return self._forward_batches(X, batch_size, logits=False)
 
     def _forward_batches(self, X, batch_size: int, logits: bool):
-        tune_malloc()  # (process tuning of an in-process predict; rddtensor.backend.allocator)
+        tune_malloc()  # (process tuning of an in-process predict; rddtensor.allocator)
         outs = [self.forward(self.params, X[a:a + batch_size], logits=logits)[0]
                 for a in range(0, len(X), batch_size)]
         if not outs:

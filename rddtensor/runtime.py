@@ -6,7 +6,7 @@ process needs is set here, once:
 - ``prepare_worker()``: once per Spark Python worker, on its first task
   (``rddtensor.spark.worker.current()``, which every stage function the engine runs calls first:
   ``rawrdd.map_raw`` before a task's function, ``eval_stage``/``predict_stage`` too):
-  glibc's malloc thresholds (``rddtensor.backend.allocator.tune_malloc``: a step's temporaries reuse
+  glibc's malloc thresholds (``rddtensor.allocator.tune_malloc``: a step's temporaries reuse
   pages instead of faulting fresh ones in) and ``gc.freeze()`` (PySpark's daemon runs a full
   ``gc.collect()`` after every task; frozen objects, the modules and the first task's closure,
   are out of its reach).
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gc
 
-from rddtensor.backend.allocator import tune_malloc
+from rddtensor.allocator import tune_malloc
 
 __all__ = ["prepare_worker", "prepare_process"]
 

@@ -1,10 +1,10 @@
-"""``CupyOps``: the hot methods of ``NumpyOps`` as fused CuPy kernels (see ``rddtensor.backend.ops``).
+"""``CupyOps``: the hot methods of ``NumpyOps`` as fused CuPy kernels (see ``rddtensor.ops.numpy_ops``).
 
 Each override runs one ``ElementwiseKernel`` / ``RawKernel`` pass that does the reference's
 arithmetic, for float32/float64 CuPy arrays, and calls ``super()`` (the reference, on CuPy)
 for anything else. Kernels are created on first use and cached; CuPy compiles and caches each
 one per dtype and device on its first call. This module never imports cupy: the module comes
-from ``rddtensor.backend.arrays.cupy_module()``, so importing it without cupy is fine and only
+from ``rddtensor.backend.cupy_module()``, so importing it without cupy is fine and only
 ``CupyOps()`` fails, naming the ``gpu`` extra.
 
 =========================  ===================================================================
@@ -33,8 +33,8 @@ import threading
 
 import numpy as np
 
-from rddtensor.backend.arrays import cupy_module, cupy_special, is_cupy_array
-from rddtensor.backend.ops import (GELU_C, SQRT_2_OVER_PI, NumpyOps, check_step,
+from rddtensor.backend import cupy_module, cupy_special, is_cupy_array
+from rddtensor.ops.numpy_ops import (GELU_C, SQRT_2_OVER_PI, NumpyOps, check_step,
                                    conv_output_shape, normal_cdf_chebyshev)
 
 __all__ = ["CupyOps"]
@@ -255,7 +255,7 @@ class CupyOps(NumpyOps):
     """``NumpyOps`` on CuPy, with fused kernels for the hot methods (see the module doc).
 
     Raises ``RuntimeError`` on construction without cupy. Use the singleton that
-    ``rddtensor.backend.get_ops`` returns for CuPy arrays.
+    ``rddtensor.ops.get_ops`` returns for CuPy arrays.
     """
 
     name = "cupy"

@@ -5,7 +5,7 @@ Layers, losses and optimizers never ask which array module they run on. They cal
 ``rddtensor.backend``:
 
 - ``get_ops(*arrays)`` returns ``NUMPY_OPS``, the one ``NumpyOps``, unless an argument is a CuPy
-  array; then it returns ``CUPY_OPS``, the one ``CupyOps`` (``rddtensor.backend.cupy_ops``),
+  array; then it returns ``CUPY_OPS``, the one ``CupyOps`` (``rddtensor.ops.cupy_ops``),
   built on first use.
 - ``NumpyOps`` is the reference: its methods are the library's NumPy code (the optimizer steps,
   activation backprops, the sparse softmax cross-entropy, im2col/col2im), written with
@@ -30,7 +30,7 @@ dispatch.
 
 Example:
     >>> import numpy as np
-    >>> from rddtensor.backend import get_ops, NUMPY_OPS
+    >>> from rddtensor.ops import get_ops, NUMPY_OPS
     >>> ops = get_ops(np.zeros(3))
     >>> ops is NUMPY_OPS, ops.relu_backward(np.ones(3), np.array([-1.0, 0.0, 2.0]))
     (True, array([0., 0., 1.]))
@@ -44,7 +44,7 @@ from numbers import Integral
 import numpy as np
 import scipy.special
 
-from rddtensor.backend.arrays import get_array_module
+from rddtensor.backend import get_array_module
 
 __all__ = ["NumpyOps", "NUMPY_OPS", "check_step", "conv_output_size", "conv_output_shape",
            "pad_spatial", "crop_spatial", "offset_slices", "add_weight_decay", "adam_moments",

@@ -14,7 +14,7 @@ before, so without fixed settings a layer's speed depends on what else the proce
 ``tune_malloc`` fixes both thresholds: requests up to 32 MiB come from the heap and up to
 256 MiB of free heap stays mapped for reuse. The price is memory: a process keeps up to that
 much free heap resident instead of giving it back (a Python worker training a model holds its
-working set anyway). It runs once per process, applied by ``rddtensor.backend.runtime`` (every
+working set anyway). It runs once per process, applied by ``rddtensor.runtime`` (every
 Spark Python worker) and by the in-process fit, evaluate and predict, never by the math itself;
 ``RDDTENSOR_MALLOC=default`` leaves glibc's defaults alone, and it does nothing where glibc is
 absent (macOS, musl).
