@@ -72,7 +72,8 @@ class AllReduce(abc.ABC):
     @abc.abstractmethod
     def iteration(self, state, shards, it: Iteration, model, acc):
         """``S_t -> S_{t+1}`` (lazy): one training step of ``model`` (this job's copy) on
-        ``shards`` (keyed shard RDD), stats into the accumulator ``acc``."""
+        ``shards`` (``rddtensor.spark.shards.Shards``: a pass reads the shuffled records
+        ``shards.beside(...)``, on the data's host), stats into the accumulator ``acc``."""
 
     @abc.abstractmethod
     def own_block(self, model, bounds):
@@ -126,10 +127,11 @@ class Sharded(AllReduce):
         bounds = state.bounds
         n = len(bounds)
         AG = rawrdd.shuffle_pairs(state.S, n)
-        RS = rawrdd.shuffle_raw(rawrdd.co_union(AG, shards),
-                                self._gradient(it, model, bounds, acc), n)
-        return rawrdd.map_raw(RS, self._update(model, bounds, it.step.wire_bf16,
-                                               it.state_cache))
+        RS = rawrdd.shuffle_raw(shards.beside(AG), self._gradient(it, model, bounds, acc), n)
+        # (the update reads no data, but runs where the data is: its records to itself, in
+        # the host-local cache, are there)
+        return rawrdd.map_raw(shards.beside(RS, data=False),
+                              self._update(model, bounds, it.step.wire_bf16, it.state_cache))
 
     @staticmethod
     def _gradient(it: Iteration, model, bounds, acc):
@@ -222,7 +224,7 @@ class Replicated(AllReduce):
                                bf16)
             yield from keyed(j, to_self(cache, Kind.RSTATE, j, t, {"t": t},
                                          join_own(w, slots)))
-        return rawrdd.map_raw(rawrdd.co_union(rawrdd.shuffle_pairs(state.S, n), shards), run)
+        return rawrdd.map_raw(shards.beside(rawrdd.shuffle_pairs(state.S, n)), run)
 
     @staticmethod
     def settle(model, params):

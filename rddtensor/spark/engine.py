@@ -188,7 +188,7 @@ def evaluate_state(state: ParameterState, shards: Shards, batch_size: int) -> di
 
     def job():
         with spark_errors():
-            return rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(
+            return shards.beside(AG).mapPartitionsWithIndex(
                 eval_stage(state.model, batch_size)).collect()
     parts = shards.run(job)
     stats = empty_stats(state.model.metrics)
@@ -344,7 +344,7 @@ class DistributedRunner:
                            weight_sum=self.weight_sums.get(self.t + s)
                            if self.weight_sums is not None else None)
             state = ParameterState(st.strategy, st.strategy.iteration(
-                state, self.shards.keyed(), it, job, self.acc), job, st.bounds)
+                state, self.shards, it, job, self.acc), job, st.bounds)
         S = state.S
         S.persist(state_level(self.sc))
         S.localCheckpoint()  # cut the lineage: the next job starts from these records
@@ -671,7 +671,7 @@ def predict_distributed(model, data, *, batch_size: int = 4096, features_col="fe
                          store=False)
     state = _driver_state(model, shards)
     AG = state.broadcast(shards.n_partitions)
-    return rawrdd.co_union(AG, shards.keyed()).mapPartitionsWithIndex(
+    return shards.beside(AG).mapPartitionsWithIndex(
         predict_stage(state.model, batch_size))
 
 

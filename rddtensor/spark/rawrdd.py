@@ -6,7 +6,7 @@ record is one ``bytes`` object (see ``rddtensor.spark.wire``) that the JVM store
 back untouched. ``co_union`` appends partition ``j`` of one shuffle output to partition ``j`` of
 another without a shuffle (Spark's partitioner-aware union), which is how a task sees both the
 shuffled parameters and its cached data shard (``pin``), whatever the number of records on each
-side. ``zip_raw`` (the JVM's ``zip``, equal record counts) pairs the one-record partitions of
+side; ``home`` keeps partition ``j``'s tasks on the host that holds its data. ``zip_raw`` (the JVM's ``zip``, equal record counts) pairs the one-record partitions of
 block tensors.
 """
 from __future__ import annotations
@@ -97,17 +97,33 @@ def pin(rdd: RDD, n_partitions: int) -> RDD:
 def co_union(*rdds: RDD) -> RDD:
     """Partition ``j`` of the result is partition ``j`` of each RDD in turn (no shuffle).
 
-    The RDDs must come from ``shuffle_pairs`` / ``pin`` with the same partition count: Spark
-    then unions them partition by partition (``PartitionerAwareUnionRDD``), whatever the number
-    of records in each. This is how a task sees the shuffled parameters and its data shard.
+    The RDDs must come from ``shuffle_pairs`` / ``pin`` / ``home`` with the same partition
+    count: Spark then unions them partition by partition (``PartitionerAwareUnionRDD``),
+    whatever the number of records in each. This is how a task sees the shuffled parameters and
+    its data shard. One union of all of them, never nested: the union's task runs on the host
+    that most of its parents prefer (a cached partition: where it is cached; a shuffle output:
+    the hosts that wrote at least a fifth of its bytes), a vote that ``home`` wins.
     """
     first = rdds[0]
-    out = first._jrdd
-    for r in rdds[1:]:
-        out = out.union(r._jrdd)
+    out = first.ctx.union(list(rdds))._jrdd if len(rdds) > 1 else first._jrdd
     if out.getNumPartitions() != first.getNumPartitions():
         raise RuntimeError("co_union needs RDDs partitioned alike (shuffle_pairs or pin outputs)")
     return raw(out, first.ctx)
+
+
+def home(rdd: RDD) -> RDD:
+    """An empty RDD partitioned like ``rdd`` (a ``pin`` / ``shuffle_pairs`` output, cached) whose
+    partition ``j`` is cached where partition ``j`` of ``rdd`` is: its task computes (or reads)
+    ``rdd``'s partition and keeps none of its records (the JVM's ``sample`` at fraction 0: no
+    Python pass, the partitioner kept). Persisted: count it once, and each of its tasks caches
+    both partitions on one executor.
+
+    Why: a partition's state records to itself go through its host's cache as tokens of a few
+    bytes (``rddtensor.spark.localcache``), so the shuffle's byte counts point a reducer to the
+    *other* hosts. ``co_union(shuffled, data, home)`` (or ``co_union(shuffled, home, home)``)
+    gives the data's host two votes to the shuffle's one per host: partition ``j`` runs on the
+    same host pass after pass and job after job (issue 21)."""
+    return raw(rdd._jrdd.sample(False, 0.0, 0), rdd.ctx).persist()
 
 
 def zip_raw(a: RDD, b: RDD) -> RDD:

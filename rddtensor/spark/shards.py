@@ -96,6 +96,8 @@ class Shards:
     restores: int = 0
     #: whether every partition holds sample weights: array ``"w"`` (float32, one per row)
     has_weights: bool = False
+    #: an empty RDD cached beside each partition (``rawrdd.home``): keeps its tasks there
+    home: object = None
 
     @property
     def n_partitions(self) -> int:
@@ -112,6 +114,14 @@ class Shards:
     def keyed(self):
         """The shard RDD, partitioned like every parameter shuffle (``rawrdd.co_union``)."""
         return self.rdd
+
+    def beside(self, *rdds, data: bool = True):
+        """``rdds`` (shuffle outputs) unioned partition by partition with this data (``data``)
+        and its home, so that partition ``j``'s task runs on the host caching shard ``j``
+        (``rawrdd.home``): ``co_union(*rdds, shards, home)``, or ``co_union(*rdds, home, home)``
+        for a pass that reads no data."""
+        home = self.home if self.home is not None else rawrdd.home(self.rdd)
+        return rawrdd.co_union(*rdds, *((self.rdd, home) if data else (home, home)))
 
     @property
     def stored(self) -> bool:
@@ -130,6 +140,8 @@ class Shards:
         """Drop the cached records and the stored files this host holds (the files on other
         hosts go with their executors' local directories)."""
         self.rdd.unpersist()
+        if self.home is not None:
+            self.home.unpersist()
         _remove_files(self.dirs)
 
     def restore(self, why: str = "") -> None:
@@ -148,15 +160,15 @@ class Shards:
         for j, (n, fp) in enumerate(zip(built.sizes, built.fingerprints)):
             old = self.fingerprints[j] if j < len(self.fingerprints) else None
             if n != self.sizes[j] or (fp is not None and old is not None and fp != old):
-                built.rdd.unpersist()
-                _remove_files(built.dirs)
+                built.drop()
                 raise ValueError(
                     f"partition {j} of the data was built again from its lineage after a data "
                     f"store miss and holds other rows than before ({n} rows, {self.sizes[j]} "
                     "before): the input is not deterministic (e.g. an unseeded sample, or a "
                     "repartition of unordered input); persist or checkpoint the input "
                     "DataFrame/RDD before fit, or set spark.rddtensor.dataStore=false")
-        self.rdd, self.dirs, self.fingerprints = built.rdd, built.dirs, built.fingerprints
+        self.rdd, self.home, self.dirs, self.fingerprints = (built.rdd, built.home, built.dirs,
+                                                             built.fingerprints)
         if mode == "false":
             self.mode = "false"
 
@@ -513,7 +525,8 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
 
     def rebuild(again_mode):
         return _build(rows, stack, feature_shape, again_mode, names)
-    return Shards(built.rdd, built.sizes, feature_shape, has_labels, label_range=built.labels,
+    return Shards(built.rdd, built.sizes, feature_shape, has_labels, home=built.home,
+                  label_range=built.labels,
                   mode=mode, rebuild=rebuild, dirs=built.dirs, fingerprints=built.fingerprints,
                   has_weights=has_weights)
 
@@ -581,6 +594,7 @@ class _Built:
     shape, stored directory and fingerprints; ``labels`` summarises the scalar labels."""
 
     rdd: object
+    home: object
     sizes: list
     labels: tuple | None
     shapes: list
@@ -589,6 +603,7 @@ class _Built:
 
     def drop(self):
         self.rdd.unpersist()
+        self.home.unpersist()
         _remove_files(self.dirs)
 
 
@@ -634,11 +649,15 @@ def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _B
 
     N = rows.getNumPartitions()
     shard_rdd = rawrdd.shuffle_raw(rows, build, N).persist()
+    home = rawrdd.home(shard_rdd)
     try:
         with spark_errors():
-            shard_rdd._jrdd.count()  # the JVM caches the shuffled records: no Python pass
+            # each task caches partition j of both, on one executor (the JVM caches the
+            # shuffled records: no Python pass after the build)
+            home._jrdd.count()
     except BaseException:
         shard_rdd.unpersist()
+        home.unpersist()
         _remove_files([f[3] for f in facts.value.values()])
         raise
     parts = [facts.value[j] for j in range(N)]
@@ -646,7 +665,7 @@ def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _B
     labels = None
     if found and len(found) == sum(1 for p in parts if p[0]):
         labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
-    return _Built(shard_rdd, [p[0] for p in parts], labels, [p[2] for p in parts],
+    return _Built(shard_rdd, home, [p[0] for p in parts], labels, [p[2] for p in parts],
                   [p[3] for p in parts], [p[4] for p in parts])
 
 
