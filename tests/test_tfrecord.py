@@ -11,6 +11,7 @@ import shutil
 import struct
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 pytest.importorskip("google.protobuf", reason="the tfrecord extra (protobuf) is not installed")
@@ -77,32 +78,25 @@ def test_schema_is_inferred_from_the_features(tf_spark):
 def test_values_and_dtypes_read_back_exactly(tf_spark, file):
     table = read(tf_spark, os.path.join(DATA, file)).toArrow()
     assert table.num_rows == EXPECTED["files"][file]["num_records"]
+    numpy_dtype = {"int64": np.int64, "float32": np.float32}
     for feature, tf_dtype in EXPECTED["files"][file]["dtypes"].items():
         kind, want = expected_column(file, feature)
-        col = table.column(feature)
-        if kind == "bytes_list":
-            got = col.to_pylist()
-            assert [w if w is None or len(w) != 1 or feature == "blobs" else w[0]
-                    for w in want] == got, feature
-            continue
-        scalar = not str(col.type).startswith("list")
-        values = col.to_pylist()
-        assert [v is None for v in values] == [w is None for w in want], feature
-        for row, (v, w) in enumerate(zip(values, want)):
+        col = table.column(feature).combine_chunks()
+        is_list = pa.types.is_list(col.type)
+        assert [v is None for v in col.to_pylist()] == [w is None for w in want], feature
+        for row, w in enumerate(want):
             if w is None:
                 continue
-            if scalar:  # Arrow's numpy view of the column: the stored dtype, not a cast
-                v = np.asarray(col.chunk(0).slice(row, 1).to_numpy(zero_copy_only=False))
-            arr = np.asarray(v, dtype=w.dtype)
-            assert tf_dtype == {"int64": "int64", "float32": "float32"}[arr.dtype.name]
-            if kind == "float_list":
-                assert same_float32(arr, w), (feature, row)
-            else:
-                assert np.array_equal(arr, w), (feature, row)
-    # numpy dtypes of the scalar columns, straight from Arrow
-    assert table.column("big").to_numpy().dtype == np.int64
-    assert table.column("label").to_numpy().dtype == np.int64
-    assert table.column("score").to_numpy().dtype == np.float32
+            values = col[row].values if is_list else col.slice(row, 1)
+            if kind == "bytes_list":
+                assert tf_dtype == "string" and values.to_pylist() == w, (feature, row)
+                continue
+            got = values.to_numpy(zero_copy_only=False)  # the stored dtype, not a cast
+            assert got.dtype == numpy_dtype[tf_dtype], (feature, got.dtype)
+            same = same_float32 if kind == "float_list" else np.array_equal
+            assert same(got, w), (feature, row, got, w)
+    assert not pa.types.is_list(table.schema.field("label").type)
+    assert pa.types.is_list(table.schema.field("tokens").type)
     if file == PLAIN:
         assert table.column("big").to_pylist()[:3] == [-2**63, 2**63 - 1, 2**53 + 1]
 
@@ -137,7 +131,7 @@ def test_feature_of_another_kind_names_column_and_file(tf_spark):
                                         r"values, but column 'tokens' is a scalar bigint; read "
                                         r"it as array<bigint>"):
         read(tf_spark, os.path.join(DATA, PLAIN), "tokens bigint").collect()
-    with pytest.raises(Exception, match=r"column 'label' \(int8\) cannot hold a value"):
+    with pytest.raises(Exception, match=r"column 'big' \(int8\) cannot hold a value"):
         read(tf_spark, os.path.join(DATA, PLAIN), "big tinyint").select("big").collect()
     with pytest.raises(Exception, match=r"column 'when' has type timestamp"):
         read(tf_spark, os.path.join(DATA, PLAIN), "when timestamp").collect()
@@ -159,9 +153,12 @@ def test_corrupt_and_truncated_files_name_file_and_offset(tf_spark, tmp_path):
     damaged[png + 8] ^= 0xFF
     bad = tmp_path / "damaged.tfrecord"
     bad.write_bytes(bytes(damaged))
-    with pytest.raises(Exception, match=rf"damaged\.tfrecord: corrupt record at byte offset "
-                                        rf"{offsets[3]}: the data's checksum does not match"):
-        read(tf_spark, str(bad), INFERRED[7:-1]).collect()
+    message = (rf"damaged\.tfrecord: corrupt record at byte offset {offsets[3]}: the data's "
+               rf"checksum does not match")
+    with pytest.raises(Exception, match=message):  # in a task
+        read(tf_spark, str(bad), "label bigint, `image/encoded` binary").collect()
+    with pytest.raises(Exception, match=message):  # inferring the schema, on the driver
+        read(tf_spark, str(bad))
     # without checksums the damaged PNG byte goes through: the Example itself still parses
     assert read(tf_spark, str(bad), "label bigint", verifyChecksums="false").count() == 48
 
@@ -176,14 +173,20 @@ def test_corrupt_and_truncated_files_name_file_and_offset(tf_spark, tmp_path):
         read(tf_spark, os.path.join(DATA, GZIP), "label bigint", compression="NONE").collect()
 
 
-def test_gzip_without_extension_and_directories(tf_spark, tmp_path):
-    shutil.copy(os.path.join(DATA, GZIP), tmp_path / "part-00001")
+def test_directories_globs_and_gzip_without_extension(tf_spark, tmp_path):
     shutil.copy(os.path.join(DATA, PLAIN), tmp_path / "part-00000")
-    (tmp_path / "_SUCCESS").write_bytes(b"")
-    df = read(tf_spark, str(tmp_path / "part-00001"), "label bigint", compression="GZIP")
-    assert df.count() == 16
-    df = read(tf_spark, str(tmp_path), "name binary", pathGlobFilter="part-00000")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(os.path.join(DATA, PLAIN), tmp_path / "sub" / "part-00001")
+    for skipped in ("_SUCCESS", ".part-00000.crc"):  # not TFRecord: reading them would fail
+        (tmp_path / skipped).write_bytes(b"not a record")
+    df = read(tf_spark, str(tmp_path), "name binary")
     assert df.count() == 48 and df.rdd.getNumPartitions() == 1
+    df = read(tf_spark, str(tmp_path), "name binary", recursiveFileLookup="true")
+    assert df.count() == 96 and df.rdd.getNumPartitions() == 2
+    assert read(tf_spark, str(tmp_path / "*" / "part-*"), "name binary").count() == 48
+    shutil.copy(os.path.join(DATA, GZIP), tmp_path / "sub" / "part-00002")
+    assert read(tf_spark, str(tmp_path / "sub" / "part-00002"), "label bigint",
+                compression="GZIP").count() == 16
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -198,8 +201,10 @@ def test_stream_picks_up_files_added_later(tf_spark, tmp_path):
         q = (stream.writeStream.trigger(availableNow=True)
              .option("checkpointLocation", str(checkpoint))
              .foreachBatch(lambda df, i: batches.append((i, df.collect()))).start())
-        q.awaitTermination(120)
-        assert q.exception() is None
+        try:
+            assert q.awaitTermination(120), "the availableNow query did not finish"
+        finally:
+            q.stop()
         return stream
 
     stream = run()
@@ -223,6 +228,8 @@ def test_stream_picks_up_files_added_later(tf_spark, tmp_path):
 def test_png_bytes_decode_to_the_image_path(tf_spark):
     pytest.importorskip("PIL")
     df = tfrecord.decode_image_column(read(tf_spark, os.path.join(DATA, PLAIN)), "image/encoded")
+    from pyspark.ml.image import ImageSchema
+    assert df.schema["image"].dataType == ImageSchema.columnSchema  # spark.read.format("image")'s
     rows = df.select("image", "label").collect()
     info = EXPECTED["files"][PLAIN]
     h, w, c = info["png_shape"]
@@ -232,7 +239,8 @@ def test_png_bytes_decode_to_the_image_path(tf_spark):
         assert (img.height, img.width, img.nChannels, img.mode) == (h, w, 3, 16)
         assert np.array_equal(np.frombuffer(img.data, np.uint8).reshape(h, w, c), rgb[..., ::-1])
         # rddtensor's own image decoding (what fit/transform use): NCHW float32 RGB in [0, 1]
-        assert np.array_equal(decode_value(img), rgb.transpose(2, 0, 1).astype(np.float32) / 255)
+        np.testing.assert_allclose(decode_value(img), rgb.transpose(2, 0, 1) / 255, rtol=0,
+                                   atol=1e-7)
 
 
 def test_train_on_tfrecord_images_end_to_end(tf_spark):
@@ -243,9 +251,9 @@ def test_train_on_tfrecord_images_end_to_end(tf_spark):
                           L.Flatten(), L.Dense(3)], seed=0)
     model.compile(optimizer=Adam(0.03), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    history = model.fit(df, features_col="image", label_col="label", epochs=8, batch_size=16,
+    history = model.fit(df, features_col="image", label_col="label", epochs=2, batch_size=16,
                         verbose=0)
     loss = history.history["loss"]
-    assert loss[-1] < 0.5 * loss[0], loss
+    assert loss[-1] < 0.3 * loss[0], loss
     assert model.evaluate(df.withColumnRenamed("image", "features"))["accuracy"] >= 0.95
     df.unpersist()

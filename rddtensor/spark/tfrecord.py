@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import struct
-from fnmatch import fnmatch
+from fnmatch import fnmatchcase
 from pathlib import PurePosixPath
 
 import pyarrow as pa
@@ -158,40 +159,55 @@ def _number(options, name, default: int) -> int:
     return n
 
 
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _glob(fs, path: str) -> list:
+    """The paths matching ``path``, whose components may hold ``*``, ``?`` and ``[...]``: one
+    directory listing per level that holds a pattern."""
+    parts = PurePosixPath(path).parts
+    first = next(i for i, part in enumerate(parts) if _has_glob(part))
+    if first == 0:
+        raise ValueError(f"tfrecord path {path!r}: the first path component cannot be a pattern")
+    found = [str(PurePosixPath(*parts[:first]))]
+    for part in parts[first:]:
+        if not _has_glob(part):
+            found = [posixpath.join(d, part) for d in found]
+            continue
+        dirs = [i.path for i in fs.get_file_info(found) if i.type == pafs.FileType.Directory]
+        found = [i.path for d in dirs for i in fs.get_file_info(pafs.FileSelector(d))
+                 if fnmatchcase(posixpath.basename(i.path), part)]
+    return found
+
+
 def list_files(fs, path: str, options) -> list:
-    """The files ``path`` names, sorted: itself, a directory's files, or a glob's matches."""
-    glob = _option(options, "pathGlobFilter", None)
+    """The files ``path`` names, sorted: itself, a directory's files, or a glob's matches (and
+    the files of the directories it matches). Names starting with ``.`` or ``_`` are skipped
+    except where ``path`` names the file itself; ``pathGlobFilter`` filters names."""
+    pattern = _option(options, "pathGlobFilter", None)
     recursive = _flag(options, "recursiveFileLookup", False)
 
     def wanted(name):
-        name = os.path.basename(name)
-        return not name.startswith((".", "_")) and (glob is None or fnmatch(name, glob))
+        name = posixpath.basename(name)
+        return not name.startswith((".", "_")) and (pattern is None or fnmatchcase(name, pattern))
 
     def in_directory(directory):
         infos = fs.get_file_info(pafs.FileSelector(directory, recursive=recursive))
         return [i.path for i in infos if i.type == pafs.FileType.File and wanted(i.path)]
 
-    if any(c in path for c in "*?["):
-        parts = PurePosixPath(path).parts
-        fixed = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
-        base = str(PurePosixPath(*parts[:fixed])) if fixed else "."
-        if not fs.get_file_info(base).type == pafs.FileType.Directory:
-            return []
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        files = []
-        for i in infos:
-            if PurePosixPath(i.path).match(path):
-                if i.type == pafs.FileType.Directory:
-                    files += in_directory(i.path)
-                elif i.type == pafs.FileType.File and wanted(i.path):
-                    files.append(i.path)
-        return sorted(set(files))
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.File:
-        return [path]
-    if kind == pafs.FileType.Directory:
-        return sorted(in_directory(path))
-    return []
+    if not _has_glob(path):
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.File:
+            return [path]
+        return sorted(in_directory(path)) if kind == pafs.FileType.Directory else []
+    files = []
+    for info in fs.get_file_info(_glob(fs, path)):
+        if info.type == pafs.FileType.Directory:
+            files += in_directory(info.path)
+        elif info.type == pafs.FileType.File and wanted(info.path):
+            files.append(info.path)
+    return sorted(set(files))
 
 
 def _compression(path: str, options):
@@ -465,24 +481,28 @@ def register(spark):
 
 # --- images -----------------------------------------------------------------------------------
 #: Spark's image struct (``pyspark.ml.image.ImageSchema.columnSchema``), built without a JVM
-IMAGE_STRUCT = StructType([StructField("origin", StringType()),
-                           *(StructField(n, IntegerType()) for n in ("height", "width", "nChannels",
-                                                                    "mode")),
-                           StructField("data", BinaryType())])
+IMAGE_STRUCT = StructType([StructField("origin", StringType(), True),
+                           *(StructField(n, IntegerType(), False)
+                             for n in ("height", "width", "nChannels", "mode")),
+                           StructField("data", BinaryType(), False)])
 _OPENCV_MODES = {1: 0, 3: 16, 4: 24}  # channels -> CV_8UC1, CV_8UC3, CV_8UC4
 
 
 def encoded_image_struct(data, origin=""):
     """Encoded image bytes (PNG, JPEG, ... anything Pillow opens) as an image-struct tuple, laid
     out as ``spark.read.format("image")`` lays it out: 8-bit, row-major HWC, BGR(A) channels;
-    grayscale stays one channel, images with an alpha channel or transparency get four."""
+    grayscale stays one channel, images with an alpha channel or transparency get four. Images
+    of more than 8 bits per channel are refused, as rddtensor's image path refuses them."""
     if data is None:
         return None
     if Image is None:
         raise ImportError("decoding images needs Pillow: pip install pillow")
     with Image.open(io.BytesIO(bytes(data))) as img:
+        if img.mode.startswith(("I", "F")):
+            raise ValueError(f"image {origin!r}: mode {img.mode} ({img.format}) is not an 8-bit "
+                             "image; only 8-bit images are supported")
         alpha = "A" in img.getbands() or "transparency" in img.info
-        gray = not alpha and img.mode in ("1", "L", "I", "I;16", "F")
+        gray = not alpha and img.mode in ("1", "L")
         mode = "L" if gray else "RGBA" if alpha else "RGB"
         raw, height, width = img.convert(mode).tobytes(), img.height, img.width
     channels = len(mode)
