@@ -2,7 +2,10 @@
 
 Layers (float32): Dense 512->512 on a (256, 512) batch; Conv2D 3x3, 64->64 channels, padding 1
 on (32, 64, 32, 32); LSTM with 128 units over 50 steps of 128 features, batch 32
-(``return_sequences=True``). One call = forward, then backward with output gradient ``R``
+(``return_sequences=True``); MultiHeadAttention (self-attention, d_model 256, 8 heads) and
+TransformerEncoderLayer (d_model 256, 8 heads, dim_feedforward 1024, ReLU, post-norm, dropout 0)
+on (32, 128, 256), against ``torch.nn.MultiheadAttention(batch_first=True)`` called as
+``mha(X, X, X, need_weights=False)`` and ``torch.nn.TransformerEncoderLayer(batch_first=True)``. One call = forward, then backward with output gradient ``R``
 (a fixed random array), computing the input and the weight gradients on both sides: PyTorch
 runs ``Y.backward(R)`` on an input with ``requires_grad=True``. Both libraries get the same
 weights (PyTorch layouts) and inputs; a check asserts their outputs agree before anything is
@@ -27,10 +30,11 @@ depends on what the other freed before it: glibc raises its mmap threshold as it
 Usage::
 
     python -m benchmarks.layers [--quick] [--threads T] [--repeats R] [--openblas-coretype NAME]
-                                [--malloc tuned|default]
+                                [--malloc tuned|default] [--only KIND ...]
 
 Writes ``benchmarks/results/layers.json`` and ``layers.md`` (``layers_quick.*`` with --quick,
-``layers_<name>.*`` with --openblas-coretype).
+``layers_<name>.*`` with --openblas-coretype, ``layers_only_<kinds>.*`` with --only, which runs
+just the rows of those kinds: dense, conv, lstm, mha, tel).
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ CASES = {
     "Dense 512->512, batch 256": ("dense", (256, 512)),
     "Conv2D 3x3 64->64, 32x32, batch 32": ("conv", (32, 64, 32, 32)),
     "LSTM 128 units x 50 steps, batch 32": ("lstm", (32, 50, 128)),
+    "MultiHeadAttention d 256, 8 heads, seq 128, batch 32": ("mha", (32, 128, 256)),
+    "TransformerEncoderLayer d 256, 8 heads, ff 1024, seq 128, batch 32": ("tel", (32, 128, 256)),
 }
 
 
@@ -54,7 +60,10 @@ def _ours(kind, shape):
 
     from rddtensor import layers as L
     layer = {"dense": lambda: L.Dense(512), "conv": lambda: L.Conv2D(64, 3, padding=1),
-             "lstm": lambda: L.LSTM(128, return_sequences=True)}[kind]()
+             "lstm": lambda: L.LSTM(128, return_sequences=True),
+             "mha": lambda: L.MultiHeadAttention(256, 8),
+             "tel": lambda: L.TransformerEncoderLayer(256, 8, dim_feedforward=1024,
+                                                      dropout=0.0)}[kind]()
     layer.build(shape[1:])
     params = layer.init_params(np.random.default_rng(0))
     return layer, params
@@ -70,6 +79,11 @@ def _torch_twin(kind, params):
         m = torch.nn.Conv2d(64, 64, 3, padding=1)
         m.weight.data = torch.from_numpy(params["W"].copy())
         m.bias.data = torch.from_numpy(params["b"].copy())
+    elif kind in ("mha", "tel"):  # our keys are PyTorch's state_dict keys
+        m = (torch.nn.MultiheadAttention(256, 8, batch_first=True) if kind == "mha" else
+             torch.nn.TransformerEncoderLayer(256, 8, dim_feedforward=1024, dropout=0.0,
+                                              batch_first=True))
+        m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params.items()})
     else:
         m = torch.nn.LSTM(128, 128, batch_first=True)
         for k in ("W_ih", "W_hh", "b_ih", "b_hh"):
@@ -93,7 +107,7 @@ def make_case(kind, shape):
     Rt = torch.from_numpy(R)
 
     def torch_out():
-        out = net(Xt)
+        out = net(Xt, Xt, Xt, need_weights=False) if kind == "mha" else net(Xt)
         return out[0] if isinstance(out, tuple) else out
     np.testing.assert_allclose(Y, torch_out().detach().numpy(), rtol=1e-3, atol=1e-3)
 
@@ -117,6 +131,9 @@ def main(argv=None):
                     help="set OPENBLAS_CORETYPE (e.g. SkylakeX) before NumPy loads")
     ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                     help="rddtensor's malloc settings (what a fit runs with) or glibc's defaults")
+    ap.add_argument("--only", nargs="+", default=None, metavar="KIND",
+                    choices=sorted({kind for kind, _ in CASES.values()}),
+                    help="run just the rows of these layer kinds")
     a = ap.parse_args(argv)
     if a.openblas_coretype:
         if "numpy" in sys.modules:
@@ -136,6 +153,8 @@ def main(argv=None):
     load_avg = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     rows, results = [], {}
     for label, (kind, shape) in CASES.items():
+        if a.only and kind not in a.only:
+            continue
         ours, theirs = make_case(kind, shape)
         r = time_interleaved({"rddtensor": ours, "pytorch": theirs}, calls=calls,
                              repeats=repeats, warmup=warmup, settle=0.3, rewarm=1)
@@ -147,7 +166,8 @@ def main(argv=None):
                             "ratio (medians)", "paired ratio range"], rows)
     flags = (" --quick" if a.quick else "") + (f" --openblas-coretype {a.openblas_coretype}"
                                                 if a.openblas_coretype else "") + (
-        " --malloc default" if a.malloc == "default" else "")
+        " --malloc default" if a.malloc == "default" else "") + (
+        f" --only {' '.join(a.only)}" if a.only else "")
     table += (f"\n\nThreads: {threads['threads']} for both (`match_threads`); NumPy's BLAS: "
               f"{', '.join(blas) or 'unknown'}"
               f"{' (OPENBLAS_CORETYPE=' + a.openblas_coretype + ')' if a.openblas_coretype else ''}"
@@ -161,7 +181,8 @@ def main(argv=None):
                "results": results}
     name = "layers" + ("_quick" if a.quick else "") + (
         f"_{a.openblas_coretype.lower()}" if a.openblas_coretype else "") + (
-        "_malloc_default" if a.malloc == "default" else "")
+        "_malloc_default" if a.malloc == "default" else "") + (
+        f"_only_{'_'.join(sorted(a.only))}" if a.only else "")
     path = write_results(name, payload, table)
     print(table)
     print(f"wrote {path}")

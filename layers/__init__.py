@@ -14,13 +14,16 @@ import importlib
 
 from rddtensor.layers.activations import (ELU, GELU, Activation, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh,
                                 get_activation)
+from rddtensor.layers.attention import MultiHeadAttention, PositionalEmbedding, TransformerEncoderLayer
 from rddtensor.layers.base import Layer, layer_class, register
 from rddtensor.layers.conv import Conv1D, Conv2D, Conv2DTranspose
 from rddtensor.layers.core import Dropout, Flatten, Reshape
 from rddtensor.layers.dense import Dense
 from rddtensor.layers.embedding import Embedding
 from rddtensor.layers.normalization import BatchNorm, LayerNorm
-from rddtensor.layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D, UpSampling2D
+from rddtensor.layers.pooling import (AvgPool2D, GlobalAveragePooling1D, GlobalAveragePooling2D,
+                                     GlobalAvgPool2D, GlobalMaxPooling1D, MaxPool1D, MaxPool2D,
+                                     UpSampling2D)
 from rddtensor.layers.recurrent import GRU, LSTM, SimpleRNN
 from rddtensor.layers.wrappers import Bidirectional, TimeDistributed
 
@@ -31,6 +34,8 @@ __all__ = [
     "Embedding", "SimpleRNN", "LSTM", "GRU", "Bidirectional", "TimeDistributed",
     "Conv1D", "Conv2D", "Conv2DTranspose", "MaxPool1D", "MaxPool2D", "AvgPool2D",
     "GlobalAvgPool2D", "UpSampling2D",
+    "MultiHeadAttention", "TransformerEncoderLayer", "PositionalEmbedding",
+    "GlobalAveragePooling1D", "GlobalMaxPooling1D", "GlobalAveragePooling2D",
 ]
 
 #: training-floor names this face hands on (imported on first use: the training floor imports

@@ -1,13 +1,18 @@
-"""Pooling and upsampling layers: MaxPool1D/2D, AvgPool2D, GlobalAvgPool2D, UpSampling2D.
+"""Pooling and upsampling layers: MaxPool1D/2D, AvgPool2D, GlobalAvgPool2D, UpSampling2D, and the
+sequence poolings GlobalAveragePooling1D / GlobalMaxPooling1D.
 
 Channels-first like the convolutions (``(batch, channels, length)``, NCHW) and numerically what
 PyTorch's ``max_pool1d/2d``, ``avg_pool2d``, ``adaptive_avg_pool2d(1)`` and
-``interpolate(mode="nearest")`` compute. No parameters. The window work is vectorised over batch,
+``interpolate(mode="nearest")`` compute. No parameters. The global 1-D poolings default to
+channels-last sequences ``(batch, time, features)`` (what ``Embedding``, the recurrent layers and
+the attention layers output; Keras' default) and take ``data_format="channels_first"`` after a
+``Conv1D``. The window work is vectorised over batch,
 channels and pixels; the only Python loops run over the offsets inside one pooling window.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -16,8 +21,9 @@ from rddtensor.layers.im2col import (SPATIAL_AXES, conv_output_size, crop_spatia
                            pad_spatial, window_view)
 from rddtensor.backend import get_array_module
 
-__all__ = ["MaxPool1D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "UpSampling2D",
-           "max_pool_nd", "avg_pool_nd"]
+__all__ = ["MaxPool1D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "GlobalAveragePooling2D",
+           "GlobalAveragePooling1D", "GlobalMaxPooling1D", "UpSampling2D", "max_pool_nd",
+           "avg_pool_nd"]
 
 # --- the pure functions ---------------------------------------------------------------------------
 def _all(sl):
@@ -276,6 +282,160 @@ class GlobalAvgPool2D(Layer):
         def backprop(dY):
             dX = xp.empty(shape, dtype=dY.dtype)
             dX[...] = (dY / (shape[2] * shape[3]))[:, :, None, None]
+            return dX, {}
+        return Y, backprop
+
+
+#: Keras' name for ``GlobalAvgPool2D`` (the same class: configs keep saying ``GlobalAvgPool2D``)
+GlobalAveragePooling2D = GlobalAvgPool2D
+
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+class _GlobalPool1D(Layer):
+    """Shared arguments, shapes and masks of the global 1-D poolings (not registered)."""
+
+    def __init__(self, data_format="channels_last", mask_value=None, *, input_shape=None,
+                 name=None):
+        super().__init__(input_shape=input_shape, name=name)
+        if data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be 'channels_last' (batch, time, features) or "
+                             f"'channels_first' (batch, channels, length), got {data_format!r}")
+        self.data_format = data_format
+        if mask_value is not None and (isinstance(mask_value, bool) or not isinstance(
+                mask_value, numbers.Real) or not math.isfinite(mask_value)):
+            raise ValueError(f"mask_value must be a finite number or None, got {mask_value!r}")
+        self.mask_value = None if mask_value is None else float(mask_value)
+
+    @property
+    def _axes(self):
+        """``(time axis, feature axis)`` of the full ``(batch, ...)`` array."""
+        return (1, 2) if self.data_format == "channels_last" else (2, 1)
+
+    def _layout(self):
+        return ("(batch, time, features)" if self.data_format == "channels_last"
+                else "(batch, channels, length)")
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(f"{self.describe()} needs a per-sample input shape "
+                             f"{self._layout().replace('batch, ', '')}, got {tuple(input_shape)}")
+        return (input_shape[self._axes[1] - 1],)
+
+    def _check_input(self, X):
+        if X.ndim != 3:
+            raise ValueError(f"{self.describe()} expects a batch of inputs {self._layout()}, got "
+                             f"shape {tuple(X.shape)}")
+        if self.input_shape is not None:
+            want = self.input_shape[self._axes[1] - 1]
+            if X.shape[self._axes[1]] != want:
+                raise ValueError(f"{self.describe()} expects inputs with {want} features (axis "
+                                 f"{self._axes[1]}), got shape {tuple(X.shape)}")
+
+    def _valid(self, X):
+        """``(batch, time, 1)`` or ``(batch, 1, length)`` booleans of the real steps, or None."""
+        if self.mask_value is None:
+            return None
+        xp = get_array_module(X)
+        valid = xp.any(X != self.mask_value, axis=self._axes[1], keepdims=True)
+        return None if bool(valid.all()) else valid
+
+    def get_config(self):
+        return {**super().get_config(), "data_format": self.data_format,
+                "mask_value": self.mask_value}
+
+
+@register
+class GlobalAveragePooling1D(_GlobalPool1D):
+    """Mean over the time axis: ``Y[n, f] = mean_t X[n, t, f]`` (Keras' ``GlobalAveragePooling1D``).
+
+    With ``mask_value=v`` a step whose features all equal ``v`` is padding and the mean is over
+    the real steps only (``sum_t valid X / count``; a row of padding only gives zeros), as Keras
+    does with a mask: ``Embedding(padding_idx=0)`` -> ... -> ``GlobalAveragePooling1D(
+    mask_value=0.0)`` averages the tokens, not the padding.
+
+    Args:
+        data_format: ``"channels_last"`` (``(batch, time, features)``, default) or
+            ``"channels_first"`` (``(batch, channels, length)``, what ``Conv1D`` outputs).
+        mask_value: ``None`` or the feature value of padded steps.
+        input_shape, name: see ``Layer``.
+
+    Shape:
+        input ``(batch, T, F)`` (or ``(batch, F, T)``), output ``(batch, F)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from rddtensor.layers.pooling import GlobalAveragePooling1D
+        >>> X = np.array([[[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]]])
+        >>> GlobalAveragePooling1D()(None, X), GlobalAveragePooling1D(mask_value=0.0)(None, X)
+        (array([[1.33333333, 2.        ]]), array([[2., 3.]]))
+    """
+
+    def forward(self, params, X, training=False, rng=None):
+        self._check_input(X)
+        xp = get_array_module(X)
+        t = self._axes[0]
+        shape, T = X.shape, X.shape[t]
+        valid = self._valid(X)
+        if valid is None:
+            Y = X.mean(axis=t)
+            scale = 1.0 / max(T, 1)
+        else:
+            count = valid.sum(axis=t, keepdims=True)
+            scale = (1.0 / xp.maximum(count, 1)).astype(X.dtype, copy=False)  # (batch, 1, 1)
+            Y = (X * valid).sum(axis=t) * xp.squeeze(scale, axis=t)
+
+        def backprop(dY):
+            g = xp.expand_dims(dY, t) * scale
+            if valid is not None:
+                g = g * valid
+            return xp.broadcast_to(g, shape).astype(dY.dtype, copy=True), {}
+        return Y, backprop
+
+
+@register
+class GlobalMaxPooling1D(_GlobalPool1D):
+    """Maximum over the time axis: ``Y[n, f] = max_t X[n, t, f]`` (Keras' ``GlobalMaxPooling1D``).
+
+    The gradient goes to the first maximum along time (as ``torch.max(dim=...)``). With
+    ``mask_value=v`` padded steps (all features equal to ``v``) never win; a row of padding only
+    gives zeros.
+
+    Args:
+        data_format: ``"channels_last"`` (``(batch, time, features)``, default) or
+            ``"channels_first"`` (``(batch, channels, length)``).
+        mask_value: ``None`` or the feature value of padded steps.
+        input_shape, name: see ``Layer``.
+
+    Shape:
+        input ``(batch, T, F)`` (or ``(batch, F, T)``), output ``(batch, F)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from rddtensor.layers.pooling import GlobalMaxPooling1D
+        >>> GlobalMaxPooling1D()(None, np.array([[[1.0, -2.0], [3.0, -4.0]]]))
+        array([[ 3., -2.]])
+    """
+
+    def forward(self, params, X, training=False, rng=None):
+        self._check_input(X)
+        xp = get_array_module(X)
+        t = self._axes[0]
+        shape = X.shape
+        valid = self._valid(X)
+        Xm = X if valid is None else xp.where(valid, X, -xp.inf)
+        idx = xp.expand_dims(xp.argmax(Xm, axis=t), t)  # first maximum; NaN wins, as PyTorch
+        Y = xp.squeeze(xp.take_along_axis(X, idx, axis=t), axis=t)
+        if valid is not None:
+            any_real = xp.squeeze(valid.any(axis=t, keepdims=True), axis=t)
+            Y = Y * any_real  # a row of padding only: 0
+        else:
+            any_real = None
+
+        def backprop(dY):
+            dX = xp.zeros(shape, dtype=dY.dtype)
+            g = dY if any_real is None else dY * any_real
+            xp.put_along_axis(dX, idx, xp.expand_dims(g, t), axis=t)
             return dX, {}
         return Y, backprop
 
