@@ -19,6 +19,12 @@ all-reduce, the optimizer update (SGD) and the scheduling. Run:
 
     python -m benchmarks.allreduce            # P = 1e5, 1e6, 1e7, 1e8
     python -m benchmarks.allreduce --quick    # P = 1e4, few repeats, one process (CI smoke test)
+    python -m benchmarks.allreduce --cluster 2hosts --sizes 1e5,1e6,1e7
+
+``--cluster 2hosts`` runs every contender as a driver of a standalone cluster of two "hosts" on
+this machine (``rddtensor.spark.testing.multi_host_cluster``: one 1-core executor on each of
+127.0.0.2 and 127.0.0.3, each with a private ``/dev/shm``), started once for the whole run;
+results go to ``allreduce_2hosts.json``/``.md``. Bytes between the hosts cross loopback.
 """
 from __future__ import annotations
 
@@ -80,11 +86,22 @@ class SyntheticParams(Layer):
         return {**super().get_config(), "size": self.size}
 
 
+MASTER_ENV = "RDDTENSOR_BENCH_MASTER"  # a cluster's master URL and executor count
+EXECUTORS_ENV = "RDDTENSOR_BENCH_EXECUTORS"
+
+
 def _session():
     from rddtensor.spark.session import get_spark
     extra = json.loads(os.environ.get("RDDTENSOR_BENCH_CONF", "{}"))
-    return get_spark("local[2]", app_name="bench-allreduce",
-                     conf={"spark.driver.memory": "1g", "spark.ui.enabled": "false", **extra})
+    spark = get_spark(os.environ.get(MASTER_ENV, "local[2]"), app_name="bench-allreduce",
+                      conf={"spark.driver.memory": "1g", "spark.ui.enabled": "false", **extra})
+    status = spark.sparkContext._jsc.sc().getExecutorMemoryStatus  # the driver's, and theirs
+    deadline = time.monotonic() + 120
+    while status().size() < int(os.environ.get(EXECUTORS_ENV, "0")) + 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster's executors did not register within 120 s")
+        time.sleep(0.1)
+    return spark
 
 
 def _jvm_peak_heap_mb(sc) -> float:
@@ -212,11 +229,34 @@ def _floor(sc, passes, k, repeats):
     return _time_groups(group, k, repeats)
 
 
+def _small_fit(sc, mode, repeats):
+    """Seconds per whole ``fit`` (3 epochs, 2,000 rows, batch 200: 30 steps) of a small MLP
+    (278 parameters) on an RDD: what scheduling and the all-reduce's fixed costs make of a
+    model too small to notice. The first fit (workers, imports) is not timed."""
+    from rddtensor import layers as L
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 10)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+    rows = sc.parallelize(list(zip(X, y)), N_PARTITIONS)
+    out = []
+    for r in range(repeats + 1):
+        m = L.Sequential([L.Dense(16, activation="relu", input_shape=(10,)), L.Dense(6)], seed=0)
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        t0 = time.perf_counter()
+        m.fit(rows, epochs=3, batch_size=200, allreduce=mode, verbose=0)
+        if r:
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def measure(sc, contender: str, size: int, k: int, repeats: int) -> dict:
     """One contender's samples on the running ``sc`` (the driver peaks are this process's)."""
     t0 = time.perf_counter()
     del _CPU[:]
-    if contender.split("-")[0] in ("sharded", "replicated"):
+    if contender.startswith("fit-"):
+        samples = _small_fit(sc, contender[4:], repeats)
+        _CPU.extend([0.0] * len(samples))  # (not measured for whole fits)
+    elif contender.split("-")[0] in ("sharded", "replicated"):
         samples = _rddtensor(sc, size, contender, k, repeats)
     elif contender == "mllib":
         samples = _mllib(sc, size, k, repeats)
@@ -254,13 +294,13 @@ def run_inline(contenders, size, k, repeats) -> list:
     return results
 
 
-def run_one(contender, size, k, repeats, timeout) -> dict:
+def run_one(contender, size, k, repeats, timeout, env=None) -> dict:
     # import the module by name (not ``-m``): as ``__main__`` its functions and their caches
     # would be pickled by value into every task, regenerating the noise each time
     cmd = [sys.executable, "-c", "import sys; from benchmarks.allreduce import main; main(sys.argv[1:])",
            "--worker", contender, "--size", str(size), "--k", str(k), "--repeats", str(repeats)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     except subprocess.TimeoutExpired:
         return {"contender": contender, "P": size, "error": f"timed out after {timeout} s"}
@@ -279,12 +319,31 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=8, help="iterations per timed group (one job for rddtensor)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--cluster", choices=("2hosts",),
+                    help="run on a standalone cluster of two hosts on this machine")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.worker, int(a.size), a.k, a.repeats)))
         return
+    if a.cluster and not a.quick:
+        from rddtensor.spark.testing import multi_host_cluster, unavailable_reason
+        why = unavailable_reason(2)
+        if why:
+            raise SystemExit(f"--cluster 2hosts: {why}")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # (the executors unpickle this module's layer: they need the checkout on their path)
+        with multi_host_cluster(hosts=2, env={"PYTHONPATH": root}) as cluster:
+            os.environ.update({MASTER_ENV: cluster.master, EXECUTORS_ENV: str(cluster.executors),
+                               "RDDTENSOR_BENCH_CONF": json.dumps(cluster.conf),
+                               "SPARK_LOCAL_IP": "127.0.0.1"})
+            return _main(a, "2 hosts: standalone master, 1-core executors on 127.0.0.2 and "
+                            "127.0.0.3 (private /dev/shm each)", "_2hosts")
+    return _main(a, "local[2]", "")
+
+
+def _main(a, master: str, suffix: str):
     sizes = [int(float(s)) for s in ("1e4" if a.quick else a.sizes).split(",")]
     k, repeats = (2, 2) if a.quick else (a.k, a.repeats)
     # quick: one process and one Spark session for all contenders (a JVM start each costs more
@@ -297,6 +356,16 @@ def main(argv=None):
             r = run_one(c, size, kk, rr, a.timeout)
             print(json.dumps({x: r.get(x) for x in ("contender", "P", "median_ms", "error")}), flush=True)
             results.append(r)
+    fits = []
+    if suffix:  # the small model's whole fit, here and on local[2], interleaved
+        local = {k: v for k, v in os.environ.items()
+                 if k not in (MASTER_ENV, EXECUTORS_ENV, "RDDTENSOR_BENCH_CONF")}
+        for c in ("fit-sharded", "fit-replicated"):
+            for where, env in (("2 hosts", None), ("local[2]", local)):
+                r = {**run_one(c, 0, 1, 3, a.timeout, env), "where": where}
+                print(json.dumps({x: r.get(x) for x in ("contender", "where", "median_ms",
+                                                         "error")}), flush=True)
+                fits.append(r)
     rows = []
     for size in sizes:
         by = {r["contender"]: r for r in results if r["P"] == size}
@@ -312,14 +381,24 @@ def main(argv=None):
     table = markdown_table(["P", "contender", "median ms/iter", "min", "max", "vs mllib",
                             "CPU ms/iter (all processes)", "driver JVM peak heap MB",
                             "driver Python peak RSS MB"], rows)
+    if fits:
+        local = {r["contender"]: r.get("median_ms") for r in fits if r["where"] == "local[2]"}
+        table += "\n\nA 3-epoch fit of a 278-parameter MLP, 2,000 rows, batch 200 (ms per fit, 3 fits):\n\n"
+        table += markdown_table(
+            ["contender", "where", "median ms/fit", "min", "max", "vs local[2]"],
+            [[r["contender"], r["where"], r.get("median_ms", r.get("error", "")),
+              r.get("min_ms", ""), r.get("max_ms", ""),
+              f"{r['median_ms'] / local[r['contender']]:.2f}x"
+              if r.get("median_ms") and local.get(r["contender"]) else ""] for r in fits])
     payload = {"benchmark": "allreduce", "environment": environment(("numpy", "pyspark")),
                "parameters": {"sizes": sizes, "iterations_per_group": k, "repeats": repeats,
-                              "partitions": N_PARTITIONS, "master": "local[2]",
+                              "partitions": N_PARTITIONS, "master": master,
                               "driver_memory": "1g",
                               "process_per_contender": not a.quick},
-               "command": "python -m benchmarks.allreduce" + (" --quick" if a.quick else ""),
-               "results": results}
-    path = write_results("allreduce" + ("_quick" if a.quick else ""), payload, table)
+               "command": "python -m benchmarks.allreduce" + (" --quick" if a.quick else "") +
+                          (f" --cluster {a.cluster} --sizes {a.sizes}" if suffix else ""),
+               "results": results, "fits": fits}
+    path = write_results("allreduce" + ("_quick" if a.quick else suffix), payload, table)
     print(table)
     print(f"wrote {path}")
 

@@ -88,6 +88,16 @@ def _datascale(payload) -> dict:
             for r in payload.get("results", [])}
 
 
+def _shuffle_order(payload) -> dict:
+    r = payload.get("results", {})
+    out = {f"{c.get('storage')}/{c.get('order')}": bool(c.get("final_test_accuracy", {})
+                                                         .get("samples"))
+           for c in r.get("convergence", [])}
+    if "reading" in r:
+        out["reading"] = bool(r["reading"])
+    return out
+
+
 def _listed(expected):
     def check(payload) -> dict:
         ran = set(payload.get("contenders_ran", []))
@@ -150,6 +160,8 @@ REGISTRY = {e.name: e for e in [
           timeout_s=3600, quick_cpu_s=15),
     Entry("datascale", "benchmarks.datascale", _datascale, "data engineer", timeout_s=7200,
           quick_cpu_s=15),
+    Entry("shuffle_order", "benchmarks.shuffle_order", _shuffle_order, "data engineer",
+          timeout_s=1800, quick_cpu_s=10),
 ]}
 
 

@@ -22,14 +22,15 @@ from benchmarks.common import ROOT, markdown_table
 
 REPORT = ROOT / "benchmarks" / "RESULTS.md"
 ORDER = ("race_digits", "cnn_throughput", "scaling_model", "local_step", "layers", "allreduce",
-         "inference", "datascale")
+         "inference", "datascale", "shuffle_order")
 TITLES = {"race_digits": "The race: time to 0.97 on digits x20",
           "cnn_throughput": "CNN training throughput and 1 -> 2 partition scaling",
           "scaling_model": "All-reduce cost model and extrapolation past one machine",
           "local_step": "In-process training step", "layers": "Layers, forward + backward",
           "allreduce": "All-reduce per iteration on local[2]",
           "inference": "Inference",
-          "datascale": "Per-iteration cost against data size (the data store)"}
+          "datascale": "Per-iteration cost against data size (the data store)",
+          "shuffle_order": "Epoch order at scale: BlockShuffle convergence and reads"}
 
 
 def _load(results_dir: Path, name: str, quick: bool):

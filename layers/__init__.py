@@ -29,6 +29,7 @@ from rddtensor.layers.wrappers import Bidirectional, TimeDistributed
 
 __all__ = [
     "Layer", "register", "layer_class", "Sequential", "History", "load_model", "ParamLayout",
+    "BlockShuffle",
     "Dense", "Dropout", "Flatten", "Reshape", "Activation", "get_activation",
     "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softmax", "BatchNorm", "LayerNorm",
     "Embedding", "SimpleRNN", "LSTM", "GRU", "Bidirectional", "TimeDistributed",
@@ -41,7 +42,8 @@ __all__ = [
 #: training-floor names this face hands on (imported on first use: the training floor imports
 #: these layers, so an eager import here would be a loop)
 _TRAINING = {"Sequential": "rddtensor.training.sequential", "load_model": "rddtensor.training.sequential",
-             "History": "rddtensor.training.history", "ParamLayout": "rddtensor.training.params"}
+             "History": "rddtensor.training.history", "ParamLayout": "rddtensor.training.params",
+             "BlockShuffle": "rddtensor.training.batching"}
 
 
 def __getattr__(name):

@@ -100,4 +100,5 @@ def two_hosts():
         def run(code, conf=None):
             return testing.run_driver(cluster, code, conf={**jvm, **(conf or {})}, env=driver)
         run.cluster = cluster
+        run.cluster_env = path["PYTHONPATH"]  # (for a second cluster a test starts itself)
         yield run

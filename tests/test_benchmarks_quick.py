@@ -2,8 +2,9 @@
 every results JSON passes the schema check, and every contender of every benchmark actually ran.
 
 The end-to-end test starts several Spark masters, TorchDistributor and PyTorch in subprocesses
-(under two minutes on a two-core machine: three benchmarks at a time, one Spark session per
-benchmark); the unit tests of the schema check, the runner and the report are fast.
+(a few minutes on a two-core machine: three benchmarks at a time, one Spark session per
+benchmark); it is marked ``benchmark`` and left out of the default run (``python -m pytest -m
+benchmark`` runs it). The unit tests of the schema check, the runner and the report are fast.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def test_report_from_payloads(tmp_path):
     assert "No results yet" in text  # the benchmarks without a JSON say so
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark
 @pytest.mark.spark
 def test_quick_run_of_every_benchmark(tmp_path):
     """``python -m benchmarks run --quick``: exit 0, every JSON valid, every contender ran."""

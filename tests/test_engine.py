@@ -468,7 +468,7 @@ def test_task_settings_are_frozen_and_pickle():
     from rddtensor.spark.worker import Worker
     step = StepConfig(n_total=10, batch_size=4, seed=0, shuffle=True, offsets=(0, 6), t0=0,
                       batch_sizes=(4, 4, 2), wire_bf16=True)
-    it = Iteration(step, CacheSettings(run="r", job=2, peers=True), cut=False)
+    it = Iteration(step, CacheSettings(run="r", job=2, peers=(0, 0)), cut=False)
     assert pickle.loads(pickle.dumps(it)) == it
     assert step.steps_per_epoch == 3 and step.gradient_bf16 == ("g",)
     assert it.state_cache is it.cache and dataclasses.replace(it, cut=True).state_cache is None

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from rddtensor.spark import localcache, wire
+from rddtensor.spark import localcache, rawrdd, wire
 from rddtensor.spark.config import CacheSettings, Kind
 from rddtensor.spark.stages import raws_of, split_records, to_self
 
@@ -120,8 +120,11 @@ def _raw(record) -> bytes:
     return b"".join(bytes(memoryview(p).cast("B")) for p in record)
 
 
-@pytest.mark.parametrize("peers", [False, True])
-def test_deliver_writes_once_and_tokens_only_where_the_cache_reaches(cache_root, peers):
+@pytest.mark.parametrize("peers, tokens", [((), {1}), ((0, 0, 0), {0, 1, 2}),
+                                           ((0, 1, 1), {1, 2}), ((1, 0, 1), {1})])
+def test_deliver_writes_once_and_tokens_only_where_the_cache_reaches(cache_root, peers, tokens):
+    """Tokens go to the partition itself and to the others on its host (``peers``: each
+    partition's host; ``()``: not known), chunks to the rest."""
     from rddtensor.spark.stages import deliver
     g = np.arange(300_000, dtype=np.float32)
     meta = {"src": 1, "t": 7}
@@ -131,9 +134,9 @@ def test_deliver_writes_once_and_tokens_only_where_the_cache_reaches(cache_root,
     for key, rec in zip(out[::2], out[1::2]):
         by_dest.setdefault(key, []).append(_raw(rec))
     assert len(by_dest) == 3
-    tokens = [d for d, recs in by_dest.items() if wire.unpack(recs[0])[0] == "local"]
+    got = {d for d, recs in by_dest.items() if wire.unpack(recs[0])[0] == "local"}
     # itself always through the cache; the other partitions too when they share the host
-    assert len(tokens) == (3 if peers else 1)
+    assert got == {rawrdd.key(d) for d in tokens}
     assert os.listdir(cache_root / "r5") == ["rgrad-1-1"]  # one file, however many readers
     want = _decoded([_raw(r) for r in wire.chunks(Kind.RGRAD, meta, {"g": g})])
     for recs in by_dest.values():  # every destination gets the same chunks, either way

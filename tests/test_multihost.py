@@ -126,17 +126,50 @@ def test_partitions_keep_their_executor_across_jobs(result):
     assert got == {"sharded": ("on", "on"), "replicated": ("on", "on")}
 
 
-def test_two_executors_per_host_variant(two_hosts):
-    """The hierarchical variant's shape (its executors' placement, two on each host, was checked
-    by hand: it costs a second driver): one worker of 2 cores per host, executors of 1 core."""
-    from rddtensor.spark.testing import multi_host_cluster
-    with multi_host_cluster(hosts=2, executors_per_host=2) as cluster:
+PEERS_SCRIPT = SETUP + textwrap.dedent("""
+    from rddtensor.spark.engine import DistributedRunner
+    from rddtensor.spark.allreduce import Sharded
+    from rddtensor.spark.shards import make_shards
+
+    rows = sc.parallelize(list(zip(X, y)), 4)
+    m = make_model()
+    shards = make_shards(rows)
+    m.build((5,))
+    m.init_slots()
+    runner = DistributedRunner(m, shards, Sharded(), batch_size=120, shuffle=True, seed=3,
+                               class_weight=None, iterations_per_job=2)
+    runner._run_group(1)  # (the scheduler's view of cached blocks is a job's snapshot)
+    hosts = list(runner._hosts())  # each partition's host, from where its data is cached
+    runner.close()
+    shards.unpersist()
+    m = make_model()
+    h = m.fit(rows, allreduce="sharded", iterations_per_job=2, **FIT)
+    emit({"hosts": hosts, "theta": m.theta.tolist(), "local_cache": h.params["local_cache"]})
+""")
+
+
+def test_two_executors_per_host_share_their_host_cache(two_hosts):
+    """Two executors on each of two hosts (one worker of 2 cores per host, executors of 1 core),
+    4 partitions: the driver knows which partitions share a host (where their data is cached:
+    two of each), records between them go through their host's cache, and the fit keeps the
+    cache on and equals the in-process one."""
+    from rddtensor.spark.testing import multi_host_cluster, run_driver
+    with multi_host_cluster(hosts=2, executors_per_host=2,
+                            env={"PYTHONPATH": two_hosts.cluster_env}) as cluster:
         workers = cluster.workers()
         assert sorted((w["host"], w["cores"], w["state"]) for w in workers) == [
             ("127.0.0.2", 2, "ALIVE"), ("127.0.0.3", 2, "ALIVE")]
         assert cluster.executors == 4
         assert cluster.conf["spark.executor.cores"] == "1"
         assert cluster.conf["spark.cores.max"] == "4"
+        out, _ = run_driver(cluster, PEERS_SCRIPT, env={"PYTHONPATH": two_hosts.cluster_env})
+    assert sorted(out["hosts"]) == [0, 0, 1, 1], out["hosts"]
+    assert out["local_cache"] == "on"
+    ns: dict = {}
+    exec(SETUP, ns)
+    ref = ns["make_model"]()
+    ref.fit(ns["X"], ns["y"], **ns["FIT"])
+    np.testing.assert_allclose(np.float32(out["theta"]), ref.theta, rtol=1e-5, atol=1e-7)
 
 
 def test_an_executor_killed_mid_fit_changes_nothing(result):

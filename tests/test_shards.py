@@ -291,7 +291,8 @@ def test_empty_inputs(sc, spark):
 def test_unpersist_releases_the_cache(sc):
     before = _persisted(sc)
     s = make_shards(sc.parallelize(list(zip(X, Y)), 2))
-    assert s.rdd.is_cached and len(_persisted(sc) - before) == 1
+    # the shards and their home (rawrdd.home: an empty RDD cached beside each partition)
+    assert s.rdd.is_cached and s.home.is_cached and len(_persisted(sc) - before) == 2
     s.unpersist()
     assert _persisted(sc) - before == set()
 

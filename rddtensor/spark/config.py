@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from rddtensor.training.batching import steps_per_epoch
+from rddtensor.training.batching import BlockShuffle, steps_per_epoch
 
 __all__ = ["Kind", "StepConfig", "CacheSettings", "Iteration"]
 
@@ -50,7 +50,9 @@ class StepConfig:
         n_total: training rows over all partitions.
         batch_size: rows per global mini-batch.
         seed: the fit's seed (row order per epoch, per-step dropout streams).
-        shuffle: whether every epoch draws a new row order.
+        shuffle: each epoch's row order (``rddtensor.training.batching``): ``True`` (a global
+            permutation per epoch), ``False`` (as stored) or a ``BlockShuffle`` (blocks, then
+            rows within windows of blocks; a frozen pair of ints, pickles small).
         offsets: ``offsets[j]`` is the global index of partition ``j``'s first row.
         t0: the step epoch 0 started from (``epoch, batch = divmod(t - t0, steps_per_epoch)``).
         batch_sizes: rows of each mini-batch of an epoch (the last may be short): the
@@ -63,7 +65,7 @@ class StepConfig:
     n_total: int
     batch_size: int
     seed: int
-    shuffle: bool
+    shuffle: bool | BlockShuffle
     offsets: tuple
     t0: int
     batch_sizes: tuple
@@ -95,16 +97,21 @@ class CacheSettings:
             soon as it is written, so every read misses.
         owner: ``localcache.register_run``'s value (the driver's host and cache root), or
             ``None``: a task there never makes the run's directory anew once it is removed.
-        peers: whether records between partitions may go through the cache too (every task of
-            the job runs on the driver's host, ``engine.one_host``); else only a partition's
-            records to itself do.
+        peers: per partition, the host its tasks run on (a small int; ``engine`` reads where
+            each partition's data is cached), or ``()`` when not known: a record between two
+            partitions of one host goes through that host's cache too (a token); a
+            partition's records to itself always do.
     """
 
     run: str
     job: int = 0
     evict: bool = False
     owner: str | None = None
-    peers: bool = False
+    peers: tuple = ()
+
+    def shares_host(self, src: int, dest: int) -> bool:
+        """Whether partitions ``src`` and ``dest`` run on one host (``src == dest`` always)."""
+        return src == dest or (bool(self.peers) and self.peers[src] == self.peers[dest])
 
 
 @dataclass(frozen=True)

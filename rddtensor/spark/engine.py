@@ -28,7 +28,8 @@ from pyspark import StorageLevel
 
 from rddtensor.training import checkpoint as checkpoints
 from rddtensor.layers.base import positive_int
-from rddtensor.training.batching import batch_sizes, steps_per_epoch
+from rddtensor.training.batching import (batch_sizes, check_shuffle, shuffle_setting,
+                                         steps_per_epoch)
 from rddtensor.training.params import block_bounds
 from rddtensor.training.steps import empty_stats, merge_stats, stats_logs
 from rddtensor.training.loop import fit_loop, stopped_at, warn_interrupted
@@ -286,6 +287,28 @@ class DistributedRunner:
         self._release_shuffles(steps)
         return stats
 
+    def _hosts(self) -> tuple:
+        """Per partition, which host its tasks run on (0, 1, ...: the order hosts first
+        appear), or ``()`` when that is not known for every partition. All on one host
+        (``one_host``): all 0. Else a partition's tasks run where its data shard's home is
+        cached (``rawrdd.home``); a partition whose home is not cached right now (its
+        executor was lost) is not known."""
+        if one_host(self.sc):
+            return (0,) * self.N
+        home = self.shards.home
+        if home is None:
+            return ()
+        # (the scheduler's view: a snapshot taken when the last job was submitted, so a job
+        # right after the shards were built sees no cached home and sends peers inline)
+        jsc, rdd, ids, out = self.sc._jsc.sc(), home._jrdd.rdd(), {}, []
+        for j in range(self.N):
+            locs = jsc.getPreferredLocs(rdd, j)
+            where = str(locs.apply(0).toString()) if locs.size() else ""
+            if not where.startswith("executor_"):  # (cached: "executor_<host>_<id>")
+                return ()
+            out.append(ids.setdefault(where[len("executor_"):].rsplit("_", 1)[0], len(ids)))
+        return tuple(out)
+
     def _release_shuffles(self, steps: int):
         """Let Spark delete the shuffle files of finished iterations (see ``_GC_ITERATIONS``):
         per 100 iterations or ~1 GB of shuffle, one driver JVM collection (which frees what the
@@ -330,10 +353,10 @@ class DistributedRunner:
         st = self.state
         job = self.model.task_copy(freeze_optimizer=True)
         self.cache = dataclasses.replace(self.cache, job=self.cache.job + 1)
-        # records between partitions go through the cache too while all tasks share a host
-        cache = (dataclasses.replace(self.cache, peers=one_host(self.sc)) if self.local_cache
+        # records between partitions of one host go through that host's cache too
+        cache = (dataclasses.replace(self.cache, peers=self._hosts()) if self.local_cache
                  else None)
-        self.peers = cache is not None and cache.peers
+        self.peers = cache is not None and len(cache.peers) > 0 and len(set(cache.peers)) == 1
         # each iteration starts from the state before it: an update pending in it (the
         # replicated strategy) applies with the optimizer settings of the job that computed its
         # gradients: the previous job's (``st.model``) in the cut state, then this job's
@@ -525,8 +548,9 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                     initial_epoch: int = 0, weight_col=None):
     """Train ``model`` on an RDD of ``(features, label)`` or a DataFrame, distributed.
 
-    Same semantics as in-process ``fit``: the same global mini-batches (rows come from one
-    global permutation per epoch, each partition taking its own rows), the same loss
+    Same semantics as in-process ``fit``: the same global mini-batches (rows in each epoch's
+    order, ``shuffle``: ``True``, ``False`` or a ``BlockShuffle``; each partition taking its
+    own rows), the same loss
     normalisation and the same optimizer update, so the weights equal the in-process run up to
     float summation order (bit-identical with one partition).
 
@@ -557,6 +581,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             ``fit(epochs=6, initial_epoch=3)`` equals ``fit(epochs=6)``.
     """
     iterations_per_job = positive_int(iterations_per_job, "iterations_per_job")
+    shuffle = check_shuffle(shuffle)
     if wire_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"wire_dtype must be 'float32' or 'bfloat16', got {wire_dtype!r}")
     if checkpoint_dir is not None:  # a path that cannot hold checkpoints fails before any job
@@ -585,7 +610,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         model.init_slots()
         ckpt, resumed = checkpoints.start(
             model, checkpoint_dir, checkpoint_every, resume,
-            settings={"seed": seed, "batch_size": batch_size, "shuffle": bool(shuffle),
+            settings={"seed": seed, "batch_size": batch_size, "shuffle": shuffle_setting(shuffle),
                       "n_total": shards.n_total, "partitions": shards.n_partitions})
         if validation_data is not None:
             val = make_shards(validation_data, feature_shape=model.input_shape,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from pyspark.accumulators import AccumulatorParam
 
-from rddtensor.training.batching import local_batches, step_rng
+from rddtensor.training.batching import (BlockShuffle, block_windows, local_batches, step_rng,
+                                         windows_to_prefetch)
 from rddtensor.training.steps import evaluate_arrays, gradient_step, sum_weights
 from rddtensor.spark import device, localcache, rawrdd, wire, worker
 from rddtensor.spark.config import CacheSettings, Kind, StepConfig
@@ -100,12 +101,12 @@ def deliver(cache: CacheSettings | None, kind: Kind, src: int, t: int, meta: dic
     every partition in ``dests``.
 
     Through the host-local cache (``to_self``) when the job's ``cache`` settings allow it: to
-    ``src`` itself always, to other partitions when ``cache.peers`` (every task of the job
-    runs on this host). The record is written once (file ``<kind>-<file or src>``) and each of
-    those destinations gets its token; the others get its chunks."""
+    ``src`` itself always, to other partitions on the same host (``cache.shares_host``). The
+    record is written once (file ``<kind>-<file or src>``) and each of those destinations gets
+    its token; the others get its chunks."""
     cached = inline = None
     for d in dests:
-        if cache is not None and (d == src or cache.peers):
+        if cache is not None and cache.shares_host(src, d):
             if cached is None:
                 cached = list(to_self(cache, kind, src if file is None else file, t, meta,
                                       arrays, bf16))
@@ -188,6 +189,8 @@ def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records
         w, X, y, rows = gpu.step_inputs(theta, meta, arrays, rows)
         X, y = X[rows], y[rows]
     else:  # only the batch's rows are read (from the data store: nothing else is mapped)
+        if isinstance(step.shuffle, BlockShuffle) and arrays.reader is not None:
+            read_ahead(here, step, epoch, b, lo, meta["n"], arrays.reader)
         X, y = arrays.take("X", rows), arrays.take("y", rows)
         grad_out = here.scratch("grad", model.layout.size, theta.dtype)
     g, stats = gradient_step(model, w, X, y,
@@ -200,6 +203,28 @@ def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records
         g = gpu.gradient_to_host(g)
     acc.add({(t + 1, j): stats})
     return g
+
+
+def read_ahead(here, step: StepConfig, epoch: int, b: int, lo: int, n: int, reader) -> None:
+    """A ``BlockShuffle`` fit on stored rows: ask the kernel to read the partition's runs of the
+    windows step ``b`` enters and of the next one (``batching.windows_to_prefetch``,
+    ``PartitionReader.prefetch``: ``MADV_WILLNEED``), so that a window's blocks come from disk
+    as a few sequential reads, ahead of the batches that gather from them. Speed only: the
+    rows a step reads never change, and a failed hint is ignored. The windows' runs of an
+    epoch are kept with the worker's batch plans."""
+    key = ("windows", step.n_total, step.seed, epoch, step.shuffle, lo, lo + n)
+    windows = here.plans.get(key)
+    if windows is None:
+        windows = here.plans[key] = block_windows(step.n_total, step.seed, epoch, step.shuffle,
+                                                  lo, lo + n)
+    bounds, runs = windows
+    try:
+        for w in windows_to_prefetch(bounds, b, step.batch_size):
+            for a, z in runs[w].tolist():
+                for name in reader.names:
+                    reader.prefetch(name, a, z)
+    except (OSError, ValueError):  # (a hint: the reads themselves report real trouble)
+        pass
 
 
 def batch_weight_sums(step: StepConfig, epochs):

@@ -4,5 +4,9 @@
 It builds on the math floor (``rddtensor.layers``, ``rddtensor.optim``) and knows nothing of
 Spark: the Spark engine (``rddtensor.spark``) registers itself in
 ``rddtensor.training.engines`` and calls these step functions inside its tasks. Users reach the
-public names through ``rddtensor.layers`` (``L.Sequential``, ``L.load_model``, ``L.History``).
+public names through ``rddtensor.layers`` (``L.Sequential``, ``L.load_model``, ``L.History``),
+and ``fit``'s epoch order ``BlockShuffle`` here (``from rddtensor.training import BlockShuffle``).
 """
+from rddtensor.training.batching import BlockShuffle
+
+__all__ = ["BlockShuffle"]

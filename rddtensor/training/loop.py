@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from rddtensor.allocator import tune_malloc  # (per in-process fit: LocalRunner)
-from rddtensor.training.batching import batch_sizes, local_batches, step_rng
+from rddtensor.training.batching import batch_sizes, check_shuffle, local_batches, step_rng
 from rddtensor.training.callbacks import CallbackList
 from rddtensor.training.history import History
 from rddtensor.training.steps import (empty_stats, evaluate_arrays, gradient_step, merge_stats,
@@ -99,7 +99,8 @@ class LocalRunner:
     def __init__(self, model, X, y, *, batch_size, shuffle, seed, class_weight, t0=None,
                  checkpoint=None, resume_stats=None, sample_weight=None):
         self.model, self.X, self.y, self.w = model, X, y, sample_weight
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        # shuffle: True, False or a BlockShuffle (``batching.local_batches`` orders each epoch)
+        self.batch_size, self.shuffle, self.seed = batch_size, check_shuffle(shuffle), seed
         self.class_weight = class_weight
         self.n_total = len(X)
         self.grad = np.empty(model.layout.size, dtype=np.float32)

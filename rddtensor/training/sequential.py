@@ -12,7 +12,8 @@ import scipy.sparse
 
 from rddtensor.training import checkpoint, engines, serialization
 from rddtensor.layers.base import Layer, layer_class, non_negative_int, positive_int, shape_tuple
-from rddtensor.training.batching import steps_per_epoch
+from rddtensor.training.batching import (BlockShuffle, check_shuffle, shuffle_setting,
+                                         steps_per_epoch)
 from rddtensor.training.params import ParamLayout
 from rddtensor.training.protocol import Model, TensorSpec
 from rddtensor.training.steps import evaluate_arrays, stats_logs
@@ -289,8 +290,8 @@ class Sequential(Model):
             raise RuntimeError(f"call model.compile(optimizer=..., loss=...) before {what}()")
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
-            validation_split: float = 0.0, shuffle: bool = True, seed: int = 0, verbose=1,
-            class_weight=None, sample_weight=None, callbacks=(), initial_epoch: int = 0,
+            validation_split: float = 0.0, shuffle: bool | BlockShuffle = True, seed: int = 0,
+            verbose=1, class_weight=None, sample_weight=None, callbacks=(), initial_epoch: int = 0,
             checkpoint_dir=None, checkpoint_every=None, resume: bool = False, **engine_options):
         """Train the model; returns a ``History`` with per-epoch loss and metrics.
 
@@ -305,7 +306,14 @@ class Sequential(Model):
             validation_split: hold out this fraction of the training data for validation
                 instead (Keras): numpy, the last rows (before shuffling); an RDD/DataFrame, a
                 ``randomSplit`` by ``seed`` (deterministic for the same partitioning).
-            shuffle: reshuffle rows every epoch (deterministically from ``seed``).
+            shuffle: the rows' order in each epoch, drawn from ``seed`` and the epoch (the
+                same in-process and distributed, for any partitioning): ``True`` a global
+                permutation every epoch; ``False`` the stored order;
+                ``BlockShuffle(block_rows=64, window_blocks=1024)`` (``from rddtensor.training
+                import BlockShuffle``) shuffles blocks of consecutive rows, then the rows within
+                windows of blocks, so that an epoch reads its data as contiguous runs: for data
+                larger than the page cache (``rddtensor.training.batching``; keep
+                ``window_blocks`` in the hundreds where the stored order follows the label).
             seed: seeds shuffling, dropout and (for an unbuilt model) weight initialisation;
                 same seed and data -> bit-identical weights.
             verbose: 0 silent, 1 a progress bar per epoch (loss, metrics, samples/s, ETA),
@@ -334,6 +342,7 @@ class Sequential(Model):
         epochs = non_negative_int(epochs, "epochs")
         initial_epoch = non_negative_int(initial_epoch, "initial_epoch")
         batch_size = positive_int(batch_size, "batch_size")
+        shuffle = check_shuffle(shuffle)
         verbose = _check_verbose(verbose)
         validation_split = _check_validation_split(validation_split, validation_data)
         if initial_epoch and resume:
@@ -375,7 +384,7 @@ class Sequential(Model):
         self.init_slots()
         ckpt, resumed = checkpoint.start(
             self, checkpoint_dir, checkpoint_every, resume,
-            settings={"seed": seed, "batch_size": batch_size, "shuffle": bool(shuffle),
+            settings={"seed": seed, "batch_size": batch_size, "shuffle": shuffle_setting(shuffle),
                       "n_total": len(X), "partitions": 1})
         t0 = resumed.t0 if resumed else \
             self.step - initial_epoch * steps_per_epoch(len(X), batch_size)
