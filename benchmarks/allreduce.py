@@ -321,6 +321,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--cluster", choices=("2hosts",),
                     help="run on a standalone cluster of two hosts on this machine")
+    ap.add_argument("--no-fits", action="store_true",
+                    help="with --cluster: skip the small model's whole fits")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -335,8 +337,9 @@ def main(argv=None):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         # (the executors unpickle this module's layer: they need the checkout on their path)
         with multi_host_cluster(hosts=2, env={"PYTHONPATH": root}) as cluster:
+            extra = json.loads(os.environ.get("RDDTENSOR_BENCH_CONF", "{}"))
             os.environ.update({MASTER_ENV: cluster.master, EXECUTORS_ENV: str(cluster.executors),
-                               "RDDTENSOR_BENCH_CONF": json.dumps(cluster.conf),
+                               "RDDTENSOR_BENCH_CONF": json.dumps({**cluster.conf, **extra}),
                                "SPARK_LOCAL_IP": "127.0.0.1"})
             return _main(a, "2 hosts: standalone master, 1-core executors on 127.0.0.2 and "
                             "127.0.0.3 (private /dev/shm each)", "_2hosts")
@@ -357,7 +360,7 @@ def _main(a, master: str, suffix: str):
             print(json.dumps({x: r.get(x) for x in ("contender", "P", "median_ms", "error")}), flush=True)
             results.append(r)
     fits = []
-    if suffix:  # the small model's whole fit, here and on local[2], interleaved
+    if suffix and not a.no_fits:  # the small model's whole fit, here and on local[2]
         local = {k: v for k, v in os.environ.items()
                  if k not in (MASTER_ENV, EXECUTORS_ENV, "RDDTENSOR_BENCH_CONF")}
         for c in ("fit-sharded", "fit-replicated"):

@@ -139,7 +139,7 @@ PEERS_SCRIPT = SETUP + textwrap.dedent("""
     runner = DistributedRunner(m, shards, Sharded(), batch_size=120, shuffle=True, seed=3,
                                class_weight=None, iterations_per_job=2)
     runner._run_group(1)  # (the scheduler's view of cached blocks is a job's snapshot)
-    hosts = list(runner._hosts())  # each partition's host, from where its data is cached
+    hosts = list(runner._hosts(False))  # each partition's host, from where its data is cached
     runner.close()
     shards.unpersist()
     m = make_model()

@@ -127,10 +127,11 @@ class Sharded(AllReduce):
         bounds = state.bounds
         n = len(bounds)
         AG = rawrdd.shuffle_pairs(state.S, n)
-        RS = rawrdd.shuffle_raw(shards.beside(AG), self._gradient(it, model, bounds, acc), n)
+        RS = rawrdd.shuffle_raw(shards.beside(AG, home=it.homes),
+                                self._gradient(it, model, bounds, acc), n)
         # (the update reads no data, but runs where the data is: its records to itself, in
         # the host-local cache, are there)
-        return rawrdd.map_raw(shards.beside(RS, data=False),
+        return rawrdd.map_raw(shards.beside(RS, data=False, home=it.homes),
                               self._update(model, bounds, it.step.wire_bf16, it.state_cache))
 
     @staticmethod
@@ -224,7 +225,8 @@ class Replicated(AllReduce):
                                bf16)
             yield from keyed(j, to_self(cache, Kind.RSTATE, j, t, {"t": t},
                                          join_own(w, slots)))
-        return rawrdd.map_raw(shards.beside(rawrdd.shuffle_pairs(state.S, n)), run)
+        return rawrdd.map_raw(shards.beside(rawrdd.shuffle_pairs(state.S, n), home=it.homes),
+                              run)
 
     @staticmethod
     def settle(model, params):

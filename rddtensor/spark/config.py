@@ -127,12 +127,16 @@ class Iteration:
         weight_sum: with sample weights (``fit(..., weight_col=...)``), the sum of the weights
             over this iteration's whole global batch: every partition's loss is normalised by
             it (``rddtensor.training.steps.gradient_step``); ``None`` without weights.
+        homes: whether each pass also reads its data's home (``Shards.beside``), so that it
+            runs on the host holding its data: needed while the partitions are on several
+            hosts, a small cost for nothing while they share one.
     """
 
     step: StepConfig
     cache: CacheSettings | None = None
     cut: bool = True
     weight_sum: float | None = None
+    homes: bool = True
 
     @property
     def state_cache(self) -> CacheSettings | None:

@@ -287,13 +287,13 @@ class DistributedRunner:
         self._release_shuffles(steps)
         return stats
 
-    def _hosts(self) -> tuple:
+    def _hosts(self, one: bool) -> tuple:
         """Per partition, which host its tasks run on (0, 1, ...: the order hosts first
         appear), or ``()`` when that is not known for every partition. All on one host
         (``one_host``): all 0. Else a partition's tasks run where its data shard's home is
         cached (``rawrdd.home``); a partition whose home is not cached right now (its
-        executor was lost) is not known."""
-        if one_host(self.sc):
+        executor was lost) is not known. ``one``: ``one_host`` (asked once per job)."""
+        if one:
             return (0,) * self.N
         home = self.shards.home
         if home is None:
@@ -354,7 +354,8 @@ class DistributedRunner:
         job = self.model.task_copy(freeze_optimizer=True)
         self.cache = dataclasses.replace(self.cache, job=self.cache.job + 1)
         # records between partitions of one host go through that host's cache too
-        cache = (dataclasses.replace(self.cache, peers=self._hosts()) if self.local_cache
+        one = one_host(self.sc)
+        cache = (dataclasses.replace(self.cache, peers=self._hosts(one)) if self.local_cache
                  else None)
         self.peers = cache is not None and len(cache.peers) > 0 and len(set(cache.peers)) == 1
         # each iteration starts from the state before it: an update pending in it (the
@@ -365,7 +366,7 @@ class DistributedRunner:
             # the last iteration's state is the job's cut state: inline, never a cache token
             it = Iteration(self.step_config, cache, cut=s == steps - 1,
                            weight_sum=self.weight_sums.get(self.t + s)
-                           if self.weight_sums is not None else None)
+                           if self.weight_sums is not None else None, homes=not one)
             state = ParameterState(st.strategy, st.strategy.iteration(
                 state, self.shards, it, job, self.acc), job, st.bounds)
         S = state.S

@@ -105,7 +105,10 @@ def co_union(*rdds: RDD) -> RDD:
     the hosts that wrote at least a fifth of its bytes), a vote that ``home`` wins.
     """
     first = rdds[0]
-    out = first.ctx.union(list(rdds))._jrdd if len(rdds) > 1 else first._jrdd
+    if len(rdds) <= 2:  # (one py4j call: the union's of two, or the RDD itself)
+        out = first._jrdd.union(rdds[1]._jrdd) if len(rdds) == 2 else first._jrdd
+    else:
+        out = first.ctx.union(list(rdds))._jrdd
     if out.getNumPartitions() != first.getNumPartitions():
         raise RuntimeError("co_union needs RDDs partitioned alike (shuffle_pairs or pin outputs)")
     return raw(out, first.ctx)
