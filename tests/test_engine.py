@@ -723,19 +723,22 @@ def _cache_files_at_epoch_ends(before: set) -> tuple:
     return callback, seen
 
 
-@pytest.mark.parametrize("several_hosts", [False, True])
-def test_records_between_partitions_use_the_cache_only_on_one_host(sc, monkeypatch,
-                                                                    several_hosts):
+@pytest.mark.parametrize("hosts", ["one", "several, apart", "several, together"])
+def test_records_between_partitions_use_the_cache_only_on_one_host(sc, monkeypatch, hosts):
     """All executors on the driver's host (local masters): the records between partitions go
     through the host-local cache too (θ blocks to the other partition, gradient blocks to their
-    owner). Executors on several machines (``one_host`` false): only the records a partition
-    sends itself do. Same weights either way."""
+    owner). Executors on several machines (``one_host`` false): the records a partition sends
+    itself do, and those between partitions whose data is cached on the same host (here both
+    are, on this process's executor: "together"); partitions on different hosts ("apart",
+    simulated) send each other their records inline. Same weights every way."""
     import os
 
     from rddtensor.spark import engine, localcache
     on = cached_distributed_run(sc, "adam_minibatch", "N2", "sharded")
-    if several_hosts:
+    if hosts != "one":
         monkeypatch.setattr(engine, "one_host", lambda sc_: False)
+    if hosts == "several, apart":
+        monkeypatch.setattr(engine.DistributedRunner, "_hosts", lambda self, one: (0, 1))
     os.makedirs(localcache.root(), exist_ok=True)
     callback, seen = _cache_files_at_epoch_ends(set(os.listdir(localcache.root())))
     m = new_model("adam_minibatch")
@@ -746,4 +749,4 @@ def test_records_between_partitions_use_the_cache_only_on_one_host(sc, monkeypat
     assert_same_training(snapshot(m, h), on, exact=True)
     own = {"own-0", "own-1", "grad-0-0", "grad-1-1"}
     between = {"theta-0", "theta-1", "grad-0-1", "grad-1-0"}
-    assert seen == (own if several_hosts else own | between)
+    assert seen == (own if hosts == "several, apart" else own | between)
