@@ -46,7 +46,7 @@ import numbers
 
 import numpy as np
 
-from rddtensor.layers.base import Layer, positive_int, register
+from rddtensor.layers.base import Layer, flag, mask_value_arg, positive_int, register
 from rddtensor.layers.core import Dropout
 from rddtensor.layers.dense import Dense
 from rddtensor.layers.initializers import get_initializer, initialize
@@ -67,18 +67,6 @@ def _rate(value, what: str) -> float:
     return float(value)
 
 
-def _flag(value, what: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{what} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _mask_value(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"mask_value must be a finite number or None, got {value!r}")
-    return float(value)
 
 
 def _eps(value, what: str) -> float:
@@ -189,9 +177,9 @@ class MultiHeadAttention(Layer):
             raise ValueError(f"{self.describe()}: embed_dim ({self.embed_dim}) must be divisible "
                              f"by num_heads ({self.num_heads})")
         self.dropout = _rate(dropout, "dropout")
-        self.bias = _flag(bias, "bias")
-        self.causal = _flag(causal, "causal")
-        self.mask_value = _mask_value(mask_value)
+        self.bias = flag(bias, "bias")
+        self.causal = flag(causal, "causal")
+        self.mask_value = mask_value_arg(mask_value)
         if self.input_shape is not None:
             _check_sequence_shape(self, self.input_shape, self.embed_dim)
 
@@ -424,10 +412,10 @@ class TransformerEncoderLayer(Layer):
             raise ValueError(f"{self.describe()}: activation must be 'relu' or 'gelu', got "
                              f"{activation!r}")
         self.activation = key
-        self.norm_first = _flag(norm_first, "norm_first")
+        self.norm_first = flag(norm_first, "norm_first")
         self.layer_norm_eps = _eps(layer_norm_eps, "layer_norm_eps")
-        self.causal = _flag(causal, "causal")
-        self.mask_value = _mask_value(mask_value)
+        self.causal = flag(causal, "causal")
+        self.mask_value = mask_value_arg(mask_value)
         if self.input_shape is not None:
             _check_sequence_shape(self, self.input_shape, self.d_model)
         E, F = self.d_model, self.dim_feedforward
@@ -586,7 +574,7 @@ class PositionalEmbedding(Layer):
         super().__init__(input_shape=input_shape, name=name)
         self.max_length = positive_int(max_length, "max_length")
         self.dim = positive_int(dim, "dim")
-        self.mask_value = _mask_value(mask_value)
+        self.mask_value = mask_value_arg(mask_value)
         self.embeddings_initializer = get_initializer(embeddings_initializer,
                                                       "embeddings_initializer")
         if self.input_shape is not None:

@@ -12,6 +12,9 @@ Shapes in ``build`` are per sample (without the batch axis). Weights use PyTorch
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 _REGISTRY: dict[str, type] = {}
@@ -36,6 +39,23 @@ def positive_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def flag(value, what: str) -> bool:
+    """Validate a True/False argument, naming it in the error."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def mask_value_arg(value):
+    """Validate a ``mask_value`` argument: a finite number (a padded step's every feature
+    equals it) or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"mask_value must be a finite number or None, got {value!r}")
+    return float(value)
 
 
 def non_negative_int(value, what: str) -> int:

@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from rddtensor.layers.base import Layer, register, shape_tuple
+from rddtensor.layers.base import Layer, flag, register, shape_tuple
 from rddtensor.backend import get_array_module
 
 __all__ = ["BatchNorm", "LayerNorm"]
@@ -23,11 +23,6 @@ def _real(value, what, ok, rule):
         raise ValueError(f"{what} must be {rule}, got {value!r}")
     return float(value)
 
-
-def _flag(value, what):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{what} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def _normalize(xp, X, axes, eps):
@@ -106,7 +101,7 @@ class BatchNorm(Layer):
         super().__init__(input_shape=input_shape, name=name)
         self.momentum = _real(momentum, "momentum", lambda x: 0 <= x <= 1, "a number in [0, 1]")
         self.eps = _real(eps, "eps", lambda x: x > 0, "a number > 0")
-        self.affine = _flag(affine, "affine")
+        self.affine = flag(affine, "affine")
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise ValueError(f"axis must be an integer (the channel axis), got {axis!r}")
         self.axis = int(axis)
@@ -267,7 +262,7 @@ class LayerNorm(Layer):
         self.normalized_shape = (None if normalized_shape is None
                                  else shape_tuple(normalized_shape, "normalized_shape"))
         self.eps = _real(eps, "eps", lambda x: x > 0, "a number > 0")
-        self.elementwise_affine = _flag(elementwise_affine, "elementwise_affine")
+        self.elementwise_affine = flag(elementwise_affine, "elementwise_affine")
 
     def _norm_shape(self, input_shape) -> tuple:
         ns = self.normalized_shape or tuple(input_shape[-1:])

@@ -12,11 +12,10 @@ channels and pixels; the only Python loops run over the offsets inside one pooli
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from rddtensor.layers.base import Layer, register
+from rddtensor.layers.base import Layer, mask_value_arg, register
 from rddtensor.layers.im2col import (SPATIAL_AXES, conv_output_size, crop_spatial, int_tuple, offset_slices,
                            pad_spatial, window_view)
 from rddtensor.backend import get_array_module
@@ -302,10 +301,7 @@ class _GlobalPool1D(Layer):
             raise ValueError(f"data_format must be 'channels_last' (batch, time, features) or "
                              f"'channels_first' (batch, channels, length), got {data_format!r}")
         self.data_format = data_format
-        if mask_value is not None and (isinstance(mask_value, bool) or not isinstance(
-                mask_value, numbers.Real) or not math.isfinite(mask_value)):
-            raise ValueError(f"mask_value must be a finite number or None, got {mask_value!r}")
-        self.mask_value = None if mask_value is None else float(mask_value)
+        self.mask_value = mask_value_arg(mask_value)
 
     @property
     def _axes(self):

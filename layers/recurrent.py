@@ -31,12 +31,11 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from rddtensor.layers.activations import activation_config, get_activation
-from rddtensor.layers.base import Layer, positive_int, register
+from rddtensor.layers.base import Layer, flag, mask_value_arg, positive_int, register
 from rddtensor.layers.initializers import get_initializer, initialize
 from rddtensor.backend import get_array_module
 
@@ -70,18 +69,6 @@ def _sigmoid_(xp, Z):
     return Z
 
 
-def _flag(value, what: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{what} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _mask_value(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"mask_value must be a finite number or None, got {value!r}")
-    return float(value)
 
 
 def _initializer(name, what: str):
@@ -116,9 +103,9 @@ class Recurrent(Layer):
                  input_shape=None, name=None):
         super().__init__(input_shape=input_shape, name=name)
         self.units = positive_int(units, "units")
-        self.return_sequences = _flag(return_sequences, "return_sequences")
-        self.mask_value = _mask_value(mask_value)
-        self.use_bias = _flag(use_bias, "use_bias")
+        self.return_sequences = flag(return_sequences, "return_sequences")
+        self.mask_value = mask_value_arg(mask_value)
+        self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = _initializer(kernel_initializer, "kernel_initializer")
         self.recurrent_initializer = _initializer(recurrent_initializer, "recurrent_initializer")
         self.bias_initializer = _initializer(bias_initializer, "bias_initializer")
