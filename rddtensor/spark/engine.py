@@ -296,8 +296,6 @@ class DistributedRunner:
         if one:
             return (0,) * self.N
         home = self.shards.home
-        if home is None:
-            return ()
         # (the scheduler's view: a snapshot taken when the last job was submitted, so a job
         # right after the shards were built sees no cached home and sends peers inline)
         jsc, rdd, ids, out = self.sc._jsc.sc(), home._jrdd.rdd(), {}, []

@@ -96,7 +96,8 @@ class Shards:
     restores: int = 0
     #: whether every partition holds sample weights: array ``"w"`` (float32, one per row)
     has_weights: bool = False
-    #: an empty RDD cached beside each partition (``rawrdd.home``): keeps its tasks there
+    #: an empty RDD cached beside each partition (``rawrdd.home``, made by the build with the
+    #: shard RDD): keeps its tasks there
     home: object = None
 
     @property
@@ -124,7 +125,7 @@ class Shards:
         (the home's reads cost ~9 ms per iteration of the sharded all-reduce on one host)."""
         if not home:
             return rawrdd.co_union(*rdds, *((self.rdd,) if data else ()))
-        h = self.home if self.home is not None else rawrdd.home(self.rdd)
+        h = self.home
         return rawrdd.co_union(*rdds, *((self.rdd, h) if data else (h, h)))
 
     @property
@@ -144,8 +145,7 @@ class Shards:
         """Drop the cached records and the stored files this host holds (the files on other
         hosts go with their executors' local directories)."""
         self.rdd.unpersist()
-        if self.home is not None:
-            self.home.unpersist()
+        self.home.unpersist()
         _remove_files(self.dirs)
 
     def restore(self, why: str = "") -> None:
