@@ -306,6 +306,37 @@ def test_evaluate_and_predict_on_dataframe(spark, sc):
     np.testing.assert_allclose(got, m.predict(XV), rtol=1e-6, atol=1e-7)
 
 
+def test_evaluate_and_predict_stream_one_pass_caching_nothing(spark, sc):
+    """evaluate/predict on a DataFrame decode each partition record batch by record batch in
+    one job: many small batches give the in-process numbers, nothing stays cached, and a bad
+    row deep in a partition is named as in a fit."""
+    m = classifier()
+    m.build()
+    df = spark.createDataFrame([(x.tolist(), int(t)) for x, t in zip(XV, YV)],
+                               "features array<double>, label long").repartition(3)
+    before = set(_persisted(sc))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "2")
+    try:
+        ev = m.evaluate(df, batch_size=3)
+        got = np.stack(m.predict(df, batch_size=3).collect())
+        order = [np.asarray(r.features, np.float32) for r in df.select("features").collect()]
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    ev_local = m.evaluate(XV, YV)
+    for k in ev_local:
+        np.testing.assert_allclose(ev[k], ev_local[k], rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(got, m.predict(np.stack(order)), rtol=1e-6, atol=1e-7)
+    assert set(_persisted(sc)) == before  # one pass: no shard was built or cached
+    bad = spark.createDataFrame([(x.tolist()[: 3 if i == 7 else None], int(t))
+                                 for i, (x, t) in enumerate(zip(XV, YV))],
+                                "features array<double>, label long").coalesce(1)
+    with pytest.raises(ValueError, match=r"evaluation data: .*row 7.*features") as e:
+        m.evaluate(bad)
+    _assert_clean(e)
+    with pytest.raises(ValueError, match="evaluation data is empty"):
+        m.evaluate(df.limit(0))
+
+
 # --- bad input: a clear Python error, never a Py4JJavaError ------------------------------------
 def _assert_clean(excinfo):
     e = excinfo.value

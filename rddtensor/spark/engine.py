@@ -34,16 +34,17 @@ from rddtensor.training.params import block_bounds
 from rddtensor.training.steps import empty_stats, merge_stats, stats_logs
 from rddtensor.training.loop import fit_loop, stopped_at, warn_interrupted
 from rddtensor.spark import datastore, localcache, rawrdd, wire
-from rddtensor.spark.allreduce import AllReduce, Sharded, choose
+from rddtensor.spark.allreduce import AllReduce, choose
 from rddtensor.spark.checkpoint import save_state
 from rddtensor.spark.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
                               task_error)
 from rddtensor.spark.faults import stats_param
 from rddtensor.spark.config import CacheSettings, Iteration, Kind, StepConfig
-from rddtensor.spark.shards import Shards, make_shards
+from rddtensor.spark.shards import Shards, make_shards, named_error, source
 from rddtensor.spark.tensor import BlockTensor
 from rddtensor.spark.stages import (batch_weight_sums, broadcast_emit, chunks_of, eval_stage,
-                                    own_record, predict_stage, split_records)
+                                    own_record, split_records, stream_eval_stage,
+                                    stream_predict_stage)
 
 LOCAL_CACHE_CONF = "spark.rddtensor.localCache"
 _LEVEL = StorageLevel.MEMORY_AND_DISK
@@ -661,42 +662,60 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             quiet.__exit__(None, None, None)
 
 
-def _driver_state(model, shards: Shards) -> ParameterState:
-    return ParameterState.from_driver(Sharded(), shards.rdd.ctx, model, shards.n_partitions,
-                                      with_slots=False)
-
-
 def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="features",
                          label_col="label") -> dict:
-    """Loss and metrics of the driver's model over an RDD/DataFrame, computed on executors."""
+    """Loss and metrics of the driver's model over an RDD/DataFrame, computed on executors.
+
+    One pass over the data (a Spark job without a shuffle): each task decodes its partition
+    one chunk at a time (an Arrow record batch, or ``chunk_rows`` rows of an RDD) and adds up
+    the chunk's stats, so memory holds a chunk, whatever the partition's size; the weights
+    travel as one Spark broadcast. Nothing is cached or written.
+    """
     model.ensure_built()
-    shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
-                         label_col=label_col, what="evaluation data", store=False)
-    if not shards.has_labels:
-        shards.unpersist()
+    src = _source(data, model, features_col, label_col, "evaluation data")
+    if not src.has_labels:
         raise ValueError("evaluate needs labels: an RDD of (features, label) pairs or a DataFrame "
                          f"with a {label_col!r} column")
-    state = _driver_state(model, shards)
+    sc = src.rows.ctx
+    theta = sc.broadcast(np.asarray(model.theta))
     try:
-        with quiet_task_failures(shards.rdd.ctx):
-            return stats_logs(model.metrics, evaluate_state(state, shards, batch_size))
+        with quiet_task_failures(sc), spark_errors():
+            parts = src.rows.mapPartitionsWithIndex(stream_eval_stage(
+                model.task_copy(), batch_size, theta, src.stack, src.feature_shape)).collect()
+    except ValueError as e:  # (a row the decoder refuses: named as the build names it)
+        raise named_error(e, "evaluation data", True) from None
     finally:
-        state.unpersist()
-        shards.unpersist()
+        theta.destroy(blocking=False)
+    stats = empty_stats(model.metrics)
+    for _, s in sorted(parts, key=lambda p: p[0]):
+        stats = merge_stats(model.metrics, stats, s)
+    if not stats["count"]:
+        raise ValueError("the evaluation data is empty: no rows")
+    return stats_logs(model.metrics, stats)
 
 
 def predict_distributed(model, data, *, batch_size: int = 4096, features_col="features"):
     """Model outputs for every row of an RDD (of features or ``(features, label)`` pairs) or a
-    DataFrame's ``features_col``, as an RDD of numpy arrays in row order (lazy)."""
+    DataFrame's ``features_col``, as an RDD of numpy arrays in row order (lazy).
+
+    Each task decodes its partition one chunk at a time and yields the chunk's outputs: no
+    shuffle, nothing cached, a chunk in memory; the weights travel as one Spark broadcast
+    (kept while the returned RDD may be recomputed)."""
     model.ensure_built()
     labelled = not hasattr(data, "columns") and _looks_labelled(data)
-    shards = make_shards(data, feature_shape=model.input_shape, features_col=features_col,
-                         label_col="label" if labelled else None, what="prediction data",
-                         store=False)
-    state = _driver_state(model, shards)
-    AG = state.broadcast(shards.n_partitions)
-    return shards.beside(AG).mapPartitionsWithIndex(
-        predict_stage(state.model, batch_size))
+    src = _source(data, model, features_col, "label" if labelled else None, "prediction data")
+    theta = src.rows.ctx.broadcast(np.asarray(model.theta))
+    return src.rows.mapPartitionsWithIndex(stream_predict_stage(
+        model.task_copy(), batch_size, theta, src.stack, src.feature_shape))
+
+
+def _source(data, model, features_col, label_col, what):
+    try:
+        with spark_errors():
+            return source(data, feature_shape=model.input_shape, features_col=features_col,
+                          label_col=label_col, what=what)
+    except ValueError as e:
+        raise named_error(e, what, True) from None
 
 
 def _looks_labelled(data) -> bool:

@@ -454,10 +454,10 @@ def make_shards(data, n_partitions: int | None = None, feature_shape=None,
             return _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
                                 mode, weight_col)
         except ValueError as e:
-            raise _named(e, what, feature_shape is not None) from None
+            raise named_error(e, what, feature_shape is not None) from None
 
 
-def _named(e: ValueError, what: str, model_shape: bool) -> ValueError:
+def named_error(e: ValueError, what: str, model_shape: bool) -> ValueError:
     """``e`` with the data it is about (``what``) in front, and where the expected feature
     shape came from (the model) instead of "every row needs the same length"."""
     msg = str(e)
@@ -475,8 +475,26 @@ def _named(e: ValueError, what: str, model_shape: bool) -> ValueError:
     return err
 
 
-def _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
-                 mode, weight_col=None) -> Shards:
+@dataclass
+class Source:
+    """Where shards are built from, or a one-pass job (``evaluate``, ``predict``) streams from:
+    ``rows`` (an RDD: the Arrow record batches of a DataFrame's columns, or the rows of an RDD)
+    and ``stack(records, feature_shape, j, stream)``, which turns partition ``j``'s records into
+    an iterator of chunks of named arrays (``X``; ``y`` with labels; ``w`` with weights): one
+    chunk per record batch / ``chunk_rows`` rows when ``stream``, the whole partition otherwise.
+    ``names``: how errors call the columns."""
+
+    rows: object
+    stack: object
+    feature_shape: tuple | None
+    has_labels: bool
+    names: tuple
+
+
+def source(data, n_partitions=None, feature_shape=None, features_col="features",
+           label_col="label", what="training data", weight_col=None) -> Source:
+    """The ``Source`` of an RDD or DataFrame (``make_shards``' arguments): checks the columns,
+    and for an RDD without ``feature_shape`` takes the shape from its first row."""
     is_df = hasattr(data, "select") and hasattr(data, "columns")
     names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
              if is_df else ("features", "labels"))
@@ -494,23 +512,32 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
     has_weights = bool(weight_col)
     if arrow is not None:
         (rows, stack), has_labels = arrow, bool(label_col)
-    else:
-        rows, has_labels = _as_rows(data, features_col, label_col, what, weight_col)
-        if n_partitions is not None and n_partitions != rows.getNumPartitions():
-            rows = rows.repartition(int(n_partitions))
-        with spark_errors():
-            if feature_shape is None:
-                if rows.isEmpty():
-                    raise ValueError(f"the {what} is empty: no rows")
-                first = rows.first()
-                feature_shape = tuple(np.asarray(_features_of(
-                    first[0] if has_labels and isinstance(first, (tuple, list)) else first)).shape)
-        n_chunk = chunk_rows(feature_shape)  # (decided here: a build task uses the driver's)
+        return Source(rows, stack, feature_shape, has_labels, names)
+    rows, has_labels = _as_rows(data, features_col, label_col, what, weight_col)
+    if n_partitions is not None and n_partitions != rows.getNumPartitions():
+        rows = rows.repartition(int(n_partitions))
+    with spark_errors():
+        if feature_shape is None:
+            if rows.isEmpty():
+                raise ValueError(f"the {what} is empty: no rows")
+            first = rows.first()
+            feature_shape = tuple(np.asarray(_features_of(
+                first[0] if has_labels and isinstance(first, (tuple, list)) else first)).shape)
+    n_chunk = chunk_rows(feature_shape)  # (decided here: a build task uses the driver's)
 
-        def stack(it, shape, j, stream):
-            if stream:
-                return _row_chunks(it, shape, has_labels, j, names, n_chunk, has_weights)
-            return iter([_stack_rows(it, shape, has_labels, j, names, has_weights)])
+    def stack(it, shape, j, stream):
+        if stream:
+            return _row_chunks(it, shape, has_labels, j, names, n_chunk, has_weights)
+        return iter([_stack_rows(it, shape, has_labels, j, names, has_weights)])
+    return Source(rows, stack, feature_shape, has_labels, names)
+
+
+def _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
+                 mode, weight_col=None) -> Shards:
+    src = source(data, n_partitions, feature_shape, features_col, label_col, what, weight_col)
+    rows, stack, feature_shape, has_labels, names = \
+        src.rows, src.stack, src.feature_shape, src.has_labels, src.names
+    has_weights = bool(weight_col)
     built = _build(rows, stack, feature_shape, mode, names)
     if sum(built.sizes) == 0:
         built.drop()

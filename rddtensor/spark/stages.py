@@ -14,7 +14,8 @@ from pyspark.accumulators import AccumulatorParam
 
 from rddtensor.training.batching import (BlockShuffle, block_windows, local_batches, step_rng,
                                          windows_to_prefetch)
-from rddtensor.training.steps import evaluate_arrays, gradient_step, sum_weights
+from rddtensor.training.steps import (empty_stats, evaluate_arrays, gradient_step, merge_stats,
+                                      sum_weights)
 from rddtensor.spark import device, localcache, rawrdd, wire, worker
 from rddtensor.spark.config import CacheSettings, Kind, StepConfig
 from rddtensor.spark.shards import read_shard
@@ -271,15 +272,31 @@ def eval_stage(model, batch_size: int):
     return run
 
 
-def predict_stage(model, batch_size: int):
-    """Partition j of ``co_union(AG, D)``: model outputs for its rows, in row order."""
+def stream_eval_stage(model, batch_size: int, theta, stack, feature_shape):
+    """Partition j of a data ``Source``'s rows: loss and metric stats of ``theta`` (a broadcast
+    of the driver's weights) on all its rows, decoded one chunk at a time (``stack(records,
+    feature_shape, j, True)``): one pass, nothing cached, a chunk in memory."""
     def run(j, records):
         worker.current()
-        ag, shard_recs = split_records(records)
-        _, theta = assemble(ag, model.layout.size)
-        _, arrays = read_shard(shard_recs)
-        X, params = arrays["X"], model.layout.unflatten(theta)
-        for a in range(0, len(X), batch_size):
-            Y, _ = model.forward(params, X[a:a + batch_size], training=False)
-            yield from np.asarray(Y)
+        w = theta.value
+        stats = empty_stats(model.metrics)
+        for arrays in stack(records, feature_shape, j, True):
+            stats = merge_stats(model.metrics, stats, evaluate_arrays(
+                model, w, arrays["X"], arrays["y"], loss=model.loss, metrics=model.metrics,
+                batch_size=batch_size))
+        yield (j, stats)
+    return run
+
+
+def stream_predict_stage(model, batch_size: int, theta, stack, feature_shape):
+    """Partition j of a data ``Source``'s rows: the model's outputs for its rows, in row order,
+    decoded and predicted one chunk at a time (a chunk in memory, nothing cached)."""
+    def run(j, records):
+        worker.current()
+        params = model.layout.unflatten(theta.value)
+        for arrays in stack(records, feature_shape, j, True):
+            X = arrays["X"]
+            for a in range(0, len(X), batch_size):
+                Y, _ = model.forward(params, X[a:a + batch_size], training=False)
+                yield from np.asarray(Y)
     return run
