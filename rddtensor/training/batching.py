@@ -110,7 +110,7 @@ def epoch_order(n_total: int, seed: int, epoch: int, shuffle) -> np.ndarray:
     if shuffle is False:
         return np.arange(n_total, dtype=np.int64)
     if shuffle is True:
-        return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(n_total)
+        return _permutation(int(n_total), seed, epoch).astype(np.int64, copy=False)
     return _block_order(int(n_total), seed, epoch, shuffle)
 
 
@@ -132,21 +132,52 @@ def local_batches(n_total: int, batch_size: int, seed: int, epoch: int, shuffle,
         local = epoch_order(n_total, seed, epoch, shuffle)
         step_of = np.arange(n_total, dtype=np.int64) // batch_size
     elif shuffle is True:
-        # the range's rows in epoch order are where the order holds them: no n_total-sized
-        # inverse permutation, and nothing n_total-sized outlives the call
-        order = epoch_order(n_total, seed, epoch, True)
-        at = np.flatnonzero((order >= lo) & (order < hi))  # ascending: epoch order
-        local = order[at]
-        del order
-        local -= lo
-        step_of = at
-        step_of //= batch_size
+        local, counts = _global_local(int(n_total), seed, epoch, int(lo), int(hi), batch_size)
+        return np.split(local, np.cumsum(counts)[:-1]) if steps else []
     else:
         local, pos = _block_local(int(n_total), seed, epoch, shuffle, int(lo), int(hi))
         step_of = pos
         step_of //= batch_size
     counts = np.bincount(step_of, minlength=steps) if len(step_of) else np.zeros(steps, np.int64)
     return np.split(local, np.cumsum(counts)[:-1]) if steps else []
+
+
+def _index_dtype(n: int):
+    """The narrowest of int32/int64 that holds ``0 .. n``."""
+    return np.int32 if n < 2 ** 31 else np.int64
+
+
+def _permutation(n_total: int, seed, epoch) -> np.ndarray:
+    """The global permutation of ``shuffle=True`` (the same numbers as ``Generator.permutation``,
+    whose shuffle draws do not depend on the dtype), as int32 where it fits: half the bytes."""
+    order = np.arange(n_total, dtype=_index_dtype(n_total))
+    np.random.default_rng([int(seed), int(epoch), 0x5EED]).shuffle(order)
+    return order
+
+
+#: positions of the global permutation a partition scans at a time for its own rows
+_SCAN = 1 << 20
+
+
+def _global_local(n_total: int, seed, epoch, lo: int, hi: int, batch_size: int):
+    """``(local, counts)`` of ``shuffle=True`` for rows ``[lo, hi)``: the range's rows (as
+    ``row - lo``) in epoch order, and how many of them each step takes. The permutation is drawn
+    whole (int32 where it fits), then scanned a slice at a time: the working memory is the
+    permutation and the range's rows, nothing else n_total-sized."""
+    order = _permutation(n_total, seed, epoch)
+    local = np.empty(hi - lo, _index_dtype(n_total))
+    counts = np.zeros(steps_per_epoch(n_total, batch_size), np.int64)
+    done = 0
+    for a in range(0, n_total, _SCAN):
+        seg = order[a:a + _SCAN]
+        at = np.flatnonzero((seg >= lo) & (seg < hi))  # ascending: epoch order
+        k = len(at)
+        np.subtract(seg[at], lo, out=local[done:done + k], casting="unsafe")
+        at += a
+        at //= batch_size
+        counts += np.bincount(at, minlength=len(counts))
+        done += k
+    return local, counts
 
 
 def step_rng(seed: int, step: int, partition: int = 0) -> np.random.Generator:
