@@ -28,11 +28,14 @@ FLOORS = {"rddtensor.backend": 1, "rddtensor.ops": 1, "rddtensor.allocator": 1,
 #: ``rddtensor.layers`` hands on the training names users spell ``L.Sequential`` (lazily).
 FACES = {"rddtensor", "rddtensor.layers"}
 #: third-party modules a function may import (heavy, or optional for in-process use; tqdm: the
-#: driver's progress bar, never needed on an executor)
-LAZY_OK = {"pyspark", "cupy", "cupyx", "torch", "matplotlib", "sklearn", "yaml", "tqdm"}
-#: our modules a function may import because they import pyspark.ml at once: the command line
-#: loads Spark ML only for ``predict`` (``rddtensor info`` and ``--help`` stay light)
-LAZY_OK_OURS = {("rddtensor/cli.py", "rddtensor.ml")}
+#: driver's progress bar, never needed on an executor; onnx/onnxruntime: the ONNX export extra)
+LAZY_OK = {"pyspark", "cupy", "cupyx", "torch", "matplotlib", "sklearn", "yaml", "tqdm", "onnx",
+           "onnxruntime"}
+#: our modules a function may import: the command line loads Spark ML (it imports pyspark.ml
+#: at once) only for ``predict`` (``rddtensor info`` and ``--help`` stay light); the protocol's
+#: ``Model.export`` loads the exporter (every layer class) only when a model is exported
+LAZY_OK_OURS = {("rddtensor/cli.py", "rddtensor.ml"),
+                ("rddtensor/training/protocol.py", "rddtensor.training.onnx_export")}
 #: what is still to mend, as (file, imported module, why); the list may only shrink
 KNOWN: set = set()
 

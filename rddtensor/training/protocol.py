@@ -192,6 +192,29 @@ class Model(abc.ABC):
             s.optimizer = copy.deepcopy(self.optimizer)
         return s
 
+    # --- export: a file other runtimes serve --------------------------------------------------
+    #: the ``format`` values ``export`` takes
+    EXPORT_FORMATS = ("onnx",)
+
+    def export(self, path, format: str = "onnx", **options) -> None:
+        """Write the model for serving outside rddtensor (Keras 3's ``model.export``).
+
+        ``format="onnx"``: an ONNX graph of what ``predict`` returns, with a dynamic batch
+        dimension (``rddtensor.training.onnx_export``; needs ``pip install 'rddtensor[onnx]'``).
+        A layer that cannot be exported raises an error naming it before any file is written.
+
+        Example:
+            >>> model.export("model.onnx")                                   # doctest: +SKIP
+            >>> import onnxruntime as ort                                    # doctest: +SKIP
+            >>> ort.InferenceSession("model.onnx").run(None, {"X": X})[0]    # doctest: +SKIP
+        """
+        if format not in self.EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {list(self.EXPORT_FORMATS)}, got "
+                             f"{format!r}")
+        # imported here: the exporter reads the layer classes, and onnx is an optional extra
+        from rddtensor.training.onnx_export import export_onnx
+        export_onnx(self, path, **options)
+
 
 def _to_numpy(w):
     """An array-like (numpy, a PyTorch tensor on any device, a list) as a numpy array."""
