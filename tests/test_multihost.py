@@ -55,6 +55,12 @@ SCRIPT = SETUP + textwrap.dedent("""
             "theta": m.theta.tolist(), "step": m.step, "loss": h.history["loss"],
             "seconds": time.perf_counter() - t,
             "params": {k: h.params.get(k) for k in ("partitions", "local_cache", "data_store")}}
+    # more partitions than the cluster's 2 cores: a free core must not take another host's
+    # partition (a cache miss), it waits for its own (spark.locality.wait.node)
+    m = make_model()
+    h = m.fit(rows, allreduce="replicated", iterations_per_job=2, num_partitions=4, **FIT)
+    out["four_partitions"] = {"theta": m.theta.tolist(), "params": {
+        k: h.params.get(k) for k in ("partitions", "local_cache", "data_store")}}
 
     # the executor on 127.0.0.3 is SIGKILLed between two jobs (after epoch 0): its cached
     # blocks, its host's cache files and its stored data are gone; the fit goes on bit-identical
@@ -124,6 +130,19 @@ def test_partitions_keep_their_executor_across_jobs(result):
     got = {name: (run["params"]["local_cache"], run["params"]["data_store"])
            for name, run in result["runs"].items()}
     assert got == {"sharded": ("on", "on"), "replicated": ("on", "on")}
+
+
+def test_more_partitions_than_cores_keep_their_hosts(result):
+    """4 partitions on 2 one-core hosts: a task waits for a core on its own host rather than
+    running at once on the other (``spark.locality.wait.node``), so the cache stays on; the
+    weights still equal in-process training."""
+    run = result["four_partitions"]
+    assert run["params"] == {"partitions": 4, "local_cache": "on", "data_store": "on"}
+    ns: dict = {}
+    exec(SETUP, ns)
+    ref = ns["make_model"]()
+    ref.fit(ns["X"], ns["y"], **ns["FIT"])
+    np.testing.assert_allclose(np.float32(run["theta"]), ref.theta, rtol=1e-5, atol=1e-7)
 
 
 PEERS_SCRIPT = SETUP + textwrap.dedent("""

@@ -47,7 +47,7 @@ def arrow_rows(df, columns: list, n_partitions: int | None = None, row_bytes: in
         with _batch_rows(df.sparkSession, row_bytes):
             jrdd = _batches(sel)
             if n_partitions is not None and jrdd.getNumPartitions() != int(n_partitions):
-                sel = sel.repartition(int(n_partitions))
+                sel = in_order(sel, int(n_partitions))
                 jrdd = _batches(sel)
     except Exception as exc:  # noqa: BLE001 (no such JVM method here: take the rows path)
         if type(exc).__name__ in ("Py4JError", "Py4JJavaError", "AttributeError", "TypeError"):
@@ -57,6 +57,21 @@ def arrow_rows(df, columns: list, n_partitions: int | None = None, row_bytes: in
                                      "false").lower() == "true"
     schema = to_arrow_schema(sel.schema, prefers_large_types=large)
     return rawrdd.raw(jrdd, df.sparkSession.sparkContext), schema
+
+
+#: the row-index column ``in_order`` adds for the shuffle and drops after it
+_ORDER = "__rddtensor_row"
+
+
+def in_order(sel, n: int):
+    """``sel`` in ``n`` partitions of consecutive rows, its order kept (``fit``'s
+    ``num_partitions``): ranges of each row's ``monotonically_increasing_id`` (a pure function
+    of its partition and place in it), rows sorted by it within each partition. ``repartition(n)``
+    would deal the rows round robin, in the order the shuffle fetches them: another order on
+    every host, which a rebuild after a data-store miss refuses as other data."""
+    cols = sel.columns
+    return (sel.withColumn(_ORDER, F.monotonically_increasing_id())
+            .repartitionByRange(n, F.col(_ORDER)).sortWithinPartitions(_ORDER).select(*cols))
 
 
 def _batches(sel):

@@ -240,6 +240,9 @@ class DistributedRunner:
         quiet_unpersist_warning(self.sc)
         self.t = model.step
         self.engine = f"distributed ({strategy.name} all-reduce, {self.N} partitions)"
+        #: what this engine adds to ``History.params`` (``fit_loop`` hands them to callbacks)
+        self.params = {"partitions": self.N, "allreduce": strategy.name,
+                       "iterations_per_job": self.k, "wire_dtype": wire_dtype}
         # the last step a job may run to: None stops every job at its epoch's end; a later
         # step lets one job run on into the next epochs (see ``fit_distributed``), whose stats
         # wait in ``ahead`` (epoch -> stats) for their ``train_epoch``
@@ -555,7 +558,10 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
     float summation order (bit-identical with one partition).
 
     Args:
-        num_partitions: repartition the data to this many shards (default: as given).
+        num_partitions: repartition the data to this many shards (default: as given): runs
+            of consecutive rows, the input's order kept, so the weights still equal in-process
+            training on the rows in that order, and a rebuild from lineage (after a lost
+            executor) gives the same shards row for row.
         iterations_per_job: iterations run as one Spark job (fewer jobs, longer lineage).
         allreduce: ``"sharded"`` (reduce-scatter + all-gather, blocks owned by partitions),
             ``"replicated"`` (all-to-all gradients, one pass per iteration) or ``"auto"``
@@ -634,9 +640,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         history = fit_loop(model, runner, epochs=epochs, validation=val, batch_size=batch_size,
                            verbose=verbose, callbacks=callbacks,
                            initial_epoch=resumed.epoch if resumed else initial_epoch)
-        history.params.update(partitions=shards.n_partitions, allreduce=strategy.name,
-                              iterations_per_job=iterations_per_job, wire_dtype=wire_dtype,
-                              local_cache=runner.local_cache_state(),
+        history.params.update(runner.params, local_cache=runner.local_cache_state(),
                               data_store=shards.store_state())
         if resumed:
             history.params["resumed_from"] = resumed.path

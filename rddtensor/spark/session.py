@@ -11,7 +11,12 @@ import subprocess
 
 DEFAULT_CONF = {
     "spark.ui.showConsoleProgress": "false",
-    "spark.locality.wait": "0s",          # tasks never wait for a "better" executor
+    "spark.locality.wait": "0s",          # tasks never wait for a "better" executor...
+    # ...but for one on the host that holds their data: a partition's shard, its data-store
+    # files and its host-local cache files are on one host (rawrdd.home), and with more
+    # partitions than cores a free core elsewhere would take the task at once, miss, and turn
+    # the cache off. On one host every executor is on it: this never delays a task there.
+    "spark.locality.wait.node": "3s",
     "spark.python.worker.reuse": "true",  # keeps worker-local caches warm between tasks
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     # JVM <-> Python worker stream buffer (default 64 KB): parameter blocks are megabytes, and

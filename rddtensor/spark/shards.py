@@ -491,6 +491,25 @@ class Source:
     names: tuple
 
 
+def repartition_in_order(rows, n: int):
+    """``rows`` cut into ``n`` partitions of consecutive rows, the order kept (``fit``'s
+    ``num_partitions``): partition ``j`` holds rows ``[j * total // n, (j + 1) * total // n)``
+    of the input's order, so the shards hold the rows the input had, in its order, and a rebuild
+    from lineage gives the same partitions row for row (``RDD.repartition`` deals rows round
+    robin and a task reads them in the order the shuffle fetches them: another order on every
+    host, which a store miss would refuse as other data). One counting job, then a shuffle
+    keyed by each row's index, sorted within each partition."""
+    with spark_errors():
+        counts = rows.mapPartitions(lambda it: [sum(1 for _ in it)]).collect()
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    total = max(starts[-1], 1)
+
+    def index(i, it):
+        return ((starts[i] + k, r) for k, r in enumerate(it))
+    return rows.mapPartitionsWithIndex(index).repartitionAndSortWithinPartitions(
+        n, partitionFunc=lambda k: k * n // total).values()
+
+
 def source(data, n_partitions=None, feature_shape=None, features_col="features",
            label_col="label", what="training data", weight_col=None) -> Source:
     """The ``Source`` of an RDD or DataFrame (``make_shards``' arguments): checks the columns,
@@ -515,7 +534,7 @@ def source(data, n_partitions=None, feature_shape=None, features_col="features",
         return Source(rows, stack, feature_shape, has_labels, names)
     rows, has_labels = _as_rows(data, features_col, label_col, what, weight_col)
     if n_partitions is not None and n_partitions != rows.getNumPartitions():
-        rows = rows.repartition(int(n_partitions))
+        rows = repartition_in_order(rows, int(n_partitions))
     with spark_errors():
         if feature_shape is None:
             if rows.isEmpty():
