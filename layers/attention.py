@@ -46,7 +46,8 @@ import numbers
 
 import numpy as np
 
-from rddtensor.layers.base import Layer, flag, mask_value_arg, positive_int, register
+from rddtensor.layers.base import (Layer, flag, is_shape_list, mask_value_arg, positive_int,
+                                   register)
 from rddtensor.layers.core import Dropout
 from rddtensor.layers.dense import Dense
 from rddtensor.layers.initializers import get_initializer, initialize
@@ -111,6 +112,11 @@ def _check_sequence_shape(layer, input_shape, features: int):
                          f"per-sample input shape {tuple(input_shape)}")
 
 
+def _ordered(grads: dict, shapes: dict) -> dict:
+    """``grads`` in the order of ``shapes`` (the layer's parameter order)."""
+    return {k: grads[k] for k in shapes}
+
+
 def _dropout_mask(layer, rate, shape, dtype, xp, rng):
     """Inverted-dropout multiplier ``M / (1 - rate)`` drawn from ``rng`` (as ``Dropout``)."""
     if not isinstance(rng, np.random.Generator):
@@ -124,7 +130,7 @@ def _dropout_mask(layer, rate, shape, dtype, xp, rng):
 # --- MultiHeadAttention --------------------------------------------------------------------------
 @register
 class MultiHeadAttention(Layer):
-    """Multi-head scaled dot-product self-attention, as ``torch.nn.MultiheadAttention``.
+    """Multi-head scaled dot-product attention, as ``torch.nn.MultiheadAttention``.
 
     For ``X`` of shape ``(batch, T, E)``, ``[Q, K, V] = X @ in_proj_weight.T + in_proj_bias``
     split into ``num_heads`` heads of ``d = E / num_heads``; per head
@@ -132,10 +138,17 @@ class MultiHeadAttention(Layer):
     ``Y = O @ out_proj.weight.T + out_proj.bias``. That is PyTorch's ``mha(X, X, X,
     need_weights=False)[0]`` with ``batch_first=True``.
 
+    Cross-attention: called on a list ``[query, key, value]`` (``[query, value]``: the value is
+    the key too), as in a graph model ``MultiHeadAttention(E, H)([q, k, v])``, it is PyTorch's
+    ``mha(query, key, value)``: queries ``(batch, T, E)`` from one tensor attend over keys and
+    values ``(batch, S, E)`` from others, projected by the same packed ``in_proj_weight`` (rows
+    ``:E``, ``E:2E``, ``2E:``); ``backprop`` returns a list of input gradients.
+
     Masks: ``causal=True`` lets step ``t`` attend to steps ``<= t`` only (PyTorch's
     ``attn_mask=triu(-inf, 1)`` / ``is_causal=True``). ``mask_value=v``: a step whose features
     all equal ``v`` is padding; it is no key for any query (PyTorch's ``key_padding_mask``) and
-    its output is zero (see the module docstring). Masked scores get a large finite negative
+    its output is zero (see the module docstring); in cross-attention the key's padding leaves
+    out keys and the query's zeroes outputs. Masked scores get a large finite negative
     bias rather than ``-inf``, so a fully masked row (a padded query) gives no NaN.
 
     Dropout acts on the attention probabilities ``P`` in training only, drawing its mask from
@@ -154,7 +167,8 @@ class MultiHeadAttention(Layer):
         input_shape, name: see ``Layer``.
 
     Shape:
-        input ``(batch, T, E)``, output ``(batch, T, E)``; params ``in_proj_weight`` ``(3E, E)``,
+        input ``(batch, T, E)`` (or a list: query ``(batch, T, E)``, key and value ``(batch, S,
+        E)``), output ``(batch, T, E)``; params ``in_proj_weight`` ``(3E, E)``,
         ``in_proj_bias`` ``(3E,)``, ``out_proj.weight`` ``(E, E)``, ``out_proj.bias`` ``(E,)``
         (PyTorch's names and ``parameters()`` order; the biases only with ``bias=True``).
 
@@ -187,9 +201,23 @@ class MultiHeadAttention(Layer):
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    def check_inputs(self, count):
+        if count is not None and count not in (2, 3):
+            raise ValueError(f"{self.describe()} takes one tensor (self-attention), [query, "
+                             f"value] or [query, key, value] (cross-attention), got a list of "
+                             f"{count}")
+
     def compute_output_shape(self, input_shape):
-        _check_sequence_shape(self, input_shape, self.embed_dim)
-        return tuple(input_shape)
+        if not is_shape_list(input_shape):
+            _check_sequence_shape(self, input_shape, self.embed_dim)
+            return tuple(input_shape)
+        self.check_inputs(len(input_shape))
+        for shape in input_shape:
+            _check_sequence_shape(self, shape, self.embed_dim)
+        if len(input_shape) == 3 and input_shape[1][0] != input_shape[2][0]:
+            raise ValueError(f"{self.describe()}: key and value need the same length, got "
+                             f"shapes {tuple(input_shape[-2])} and {tuple(input_shape[-1])}")
+        return tuple(input_shape[0])
 
     def param_shapes(self):
         E = self.embed_dim
@@ -212,20 +240,35 @@ class MultiHeadAttention(Layer):
         return {k: params[k] for k in self.param_shapes()}
 
     def forward(self, params, X, training=False, rng=None):
+        if isinstance(X, (list, tuple)):
+            return self._cross_attend(params, X, training=training, rng=rng)
         _check_sequence(self, X, self.embed_dim)
         return self.attend(params, X, _valid(X, self.mask_value), training=training, rng=rng)
 
-    def _score_bias(self, xp, valid, T, dtype):
-        """Additive score mask ``(1 or batch, 1, T, T)``: 0 where allowed, a large negative
-        (finite: ``finfo.min / 2``) where not; ``None`` without masks."""
+    def _score_bias(self, xp, valid, T, S, dtype):
+        """Additive score mask ``(1 or batch, 1, T, S)`` for ``T`` queries and ``S`` keys: 0
+        where allowed, a large negative (finite: ``finfo.min / 2``) where not (``valid``: the
+        keys' padding); ``None`` without masks."""
         neg = float(np.finfo(dtype).min) / 2
         bias = None
         if self.causal:
-            bias = xp.triu(xp.full((T, T), neg, dtype=dtype), 1)[None, None]
+            bias = xp.triu(xp.full((T, S), neg, dtype=dtype), 1)[None, None]
         if valid is not None:
             keys = xp.where(valid, 0.0, neg).astype(dtype, copy=False)[:, None, None, :]
             bias = keys if bias is None else xp.minimum(bias, keys)
         return bias
+
+    def _scaled_in_proj(self, params, dtype):
+        """``in_proj_weight`` and ``in_proj_bias`` (or ``None``) with ``1/sqrt(d)`` folded into
+        the query rows: ``Q`` comes out of the projection already scaled."""
+        E, scale = self.embed_dim, 1.0 / math.sqrt(self.head_dim)
+        Ws = params["in_proj_weight"].astype(dtype, copy=True)
+        Ws[:E] *= scale
+        bs = None
+        if self.bias:
+            bs = params["in_proj_bias"].astype(dtype, copy=True)
+            bs[:E] *= scale
+        return Ws, bs
 
     def attend(self, params, X, valid, training=False, rng=None):
         """Self-attention of ``X`` ``(batch, T, E)`` with an explicit padding mask.
@@ -239,23 +282,99 @@ class MultiHeadAttention(Layer):
         H, d = self.num_heads, self.head_dim
         dtype = X.dtype
         scale = 1.0 / math.sqrt(d)
-        W_in, W_out = params["in_proj_weight"], params["out_proj.weight"]
-        b_in, b_out = (params["in_proj_bias"], params["out_proj.bias"]) if self.bias else (None,
-                                                                                          None)
-        # fold 1/sqrt(d) into the query rows: Q is scaled by the projection itself
-        Ws = W_in.astype(dtype, copy=True)
-        Ws[:E] *= scale
+        Ws, bs = self._scaled_in_proj(params, dtype)
         X2 = X.reshape(N * T, E)
         QKV = X2 @ Ws.T                                     # (N*T, 3E): one GEMM for all steps
-        if b_in is not None:
-            bs = b_in.astype(dtype, copy=True)
-            bs[:E] *= scale
+        if bs is not None:
             QKV += bs
         Q, K, V = QKV.reshape(N, T, 3, H, d).transpose(2, 0, 3, 1, 4)  # views (N, H, T, d)
+        Y, core_backprop = self._attention(params, Q, K, V, self._score_bias(xp, valid, T, T,
+                                                                             dtype),
+                                           valid, training, rng)
+
+        def backprop(dY):
+            dQKV = xp.empty((N, T, 3, H, d), dtype=dY.dtype)
+            dQ, dK, dV = dQKV.transpose(2, 0, 3, 1, 4)     # views (N, H, T, d) into dQKV
+            grads = core_backprop(dY, dQ, dK, dV)
+            dQKV2 = dQKV.reshape(N * T, 3 * E)
+            dW = dQKV2.T @ X2
+            dW[:E] *= scale                                 # the folded scale, back on W_q
+            grads["in_proj_weight"] = dW
+            if self.bias:
+                db = dQKV2.sum(axis=0)
+                db[:E] *= scale
+                grads["in_proj_bias"] = db
+            dX = (dQKV2 @ Ws).reshape(N, T, E)
+            return dX, _ordered(grads, self.param_shapes())
+        return Y, backprop
+
+    def _cross_attend(self, params, Xs, training=False, rng=None):
+        """Cross-attention of ``[query, key, value]`` (``[query, value]``: the value is the
+        key too): PyTorch's ``mha(query, key, value)`` with the packed ``in_proj_weight``
+        (rows ``:E`` project the query, ``E:2E`` the key, ``2E:`` the value). Padding
+        (``mask_value``) is read from the key (no key) and the query (zero output)."""
+        self.check_inputs(len(Xs))
+        for Z in Xs:
+            _check_sequence(self, Z, self.embed_dim)
+        Xq, Xk, Xv = Xs if len(Xs) == 3 else (Xs[0], Xs[1], Xs[1])
+        if Xk.shape[:2] != Xv.shape[:2] or Xq.shape[0] != Xk.shape[0]:
+            raise ValueError(f"{self.describe()}: query (batch, T, E), key and value (batch, S, "
+                             f"E) must agree, got shapes {[tuple(Z.shape) for Z in Xs]}")
+        xp = get_array_module(Xq)
+        (N, T, E), S = Xq.shape, Xk.shape[1]
+        H, d = self.num_heads, self.head_dim
+        dtype = Xq.dtype
+        scale = 1.0 / math.sqrt(d)
+        Ws, bs = self._scaled_in_proj(params, dtype)
+        rows = [slice(0, E), slice(E, 2 * E), slice(2 * E, 3 * E)]
+        flat = [Z.reshape(-1, E) for Z in (Xq, Xk, Xv)]
+        heads = []
+        for Z2, r, L in zip(flat, rows, (T, S, S)):
+            P = Z2 @ Ws[r].T
+            if bs is not None:
+                P += bs[r]
+            heads.append(P.reshape(N, L, H, d).transpose(0, 2, 1, 3))  # (N, H, L, d) view
+        valid_q, valid_k = _valid(Xq, self.mask_value), _valid(Xk, self.mask_value)
+        Y, core_backprop = self._attention(params, *heads,
+                                           self._score_bias(xp, valid_k, T, S, dtype), valid_q,
+                                           training, rng)
+
+        def backprop(dY):
+            bufs = [xp.empty((N, L, H, d), dtype=dY.dtype) for L in (T, S, S)]
+            grads = core_backprop(dY, *(B.transpose(0, 2, 1, 3) for B in bufs))
+            dW = xp.empty_like(Ws)
+            db = xp.empty(3 * E, dtype=dY.dtype) if self.bias else None
+            dXs = []
+            for B, Z2, r in zip(bufs, flat, rows):
+                dP2 = B.reshape(-1, E)
+                dW[r] = dP2.T @ Z2
+                if db is not None:
+                    db[r] = dP2.sum(axis=0)
+                dXs.append((dP2 @ Ws[r]).reshape(N, -1, E))
+            dW[:E] *= scale                                 # the folded scale, back on W_q
+            grads["in_proj_weight"] = dW
+            if db is not None:
+                db[:E] *= scale
+                grads["in_proj_bias"] = db
+            if len(Xs) == 2:
+                dXs = [dXs[0], dXs[1] + dXs[2]]             # the value was the key too
+            return dXs, _ordered(grads, self.param_shapes())
+        return Y, backprop
+
+    def _attention(self, params, Q, K, V, bias, valid_q, training, rng):
+        """From projected heads ``Q`` (scaled), ``K``, ``V`` ``(N, H, T or S, d)``: softmax
+        attention, dropout, the heads side by side and the output projection; ``Y`` ``(N, T,
+        E)`` (zero at padded queries) and ``backprop(dY, dQ, dK, dV)``, which writes the
+        heads' gradients into the given views and returns the output projection's grads."""
+        xp = get_array_module(Q)
+        N, H, T, d = Q.shape
+        E = self.embed_dim
+        dtype = Q.dtype
+        W_out = params["out_proj.weight"]
+        b_out = params["out_proj.bias"] if self.bias else None
         # NumPy's stacked matmul only calls BLAS when the right operand's rows are contiguous,
-        # so K^T is made contiguous once (a (N, H, d, T) copy, small next to the scores)
-        S = Q @ xp.ascontiguousarray(K.swapaxes(-1, -2))  # (N, H, T, T) scaled scores
-        bias = self._score_bias(xp, valid, T, dtype)
+        # so K^T is made contiguous once (a (N, H, d, S) copy, small next to the scores)
+        S = Q @ xp.ascontiguousarray(K.swapaxes(-1, -2))  # (N, H, T, S) scaled scores
         if bias is not None:
             S += bias
         S -= S.max(axis=-1, keepdims=True)                  # softmax in place, overflow-free
@@ -276,25 +395,20 @@ class MultiHeadAttention(Layer):
         if b_out is not None:
             Y += b_out
         Y = Y.reshape(N, T, E)
-        vmask = None if valid is None else valid[:, :, None]
+        vmask = None if valid_q is None else valid_q[:, :, None]
         if vmask is not None:
             Y *= vmask                                      # zero output at padded steps
 
-        def backprop(dY):
+        def backprop(dY, dQ, dK, dV):
             if vmask is not None:
                 dY = dY * vmask
             dY2 = xp.ascontiguousarray(dY.reshape(N * T, E))
-            grads = {"in_proj_weight": None}
-            if self.bias:
-                grads["in_proj_bias"] = None
-            grads["out_proj.weight"] = dY2.T @ O2
+            grads = {"out_proj.weight": dY2.T @ O2}
             if self.bias:
                 grads["out_proj.bias"] = dY2.sum(axis=0)
             dO = (dY2 @ W_out).reshape(N, T, H, d).transpose(0, 2, 1, 3)  # (N, H, T, d) view
-            dQKV = xp.empty((N, T, 3, H, d), dtype=dY2.dtype)
-            dQ, dK, dV = dQKV.transpose(2, 0, 3, 1, 4)     # views (N, H, T, d) into dQKV
             xp.matmul(Pd.swapaxes(-1, -2), dO, out=dV)
-            dP = dO @ xp.ascontiguousarray(V.swapaxes(-1, -2))  # (N, H, T, T)
+            dP = dO @ xp.ascontiguousarray(V.swapaxes(-1, -2))  # (N, H, T, S)
             if M is not None:
                 dP *= M
             # softmax backward: dS = P * (dP - rowsum(dP * P)), rowsum(dP * P) = rowsum(dO * O)
@@ -303,16 +417,7 @@ class MultiHeadAttention(Layer):
             dP *= P
             xp.matmul(dP, K, out=dQ)
             xp.matmul(dP.swapaxes(-1, -2), Q, out=dK)
-            dQKV2 = dQKV.reshape(N * T, 3 * E)
-            dW = dQKV2.T @ X2
-            dW[:E] *= scale                                 # the folded scale, back on W_q
-            grads["in_proj_weight"] = dW
-            if self.bias:
-                db = dQKV2.sum(axis=0)
-                db[:E] *= scale
-                grads["in_proj_bias"] = db
-            dX = (dQKV2 @ Ws).reshape(N, T, E)
-            return dX, grads
+            return grads
         return Y, backprop
 
     def get_config(self):

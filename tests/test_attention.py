@@ -614,3 +614,64 @@ def test_bad_inputs_name_the_layer():
     with pytest.raises(ValueError, match=r"layer 0 \(PositionalEmbedding layer\): "
                                          r"PositionalEmbedding layer: sequences of length 6"):
         model.build((6, 3))
+
+
+# --- cross-attention ([query, key, value]) --------------------------------------------------------
+@pytest.mark.parametrize("inputs, causal", [(3, False), (2, True)])
+def test_cross_attention_gradients_with_padding(inputs, causal):
+    """float64 gradient check of ``MultiHeadAttention`` on ``[query, key, value]`` / ``[query,
+    value]``: padded keys (and queries), a causal mask over T != S."""
+    mha = attention.MultiHeadAttention(4, 2, causal=causal, mask_value=0.0)
+    shapes = [(3, 4), (5, 4), (5, 4)][:inputs]
+    assert mha.build(shapes) == (3, 4)
+    params = _random_params(attention.MultiHeadAttention(4, 2), (3, 4))
+    Xs = [_padded(3, 3, 4, seed=1)] + [_padded(3, 5, 4, seed=s) for s in (2, 3)][:inputs - 1]
+    Y, backprop = mha.forward(params, Xs)
+    assert (Y[0, 1:] == 0).all()  # padded queries: zero output
+    R = np.random.default_rng(4).standard_normal(Y.shape)
+    dXs, grads = backprop(R)
+    assert len(dXs) == inputs and list(grads) == list(params)
+    pads = [~_valid(X)[:, :, None] for X in Xs]  # padding stays padding under the perturbation
+    assert all(np.all(dX[np.broadcast_to(pad, dX.shape)] == 0) for dX, pad in zip(dXs, pads))
+
+    def f(arrays):
+        p = {k: arrays["p." + k] for k in params}
+        Zs = [np.where(pad, 0.0, arrays[f"x{i}"]) for i, pad in enumerate(pads)]
+        return float(np.sum(mha.forward(p, Zs)[0] * R))
+
+    check_grad(f, {**{f"x{i}": X for i, X in enumerate(Xs)},
+                   **{"p." + k: v for k, v in params.items()}},
+               {**{f"x{i}": dX for i, dX in enumerate(dXs)},
+                **{"p." + k: g for k, g in grads.items()}})
+
+
+def test_cross_attention_equals_pytorch_with_a_key_padding_mask():
+    import torch
+    mha = attention.MultiHeadAttention(8, 2, mask_value=0.0)
+    params = _random_params(attention.MultiHeadAttention(8, 2), (4, 8))
+    Q = np.random.default_rng(0).standard_normal((3, 4, 8))
+    K, V = _padded(3, 6, 8, seed=1), np.random.default_rng(2).standard_normal((3, 6, 8))
+    Y, backprop = mha.forward(params, [Q, K, V])
+    R = np.random.default_rng(3).standard_normal(Y.shape)
+    dXs, grads = backprop(R)
+    net = torch.nn.MultiheadAttention(8, 2, batch_first=True).double()
+    net.load_state_dict({k: torch.tensor(v) for k, v in params.items()})
+    ts = [torch.tensor(X, requires_grad=True) for X in (Q, K, V)]
+    out = net(*ts, key_padding_mask=torch.tensor(~_valid(K)), need_weights=False)[0]
+    (out * torch.tensor(R)).sum().backward()
+    np.testing.assert_allclose(Y, out.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for dX, t in zip(dXs, ts):
+        np.testing.assert_allclose(dX, t.grad.numpy(), rtol=1e-9, atol=1e-12)
+    for k, p in net.named_parameters():
+        np.testing.assert_allclose(grads[k], p.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_cross_attention_calls_are_checked():
+    q, kv = L.Input((3, 8)), L.Input((5, 8))
+    with pytest.raises(ValueError, match=r"takes one tensor \(self-attention\), \[query, value\] "
+                                         r"or \[query, key, value\].*got a list of 4"):
+        L.MultiHeadAttention(8, 2)([q, kv, kv, kv])
+    with pytest.raises(ValueError, match="key and value need the same length"):
+        L.MultiHeadAttention(8, 2)([q, kv, q])
+    with pytest.raises(ValueError, match="8 features"):
+        L.MultiHeadAttention(8, 2)([q, L.Input((5, 4))])

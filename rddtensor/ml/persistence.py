@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
-from rddtensor.training.sequential import load_model
+from rddtensor.training.models import load_model
 from rddtensor.version import __version__
 
 

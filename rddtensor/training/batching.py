@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockShuffle", "check_shuffle", "shuffle_setting", "steps_per_epoch",
+__all__ = ["BlockShuffle", "count_rows", "take_rows", "check_shuffle", "shuffle_setting",
+           "steps_per_epoch",
            "batch_sizes", "epoch_order", "local_batches", "step_rng", "block_windows",
            "windows_to_prefetch"]
 
@@ -88,6 +89,26 @@ def shuffle_setting(shuffle):
     ``BlockShuffle`` as its repr, so a fit resumes only with the order it was written with."""
     shuffle = check_shuffle(shuffle)
     return repr(shuffle) if isinstance(shuffle, BlockShuffle) else shuffle
+
+
+def count_rows(X) -> int:
+    """The rows of a model input: one array (numpy, scipy sparse), or a tuple of arrays, one per
+    input of a model with several inputs (all with the same rows)."""
+    return int((X[0] if isinstance(X, tuple) else X).shape[0])
+
+
+def take_rows(X, rows):
+    """Rows ``rows`` (indices or a slice) of a model input (see ``count_rows``): every array of
+    a tuple indexed with the same rows, so a batch of a several-input model stays aligned.
+
+    Example:
+        >>> import numpy as np
+        >>> [a.tolist() for a in take_rows((np.arange(4), np.arange(4) * 10), [3, 0])]
+        [[3, 0], [30, 0]]
+    """
+    if isinstance(X, tuple):
+        return tuple(x[rows] for x in X)
+    return X[rows]
 
 
 def steps_per_epoch(n_total: int, batch_size: int) -> int:

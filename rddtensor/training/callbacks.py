@@ -41,14 +41,23 @@ class Callback:
 
     Attributes:
         model: the model being trained (set by ``fit`` before ``on_train_begin``).
+        params: the fit's settings, ``History.params`` (set by ``fit`` before
+            ``on_train_begin``): ``epochs``, ``batch_size``, ``engine``, ``samples``; a
+            distributed fit adds ``partitions``, ``allreduce``, ``iterations_per_job`` and
+            ``wire_dtype``.
     """
 
     model = None
+    params: dict = {}
     _sync = None
 
     def set_model(self, model, sync_weights=None) -> None:
         """Called by ``fit``: the model, and how to bring ``model.theta`` up to date."""
         self.model, self._sync = model, sync_weights
+
+    def set_params(self, params: dict) -> None:
+        """Called by ``fit`` (Keras' name): the fit's settings, read as ``self.params``."""
+        self.params = params
 
     def sync_weights(self) -> None:
         """Make ``model.theta`` (and optimizer slots and step) current; costs one Spark job in
@@ -102,6 +111,11 @@ class CallbackList(Callback):
         super().set_model(model, sync_weights)
         for cb in self.callbacks:
             cb.set_model(model, sync_weights)
+
+    def set_params(self, params):
+        super().set_params(params)
+        for cb in self.callbacks:
+            cb.set_params(params)
 
     def on_train_begin(self, logs=None):
         for cb in self.callbacks:

@@ -18,7 +18,8 @@ import warnings
 import numpy as np
 
 from rddtensor.allocator import tune_malloc  # (per in-process fit: LocalRunner)
-from rddtensor.training.batching import batch_sizes, check_shuffle, local_batches, step_rng
+from rddtensor.training.batching import (batch_sizes, check_shuffle, count_rows, local_batches,
+                                         step_rng, take_rows)
 from rddtensor.training.callbacks import CallbackList
 from rddtensor.training.history import History
 from rddtensor.training.steps import (empty_stats, evaluate_arrays, gradient_step, merge_stats,
@@ -92,9 +93,14 @@ def _caller_level() -> int:
 
 # --- in-process runner -----------------------------------------------------------------------
 class LocalRunner:
-    """Trains on numpy arrays in this process, one optimizer step per mini-batch."""
+    """Trains on numpy arrays in this process, one optimizer step per mini-batch.
+
+    ``X`` is one array, or a tuple of arrays (one per input of a model with several inputs,
+    ``batching.take_rows``); ``y`` likewise for the outputs."""
 
     engine = "in-process"
+    #: what this engine adds to ``History.params`` (the distributed one: partitions, ...)
+    params: dict = {}
 
     def __init__(self, model, X, y, *, batch_size, shuffle, seed, class_weight, t0=None,
                  checkpoint=None, resume_stats=None, sample_weight=None):
@@ -102,7 +108,7 @@ class LocalRunner:
         # shuffle: True, False or a BlockShuffle (``batching.local_batches`` orders each epoch)
         self.batch_size, self.shuffle, self.seed = batch_size, check_shuffle(shuffle), seed
         self.class_weight = class_weight
-        self.n_total = len(X)
+        self.n_total = count_rows(X)
         self.grad = np.empty(model.layout.size, dtype=np.float32)
         tune_malloc()  # this process computes the steps: temporaries on reused pages
         # resuming (layers.checkpoint): the step epoch 0 started from, and the stats of the
@@ -123,7 +129,8 @@ class LocalRunner:
                 continue
             t = m.step + 1
             w = None if self.w is None else self.w[rows]
-            g, s = gradient_step(m, m.theta, self.X[rows], self.y[rows], loss=m.loss,
+            g, s = gradient_step(m, m.theta, take_rows(self.X, rows), take_rows(self.y, rows),
+                                 loss=m.loss,
                                  n_batch=int(n_batch), rng=step_rng(self.seed, t),
                                  class_weight=self.class_weight, metrics=metrics,
                                  grad_out=self.grad, sample_weight=w,
@@ -220,10 +227,11 @@ def fit_loop(model, runner, *, epochs: int, validation=None, batch_size: int, ve
     the Keras hooks; one setting ``model.stop_training`` ends training after that epoch.
     """
     history = History({"epochs": epochs, "batch_size": batch_size, "engine": runner.engine,
-                       "samples": runner.n_total})
+                       "samples": runner.n_total, **runner.params})
     metrics = model.metrics
     cbs = CallbackList(callbacks)
     cbs.set_model(model, getattr(runner, "sync_weights", None))
+    cbs.set_params(history.params)  # (Keras' ``callback.params``)
     model.stop_training = False
     logs, bar = {}, None
     try:

@@ -14,8 +14,13 @@ A model is a pure function of a flat float32 parameter vector plus the state a f
   ``get_config()`` / ``from_config()`` (model files are data, never pickle).
 
 ``Model`` implements what follows from that (weights in and out, slots, state, task copies);
-``rddtensor.training.sequential.Sequential`` implements the rest, and a graph model will. Code
-outside a model uses only these members, never a model's private ones.
+``rddtensor.training.keras_api.KerasModel`` adds the user-facing ``compile`` / ``fit`` /
+``evaluate`` / ``predict`` / ``save`` once for every model class, and
+``rddtensor.training.sequential.Sequential`` and ``rddtensor.training.graph.GraphModel``
+(``L.Model(inputs, outputs)``) implement the rest. A model with several inputs takes (and
+``backprop`` returns) a tuple of arrays, one per input; one with several outputs returns a tuple
+and its ``backprop`` takes one. Code outside a model uses only these members, never a model's
+private ones.
 """
 from __future__ import annotations
 
@@ -73,7 +78,8 @@ class Model(abc.ABC):
     @abc.abstractmethod
     def output_activation(self):
         """The output's activation (``("sigmoid", {})``-like, see ``Layer.output_activation``)
-        or ``None``: what ``Loss.bind`` fuses with a cross-entropy."""
+        or ``None``: what ``Loss.bind`` fuses with a cross-entropy (a tuple of one per output
+        for a model with several outputs)."""
 
     @abc.abstractmethod
     def check_input_shape(self, shape, what: str) -> None:

@@ -15,7 +15,6 @@ import zipfile
 
 import numpy as np
 
-from rddtensor.layers.base import layer_class
 from rddtensor.optim import get_loss, get_metric
 from rddtensor.optim.optimizers import serialize_optimizer
 from rddtensor.version import __version__
@@ -38,7 +37,9 @@ def save_model(model, path: str, include_optimizer: bool = True) -> None:
     _atomic_write(os.path.join(path, "weights.npz"), lambda f: np.savez(f, **weights))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "rddtensor_version": _version(), "config": model.get_config(),
-            "input_shape": list(model.input_shape), "layout": model.layout.to_config()}
+            "layout": model.layout.to_config()}
+    if len(model.input_specs) == 1:  # (a graph model's config holds its inputs' shapes too)
+        meta["input_shape"] = list(model.input_specs[0].shape)
     if model.loss is not None:
         meta["compile"] = {"optimizer": serialize_optimizer(model.optimizer),
                            "loss": model.loss.get_config(),
@@ -92,30 +93,22 @@ def _load_npz(path: str) -> dict:
 
 
 def _build(meta: dict, meta_path: str, model_class):
-    """The architecture of ``model.json``, every layer type and setting checked."""
+    """The architecture of ``model.json``, every layer type and setting checked
+    (``layers_from_config``) and the model built."""
     config = meta.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
         raise ValueError(f"{meta_path!r}: 'config' must hold a list of 'layers'")
-    layers = []
-    for i, c in enumerate(config["layers"]):
-        if not isinstance(c, dict) or not isinstance(c.get("class_name"), str) or \
-                not isinstance(c.get("config", {}), dict):
-            raise ValueError(f"{meta_path!r}: layer {i} must be {{'class_name': str, "
-                             f"'config': dict}}, got {str(c)[:80]}")
-        cls = layer_class(c["class_name"])  # registered types only: unknown names raise
-        try:
-            layers.append(cls.from_config(dict(c.get("config", {}))))
-        except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"{meta_path!r}: layer {i} ({c['class_name']}) has an invalid "
-                             f"config: {e}") from None
-    model = model_class(layers, name=config.get("name"))
+    try:
+        model = model_class(config).from_config(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{meta_path!r}: {e}") from None
     shape = meta.get("input_shape")
-    if not isinstance(shape, list) or not shape or \
-            not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if shape is not None and (not isinstance(shape, list) or not shape or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise ValueError(f"{meta_path!r}: input_shape must be a list of positive integers, got "
                          f"{shape!r}")
     try:
-        model.build(tuple(shape), seed=0)
+        model.build(None if shape is None else tuple(shape), seed=0)
     except ValueError as e:
         raise ValueError(f"{meta_path!r}: the layers do not fit together: {e}") from None
     return model
@@ -131,21 +124,43 @@ def _numeric(arrays: dict, path: str) -> dict:
 def _compile(model, c: dict) -> None:
     """Compile settings from ``model.json``: names looked up in the optimizer, loss and metric
     registries (an unknown name raises), settings validated by their classes."""
-    loss, metrics = c["loss"], c["metrics"]
+    loss, metrics, loss_weights = c["loss"], c["metrics"], None
     if not isinstance(c["optimizer"], (str, dict)):
         raise TypeError(f"optimizer must be a name or a config dict, got {c['optimizer']!r}")
-    if isinstance(loss, dict):
-        loss = dict(loss)
-        loss = get_loss(loss.pop("name"), **loss)
-    elif not isinstance(loss, str):
-        raise TypeError(f"loss must be a name or a config dict, got {loss!r}")
-    metrics = [get_metric(m) if isinstance(m, str) else get_metric(
-        m["name"], **{k: v for k, v in m.items() if k != "name"}) for m in metrics]
-    model.compile(optimizer=c["optimizer"], loss=loss, metrics=metrics)
+    if isinstance(loss, dict) and "outputs" in loss:  # several outputs: a loss each
+        loss_weights = loss.get("loss_weights")
+        loss = [_loss(entry) for entry in loss["outputs"]]
+    else:
+        loss = _loss(loss)
+    per_output = [m for m in metrics if isinstance(m, dict) and "output" in m]
+    if per_output:
+        by_output = [[] for _ in model.output_specs]
+        for m in per_output:
+            m = dict(m)
+            by_output[m.pop("output")].append(_metric(m))
+        metrics = by_output
+    else:
+        metrics = [_metric(m) for m in metrics]
+    model.compile(optimizer=c["optimizer"], loss=loss, metrics=metrics, loss_weights=loss_weights)
+
+
+def _loss(c):
+    if isinstance(c, dict):
+        c = dict(c)
+        return get_loss(c.pop("name"), **c)
+    if not isinstance(c, str):
+        raise TypeError(f"loss must be a name or a config dict, got {c!r}")
+    return c
+
+
+def _metric(c):
+    return get_metric(c) if isinstance(c, str) else \
+        get_metric(c["name"], **{k: v for k, v in c.items() if k != "name"})
 
 
 def load_model(path: str, model_class):
-    """A ``model_class`` (``Sequential``) instance from a directory ``save_model`` wrote."""
+    """The model a directory ``save_model`` wrote holds; ``model_class(config)`` is the class
+    of a model config (``rddtensor.training.models.model_class``)."""
     meta = read_meta(path)
     meta_path = os.path.join(path, "model.json")
     model = _build(meta, meta_path, model_class)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from rddtensor.backend import to_numpy
+from rddtensor.training.batching import count_rows, take_rows
 from rddtensor.optim.clipping import clip_by_value, norm_clip_scale
 
 
@@ -32,16 +33,21 @@ def merge_stats(metrics, a: dict, b: dict) -> dict:
 def batch_stats(metrics, loss, Y, y, loss_value: float, n_norm, weight=None) -> dict:
     """Stats of one batch: the loss summed over its rows (weighted, with sample weights whose
     sum over these rows is ``weight``) and each metric's mergeable state."""
-    n = int(Y.shape[0])
+    n = count_rows(Y)  # (Y, y: arrays, or tuples of one per output of a model with several)
     if n == 0:
         return empty_stats(metrics)
-    P = to_numpy(loss.link(Y)) if metrics else None
-    y = to_numpy(y)
+    P = _host(loss.link(Y)) if metrics else None
+    y = _host(y)
     stats = {"loss": float(loss_value) * n_norm, "count": n,
              "states": [m.state(y, P) for m in metrics]}
     if weight is not None:
         stats["weight"] = float(weight)
     return stats
+
+
+def _host(a):
+    """NumPy copies of an array or a tuple of them (what metrics read)."""
+    return tuple(to_numpy(x) for x in a) if isinstance(a, tuple) else to_numpy(a)
 
 
 def stats_logs(metrics, stats: dict, prefix: str = "") -> dict:
@@ -75,7 +81,8 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
         ``(grad, stats)``: the flat gradient (``grad_out`` if given) and this part's stats.
     """
     layout = model.layout
-    if len(X) == 0:
+    rows = count_rows(X)  # (X: one array, or a tuple of one per model input)
+    if rows == 0:
         grad = np.zeros(layout.size, theta.dtype) if grad_out is None else grad_out
         grad[...] = 0
         return grad, empty_stats(metrics)
@@ -86,7 +93,7 @@ def gradient_step(model, theta, X, y, *, loss, n_batch: int, rng, class_weight=N
     _, grads = backprop(dY)
     grad = layout.flatten(grads, out=grad_out, dtype=theta.dtype)
     if layout.buffers:  # a buffer's change counts by this part's share of the global batch
-        share = grad.dtype.type(len(X) / n_batch)
+        share = grad.dtype.type(rows / n_batch)
         for a, b in layout.split_segments()[1]:
             grad[a:b] *= share
     return grad, batch_stats(metrics, loss, Y, y, value, norm,
@@ -184,9 +191,11 @@ def evaluate_arrays(model, theta, X, y, *, loss, metrics, batch_size: int, n_nor
     """Loss and metric stats of ``model`` on ``X, y`` in eval mode (no dropout)."""
     stats = empty_stats(metrics)
     params = model.layout.unflatten(theta)
-    for a in range(0, len(X), batch_size):
-        Xb, yb = X[a:a + batch_size], y[a:a + batch_size]
+    for a in range(0, count_rows(X), batch_size):
+        rows = slice(a, a + batch_size)
+        Xb, yb = take_rows(X, rows), take_rows(y, rows)
+        n = count_rows(Xb)
         Y, _ = model.forward(params, Xb, training=False, logits=loss.fused is not None)
-        value, _ = loss(Y, yb, n_total=len(Xb))
-        stats = merge_stats(metrics, stats, batch_stats(metrics, loss, Y, yb, value, len(Xb)))
+        value, _ = loss(Y, yb, n_total=n)
+        stats = merge_stats(metrics, stats, batch_stats(metrics, loss, Y, yb, value, n))
     return stats
