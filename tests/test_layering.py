@@ -30,7 +30,7 @@ FACES = {"rddtensor", "rddtensor.layers"}
 #: third-party modules a function may import (heavy, or optional for in-process use; tqdm: the
 #: driver's progress bar, never needed on an executor; onnx/onnxruntime: the ONNX export extra)
 LAZY_OK = {"pyspark", "cupy", "cupyx", "torch", "matplotlib", "sklearn", "yaml", "tqdm", "onnx",
-           "onnxruntime"}
+           "onnxruntime", "mlflow"}
 #: our modules a function may import: the command line loads Spark ML (it imports pyspark.ml
 #: at once) only for ``predict`` (``rddtensor info`` and ``--help`` stay light); the protocol's
 #: ``Model.export`` loads the exporter (every layer class) only when a model is exported
