@@ -240,7 +240,153 @@ def test_unknown_format_and_options_are_refused(tmp_path):
         model.export(tmp_path / "m", format="tf_saved_model")
     with pytest.raises(TypeError, match="opset"):
         model.export(tmp_path / "m.onnx", opset=11)
-    with pytest.raises(TypeError, match=r"supports \['rddtensor.training.sequential.Sequential'\]"
+    with pytest.raises(TypeError, match=r"supports \['rddtensor.training.graph.GraphModel', "
+                                        r"'rddtensor.training.sequential.Sequential'\]"
                                         r".*got object"):
         onnx_export.to_onnx(object())  # a model class without a walker
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- graph models (L.Model(inputs, outputs)) ----------------------------------------------------
+def _export_and_compare_graph(model, feeds: dict, tmp_path, batches=(7, 1)):
+    """Export, then for each batch size (never used at export: the batch axis is symbolic) run
+    the file with ``feeds`` (by input name) and compare every output with ``model.predict``."""
+    path = tmp_path / "graph.onnx"
+    model.export(path)
+    session = _session(path)
+    assert [i.name for i in session.get_inputs()] == [s.name for s in model.input_specs]
+    assert [o.name for o in session.get_outputs()] == model.output_names
+    for n in batches:
+        rows = {k: v[:n] for k, v in feeds.items()}
+        got = session.run(None, rows)
+        want = model.predict(rows)
+        want = want if isinstance(want, list) else [want]
+        assert len(got) == len(want)
+        for name, u, v in zip(model.output_names, got, want):
+            assert u.shape == v.shape, name
+            np.testing.assert_allclose(u, v, rtol=RTOL, atol=ATOL, err_msg=name)
+    return path
+
+
+def test_graph_residual_cnn_exports(tmp_path):
+    """Conv2D -> BatchNorm -> ReLU -> Conv2D -> BatchNorm, a projection shortcut, Add, ReLU and a
+    softmax head; compiled with a loss fused to the softmax, the file still returns what
+    ``predict`` returns, the probabilities."""
+    x = L.Input((2, 6, 6), name="image")
+    h = L.ReLU()(L.BatchNorm()(L.Conv2D(4, 3, padding="same")(x)))
+    h = L.BatchNorm()(L.Conv2D(4, 3, padding="same")(h))
+    y = L.ReLU()(L.Add()([h, L.Conv2D(4, 1)(x)]))
+    probs = L.Dense(3, activation="softmax", name="probs")(L.GlobalAvgPool2D()(y))
+    model = _randomize(L.Model(x, probs, seed=0))
+    model.compile(loss="sparse_categorical_crossentropy")
+    assert model.loss.fused is not None  # predict's softmax, not in forward(logits=True)
+    X = np.random.default_rng(1).normal(size=(7, 2, 6, 6)).astype(np.float32)
+    _export_and_compare_graph(model, {"image": X}, tmp_path, batches=(7, 1, 0))
+    assert [o.name for o in onnx.load(str(tmp_path / "graph.onnx")).graph.output] == ["probs"]
+
+
+def test_graph_two_inputs_with_concatenate_and_int_ids(tmp_path):
+    """Two float sequences joined on the feature axis and an ``int64`` ids input (the graph
+    casts it to float32 as ``predict`` does: ``Embedding`` reads it as ids, ``Dense`` as
+    numbers), concatenated."""
+    a, b = L.Input((3, 4), name="a"), L.Input((3, 2), name="b")
+    ids = L.Input((5,), dtype="int64", name="ids")
+    seq = L.Flatten()(L.Concatenate(axis=-1)([a, L.Dense(4, activation="tanh")(b), a]))
+    emb = L.GlobalAveragePooling1D()(L.Embedding(10, 3)(ids))
+    y = L.Dense(2)(L.Concatenate()([seq, emb, L.Dense(2)(ids)]))  # ids as numbers, too
+    model = _randomize(L.Model([a, b, ids], y, seed=0))
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.normal(size=(7, 3, 4)).astype(np.float32),
+             "b": rng.normal(size=(7, 3, 2)).astype(np.float32),
+             "ids": rng.integers(0, 10, size=(7, 5)).astype(np.int64)}
+    path = _export_and_compare_graph(model, feeds, tmp_path)
+    elem = {i.name: i.type.tensor_type.elem_type for i in onnx.load(str(path)).graph.input}
+    assert elem == {"a": onnx.TensorProto.FLOAT, "b": onnx.TensorProto.FLOAT,
+                    "ids": onnx.TensorProto.INT64}
+
+
+def test_graph_shared_layer_exports_one_set_of_weights(tmp_path):
+    """A siamese model: one Dense called on both inputs (and a shared MultiHeadAttention on
+    two sequences) exports one set of initializers that both calls read."""
+    left, right = L.Input((4,), name="left"), L.Input((4,), name="right")
+    shared = L.Dense(3, activation="tanh", name="shared")
+    distance = L.Subtract()([shared(left), shared(right)])
+    qa, qb = L.Input((3, 4), name="seq_a"), L.Input((3, 4), name="seq_b")
+    mha = L.MultiHeadAttention(4, 2, name="mha")
+    pooled = L.GlobalAveragePooling1D()(L.Add()([mha(qa), mha(qb)]))
+    y = L.Dense(1, activation="sigmoid")(L.Concatenate()([distance, pooled]))
+    model = _randomize(L.Model([left, right, qa, qb], y, seed=0))
+    rng = np.random.default_rng(1)
+    feeds = {k: rng.normal(size=(7, *s.shape)).astype(np.float32)
+             for k, s in zip(["left", "right", "seq_a", "seq_b"], model.input_specs)}
+    path = _export_and_compare_graph(model, feeds, tmp_path)
+    graph = onnx.load(str(path)).graph
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer
+               if i.data_type == onnx.TensorProto.FLOAT and i.name.split(".")[0] in ("0", "1")}
+    # every float initializer of the shared layers (0: Dense, 1: MultiHeadAttention) once
+    assert sum(w.size for w in weights.values()) == \
+        model.layer_size(model.layers[0]) + model.layer_size(model.layers[1])
+    readers = {name: sum(name in n.input for n in graph.node) for name in weights}
+    assert readers == {name: 2 for name in weights}, readers  # each read by both calls
+
+
+def test_graph_two_outputs_export_each_as_predict(tmp_path):
+    """Two outputs, each named after its call, each what ``predict`` returns: a softmax and a
+    sigmoid head trained with fused losses, and a hidden tensor that is also read by a head."""
+    x = L.Input((6,), name="features")
+    h = L.Dense(8, activation="relu", name="hidden")(x)
+    cls = L.Dense(3, activation="softmax", name="cls")(h)
+    score = L.Dense(1, activation="sigmoid", name="score")(L.Dropout(0.3)(h))
+    model = _randomize(L.Model(x, [cls, score, h], seed=0))
+    model.compile(loss=["sparse_categorical_crossentropy", "binary_crossentropy", "mse"])
+    assert model.loss.fused[:2] != (None, None)
+    assert model.output_names == ["cls", "score", "hidden"]
+    X = np.random.default_rng(1).normal(size=(7, 6)).astype(np.float32)
+    _export_and_compare_graph(model, {"features": X}, tmp_path)
+
+
+def test_graph_cross_attention_exports(tmp_path):
+    """MultiHeadAttention on [query, key, value] (causal over a longer memory, padding in query
+    and key) and on [query, value] (no bias), with a residual Add."""
+    q = L.Input((4, 8), name="query")
+    k, v = L.Input((6, 8), name="key"), L.Input((6, 8), name="value")
+    h = L.MultiHeadAttention(8, 2, causal=True, mask_value=0.0)([q, k, v])
+    h2 = L.MultiHeadAttention(8, 4, bias=False)([L.Add()([q, h]), v])
+    y = L.Dense(2)(L.GlobalAveragePooling1D()(h2))
+    model = _randomize(L.Model([q, k, v], [y, h], seed=0))
+    rng = np.random.default_rng(1)
+    feeds = {"query": _padded(rng, (7, 4, 8)), "key": _padded(rng, (7, 6, 8)),
+             "value": rng.normal(size=(7, 6, 8)).astype(np.float32)}
+    feeds["key"][4] = 0.0  # a row whose keys are all padding
+    _export_and_compare_graph(model, feeds, tmp_path)
+
+
+def test_graph_every_merge_layer_exports(tmp_path):
+    """Add, Subtract, Multiply, Average (of 2 and 3 inputs), Concatenate on several axes and
+    Dot (vectors, sequences, axes that need moving, normalize with a zero vector), one output
+    each."""
+    a, b, c = (L.Input((3, 4), name=n) for n in "abc")
+    d = L.Input((5, 3), name="d")
+    fa, fc = L.Flatten()(a), L.Flatten()(c)
+    outputs = [L.Add()([a, b]), L.Add()([a, b, c]), L.Subtract()([a, c]),
+               L.Multiply()([a, b, c]), L.Average()([a, b]), L.Average()([a, b, c]),
+               L.Concatenate(axis=1)([a, b, c]), L.Concatenate(axis=-1)([a, b]),
+               L.Concatenate(axis=2)([a, L.Dense(2)(c)]),
+               L.Dot(axes=1)([fa, fc]), L.Dot(axes=1, normalize=True)([fa, fc]),
+               L.Dot(axes=2)([a, b]), L.Dot(axes=(1, 2))([a, d]),
+               L.Dot(axes=(-1, 2), normalize=True)([c, L.Dense(4)(d)])]
+    model = _randomize(L.Model([a, b, c, d], outputs, seed=0))
+    rng = np.random.default_rng(1)
+    feeds = {s.name: rng.normal(size=(7, *s.shape)).astype(np.float32) for s in model.input_specs}
+    feeds["c"][0] = 0.0  # a zero vector: the normalisation's eps
+    _export_and_compare_graph(model, feeds, tmp_path)
+
+
+def test_graph_unexportable_layer_is_named_with_its_call(tmp_path):
+    x = L.Input((2,), name="x")
+    squash = Squash(name="squash")
+    model = L.Model(x, L.Add()([squash(x), squash(L.Dense(2)(x))]), seed=0)
+    with pytest.raises(ValueError, match=r"layer 0 \(Squash 'squash'\) at node 0 \('squash\[0\]'\)"
+                                         r".*no ONNX converter for Squash"):
+        model.export(tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []

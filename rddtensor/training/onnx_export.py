@@ -3,8 +3,11 @@
 The graph computes what ``model.predict`` returns (the output activation included, also for a
 classifier trained with a loss fused to it), at opset ``OPSET`` (17: ``LayerNormalization``'s
 first), with a symbolic batch dimension (``"batch"``) and every other dimension fixed by the
-model's per-row shapes. The input and output carry the names of the model's ``input_specs`` and
-``output_specs`` (``"X"`` and ``"y"`` for a ``Sequential``), float32. The graph is built with the
+model's per-row shapes. The inputs and outputs carry the names of the model's ``input_specs`` and
+``output_specs`` (``"X"`` and ``"y"`` for a ``Sequential``; a graph model's ``L.Input`` names
+and its output calls' names, one ONNX output per model output), float32 (an input declared
+``L.Input(..., dtype="int64")`` keeps its dtype and is cast to float32 in the graph, as
+``predict`` casts it). The graph is built with the
 ``onnx`` package's helpers (an optional extra: ``pip install rddtensor[onnx]``; imported only
 here, when a model is exported) and checked with ``onnx.checker.check_model(full_check=True)``
 before anything is written, so a model with a layer that cannot be exported fails with an error
@@ -46,13 +49,17 @@ Two tables, both filled with decorators:
 - ``MODEL_WALKERS``: how a model's layers wire together, per model class (keyed
   ``"module.ClassName"``, so this module imports no model class), ``@model_walker(path)``:
   ``walker(g, model) -> output names``, reading ``g.inputs`` (one name per ``input_specs``). The
-  ``Sequential`` walker is a chain. A graph model registers a walker that visits its nodes in
-  topological order and calls ``g.convert_at(where, layer, params, input_names)`` for each; merge
-  layers (``Add``, ``Concatenate``, ...) register converters that take several inputs.
+  ``Sequential`` walker is a chain. The graph model's (``L.Model(inputs, outputs)``) visits its
+  nodes in call order and calls ``g.convert_at(layer_index, layer, params, input_names)`` for
+  each; a layer called on a list (the merge layers, ``MultiHeadAttention`` on ``[query, key,
+  value]``) gets one input name per tensor. A shared layer's calls are converted in the same
+  scope (its index), and ``g.const`` stores a value once per scope and hint, so they read one
+  set of initializers.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 
@@ -65,6 +72,7 @@ from rddtensor.layers.conv import Conv1D, Conv2D, Conv2DTranspose
 from rddtensor.layers.core import Dropout, Flatten, Reshape
 from rddtensor.layers.dense import Dense
 from rddtensor.layers.embedding import Embedding
+from rddtensor.layers.merge import NORM_EPS, Add, Average, Concatenate, Dot, Multiply, Subtract
 from rddtensor.layers.normalization import BatchNorm, LayerNorm
 from rddtensor.layers.pooling import (AvgPool2D, GlobalAveragePooling1D, GlobalAvgPool2D,
                                       GlobalMaxPooling1D, MaxPool1D, MaxPool2D, UpSampling2D)
@@ -132,7 +140,9 @@ class OnnxGraph:
 
     Tensor, node and initializer names start with the scope of the layer being converted (its
     index in the model, ``"0"``; nested layers add their attribute, ``"0.layer"``), so a weight
-    keeps its model key (``"0.W"``) where it is used as stored.
+    keeps its model key (``"0.W"``) where it is used as stored. An initializer of the same scope,
+    hint and value is stored once: the calls of a layer shared in a graph model (converted in
+    the same scope) use one set of weights.
     """
 
     def __init__(self, onnx_module, inputs=(), reserved=()):
@@ -145,6 +155,7 @@ class OnnxGraph:
         self._used: set[str] = {*self.inputs, *reserved}
         self._scope = ""
         self._batch: dict[str, str] = {}
+        self._consts: dict[tuple, str] = {}  # (scoped hint, dtype, shape, digest) -> name
 
     # --- names and scopes -------------------------------------------------------------------
     def name(self, hint: str) -> str:
@@ -171,10 +182,17 @@ class OnnxGraph:
 
     # --- building blocks --------------------------------------------------------------------
     def const(self, value, hint: str, dtype=np.float32) -> str:
-        """An initializer holding ``value`` (float32 unless ``dtype``); returns its name."""
+        """An initializer holding ``value`` (float32 unless ``dtype``); returns its name. The
+        same value under the same scope and hint returns the initializer made first (a shared
+        layer's second call reuses its first call's weights)."""
         array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
-        name = self._unique(f"{self._scope}.{hint}" if self._scope else hint)  # "0.W"
-        self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
+        base = f"{self._scope}.{hint}" if self._scope else hint  # "0.W"
+        key = (base, array.dtype.str, array.shape,
+               hashlib.blake2b(array.reshape(-1).view(np.uint8), digest_size=20).digest())
+        name = self._consts.get(key)
+        if name is None:
+            name = self._consts[key] = self._unique(base)
+            self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
         return name
 
     def ints(self, values, hint: str) -> str:
@@ -216,20 +234,21 @@ class OnnxGraph:
         """Add ``layer``'s nodes (its registered converter); returns its output names."""
         return list(_converter_for(layer)(self, layer, params, list(inputs)))
 
-    def convert_at(self, where: str, layer, params: dict, inputs: list[str]) -> list[str]:
-        """``convert`` in scope ``where``, an error naming the layer as ``where`` and ``layer``
-        (``where`` is its index in the model)."""
+    def convert_at(self, where: str, layer, params: dict, inputs: list[str],
+                   label: str | None = None) -> list[str]:
+        """``convert`` in scope ``where``, an error naming the layer as ``label`` (default:
+        ``describe_layer(where, layer)``; ``where`` is its index in the model)."""
         with self.scope(where):
             try:
                 return self.convert(layer, params, inputs)
             except NotExportable as e:
-                raise NotExportable(f"cannot export {describe_layer(where, layer)} to ONNX: "
-                                    f"{e}") from None
+                what = describe_layer(where, layer) if label is None else label
+                raise NotExportable(f"cannot export {what} to ONNX: {e}") from None
 
 
 def layer_params(model, index: int, layer) -> dict:
-    """The parameters and buffers of layer ``index`` of a ``Sequential`` under the layer's own
-    keys (the model keys them ``"<index>.<key>"``)."""
+    """The parameters and buffers of layer ``index`` of a model (a ``Sequential`` or a graph
+    model) under the layer's own keys (the model keys them ``"<index>.<key>"``)."""
     keys = [*layer.param_shapes(), *layer.buffer_shapes()]
     return {k: np.asarray(model.params[f"{index}.{k}"]) for k in keys}
 
@@ -241,6 +260,46 @@ def _walk_sequential(g: OnnxGraph, model) -> list[str]:
     for i, layer in enumerate(model.layers):
         (x,) = g.convert_at(str(i), layer, layer_params(model, i, layer), [x])
     return [x]
+
+
+@model_walker("rddtensor.training.graph.GraphModel")
+def _walk_graph(g: OnnxGraph, model) -> list[str]:
+    """A graph model (``L.Model(inputs, outputs)``): its nodes in call order, each converted in
+    the scope of its layer's index, so a layer called several times (shared) keeps one set of
+    initializers (``OnnxGraph.const``) that all its calls read. A layer called on a list gets
+    one input name per tensor of the list."""
+    tensors = []  # tensor number -> ONNX name: the inputs, then one per node (graph.py)
+    for spec, name in zip(model.input_specs, g.inputs):
+        if np.dtype(spec.dtype) != np.float32:  # predict feeds every input as float32
+            name = g.op("Cast", [name], f"{spec.name}_float32", to=g.onnx.TensorProto.FLOAT)
+        tensors.append(name)
+    params = [layer_params(model, i, layer) for i, layer in enumerate(model.layers)]
+    names = model.layer_names
+    calls = [sum(n.layer == i for n in model.nodes) for i in range(len(model.layers))]
+    seen = [0] * len(model.layers)
+    for j, node in enumerate(model.nodes):
+        i, layer = node.layer, model.layers[node.layer]
+        call = names[i] if calls[i] == 1 else f"{names[i]}[{seen[i]}]"  # as summary() names it
+        seen[i] += 1
+        label = f"{describe_layer(i, layer)} at node {j} ({call!r})"
+        outs = g.convert_at(str(i), layer, params[i], [tensors[r] for r in node.inputs], label)
+        if len(outs) != 1:
+            raise NotExportable(f"cannot export {label} to ONNX: its converter returned "
+                                f"{len(outs)} outputs; a node of a graph model has one")
+        tensors.append(outs[0])
+    outputs = []
+    input_names = [spec.name for spec in model.input_specs]
+    for spec, r in zip(model.output_specs, model.get_config()["outputs"]):
+        if r >= len(input_names) and spec.name in input_names:
+            raise NotExportable(f"output {spec.name!r} has the name of an input: ONNX names "
+                                "every tensor once (name the input or the layer otherwise)")
+        if r < len(g.inputs) and tensors[r] != spec.name:  # an input cast to float32
+            raise NotExportable(f"output {spec.name!r} is the {model.input_specs[r].dtype} "
+                                "input itself, which predict returns as float32: ONNX cannot "
+                                "name one tensor as an input and an output of two dtypes (pass "
+                                "it through a layer, e.g. L.Activation('linear'))")
+        outputs.append(tensors[r])
+    return outputs
 
 
 def _walker_for(model):
@@ -282,8 +341,9 @@ def to_onnx(model):
                   reserved=[spec.name for spec in model.output_specs])
     outputs = walker(g, model)
     for spec, out in zip(model.output_specs, outputs):
-        g.nodes.append(onnx.helper.make_node("Identity", [out], [spec.name],
-                                             name=g.name("output")))
+        if out != spec.name:  # (a graph model's input that is also an output is both at once)
+            g.nodes.append(onnx.helper.make_node("Identity", [out], [spec.name],
+                                                 name=g.name("output")))
     graph = onnx.helper.make_graph(
         g.nodes, model.name or type(model).__name__,
         [_value_info(onnx, spec.name, spec) for spec in model.input_specs],
@@ -307,7 +367,8 @@ def export_onnx(model, path, **options) -> None:
     renamed, so a failed export leaves no file and an existing one untouched.
 
     Args:
-        model: a built (or buildable) model whose class has a walker (``Sequential``).
+        model: a built (or buildable) model whose class has a walker (``Sequential``, a graph
+            model).
         path: the file to write (``"model.onnx"``).
         **options: none yet (an unknown option raises ``TypeError``).
     """
@@ -392,6 +453,75 @@ def _flatten(g, layer, params, inputs):
 def _reshape(g, layer, params, inputs):
     (x,) = inputs
     return [g.reshape_rows(x, layer.output_shape)]
+
+
+# --- merge layers (called on a list: one input name per tensor) ---------------------------------
+def _chain(g, op_type, xs):
+    """``((x_1 op x_2) op x_3) ...``: the order the layer computes in."""
+    y = xs[0]
+    for x in xs[1:]:
+        y = g.op(op_type, [y, x])
+    return y
+
+
+@converter(Add)
+def _add(g, layer, params, inputs):
+    return [_chain(g, "Add", inputs)]
+
+
+@converter(Subtract)
+def _subtract(g, layer, params, inputs):
+    a, b = inputs
+    return [g.op("Sub", [a, b])]
+
+
+@converter(Multiply)
+def _multiply(g, layer, params, inputs):
+    return [_chain(g, "Mul", inputs)]
+
+
+@converter(Average)
+def _average(g, layer, params, inputs):  # the sum times float32(1 / n), as the layer
+    return [g.op("Mul", [_chain(g, "Add", inputs), g.const(1.0 / len(inputs), "inv_n")])]
+
+
+@converter(Concatenate)
+def _concatenate(g, layer, params, inputs):
+    return [g.op("Concat", inputs, axis=layer.axis)]  # both count the batch axis
+
+
+def _sample_axis(axis: int, rank: int) -> int:
+    """A layer's ``axis`` (the batch axis counted, may be negative) on a ``(batch, *shape)``
+    tensor whose ``shape`` has ``rank`` axes, as an axis >= 1."""
+    return axis if axis > 0 else axis + rank + 1
+
+
+def _l2_normalize(g, x, axis):
+    """``x / max(||x||_2, eps)`` along ``axis`` (``Dot(normalize=True)``'s)."""
+    norm = g.op("Sqrt", [g.reduce("ReduceSum", g.op("Mul", [x, x]), [axis], keepdims=True)])
+    return g.op("Div", [x, g.op("Max", [norm, g.const(NORM_EPS, "eps")])])
+
+
+@converter(Dot)
+def _dot(g, layer, params, inputs):
+    """``A``'s contracted axis moved last and ``B``'s first (after the batch), both flattened
+    to ``(batch, P, k)`` and ``(batch, k, Q)``, one batched ``MatMul``, then the output's shape
+    (``A``'s other axes, then ``B``'s), as the layer computes it."""
+    (A, B), (sa, sb) = inputs, layer.input_shape
+    a, b = _sample_axis(layer.axes[0], len(sa)), _sample_axis(layer.axes[1], len(sb))
+    if layer.normalize:
+        A, B = _l2_normalize(g, A, a), _l2_normalize(g, B, b)
+    k = sa[a - 1]
+    P = math.prod(n for i, n in enumerate(sa, 1) if i != a)  # static: an empty batch reshapes
+    Q = math.prod(n for i, n in enumerate(sb, 1) if i != b)
+    perm_a = [0, *(i for i in range(1, len(sa) + 1) if i != a), a]
+    perm_b = [0, b, *(i for i in range(1, len(sb) + 1) if i != b)]
+    if perm_a != sorted(perm_a):
+        A = g.op("Transpose", [A], perm=perm_a)
+    if perm_b != sorted(perm_b):
+        B = g.op("Transpose", [B], perm=perm_b)
+    y = g.op("MatMul", [g.reshape_rows(A, [P, k]), g.reshape_rows(B, [k, Q])])
+    return [g.reshape_rows(y, layer.output_shape)]
 
 
 # --- convolutions, pooling ----------------------------------------------------------------------
@@ -698,32 +828,34 @@ def _time_distributed(g, layer, params, inputs):
 
 
 # --- attention ----------------------------------------------------------------------------------
-def attention(g, layer: MultiHeadAttention, params: dict, x: str, T: int,
-              valid: str | None) -> str:
-    """Self-attention of ``x`` ``(batch, T, E)`` as ``MultiHeadAttention.attend``: ``valid``
-    ``(batch, T)`` float 0/1 or ``None`` (no padding)."""
-    E, H, d = layer.embed_dim, layer.num_heads, layer.head_dim
-    scale = 1.0 / math.sqrt(d)
+def _scaled_in_proj(layer: MultiHeadAttention, params: dict):
+    """``in_proj_weight`` and ``in_proj_bias`` (``None`` without biases) with ``1/sqrt(d)``
+    folded into the query rows, as the layer does."""
+    E, scale = layer.embed_dim, 1.0 / math.sqrt(layer.head_dim)
     W = params["in_proj_weight"].astype(np.float32, copy=True)
-    W[:E] *= scale  # 1/sqrt(d) folded into the query rows, as the layer does
+    W[:E] *= scale
     b = None
     if layer.bias:
         b = params["in_proj_bias"].astype(np.float32, copy=True)
         b[:E] *= scale
-    qkv = _linear(g, x, W, b)                                        # (B, T, 3E)
-    qkv = g.reshape_rows(qkv, [T, 3, H, d])
-    qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])             # (3, B, H, T, d)
-    q, k, v = g.op("Split", [qkv, g.ints([1, 1, 1], "split")], outputs=3, axis=0)
-    axis0 = g.ints([0], "axes")
-    q, k, v = (g.op("Squeeze", [t, axis0]) for t in (q, k, v))
-    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H, T, T)
+    return W, b
+
+
+def _attend(g, layer: MultiHeadAttention, params: dict, q: str, k: str, v: str, T: int, S: int,
+            valid_q: str | None, valid_k: str | None) -> str:
+    """From projected heads ``q`` (scaled) ``(batch, H, T, d)``, ``k``, ``v`` ``(batch, H, S,
+    d)``: the masked softmax attention, the heads side by side and the output projection, as
+    ``MultiHeadAttention._attention``; ``valid_k`` ``(batch, S)`` float 0/1 leaves keys out,
+    ``valid_q`` ``(batch, T)`` zeroes outputs (``None``: no padding)."""
+    E = layer.embed_dim
+    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H, T, S)
     neg = float(np.finfo(np.float32).min) / 2  # the layer's finite "minus infinity"
     bias = None
     if layer.causal:
-        bias = g.const(np.triu(np.full((T, T), neg, np.float32), 1)[None, None], "causal")
-    if valid is not None:
-        keys = g.op("Mul", [g.op("Sub", [g.const(1.0, "one"), valid]), g.const(neg, "neg")])
-        keys = g.op("Unsqueeze", [keys, g.ints([1, 2], "axes")])      # (B, 1, 1, T)
+        bias = g.const(np.triu(np.full((T, S), neg, np.float32), 1)[None, None], "causal")
+    if valid_k is not None:
+        keys = g.op("Mul", [g.op("Sub", [g.const(1.0, "one"), valid_k]), g.const(neg, "neg")])
+        keys = g.op("Unsqueeze", [keys, g.ints([1, 2], "axes")])      # (B, 1, 1, S)
         bias = keys if bias is None else g.op("Min", [bias, keys])
     if bias is not None:
         scores = g.op("Add", [scores, bias])
@@ -731,13 +863,53 @@ def attention(g, layer: MultiHeadAttention, params: dict, x: str, T: int,
     out = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # (B, T, H, d)
     y = _linear(g, g.reshape_rows(out, [T, E]), params["out_proj.weight"],
                 params["out_proj.bias"] if layer.bias else None)
-    if valid is not None:  # zero output at padded steps
-        y = g.op("Mul", [y, g.op("Unsqueeze", [valid, g.ints([-1], "axes")])])
+    if valid_q is not None:  # zero output at padded queries
+        y = g.op("Mul", [y, g.op("Unsqueeze", [valid_q, g.ints([-1], "axes")])])
     return y
+
+
+def attention(g, layer: MultiHeadAttention, params: dict, x: str, T: int,
+              valid: str | None) -> str:
+    """Self-attention of ``x`` ``(batch, T, E)`` as ``MultiHeadAttention.attend``: ``valid``
+    ``(batch, T)`` float 0/1 or ``None`` (no padding). One ``MatMul`` projects q, k and v."""
+    H, d = layer.num_heads, layer.head_dim
+    W, b = _scaled_in_proj(layer, params)
+    qkv = _linear(g, x, W, b)                                        # (B, T, 3E)
+    qkv = g.reshape_rows(qkv, [T, 3, H, d])
+    qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])             # (3, B, H, T, d)
+    q, k, v = g.op("Split", [qkv, g.ints([1, 1, 1], "split")], outputs=3, axis=0)
+    axis0 = g.ints([0], "axes")
+    q, k, v = (g.op("Squeeze", [t, axis0]) for t in (q, k, v))
+    return _attend(g, layer, params, q, k, v, T, T, valid, valid)
+
+
+def cross_attention(g, layer: MultiHeadAttention, params: dict, inputs: list[str]) -> str:
+    """``MultiHeadAttention`` called on ``[query, key, value]`` (or ``[query, value]``, the
+    value the key too), as ``MultiHeadAttention._cross_attend``: the packed projection's rows
+    ``:E`` project the query, ``E:2E`` the key, ``2E:`` the value; padding (``mask_value``) is
+    read from the key (no key) and the query (zero output)."""
+    E, H, d = layer.embed_dim, layer.num_heads, layer.head_dim
+    xq, xk, xv = inputs if len(inputs) == 3 else (inputs[0], inputs[1], inputs[1])
+    T, S = layer.input_shape[0][0], layer.input_shape[1][0]
+    W, b = _scaled_in_proj(layer, params)
+    heads = []
+    for x, rows, L, hint in ((xq, slice(0, E), T, "q"), (xk, slice(E, 2 * E), S, "k"),
+                             (xv, slice(2 * E, 3 * E), S, "v")):
+        with g.scope(hint):
+            p = g.reshape_rows(_linear(g, x, W[rows], None if b is None else b[rows]),
+                               [L, H, d])
+            heads.append(g.op("Transpose", [p], perm=[0, 2, 1, 3]))  # (B, H, L, d)
+    valid_q = valid_k = None
+    if layer.mask_value is not None:
+        valid_q = valid_steps(g, xq, layer.mask_value)
+        valid_k = valid_steps(g, xk, layer.mask_value)
+    return _attend(g, layer, params, *heads, T, S, valid_q, valid_k)
 
 
 @converter(MultiHeadAttention)
 def _multi_head_attention(g, layer, params, inputs):
+    if len(inputs) > 1:  # called on a list: cross-attention
+        return [cross_attention(g, layer, params, inputs)]
     (x,) = inputs
     valid = None if layer.mask_value is None else valid_steps(g, x, layer.mask_value)
     return [attention(g, layer, params, x, layer.input_shape[0], valid)]
