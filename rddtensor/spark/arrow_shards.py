@@ -120,6 +120,27 @@ def read_table(records, schema):
     return pa.Table.from_batches(list(batches(records, schema)), schema)
 
 
+def input_keys(k: int) -> tuple:
+    """The shard arrays holding a model's ``k`` inputs: ``("X",)`` for one, else ``X0 ..``."""
+    return ("X",) if k == 1 else tuple(f"X{i}" for i in range(k))
+
+
+def n_inputs(kinds) -> int:
+    """How many of a build's columns (``kinds``: features first, then ``None`` for a numeric
+    label, a feature kind for a vector label, ``"weight"``) are model inputs: an
+    ``InputKinds``' ``n_inputs``, else one."""
+    return kinds.n_inputs if isinstance(kinds, InputKinds) else 1
+
+
+class InputKinds(list):
+    """``kinds`` of a build whose first ``n_inputs`` columns are the inputs of a model with
+    several inputs (a list, so every reader of ``kinds[i]`` works unchanged)."""
+
+    def __init__(self, kinds, n_inputs: int):
+        super().__init__(kinds)
+        self.n_inputs = int(n_inputs)
+
+
 def stack_table(table, kinds, feature_shape, j: int, names, offset: int = 0, seen=None):
     """Partition ``j``'s rows (``table``, or one record batch of them: features, then the
     label and the sample weight where given) as shard arrays ``X``, ``y``, ``w``.
@@ -134,9 +155,16 @@ def stack_table(table, kinds, feature_shape, j: int, names, offset: int = 0, see
     cols = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols]
     col_names = table.schema.names
     seen_x, seen_y = seen if seen is not None else (None, None)
-    X = _features(cols[0], kinds[0], feature_shape, j, names[0], col_names[0], offset, seen_x)
-    arrays = {"X": X}
-    for i in range(1, len(cols)):
+    k = n_inputs(kinds)
+    if k == 1:
+        arrays = {"X": _features(cols[0], kinds[0], feature_shape, j, names[0], col_names[0],
+                                 offset, seen_x)}
+    else:  # one feature column per model input: X0, X1, ... (feature_shape: one per input)
+        arrays = {key: _features(cols[i], kinds[i], None if feature_shape is None else
+                                 feature_shape[i], j, names[i], col_names[i], offset,
+                                 None if seen_x is None else seen_x[i])
+                  for i, key in enumerate(input_keys(k))}
+    for i in range(k, len(cols)):
         if kinds[i] == "weight":
             arrays["w"] = weights_of(cols[i], j, names[i], offset)
         else:
@@ -153,19 +181,22 @@ def stream_arrays(records, schema, kinds, feature_shape, j: int, names):
     that decode to CSR are densified. An empty partition yields one empty chunk."""
     records = iter(records)
     offset, seen = 0, None
+    keys = input_keys(n_inputs(kinds))
     for b in batches(records, schema):
         if not b.num_rows:
             continue
-        if not offset and kinds[0] == "vector" and _any_sparse(b.column(0)):
+        if not offset and len(keys) == 1 and kinds[0] == "vector" and _any_sparse(b.column(0)):
             table = pa.Table.from_batches([b] + list(batches(records, schema)), schema)
             del b
             yield stack_table(table, kinds, feature_shape, j, names)
             return
         arrays = stack_table(b, kinds, feature_shape, j, names, offset, seen)
-        if isinstance(arrays["X"], SparseRows):
-            arrays["X"] = arrays["X"].toarray()
+        for key in keys:
+            if isinstance(arrays[key], SparseRows):
+                arrays[key] = arrays[key].toarray()
         if seen is None:
-            seen = (tuple(arrays["X"].shape[1:]),
+            shapes = [tuple(arrays[key].shape[1:]) for key in keys]
+            seen = (shapes[0] if len(keys) == 1 else shapes,
                     tuple(arrays["y"].shape[1:]) if "y" in arrays else None)
         offset += b.num_rows
         del b

@@ -45,8 +45,10 @@ class SparseRows(scipy.sparse.csr_matrix):
 
 
 # --- column types -------------------------------------------------------------------------------
-def feature_kind(schema, col: str, param: str = "featuresCol") -> str:
-    """``"vector"``, ``"array"`` or ``"image"`` for column ``col`` of ``schema``.
+def feature_kind(schema, col: str, param: str = "featuresCol", scalar: bool = False) -> str:
+    """``"vector"``, ``"array"`` or ``"image"`` for column ``col`` of ``schema``; with
+    ``scalar``, also ``"scalar"`` for a numeric column (one number per row: features of shape
+    ``(1,)``, e.g. an id column feeding an ``Embedding`` input of a model with several inputs).
 
     Raises a ``ValueError`` that names ``param`` and the column when it is missing or of a type
     no network can take.
@@ -64,6 +66,8 @@ def feature_kind(schema, col: str, param: str = "featuresCol") -> str:
         return "array"
     if isinstance(t, StructType) and all(f in t.names for f in IMAGE_FIELDS):
         return "image"
+    if scalar and isinstance(t, NumericType):
+        return "scalar"
     raise ValueError(f"{param}={col!r}: column {col!r} has type {t.simpleString()}; features "
                      "must be a vector (e.g. from VectorAssembler), an array of numbers "
                      "(array<float>, array<int>, nested arrays) or an image struct from "
@@ -186,6 +190,9 @@ def batch_from_arrow(arr, kind: str, col: str):
         return _arrays(arr, col)
     if kind == "image":
         return _images(arr, col)
+    if kind == "scalar":  # (through float64, as the label path converts numbers)
+        return np.asarray(arr.to_numpy(zero_copy_only=False), np.float64).astype(
+            np.float32).reshape(-1, 1)
     raise ValueError(f"unknown feature kind {kind!r}")
 
 

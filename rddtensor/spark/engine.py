@@ -592,8 +592,10 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         raise ValueError(f"wire_dtype must be 'float32' or 'bfloat16', got {wire_dtype!r}")
     if checkpoint_dir is not None:  # a path that cannot hold checkpoints fails before any job
         checkpoints.check_directory(checkpoint_dir)
+    features_col = input_columns(model, data, features_col)
     shards = make_shards(data, n_partitions=num_partitions,
-                         feature_shape=model.input_shape if model.built else None,
+                         feature_shape=_input_shape(model) if model.built or
+                         len(model.input_specs) > 1 else None,
                          features_col=features_col, label_col=label_col,
                          **({"weight_col": weight_col} if weight_col is not None else {}))
     val = runner = ending = None
@@ -603,10 +605,16 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         if not shards.has_labels:
             raise ValueError("training data needs labels: an RDD of (features, label) pairs or a "
                              f"DataFrame with a {label_col!r} column")
-        model.check_input_shape(shards.feature_shape, f"the features (column {features_col!r})"
-                                if hasattr(data, "columns") else "the features")
+        if isinstance(features_col, list):
+            for i, (c, shape) in enumerate(zip(features_col, shards.feature_shape)):
+                model.check_input_shape(shape, f"column {c!r}", index=i)
+        else:
+            model.check_input_shape(shards.feature_shape, f"the features (column "
+                                    f"{features_col!r})" if hasattr(data, "columns")
+                                    else "the features")
         if not model.built:
-            model.build(shards.feature_shape, seed=model.seed if model.seed is not None else seed)
+            model.build(shards.feature_shape if len(model.input_specs) == 1 else None,
+                        seed=model.seed if model.seed is not None else seed)
         if batch_size > shards.n_total:
             raise ValueError(f"batch_size={batch_size} is larger than the {shards.n_total} "
                              f"training rows; use batch_size <= {shards.n_total} (full batch)")
@@ -619,7 +627,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             settings={"seed": seed, "batch_size": batch_size, "shuffle": shuffle_setting(shuffle),
                       "n_total": shards.n_total, "partitions": shards.n_partitions})
         if validation_data is not None:
-            val = make_shards(validation_data, feature_shape=model.input_shape,
+            val = make_shards(validation_data, feature_shape=_input_shape(model),
                               features_col=features_col, label_col=label_col,
                               what="validation_data")
             model.check_label_range(val.label_range, "labels of validation_data")
@@ -713,10 +721,55 @@ def predict_distributed(model, data, *, batch_size: int = 4096, features_col="fe
         model.task_copy(), batch_size, theta, src.stack, src.feature_shape))
 
 
+def input_columns(model, data, features_col="features"):
+    """The column(s) the model's inputs are read from: ``features_col`` for a model with one
+    input; for several, a list of one column per input, in the model's input order: by default
+    the columns named like the inputs (``L.Input(name=...)``), else ``features_col`` as a list
+    (input order) or a dict ``{input name: column}``."""
+    names = [spec.name for spec in model.input_specs]
+    if len(names) == 1:
+        if not isinstance(features_col, str):
+            raise ValueError(f"features_col must be a column name for a model with one input, "
+                             f"got {features_col!r}")
+        return features_col
+    if not hasattr(data, "columns"):
+        raise ValueError(f"a model with several inputs {names} trains and predicts on a "
+                         "DataFrame with one column per input; got an RDD")
+    if features_col == "features" or features_col is None:
+        cols = names
+        missing = [c for c in cols if c not in data.columns]
+        if missing:
+            raise ValueError(f"the model's inputs {names} are read from the DataFrame's columns "
+                             f"of the same names, and it has no column {missing[0]!r} (its "
+                             f"columns: {data.columns}); or map them: features_col=[one column "
+                             "per input, in order] or {input name: column}")
+        return cols
+    if isinstance(features_col, dict):
+        unknown = [k for k in features_col if k not in names]
+        if unknown or len(features_col) != len(names):
+            raise ValueError(f"features_col maps the model's inputs {names} to columns, got "
+                             f"{features_col!r}" + (f" (no input named {unknown[0]!r})"
+                                                    if unknown else " (not every input)"))
+        return [features_col[n] for n in names]
+    if isinstance(features_col, (list, tuple)) and len(features_col) == len(names) and \
+            all(isinstance(c, str) for c in features_col):
+        return list(features_col)
+    raise ValueError(f"features_col for a model with {len(names)} inputs {names}: a list of "
+                     f"{len(names)} column names (input order) or a dict {{input name: "
+                     f"column}}, got {features_col!r}")
+
+
+def _input_shape(model):
+    """The per-row input shape, or the list of them for a model with several inputs."""
+    specs = model.input_specs
+    return specs[0].shape if len(specs) == 1 else [spec.shape for spec in specs]
+
+
 def _source(data, model, features_col, label_col, what):
+    features_col = input_columns(model, data, features_col)
     try:
         with spark_errors():
-            return source(data, feature_shape=model.input_shape, features_col=features_col,
+            return source(data, feature_shape=_input_shape(model), features_col=features_col,
                           label_col=label_col, what=what)
     except ValueError as e:
         raise named_error(e, what, True) from None

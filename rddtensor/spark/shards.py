@@ -275,7 +275,11 @@ def _label_summary(y):
 
 def _check_columns(df, features_col, label_col):
     """DataFrame column types, checked on the driver before any task runs."""
-    feature_kind(df.schema, features_col, "features_col")
+    if isinstance(features_col, (list, tuple)):  # one column per input of the model
+        for c in features_col:
+            feature_kind(df.schema, c, "features_col", scalar=True)
+    else:
+        feature_kind(df.schema, features_col, "features_col")
     if label_col:
         t = df.schema[label_col].dataType
         leaf = t
@@ -302,7 +306,7 @@ def _check_weight_col(df, weight_col):
 
 
 def _wire_arrays(arrays):
-    if isinstance(arrays["X"], np.ndarray):
+    if "X" not in arrays or isinstance(arrays["X"], np.ndarray):  # (several inputs: dense)
         return arrays
     return encode_sparse(arrays)
 
@@ -388,7 +392,8 @@ def _weights(values, j, what, offset):
 
 
 def _check_df(df, features_col, label_col):
-    missing = [c for c in (features_col, label_col) if c and c not in df.columns]
+    cols = list(features_col) if isinstance(features_col, (list, tuple)) else [features_col]
+    missing = [c for c in (*cols, label_col) if c and c not in df.columns]
     if missing:
         raise ValueError(f"DataFrame has no column {missing[0]!r}; columns are {df.columns}")
     _check_columns(df, features_col, label_col)
@@ -515,12 +520,20 @@ def source(data, n_partitions=None, feature_shape=None, features_col="features",
     """The ``Source`` of an RDD or DataFrame (``make_shards``' arguments): checks the columns,
     and for an RDD without ``feature_shape`` takes the shape from its first row."""
     is_df = hasattr(data, "select") and hasattr(data, "columns")
+    several = isinstance(features_col, (list, tuple))
+    if several and not is_df:
+        raise ValueError(f"a model with several inputs trains on a DataFrame with one column "
+                         f"per input (features_col={list(features_col)}); got an RDD")
     names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
-             if is_df else ("features", "labels"))
+             if is_df and not several else ("features", "labels"))
+    if several:
+        names = tuple(f"input {i} (column {c!r})" for i, c in enumerate(features_col)) + \
+            (f"labels (column {label_col!r})",)
     if weight_col:
         names += (f"sample weights (column {weight_col!r})" if is_df else "sample weights",)
     if feature_shape is not None:
-        feature_shape = tuple(int(s) for s in feature_shape)
+        feature_shape = tuple(tuple(int(s) for s in shape) for shape in feature_shape) \
+            if several else tuple(int(s) for s in feature_shape)
     arrow = None
     if is_df:
         _check_df(data, features_col, label_col)
@@ -532,6 +545,9 @@ def source(data, n_partitions=None, feature_shape=None, features_col="features",
     if arrow is not None:
         (rows, stack), has_labels = arrow, bool(label_col)
         return Source(rows, stack, feature_shape, has_labels, names)
+    if several:
+        raise ValueError("a model with several inputs reads its columns as Arrow record "
+                         "batches, which this Spark cannot hand out (Dataset.toArrowBatchRdd)")
     rows, has_labels = _as_rows(data, features_col, label_col, what, weight_col)
     if n_partitions is not None and n_partitions != rows.getNumPartitions():
         rows = repartition_in_order(rows, int(n_partitions))
@@ -585,22 +601,28 @@ def _arrow_build(df, features_col, label_col, n_partitions, weight_col=None,
                  feature_shape=None):
     """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.spark.arrow_shards``), or
     ``None`` where this Spark cannot hand them out."""
-    columns = [features_col] + ([label_col] if label_col else []) + \
-        ([weight_col] if weight_col else [])
-    got = arrow_shards.arrow_rows(df, columns, n_partitions,
-                                  row_bytes=_row_bytes(df, features_col, feature_shape))
+    several = isinstance(features_col, (list, tuple))
+    inputs = list(features_col) if several else [features_col]
+    columns = inputs + ([label_col] if label_col else []) + ([weight_col] if weight_col else [])
+    row_bytes = (sum(4 * max(1, int(np.prod(shape, dtype=np.int64))) for shape in feature_shape)
+                 if several else _row_bytes(df, features_col, feature_shape))
+    got = arrow_shards.arrow_rows(df, columns, n_partitions, row_bytes=row_bytes)
     if got is None:
         return None
     rdd, schema = got
-    kinds = [feature_kind(df.schema, features_col, "features_col")]
+    kinds = [feature_kind(df.schema, c, "features_col", scalar=several) for c in inputs]
+    if several:
+        kinds = arrow_shards.InputKinds(kinds, len(inputs))
     if label_col:
         t = df.schema[label_col].dataType
         kinds.append(None if isinstance(t, NumericType) else
                      feature_kind(df.schema, label_col, "label_col"))
-    names = (f"features (column {features_col!r})", f"labels (column {label_col!r})")
+    names = tuple(f"input {i} (column {c!r})" for i, c in enumerate(inputs)) if several \
+        else (f"features (column {features_col!r})",)
+    names += (f"labels (column {label_col!r})",)
     if weight_col:
         kinds.append("weight")
-        names = (names if label_col else names[:1]) + (
+        names = (names if label_col else names[:-1]) + (
             f"sample weights (column {weight_col!r})",)
 
     def stack(it, shape, j, stream):
@@ -687,8 +709,8 @@ def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _B
             del first
             if next(chunks, None) is not None:  # (an inline or sparse build is one chunk)
                 raise RuntimeError(f"partition {j}: an inline shard came in several chunks")
-            X = arrays["X"]
-            n, labels, shape = len(X), _label_summary(arrays.get("y")), tuple(X.shape[1:])
+            X = first_input(arrays)
+            n, labels, shape = len(X), _label_summary(arrays.get("y")), input_shapes(arrays)
             fingerprint = datastore.fingerprints(arrays) if dense else None
             record = wire.pack(Kind.SHARD, {"j": j, "n": n, "id": dataset},
                                _wire_arrays(arrays))
@@ -730,9 +752,9 @@ def _write_partition(directory, dataset, j, chunks, label_name="labels"):
     try:
         n, summary, shape, y_dtype, y_row = 0, _NO_LABELS, None, None, None
         for arrays in chunks:
-            X = arrays["X"]
+            X = first_input(arrays)
             if shape is None:
-                shape = tuple(X.shape[1:])
+                shape = input_shapes(arrays)
             y = arrays.get("y")
             if y is not None:
                 if y_dtype is None:
@@ -782,6 +804,31 @@ def _merge_summary(a, b):
     if a is None or b is None:
         return None
     return min(a[0], b[0]), max(a[1], b[1]), a[2] and b[2]
+
+
+def first_input(arrays):
+    """The array of a shard's (first) model input: ``X``, or ``X0`` with several inputs."""
+    return arrays["X"] if "X" in arrays else arrays["X0"]
+
+
+def _input_keys(arrays) -> list:
+    if "X" in arrays:
+        return ["X"]
+    return [f"X{i}" for i in range(sum(1 for k in arrays if k[:1] == "X" and k[1:].isdigit()))]
+
+
+def input_shapes(arrays) -> tuple:
+    """The per-row feature shape (one input), or a tuple of one per input (several)."""
+    shapes = [tuple(arrays[k].shape[1:]) for k in _input_keys(arrays)]
+    return shapes[0] if "X" in arrays else tuple(shapes)
+
+
+def model_inputs(arrays, rows=None):
+    """What a model's ``forward`` takes from a shard's arrays (all rows, or ``rows`` of them:
+    ``ShardArrays.take``): the ``X`` array, or a tuple ``(X0, X1, ...)`` for several inputs."""
+    keys = _input_keys(arrays)
+    got = [arrays[k] if rows is None else arrays.take(k, rows) for k in keys]
+    return got[0] if keys == ["X"] else tuple(got)
 
 
 class ShardArrays(dict):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 from pyspark.accumulators import AccumulatorParam
 
-from rddtensor.training.batching import (BlockShuffle, block_windows, local_batches, step_rng,
+from rddtensor.training.batching import (BlockShuffle, block_windows, count_rows,
+                                         local_batches, step_rng, take_rows,
                                          windows_to_prefetch)
 from rddtensor.training.steps import (empty_stats, evaluate_arrays, gradient_step, merge_stats,
                                       sum_weights)
 from rddtensor.spark import device, localcache, rawrdd, wire, worker
 from rddtensor.spark.config import CacheSettings, Kind, StepConfig
-from rddtensor.spark.shards import read_shard
+from rddtensor.spark.shards import model_inputs, read_shard
 
 
 class StatsParam(AccumulatorParam):
@@ -188,11 +189,11 @@ def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records
     gpu = device.task_placement(getattr(model, "device", "auto"), meta, arrays)
     if gpu is not None:
         w, X, y, rows = gpu.step_inputs(theta, meta, arrays, rows)
-        X, y = X[rows], y[rows]
+        X, y = take_rows(X, rows), y[rows]
     else:  # only the batch's rows are read (from the data store: nothing else is mapped)
         if isinstance(step.shuffle, BlockShuffle) and arrays.reader is not None:
             read_ahead(here, step, epoch, b, lo, meta["n"], arrays.reader)
-        X, y = arrays.take("X", rows), arrays.take("y", rows)
+        X, y = model_inputs(arrays, rows), arrays.take("y", rows)
         grad_out = here.scratch("grad", model.layout.size, theta.dtype)
     g, stats = gradient_step(model, w, X, y,
                              loss=model.loss, n_batch=int(step.batch_sizes[b]),
@@ -266,7 +267,7 @@ def eval_stage(model, batch_size: int):
         ag, shard_recs = split_records(records)
         _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
-        stats = evaluate_arrays(model, theta, arrays["X"], arrays["y"], loss=model.loss,
+        stats = evaluate_arrays(model, theta, model_inputs(arrays), arrays["y"], loss=model.loss,
                                 metrics=model.metrics, batch_size=batch_size)
         yield (j, stats)
     return run
@@ -282,7 +283,7 @@ def stream_eval_stage(model, batch_size: int, theta, stack, feature_shape):
         stats = empty_stats(model.metrics)
         for arrays in stack(records, feature_shape, j, True):
             stats = merge_stats(model.metrics, stats, evaluate_arrays(
-                model, w, arrays["X"], arrays["y"], loss=model.loss, metrics=model.metrics,
+                model, w, model_inputs(arrays), arrays["y"], loss=model.loss, metrics=model.metrics,
                 batch_size=batch_size))
         yield (j, stats)
     return run
@@ -295,8 +296,9 @@ def stream_predict_stage(model, batch_size: int, theta, stack, feature_shape):
         worker.current()
         params = model.layout.unflatten(theta.value)
         for arrays in stack(records, feature_shape, j, True):
-            X = arrays["X"]
-            for a in range(0, len(X), batch_size):
-                Y, _ = model.forward(params, X[a:a + batch_size], training=False)
+            X = model_inputs(arrays)
+            for a in range(0, count_rows(X), batch_size):
+                Y, _ = model.forward(params, take_rows(X, slice(a, a + batch_size)),
+                                     training=False)
                 yield from np.asarray(Y)
     return run

@@ -247,14 +247,23 @@ class KerasModel(Model):
         if self.loss is None:
             raise RuntimeError(f"call model.compile(optimizer=..., loss=...) before {what}()")
 
-    def _distributed(self, engine, what: str):
-        """``engine`` if the data is an RDD/DataFrame the model can take there, else ``None``."""
-        for specs, kind in ((self.input_specs, "input"), (self.output_specs, "output")):
-            if engine is not None and len(specs) > 1:
-                raise ValueError(f"{what} on an RDD or DataFrame takes models with one {kind}; "
-                                 f"this model has {len(specs)} {[s.name for s in specs]}: pass "
-                                 "numpy arrays (a list, or a dict by name) to run it in this "
-                                 "process")
+    def _distributed(self, engine, what: str, x=None):
+        """``engine`` if the data ``x`` is an RDD/DataFrame the model can take there (several
+        inputs: a DataFrame, one column each; one output), ``None`` for numpy."""
+        if engine is None:
+            return None
+        specs = self.input_specs
+        if len(specs) > 1 and not hasattr(x, "columns"):
+            raise ValueError(f"{what} on Spark of a model with several inputs "
+                             f"{[s.name for s in specs]} takes a DataFrame with one column per "
+                             "input (by default named like the inputs; or features_col=[...] / "
+                             "{input name: column}), not an RDD")
+        specs = self.output_specs
+        if len(specs) > 1:
+            raise ValueError(f"{what} on an RDD or DataFrame takes models with one output; "
+                             f"this model has {len(specs)} {[s.name for s in specs]}: pass "
+                             "numpy arrays (a list, or a dict by name) to run it in this "
+                             "process")
         return engine
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
@@ -319,7 +328,7 @@ class KerasModel(Model):
             raise ValueError(f"initial_epoch={initial_epoch} and resume=True both choose where "
                              "the fit starts; resume=True takes the epoch from the checkpoint: "
                              "pass one of them")
-        engine = self._distributed(engines.engine_for(x), "fit")
+        engine = self._distributed(engines.engine_for(x), "fit", x)
         _check_fit_options(engine_options, engine)
         if sample_weight is not None and engine is not None:
             raise ValueError("sample_weight is for numpy x; an RDD or DataFrame carries its "
@@ -380,7 +389,7 @@ class KerasModel(Model):
         distributed)."""
         self._require_compiled("evaluate")
         batch_size = positive_int(batch_size, "batch_size")
-        engine = self._distributed(engines.engine_for(x), "evaluate")
+        engine = self._distributed(engines.engine_for(x), "evaluate", x)
         if engine is not None:
             return engine.evaluate_distributed(self, x, batch_size=batch_size)
         X, y = self._check_arrays(x, y, "x")
@@ -396,7 +405,7 @@ class KerasModel(Model):
         outputs).
         """
         batch_size = positive_int(batch_size, "batch_size")
-        engine = self._distributed(engines.engine_for(x), "predict")
+        engine = self._distributed(engines.engine_for(x), "predict", x)
         if engine is not None:
             return engine.predict_distributed(self, x, batch_size=batch_size)
         X = self._check_inputs(x, "x")

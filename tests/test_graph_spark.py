@@ -1,0 +1,77 @@
+"""Graph models on Spark: a model with several inputs trains on a DataFrame with one column per
+input (an id column feeding an ``Embedding``, an array column feeding a ``Dense``), and equals
+the in-process fit on the same rows; evaluate and predict read the same columns."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rddtensor import layers as L
+from rddtensor.optim import Adam
+
+pytestmark = pytest.mark.spark
+
+rng = np.random.default_rng(18)
+N = 96
+IDS = rng.integers(0, 7, size=N)  # a categorical field: one id per row
+DENSE = rng.normal(size=(N, 3)).astype(np.float32)
+Y = ((IDS % 2 == 0) ^ (DENSE[:, 0] > 0)).astype(np.int64)
+FIT = dict(epochs=2, batch_size=24, shuffle=True, seed=5, verbose=0)
+
+
+def wide_and_deep():
+    field = L.Input((1,), name="field")
+    dense = L.Input((3,), name="dense")
+    emb = L.Flatten()(L.Embedding(7, 4)(field))
+    h = L.Concatenate()([emb, L.Dense(4, activation="relu")(dense)])
+    m = L.Model([field, dense], L.Dense(2)(h), seed=3)
+    m.compile(optimizer=Adam(0.05), loss="sparse_categorical_crossentropy",
+              metrics=["accuracy"])
+    return m
+
+
+def _frame(spark, names=("field", "dense")):
+    """The rows in order, in 2 partitions: an id column, an array column, the label."""
+    rows = [(int(i), d.tolist(), int(t)) for i, d, t in zip(IDS, DENSE, Y)]
+    return spark.createDataFrame(spark.sparkContext.parallelize(rows, 2),
+                                 f"{names[0]} long, {names[1]} array<float>, label long")
+
+
+def test_two_input_model_on_a_dataframe_equals_in_process(spark):
+    ref = wide_and_deep()
+    href = ref.fit({"field": IDS[:, None].astype(np.float32), "dense": DENSE}, Y, **FIT)
+    m = wide_and_deep()
+    df = _frame(spark)
+    h = m.fit(df, **FIT)  # columns matched by the inputs' names
+    assert h.params["partitions"] == 2
+    np.testing.assert_allclose(m.theta, ref.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(h.history["loss"], href.history["loss"], rtol=1e-5)
+    # evaluate / predict read the same columns, in one pass
+    ev, ev_ref = m.evaluate(df), m.evaluate([IDS[:, None].astype(np.float32), DENSE], Y)
+    for k in ev_ref:
+        np.testing.assert_allclose(ev[k], ev_ref[k], rtol=1e-5, err_msg=k)
+    got = np.stack(m.predict(df).collect())
+    np.testing.assert_allclose(got, m.predict([IDS[:, None].astype(np.float32), DENSE]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_columns_mapped_explicitly_and_errors_name_them(spark):
+    df = _frame(spark, names=("f", "d"))
+    m = wide_and_deep()
+    h = m.fit(df, features_col={"dense": "d", "field": "f"}, **FIT)
+    ref = wide_and_deep()
+    ref.fit(df, features_col=["f", "d"], **FIT)  # a list: in input order
+    np.testing.assert_array_equal(m.theta, ref.theta)
+    assert h.params["partitions"] == 2
+    with pytest.raises(ValueError, match=r"inputs \['field', 'dense'\] are read from the "
+                                         r"DataFrame's columns of the same names.*'field'"):
+        wide_and_deep().fit(df, **FIT)
+    with pytest.raises(ValueError, match=r"features_col maps.*no input named 'x'"):
+        wide_and_deep().fit(df, features_col={"x": "f", "dense": "d"}, **FIT)
+    with pytest.raises(ValueError, match=r"a list of 2 column names"):
+        wide_and_deep().fit(df, features_col=["f"], **FIT)
+    with pytest.raises(ValueError, match=r"input 0 \(column 'd'\) of shape \(3,\), expected "
+                                         r"\(1,\) \(the model's input shape\)"):
+        wide_and_deep().fit(df, features_col=["d", "f"], **FIT)
+    with pytest.raises(ValueError, match=r"several inputs.*DataFrame.*not an RDD"):
+        wide_and_deep().fit(df.rdd, **FIT)
