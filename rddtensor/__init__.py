@@ -15,5 +15,7 @@ from rddtensor.version import __version__  # noqa: E402
 _engines.register("rddtensor.spark.engine", ("pyspark.rdd.RDD", "pyspark.sql.dataframe.DataFrame"),
                   options=("num_partitions", "iterations_per_job", "allreduce", "wire_dtype",
                            "features_col", "label_col", "weight_col"))
+# a Spark Connect DataFrame (no RDDs): predict scores it, fit and evaluate refuse, saying why
+_engines.register("rddtensor.ml.connect", ("pyspark.sql.connect.dataframe.DataFrame",))
 
 __all__ = ["__version__", "asarray", "get_array_module", "gpu_available", "has_cupy", "to_numpy"]

@@ -10,6 +10,9 @@ All of them have camelCase Params (``featuresCol``, ``labelCol``, ``batchSize``,
 ``learningRate``, ...), ``copy`` and ``explainParams``, and persist with ``write().save(path)`` /
 ``load(path)``, alone or inside a saved ``PipelineModel`` (JSON + ``.npz``, never pickle).
 
+On a Spark Connect session (no RDDs) models ``load`` and ``transform`` as on a classic one;
+training stops at once with a message that says why and what to do (``rddtensor.ml.connect``).
+
 Example:
     >>> from rddtensor import layers as L
     >>> from pyspark.ml import Pipeline

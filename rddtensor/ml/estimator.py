@@ -19,6 +19,7 @@ from rddtensor.spark.engine import fit_distributed
 from rddtensor.training.sequential import Sequential
 
 from rddtensor.spark.columns import feature_kind
+from rddtensor.spark.connect import is_connect_dataframe, training_error
 from rddtensor.ml.model import NNClassificationModel, NNModel
 from rddtensor.ml.network import network_from_json
 from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, loss_from_param,
@@ -156,6 +157,11 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
         return opts
 
     def _fit(self, dataset):
+        if is_connect_dataframe(dataset):
+            name = self._model_class.__name__
+            raise training_error(f"{type(self).__name__}.fit", then=(
+                f"then save the fitted {name} (model.save(path)) and on Connect load it with "
+                f"{name}.load(path) and call its transform(df)"))
         fcol, lcol = self.getFeaturesCol(), self.getLabelCol()
         feature_kind(dataset.schema, fcol)
         _check_label(dataset.schema, lcol, scalar=self._model_class is NNClassificationModel)

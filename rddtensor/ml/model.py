@@ -12,6 +12,7 @@ from rddtensor.ml import network as net
 from rddtensor.spark.columns import feature_kind
 from rddtensor.ml.params import NNClassificationModelParams, NNModelParams
 from rddtensor.ml.persistence import NNModelReader, NNModelWriter
+from rddtensor.ml import shipping
 from rddtensor.ml.transform import transform as arrow_transform
 
 
@@ -20,7 +21,8 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
 
     ``prediction`` is a double for a network with one output and a vector for several. The
     prediction runs on Arrow batches (a scalar Arrow UDF, or ``mapInArrow`` on PySpark < 4.1)
-    with the weights shipped once per executor, so it also runs on a streaming DataFrame.
+    with the weights shipped once per executor (a broadcast; on Spark Connect, inside the
+    plan), so it also runs on a streaming DataFrame and on a Spark Connect session.
 
     Args:
         network: a built ``rddtensor.layers.Sequential`` (weights included), e.g. trained with
@@ -97,11 +99,13 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         return {"prediction": DoubleType() if n_out == 1 else VectorUDT()}
 
     def _ship(self, spark):
-        """The network as a broadcast (made once per SparkContext and weights version)."""
+        """The network as the executors get it (``rddtensor.ml.shipping``: a broadcast, or on
+        Spark Connect inside the plan or as a session artifact), made once per weights version
+        and SparkContext or Connect session."""
         token = net.fingerprint(self.network)
-        sc = spark.sparkContext
-        if self._shipped is None or self._shipped[0] != token or self._shipped[1] is not sc:
-            self._shipped = (token, sc, sc.broadcast(net.encode(self.network)))
+        owner = shipping.owner(spark)
+        if self._shipped is None or self._shipped[0] != token or self._shipped[1] is not owner:
+            self._shipped = (token, owner, shipping.ship(spark, net.encode(self.network), token))
         return token, self._shipped[2]
 
     def _transform(self, dataset):

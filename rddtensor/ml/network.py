@@ -3,7 +3,8 @@
 An estimator holds only the architecture (``network`` Param: JSON text, so estimators persist
 with ``DefaultParamsWriter`` and copy cheaply); every ``fit`` builds a fresh ``Sequential`` from
 it. A model holds the trained ``Sequential``; ``transform`` ships it as one ``rddtensor.spark.wire``
-record (JSON header + raw float32 arrays, never pickle) in a broadcast.
+record (JSON header + raw float32 arrays, never pickle): in a broadcast, or on Spark Connect
+inside the plan or as a session artifact (``rddtensor.ml.shipping``).
 """
 from __future__ import annotations
 
@@ -81,7 +82,12 @@ def decode(payload: bytes):
 
 
 def fingerprint(model) -> str:
-    """A digest of a model's config and weights: names its decoded copy in worker caches."""
-    h = hashlib.sha1(json.dumps(model.get_config(), sort_keys=True).encode())
+    """A digest of everything ``encode`` writes (config, input shape, loss, weights): names
+    the decoded copy in worker caches, so a model with the same weights and another loss (the
+    classifier's link) is not served the first one's."""
+    model.ensure_built()
+    h = hashlib.sha1(json.dumps({"config": model.get_config(),
+                                 "input_shape": list(model.input_shape),
+                                 "loss": _loss_config(model)}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(model.theta).view(np.uint8))
     return h.hexdigest()[:16]

@@ -10,10 +10,13 @@ Nothing is pickled: metadata and config are JSON, weights load with ``allow_pick
 loading an untrusted directory cannot run code. ``PipelineModel.save`` / ``load`` call these for
 an NN stage like for any other Python stage. Paths without a scheme are local directories; a
 path with one (``hdfs://``, ``s3a://``, ``file:``) goes through Hadoop's FileSystem, which
-copies the network directory from or to a local temporary directory.
+copies the network directory from or to a local temporary directory. On a Spark Connect session
+(no SparkContext, no JVM here) ``load`` reads the metadata and the network's files through the
+server (``spark.read``), so any path the server reads works; saving needs a classic session.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +24,7 @@ from urllib.parse import urlparse
 
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
+from rddtensor.spark.connect import is_connect_session
 from rddtensor.training.models import load_model
 from rddtensor.version import __version__
 
@@ -56,16 +60,43 @@ def save_network(model, path: str, sc) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_network(path: str, sc):
-    """Read a network written by ``save_network`` (validated; never unpickles)."""
-    if _is_local(path):
+def _fetch_through_spark(spark, path: str, local: str) -> None:
+    """Copy the files of directory ``path`` into ``local`` with Spark's ``binaryFile`` source:
+    read where the session reads (a Spark Connect server), whatever the filesystem."""
+    try:
+        rows = spark.read.format("binaryFile").load(path).select("path", "content").collect()
+    except Exception as e:  # (AnalysisException: PATH_NOT_FOUND)
+        if "PATH_NOT_FOUND" in str(e) or "does not exist" in str(e):
+            raise FileNotFoundError(f"no network directory at {path!r}") from None
+        raise
+    if not rows:
+        raise FileNotFoundError(f"no network directory at {path!r} (no files in it)")
+    os.makedirs(local)
+    for row in rows:
+        name = os.path.basename(urlparse(row.path).path)
+        with open(os.path.join(local, name), "wb") as f:
+            f.write(row.content)
+
+
+def load_network(path: str, spark):
+    """Read a network written by ``save_network`` (validated; never unpickles).
+
+    On a Spark Connect session the files come through the server (``binaryFile``), as the
+    metadata does: no SparkContext or JVM on this side.
+    """
+    remote = is_connect_session(spark)
+    if _is_local(path) and not remote:
         return load_model(path)
     tmp = tempfile.mkdtemp(prefix="rddtensor-load-")
     try:
+        local = os.path.join(tmp, "network")
+        if remote:
+            _fetch_through_spark(spark, path, local)
+            return load_model(local)
+        sc = spark.sparkContext
         fs, src = _hadoop(sc, path)
         if not fs.exists(src):
             raise FileNotFoundError(f"no network directory at {path!r}")
-        local = os.path.join(tmp, "network")
         fs.copyToLocalFile(False, src, sc._jvm.org.apache.hadoop.fs.Path("file://" + local),
                            True)
         return load_model(local)
@@ -79,6 +110,16 @@ class NNModelWriter(MLWriter):
     def __init__(self, instance):
         super().__init__()
         self.instance = instance
+
+    def save(self, path: str) -> None:
+        if is_connect_session(self.sparkSession):
+            raise NotImplementedError(
+                f"saving a {type(self.instance).__name__} from a Spark Connect session is not "
+                "supported: its network files (model.json, weights.npz) are written through the "
+                "driver's Hadoop FileSystem, which a Connect client does not have. Save it from "
+                "the classic session it was trained on, or save the network alone with "
+                "model.network.save(local_dir)")
+        super().save(path)
 
     def saveImpl(self, path: str) -> None:
         if not self.shouldOverwrite and _exists(self.sc, path):
@@ -97,13 +138,20 @@ class NNModelReader(MLReader):
         super().__init__()
         self.cls = cls
 
+    def _metadata(self, path: str) -> dict:
+        if is_connect_session(self.sparkSession):
+            # (no SparkContext there, and PySpark < 4 reads the file with sc.textFile)
+            row = self.sparkSession.read.text(os.path.join(path, "metadata")).first()
+            return json.loads(row[0])
+        return DefaultParamsReader.loadMetadata(path, self.sc)
+
     def load(self, path: str):
-        metadata = DefaultParamsReader.loadMetadata(path, self.sc)
+        metadata = self._metadata(path)
         cls = _model_class(metadata["class"], self.cls)
         instance = cls()
         instance._resetUid(metadata["uid"])
         DefaultParamsReader.getAndSetParams(instance, metadata)
-        instance._set_network(load_network(os.path.join(path, "network"), self.sc))
+        instance._set_network(load_network(os.path.join(path, "network"), self.sparkSession))
         instance.history = metadata.get("history", {})
         return instance
 

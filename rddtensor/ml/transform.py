@@ -1,10 +1,12 @@
 """``NNModel.transform``: batched prediction on Arrow record batches.
 
-The trained network crosses to the executors once, as a broadcast of one ``rddtensor.spark.wire``
-record; each Python worker decodes it once into ``_MODELS`` (keyed by the model's fingerprint)
-and keeps it for every later task, micro-batch and query. Each Arrow batch of the features
-column is decoded column-wise (``rddtensor.spark.columns``, no Python per row) and run through the
-network in chunks of ``inferenceBatchSize`` rows.
+The trained network crosses to the executors as one ``rddtensor.spark.wire`` record
+(``rddtensor.ml.shipping``: a broadcast on a classic session; on Spark Connect, which has no
+broadcasts, inside the UDF when small, else as a session artifact). Each Python worker decodes
+it once into ``_MODELS`` (keyed by the model's fingerprint) and keeps it for every later task,
+micro-batch and query. Each Arrow batch of the features column is decoded column-wise
+(``rddtensor.spark.columns``, no Python per row) and run through the network in chunks of
+``inferenceBatchSize`` rows.
 
 Two plans, both narrow and both valid on a streaming DataFrame:
 
@@ -42,6 +44,9 @@ _MAX_MODELS = 4
 
 
 def _worker_model(token: str, payload):
+    """The decoded network named ``token``: ``payload`` (anything with the encoded network as
+    ``.value``: ``rddtensor.ml.shipping``) is read only the first time this worker sees
+    ``token``."""
     model = _MODELS.get(token)
     if model is None:
         if len(_MODELS) >= _MAX_MODELS:
@@ -119,8 +124,9 @@ def arrow_udf_predictor(payload, token: str, *, features_col: str, kind: str, co
     """A scalar Arrow UDF: features column in, one struct of the output ``columns`` out.
 
     Only the features column crosses to Python and only the outputs come back; Spark keeps the
-    other columns of each row in the JVM and joins them to the results. Captures only the
-    broadcast and a few strings (kilobytes per task), never the model.
+    other columns of each row in the JVM and joins them to the results. Captures ``payload``
+    (``rddtensor.ml.shipping``) and a few strings: kilobytes per task, except a small network
+    inlined on Spark Connect.
     """
     from pyspark.sql.functions import arrow_udf
     keys, names = list(columns), list(columns.values())

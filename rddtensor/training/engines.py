@@ -28,16 +28,24 @@ def engine_options() -> tuple:
     return tuple(dict.fromkeys(o for _, _, options in _ENGINES for o in options))
 
 
-def _instance_of(obj, qualname: str) -> bool:
+def _loaded_class(qualname: str):
     module, _, name = qualname.rpartition(".")
     loaded = sys.modules.get(module)
     cls = getattr(loaded, name, None) if loaded is not None else None
-    return isinstance(cls, type) and isinstance(obj, cls)
+    return cls if isinstance(cls, type) else None
 
 
 def engine_for(data):
-    """The engine module registered for ``data``'s type (imported now), or ``None``."""
+    """The engine module registered for ``data``'s type (imported now), or ``None``.
+
+    The most specific registered type wins: a Spark Connect DataFrame is also a
+    ``pyspark.sql.dataframe.DataFrame``, and goes to the engine registered for Connect's own.
+    """
+    best = None  # (class, module)
     for types, module, _ in _ENGINES:
-        if any(_instance_of(data, t) for t in types):
-            return importlib.import_module(module)
-    return None
+        for t in types:
+            cls = _loaded_class(t)
+            if cls is not None and isinstance(data, cls) and \
+                    (best is None or issubclass(cls, best[0])):
+                best = (cls, module)
+    return importlib.import_module(best[1]) if best is not None else None
