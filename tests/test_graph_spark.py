@@ -75,3 +75,28 @@ def test_columns_mapped_explicitly_and_errors_name_them(spark):
         wide_and_deep().fit(df, features_col=["d", "f"], **FIT)
     with pytest.raises(ValueError, match=r"several inputs.*DataFrame.*not an RDD"):
         wide_and_deep().fit(df.rdd, **FIT)
+
+
+def test_spark_ml_stage_trains_and_scores_a_graph_model(spark, tmp_path):
+    """``NNClassifier(network=L.Model(...))``: a graph model with one input (a residual block of
+    Dense layers) trains as a Spark ML stage on a vector column, transforms, saves and loads."""
+    from pyspark.ml.linalg import Vectors
+
+    from rddtensor.ml import NNClassificationModel, NNClassifier
+    x = L.Input((3,))
+    h = L.Dense(8, activation="relu")(x)
+    h = L.ReLU()(L.Add()([h, L.Dense(8)(h)]))  # a residual connection
+    net = L.Model(x, L.Dense(2)(h), seed=1)
+    df = spark.createDataFrame([(Vectors.dense(d.tolist()), int(t)) for d, t in zip(DENSE, Y)],
+                               ["features", "label"])
+    model = NNClassifier(network=net, maxEpoch=2, batchSize=24, learningRate=0.05,
+                         seed=2).fit(df)
+    scored = model.transform(df).select("prediction", "probability").collect()
+    p = np.array([r.probability.toArray() for r in scored])
+    np.testing.assert_allclose(p, model.network.predict_proba(DENSE), rtol=1e-5, atol=1e-6)
+    model.save(str(tmp_path / "m"))
+    again = NNClassificationModel.load(str(tmp_path / "m"))
+    np.testing.assert_array_equal(again.network.theta, model.network.theta)
+    assert type(again.network).__name__ == type(net).__name__
+    with pytest.raises(ValueError, match=r"one input and one output.*inputs \['field', 'dense'\]"):
+        NNClassifier(network=wide_and_deep())

@@ -15,13 +15,28 @@ import numpy as np
 
 from rddtensor.spark import wire
 from rddtensor.spark.config import Kind
-from rddtensor.training.sequential import Sequential
+from rddtensor.training.models import model_class
+from rddtensor.training.protocol import Model
 from rddtensor.optim import get_loss
 
 
+def _from_config(config: dict):
+    """The (unbuilt) model ``config`` describes: a ``Sequential`` or a graph model with one
+    input and one output (what a Spark ML stage's features column and outputs can carry)."""
+    model = model_class(config).from_config(config)
+    if len(model.input_specs) != 1 or len(model.output_specs) != 1:
+        raise ValueError(f"network: a Spark ML stage takes a model with one input and one output "
+                         f"(its featuresCol, its prediction columns); this one has inputs "
+                         f"{[s.name for s in model.input_specs]} and outputs "
+                         f"{[s.name for s in model.output_specs]}: train it with model.fit(df) "
+                         "(one column per input) instead")
+    return model
+
+
 def network_json(value) -> str:
-    """The ``network`` Param's value: a ``Sequential``, its config dict or JSON text -> JSON text."""
-    if isinstance(value, Sequential):
+    """The ``network`` Param's value: a model (``Sequential`` or a graph ``L.Model`` with one
+    input and one output), its config dict or JSON text -> JSON text."""
+    if isinstance(value, Model):
         config = value.get_config()
     elif isinstance(value, dict):
         config = value
@@ -31,19 +46,20 @@ def network_json(value) -> str:
         except json.JSONDecodeError as e:
             raise ValueError(f"network: not valid JSON ({e})") from None
     else:
-        raise TypeError(f"network must be a rddtensor.layers.Sequential, its get_config() dict or that "
-                        f"dict as JSON, got {type(value).__name__}")
+        raise TypeError(f"network must be a rddtensor model (rddtensor.layers.Sequential or "
+                        f"L.Model), its get_config() dict or that dict as JSON, got "
+                        f"{type(value).__name__}")
     if not isinstance(config, dict) or not isinstance(config.get("layers"), list) \
             or not config["layers"]:
-        raise ValueError("network: expected a Sequential config with a non-empty 'layers' list "
-                         "(as returned by Sequential.get_config())")
-    Sequential.from_config(config)  # unknown layer types and bad settings fail here, not in fit
+        raise ValueError("network: expected a model config with a non-empty 'layers' list "
+                         "(as returned by Sequential.get_config() or Model.get_config())")
+    _from_config(config)  # unknown layer types and bad settings fail here, not in fit
     return json.dumps(config, sort_keys=True)
 
 
 def network_from_json(text: str, seed=None):
-    """A fresh, unbuilt ``Sequential`` from the ``network`` Param."""
-    model = Sequential.from_config(json.loads(text))
+    """A fresh, unbuilt model from the ``network`` Param."""
+    model = _from_config(json.loads(text))
     model.seed = seed
     return model
 
@@ -68,11 +84,11 @@ def encode(model) -> bytes:
 
 
 def decode(payload: bytes):
-    """Inverse of ``encode``: a built ``Sequential`` (compiled with the loss, if there was one)."""
+    """Inverse of ``encode``: a built model (compiled with the loss, if there was one)."""
     kind, meta, arrays = wire.unpack(payload)
     if kind != Kind.NETWORK:
         raise ValueError(f"expected a network record, got {kind!r}")
-    model = Sequential.from_config(meta["config"])
+    model = _from_config(meta["config"])
     model.build(tuple(meta["input_shape"]), seed=0)
     model.set_weights([arrays[k] for k in model.layout.keys])
     if meta.get("loss") is not None:
