@@ -2,7 +2,10 @@
 
 Layers (float32): Dense 512->512 on a (256, 512) batch; Conv2D 3x3, 64->64 channels, padding 1
 on (32, 64, 32, 32); LSTM with 128 units over 50 steps of 128 features, batch 32
-(``return_sequences=True``); MultiHeadAttention (self-attention, d_model 256, 8 heads) and
+(``return_sequences=True``); a residual block written as a graph model (``L.Model``: Conv2D
+3x3 -> BatchNorm -> ReLU -> Conv2D 3x3 -> BatchNorm, plus a 1x1 projection shortcut, ``Add``,
+ReLU; 32 -> 64 channels on (32, 32, 16, 16), BatchNorm in training mode) against the same
+``torch.nn.Module``; MultiHeadAttention (self-attention, d_model 256, 8 heads) and
 TransformerEncoderLayer (d_model 256, 8 heads, dim_feedforward 1024, ReLU, post-norm, dropout 0)
 on (32, 128, 256), against ``torch.nn.MultiheadAttention(batch_first=True)`` called as
 ``mha(X, X, X, need_weights=False)`` and ``torch.nn.TransformerEncoderLayer(batch_first=True)``. One call = forward, then backward with output gradient ``R``
@@ -34,7 +37,7 @@ Usage::
 
 Writes ``benchmarks/results/layers.json`` and ``layers.md`` (``layers_quick.*`` with --quick,
 ``layers_<name>.*`` with --openblas-coretype, ``layers_only_<kinds>.*`` with --only, which runs
-just the rows of those kinds: dense, conv, lstm, mha, tel).
+just the rows of those kinds: dense, conv, lstm, mha, tel, resblock).
 """
 from __future__ import annotations
 
@@ -52,13 +55,37 @@ CASES = {
     "LSTM 128 units x 50 steps, batch 32": ("lstm", (32, 50, 128)),
     "MultiHeadAttention d 256, 8 heads, seq 128, batch 32": ("mha", (32, 128, 256)),
     "TransformerEncoderLayer d 256, 8 heads, ff 1024, seq 128, batch 32": ("tel", (32, 128, 256)),
+    "Residual block (graph model) 32->64, 16x16, batch 32": ("resblock", (32, 32, 16, 16)),
 }
+
+
+def _resblock(c_in: int, hw: int):
+    """A residual block as a graph model: Conv2D 3x3 -> BatchNorm -> ReLU -> Conv2D 3x3 ->
+    BatchNorm, plus a 1x1 Conv2D projection of the input, added, ReLU (64 channels out)."""
+    from rddtensor import layers as L
+    x = L.Input((c_in, hw, hw))
+    h = L.ReLU()(L.BatchNorm()(L.Conv2D(64, 3, padding=1)(x)))
+    h = L.BatchNorm()(L.Conv2D(64, 3, padding=1)(h))
+    return L.Model(x, L.ReLU()(L.Add()([h, L.Conv2D(64, 1)(x)])), seed=0).build()
+
+
+class _GraphAsLayer:
+    """A built graph model with a layer's ``forward(params, X, training)`` (for ``make_case``)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, params, X, training=False):
+        return self.model.forward(params, X, training=training)
 
 
 def _ours(kind, shape):
     import numpy as np
 
     from rddtensor import layers as L
+    if kind == "resblock":
+        model = _resblock(shape[1], shape[2])
+        return _GraphAsLayer(model), model.params
     layer = {"dense": lambda: L.Dense(512), "conv": lambda: L.Conv2D(64, 3, padding=1),
              "lstm": lambda: L.LSTM(128, return_sequences=True),
              "mha": lambda: L.MultiHeadAttention(256, 8),
@@ -79,6 +106,23 @@ def _torch_twin(kind, params):
         m = torch.nn.Conv2d(64, 64, 3, padding=1)
         m.weight.data = torch.from_numpy(params["W"].copy())
         m.bias.data = torch.from_numpy(params["b"].copy())
+    elif kind == "resblock":  # the same block in PyTorch; weights by layer (see _resblock)
+        class Block(torch.nn.Module):
+            def __init__(self, c_in):
+                super().__init__()
+                self.conv1, self.bn1 = torch.nn.Conv2d(c_in, 64, 3, padding=1), \
+                    torch.nn.BatchNorm2d(64)
+                self.conv2, self.bn2 = torch.nn.Conv2d(64, 64, 3, padding=1), \
+                    torch.nn.BatchNorm2d(64)
+                self.proj = torch.nn.Conv2d(c_in, 64, 1)
+
+            def forward(self, x):
+                h = torch.relu(self.bn1(self.conv1(x)))
+                return torch.relu(self.bn2(self.conv2(h)) + self.proj(x))
+        m = Block(params["0.W"].shape[1])
+        for i, mod in ((0, m.conv1), (1, m.bn1), (3, m.conv2), (4, m.bn2), (5, m.proj)):
+            mod.weight.data = torch.from_numpy(params[f"{i}.W"].copy())
+            mod.bias.data = torch.from_numpy(params[f"{i}.b"].copy())
     elif kind in ("mha", "tel"):  # our keys are PyTorch's state_dict keys
         m = (torch.nn.MultiheadAttention(256, 8, batch_first=True) if kind == "mha" else
              torch.nn.TransformerEncoderLayer(256, 8, dim_feedforward=1024, dropout=0.0,
