@@ -137,6 +137,17 @@ def _is_array(a) -> bool:
     return isinstance(a, np.ndarray) or scipy.sparse.issparse(a)
 
 
+
+def _by_name(d: dict, names: list, what: str) -> list:
+    """The values of dict ``d`` in the order of ``names``; a ``ValueError`` that starts with
+    ``what`` ("... the model's inputs") when a name is missing or a key unknown."""
+    missing = [n for n in names if n not in d]
+    unknown = sorted(str(k) for k in d if k not in names)
+    if missing or unknown:
+        raise ValueError(f"{what} are {names}" + (f"; missing {missing}" if missing else "")
+                         + (f"; unknown {unknown}" if unknown else ""))
+    return [d[n] for n in names]
+
 class KerasModel(Model):
     """The Keras-shaped training API over the model protocol (see the module docstring).
 
@@ -445,13 +456,8 @@ class KerasModel(Model):
         """``x`` as one raw array-like per input, in ``input_specs`` order."""
         names = [s.name for s in self.input_specs]
         if isinstance(x, dict):
-            missing = [n for n in names if n not in x]
-            unknown = sorted(str(k) for k in x if k not in names)
-            if missing or unknown:
-                raise ValueError(f"{what} is a dict of arrays by input name; the model's inputs "
-                                 f"are {names}" + (f"; missing {missing}" if missing else "")
-                                 + (f"; unknown {unknown}" if unknown else ""))
-            return [x[n] for n in names]
+            return _by_name(x, names, f"{what} is a dict of arrays by input name; the model's "
+                            "inputs")
         if len(names) == 1:
             if isinstance(x, (list, tuple)) and len(x) == 1 and _is_array(x[0]):
                 return [x[0]]  # [X] for a one-input model, as Keras takes it
@@ -566,13 +572,7 @@ class KerasModel(Model):
         if len(names) == 1:
             return X, _check_target(y, n, what, "y")
         if isinstance(y, dict):
-            missing = [k for k in names if k not in y]
-            unknown = sorted(str(k) for k in y if k not in names)
-            if missing or unknown:
-                raise ValueError(f"y is a dict of targets by output name; the model's outputs "
-                                 f"are {names}" + (f"; missing {missing}" if missing else "")
-                                 + (f"; unknown {unknown}" if unknown else ""))
-            y = [y[k] for k in names]
+            y = _by_name(y, names, "y is a dict of targets by output name; the model's outputs")
         if not isinstance(y, (list, tuple)) or len(y) != len(names):
             raise ValueError(f"the model has {len(names)} outputs {names}: y must be a list of "
                              f"{len(names)} target arrays in that order, or a dict by output "
