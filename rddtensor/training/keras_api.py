@@ -413,7 +413,9 @@ class KerasModel(Model):
         """Raw model outputs (logits for classifiers trained with a from-logits loss).
 
         ``x`` is numpy (as in ``fit``; returns numpy) or an RDD/DataFrame (returns an RDD of
-        outputs).
+        outputs, in row order; one pass, nothing cached). On a Spark Connect DataFrame (no RDDs
+        there) it returns the DataFrame with a ``prediction`` column appended, as
+        ``rddtensor.ml.NNModel(network=model).transform(df)`` does.
         """
         batch_size = positive_int(batch_size, "batch_size")
         engine = self._distributed(engines.engine_for(x), "predict", x)
