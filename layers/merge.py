@@ -77,6 +77,15 @@ class Merge(Layer):
         return list(Xs)
 
 
+def _fold(arrays, ufunc):
+    """``ufunc`` over ``arrays`` left to right (``((a0 op a1) op a2) ...``) into a new array; the
+    inputs are left as they are."""
+    Y = ufunc(arrays[0], arrays[1])
+    for Z in arrays[2:]:
+        ufunc(Y, Z, out=Y)
+    return Y
+
+
 @register
 class Add(Merge):
     """Element-wise sum of its inputs: ``Y = X_1 + X_2 + ...`` (a residual connection).
@@ -87,9 +96,7 @@ class Add(Merge):
 
     def forward(self, params, X, training=False, rng=None):
         Xs = self._inputs(X)
-        Y = Xs[0] + Xs[1]
-        for Z in Xs[2:]:
-            Y += Z
+        Y = _fold(Xs, np.add)
 
         def backprop(dY):
             return [dY] * len(Xs), {}
@@ -125,19 +132,11 @@ class Multiply(Merge):
 
     def forward(self, params, X, training=False, rng=None):
         Xs = self._inputs(X)
-        Y = Xs[0] * Xs[1]
-        for Z in Xs[2:]:
-            Y *= Z
+        Y = _fold(Xs, np.multiply)
 
         def backprop(dY):
-            dXs = []
-            for i in range(len(Xs)):
-                others = [Z for j, Z in enumerate(Xs) if j != i]
-                dX = dY * others[0]
-                for Z in others[1:]:
-                    dX *= Z
-                dXs.append(dX)
-            return dXs, {}
+            return [_fold([dY] + [Z for j, Z in enumerate(Xs) if j != i], np.multiply)
+                    for i in range(len(Xs))], {}
         return Y, backprop
 
 
@@ -152,9 +151,7 @@ class Average(Merge):
     def forward(self, params, X, training=False, rng=None):
         Xs = self._inputs(X)
         n = len(Xs)
-        Y = Xs[0] + Xs[1]
-        for Z in Xs[2:]:
-            Y += Z
+        Y = _fold(Xs, np.add)
         Y *= Y.dtype.type(1.0 / n)
 
         def backprop(dY):
