@@ -811,10 +811,11 @@ def first_input(arrays):
     return arrays["X"] if "X" in arrays else arrays["X0"]
 
 
-def _input_keys(arrays) -> list:
+def _input_keys(arrays) -> tuple:
+    """The model inputs' arrays among a shard's (``arrow_shards.input_keys``' names)."""
     if "X" in arrays:
-        return ["X"]
-    return [f"X{i}" for i in range(sum(1 for k in arrays if k[:1] == "X" and k[1:].isdigit()))]
+        return ("X",)
+    return arrow_shards.input_keys(sum(1 for k in arrays if k[:1] == "X" and k[1:].isdigit()))
 
 
 def input_shapes(arrays) -> tuple:
@@ -828,7 +829,7 @@ def model_inputs(arrays, rows=None):
     ``ShardArrays.take``): the ``X`` array, or a tuple ``(X0, X1, ...)`` for several inputs."""
     keys = _input_keys(arrays)
     got = [arrays[k] if rows is None else arrays.take(k, rows) for k in keys]
-    return got[0] if keys == ["X"] else tuple(got)
+    return got[0] if keys == ("X",) else tuple(got)
 
 
 class ShardArrays(dict):
