@@ -100,3 +100,66 @@ def test_spark_ml_stage_trains_and_scores_a_graph_model(spark, tmp_path):
     assert type(again.network).__name__ == type(net).__name__
     with pytest.raises(ValueError, match=r"one input and one output.*inputs \['field', 'dense'\]"):
         NNClassifier(network=wide_and_deep())
+
+
+def two_heads(seed=0):
+    """One input, two outputs: a 3-class classifier and a 2-value regression."""
+    x = L.Input((3,), name="x")
+    h = L.Dense(8, activation="relu")(x)
+    m = L.Model(x, [L.Dense(3, activation="softmax", name="cls")(h), L.Dense(2, name="reg")(h)],
+                seed=seed)
+    m.compile(optimizer=Adam(0.02), loss=["sparse_categorical_crossentropy", "mse"],
+              loss_weights={"cls": 1.0, "reg": 0.5}, metrics={"cls": "accuracy"})
+    return m
+
+
+CLS = (DENSE[:, 0] > 0).astype(np.int64) + (DENSE[:, 1] > 1)
+REG = np.stack([2 * DENSE[:, 0] - DENSE[:, 2], DENSE[:, 1]], 1).astype(np.float32)
+
+
+def _heads_frame(spark, names=("cls", "reg")):
+    """Features, then one label column per output (a long, an array), in 2 partitions."""
+    rows = [(d.tolist(), int(c), r.tolist()) for d, c, r in zip(DENSE, CLS, REG)]
+    return spark.createDataFrame(spark.sparkContext.parallelize(rows, 2),
+                                 f"x array<float>, {names[0]} long, {names[1]} array<float>")
+
+
+def test_two_output_model_on_a_dataframe_equals_in_process(spark):
+    """Each output's labels from its own column (named like the outputs by default), each
+    through its own loss; fit, evaluate and predict equal the in-process model's."""
+    ref = two_heads()
+    href = ref.fit(DENSE, {"cls": CLS, "reg": REG}, **FIT)
+    df = _heads_frame(spark)
+    m = two_heads()
+    h = m.fit(df, features_col="x", **FIT)
+    assert h.params["partitions"] == 2 and set(h.history) == {"loss", "cls_accuracy"}
+    np.testing.assert_allclose(m.theta, ref.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(h.history["loss"], href.history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(h.history["cls_accuracy"], href.history["cls_accuracy"])
+    ev, ev_ref = m.evaluate(df, features_col="x"), m.evaluate(DENSE, [CLS, REG])
+    assert set(ev) == set(ev_ref)
+    for k in ev_ref:
+        np.testing.assert_allclose(ev[k], ev_ref[k], rtol=1e-5, err_msg=k)
+    rows = m.predict(df, features_col="x").collect()  # a tuple per row: one array per output
+    probs, values = m.predict(DENSE)
+    np.testing.assert_allclose(np.stack([r[0] for r in rows]), probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack([r[1] for r in rows]), values, rtol=1e-5, atol=1e-6)
+
+
+def test_label_columns_of_several_outputs_mapped_and_checked(spark):
+    df = _heads_frame(spark, names=("c", "r"))
+    m = two_heads()
+    m.fit(df, features_col="x", label_col={"reg": "r", "cls": "c"}, **FIT)
+    ref = two_heads()
+    ref.fit(df, features_col="x", label_col=["c", "r"], **FIT)  # a list: in output order
+    np.testing.assert_array_equal(m.theta, ref.theta)
+    with pytest.raises(ValueError, match=r"outputs \['cls', 'reg'\] are read from the "
+                                         r"DataFrame's columns of the same names.*'cls'"):
+        two_heads().fit(df, features_col="x", **FIT)
+    with pytest.raises(ValueError, match=r"label_col maps.*no output named 'y'"):
+        two_heads().fit(df, features_col="x", label_col={"y": "c", "reg": "r"}, **FIT)
+    bad = df.withColumn("c", df["c"] + 3)  # class 3 and 4 of a 3-class output
+    with pytest.raises(ValueError, match=r"\['cls'\]"):
+        two_heads().fit(bad, features_col="x", label_col=["c", "r"], **FIT)
+    with pytest.raises(ValueError, match=r"several outputs.*DataFrame.*not an RDD"):
+        two_heads().fit(df.rdd.map(lambda r: (r[0], r[1])), **FIT)

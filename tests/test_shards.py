@@ -505,20 +505,20 @@ class _Counted:
 def _inline_record(j, arrays):
     """What ``_build`` caches for partition ``j``'s whole ``arrays`` inline (``dataStore=false``,
     or a sparse partition), read back as a task reads it: ``(meta, arrays, facts)``, facts the
-    driver's (rows, label summary, feature shape, fingerprints)."""
+    driver's (rows, label summaries (one per output), feature shape, fingerprints)."""
     from rddtensor.spark import datastore
     from rddtensor.spark import shards as S
     from rddtensor.spark.config import Kind
     dense = all(isinstance(a, np.ndarray) for a in arrays.values())
     n = len(S.first_input(arrays))
-    facts = (n, S._label_summary(arrays.get("y")), S.input_shapes(arrays),
+    facts = (n, S._label_summaries(arrays), S.input_shapes(arrays),
              datastore.fingerprints(arrays) if dense else None)
     meta, got = read_shard([wire.pack(Kind.SHARD, {"j": j, "n": n, "id": "t"},
                                       S._wire_arrays(arrays))])
     return {"j": meta["j"], "n": meta["n"]}, got, facts
 
 
-def _stored(directory, j, chunks, label_name="labels"):
+def _stored(directory, j, chunks, names=("features", "labels")):
     """What a build task of ``_build`` makes of partition ``j``'s ``chunks`` in store mode,
     without Spark: a dense first chunk, and the chunks are appended to the data store
     (``_write_partition``) and read back through the token the shard RDD caches; a sparse
@@ -530,7 +530,7 @@ def _stored(directory, j, chunks, label_name="labels"):
         assert next(chunks, None) is None, "a sparse partition comes in one chunk"
         return _inline_record(j, first)
     manifest, n, labels, shape = S._write_partition(directory, "t", j,
-                                                    itertools.chain([first], chunks), label_name)
+                                                    itertools.chain([first], chunks), names)
     meta, arrays = read_shard([datastore.token(directory, manifest, j=j, n=n, id="t")])
     assert meta["manifest"]["n"] == n
     return {"j": meta["j"], "n": meta["n"]}, arrays, (n, labels, shape, manifest.fingerprints)
@@ -582,7 +582,7 @@ def test_streamed_rows_equal_inline_rows(tmp_path, case):
         if case in ("ints_then_floats", "floats_then_ints") and j == 3:
             assert want[1]["y"].dtype == np.float32  # (int and fractional chunks: widened)
         if case == "big_ints_then_floats" and j in (1, 3):  # (rows 1 and 35)
-            assert want[2][1][1] == 2.0 ** 54 and want[1]["y"].dtype == np.float32
+            assert want[2][1][0][1] == 2.0 ** 54 and want[1]["y"].dtype == np.float32
         if case == "sparse_csr" and mine:
             assert scipy.sparse.issparse(want[1]["X"])
 
@@ -687,7 +687,7 @@ def test_streamed_arrow_equals_inline_arrow(tmp_path, case):
             _assert_same(want, rows_path)
             chunks = _Counted(arrow_shards.stream_arrays(iter(records), schema, kinds, given, j,
                                                          names))
-            got = _stored(str(tmp_path / f"p{j}-{given is None}"), j, chunks, names[1])
+            got = _stored(str(tmp_path / f"p{j}-{given is None}"), j, chunks, names)
             _assert_same(got, want)
             # a chunk per batch, but a vector partition with a sparse first batch is one
             assert chunks.count == (1 if sparse_first or not records else len(records))
@@ -794,7 +794,7 @@ def test_streamed_build_holds_a_chunk_not_the_partition(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert got == n and shape == (d,) and labels == (0.0, 6.0, True)
+    assert got == n and shape == (d,) and labels == ((0.0, 6.0, True),)
     assert peak < 3 << 20, peak  # the partition is 20 MiB
     whole = S._stack_rows(list(rows()), (d,), True, 0, names)
     assert manifest.fingerprints == datastore.fingerprints(whole)
@@ -821,7 +821,7 @@ def test_streamed_build_holds_a_chunk_not_the_partition(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert got == n and shape == (d,) and labels == (0.0, 6.0, True)
+    assert got == n and shape == (d,) and labels == ((0.0, 6.0, True),)
     assert peak < 3 << 20, peak
     assert manifest.fingerprints == datastore.fingerprints(whole)
 

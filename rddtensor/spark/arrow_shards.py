@@ -125,6 +125,12 @@ def input_keys(k: int) -> tuple:
     return ("X",) if k == 1 else tuple(f"X{i}" for i in range(k))
 
 
+def target_keys(k: int) -> tuple:
+    """The shard arrays holding the labels of a model's ``k`` outputs: ``("y",)`` for one, else
+    ``y0 ..`` (output order)."""
+    return ("y",) if k == 1 else tuple(f"y{i}" for i in range(k))
+
+
 def n_inputs(kinds) -> int:
     """How many of a build's columns (``kinds``: features first, then ``None`` for a numeric
     label, a feature kind for a vector label, ``"weight"``) are model inputs: an
@@ -132,43 +138,51 @@ def n_inputs(kinds) -> int:
     return kinds.n_inputs if isinstance(kinds, InputKinds) else 1
 
 
+def n_outputs(kinds) -> int:
+    """How many label columns a build's ``kinds`` hold targets of model outputs (one, unless an
+    ``InputKinds`` says more)."""
+    return kinds.n_outputs if isinstance(kinds, InputKinds) else 1
+
+
 class InputKinds(list):
     """``kinds`` of a build whose first ``n_inputs`` columns are the inputs of a model with
-    several inputs (a list, so every reader of ``kinds[i]`` works unchanged)."""
+    several inputs, and whose label columns are the targets of ``n_outputs`` outputs (a list,
+    so every reader of ``kinds[i]`` works unchanged)."""
 
-    def __init__(self, kinds, n_inputs: int):
+    def __init__(self, kinds, n_inputs: int, n_outputs: int = 1):
         super().__init__(kinds)
-        self.n_inputs = int(n_inputs)
+        self.n_inputs, self.n_outputs = int(n_inputs), int(n_outputs)
 
 
 def stack_table(table, kinds, feature_shape, j: int, names, offset: int = 0, seen=None):
     """Partition ``j``'s rows (``table``, or one record batch of them: features, then the
-    label and the sample weight where given) as shard arrays ``X``, ``y``, ``w``.
+    label(s) and the sample weight where given) as shard arrays ``X`` (``X0 ..`` for several
+    inputs), ``y`` (``y0 ..`` for several outputs), ``w``.
 
     ``kinds``: per column, the ``rddtensor.spark.columns.feature_kind`` (``None``: a numeric
     label, ``"weight"``: the sample weights); ``names``: per column, how errors call it;
     ``feature_shape`` ``None`` takes it from the partition (the driver compares partitions).
     ``offset``: the partition row of the batch's first row (errors count partition rows);
-    ``seen``: ``(feature shape, label row shape)`` of the partition's earlier batches.
+    ``seen``: ``{array name: row shape}`` of the partition's earlier batches.
     """
     cols = [table.column(i) for i in range(table.num_columns)]
     cols = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols]
     col_names = table.schema.names
-    seen_x, seen_y = seen if seen is not None else (None, None)
-    k = n_inputs(kinds)
-    if k == 1:
-        arrays = {"X": _features(cols[0], kinds[0], feature_shape, j, names[0], col_names[0],
-                                 offset, seen_x)}
-    else:  # one feature column per model input: X0, X1, ... (feature_shape: one per input)
-        arrays = {key: _features(cols[i], kinds[i], None if feature_shape is None else
-                                 feature_shape[i], j, names[i], col_names[i], offset,
-                                 None if seen_x is None else seen_x[i])
-                  for i, key in enumerate(input_keys(k))}
-    for i in range(k, len(cols)):
+    seen = seen or {}
+    keys = input_keys(n_inputs(kinds))
+    shapes = [feature_shape] if len(keys) == 1 else \
+        [None] * len(keys) if feature_shape is None else list(feature_shape)
+    arrays = {key: _features(cols[i], kinds[i], shapes[i], j, names[i], col_names[i], offset,
+                             seen.get(key))
+              for i, key in enumerate(keys)}
+    targets = iter(target_keys(n_outputs(kinds)))
+    for i in range(len(keys), len(cols)):
         if kinds[i] == "weight":
             arrays["w"] = weights_of(cols[i], j, names[i], offset)
         else:
-            arrays["y"] = _labels(cols[i], kinds[i], j, names[i], col_names[i], offset, seen_y)
+            key = next(targets)
+            arrays[key] = _labels(cols[i], kinds[i], j, names[i], col_names[i], offset,
+                                  seen.get(key))
     return arrays
 
 
@@ -195,9 +209,7 @@ def stream_arrays(records, schema, kinds, feature_shape, j: int, names):
             if isinstance(arrays[key], SparseRows):
                 arrays[key] = arrays[key].toarray()
         if seen is None:
-            shapes = [tuple(arrays[key].shape[1:]) for key in keys]
-            seen = (shapes[0] if len(keys) == 1 else shapes,
-                    tuple(arrays["y"].shape[1:]) if "y" in arrays else None)
+            seen = {key: tuple(a.shape[1:]) for key, a in arrays.items() if key != "w"}
         offset += b.num_rows
         del b
         yield arrays

@@ -38,7 +38,7 @@ from collections import OrderedDict
 import numpy as np
 
 from rddtensor import backend
-from rddtensor.spark.shards import model_inputs
+from rddtensor.spark.shards import model_inputs, model_targets
 
 log = logging.getLogger("rddtensor")
 
@@ -281,7 +281,7 @@ class Placement:
         """``(θ, X, y, rows)`` on the device for ``gradient_step``."""
         d = self.shard(meta, arrays)
         rows = self.xp.asarray(np.asarray(rows, dtype=np.int64))
-        return self.to_device(theta, "theta"), model_inputs(d), d["y"], rows
+        return self.to_device(theta, "theta"), model_inputs(d), model_targets(d), rows
 
     def gradient_to_host(self, g) -> np.ndarray:
         """The flat gradient as a NumPy array in pinned memory (what the shuffle sends)."""

@@ -569,7 +569,10 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         wire_dtype: ``"float32"`` (exact: equals in-process training) or ``"bfloat16"``
             (gradients and parameter copies cross the shuffle as bfloat16, half the bytes;
             owners keep float32 master weights and optimizer slots, as BigDL did).
-        features_col, label_col: DataFrame columns.
+        features_col, label_col: DataFrame columns. A model with several inputs (outputs)
+            reads one column per input (output): by default the columns named like them, else
+            a list in the model's order or a dict by name (``input_columns``,
+            ``target_columns``); each output's labels go to its own loss.
         weight_col: sample weights: a DataFrame column of numbers >= 0, or (any name) an RDD
             of ``(features, label, weight)`` rows. The loss is the weighted mean over each
             global batch (``sum(w_i * l_i) / sum(w_i)``), as in-process ``fit(sample_weight=)``:
@@ -593,6 +596,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
     if checkpoint_dir is not None:  # a path that cannot hold checkpoints fails before any job
         checkpoints.check_directory(checkpoint_dir)
     features_col = input_columns(model, data, features_col)
+    label_col = target_columns(model, data, label_col)
     shards = make_shards(data, n_partitions=num_partitions,
                          feature_shape=_input_shape(model) if model.built or
                          len(model.input_specs) > 1 else None,
@@ -726,37 +730,53 @@ def input_columns(model, data, features_col="features"):
     input; for several, a list of one column per input, in the model's input order: by default
     the columns named like the inputs (``L.Input(name=...)``), else ``features_col`` as a list
     (input order) or a dict ``{input name: column}``."""
-    names = [spec.name for spec in model.input_specs]
+    return _spec_columns([s.name for s in model.input_specs], data, features_col, "features",
+                         "features_col", "input")
+
+
+def target_columns(model, data, label_col="label"):
+    """The label column(s) of the model's outputs: ``label_col`` for a model with one output;
+    for several, a list of one column per output, in the model's output order: by default the
+    columns named like the outputs (``model.output_specs``' names), else ``label_col`` as a list
+    (output order) or a dict ``{output name: column}``; ``None`` stays ``None`` (no labels)."""
+    if label_col is None:
+        return None
+    return _spec_columns([s.name for s in model.output_specs], data, label_col, "label",
+                         "label_col", "output")
+
+
+def _spec_columns(names, data, given, default, arg: str, what: str):
+    """``input_columns``/``target_columns``: ``names`` the model's inputs/outputs, ``given``
+    the user's ``arg`` (``default`` its default value)."""
     if len(names) == 1:
-        if not isinstance(features_col, str):
-            raise ValueError(f"features_col must be a column name for a model with one input, "
-                             f"got {features_col!r}")
-        return features_col
+        if not isinstance(given, str):
+            raise ValueError(f"{arg} must be a column name for a model with one {what}, "
+                             f"got {given!r}")
+        return given
     if not hasattr(data, "columns"):
-        raise ValueError(f"a model with several inputs {names} trains and predicts on a "
-                         "DataFrame with one column per input; got an RDD")
-    if features_col == "features" or features_col is None:
-        cols = names
-        missing = [c for c in cols if c not in data.columns]
+        raise ValueError(f"a model with several {what}s {names} trains and predicts on a "
+                         f"DataFrame with one column per {what}; got an RDD")
+    if given == default or given is None:
+        missing = [c for c in names if c not in data.columns]
         if missing:
-            raise ValueError(f"the model's inputs {names} are read from the DataFrame's columns "
+            raise ValueError(f"the model's {what}s {names} are read from the DataFrame's columns "
                              f"of the same names, and it has no column {missing[0]!r} (its "
-                             f"columns: {data.columns}); or map them: features_col=[one column "
-                             "per input, in order] or {input name: column}")
-        return cols
-    if isinstance(features_col, dict):
-        unknown = [k for k in features_col if k not in names]
-        if unknown or len(features_col) != len(names):
-            raise ValueError(f"features_col maps the model's inputs {names} to columns, got "
-                             f"{features_col!r}" + (f" (no input named {unknown[0]!r})"
-                                                    if unknown else " (not every input)"))
-        return [features_col[n] for n in names]
-    if isinstance(features_col, (list, tuple)) and len(features_col) == len(names) and \
-            all(isinstance(c, str) for c in features_col):
-        return list(features_col)
-    raise ValueError(f"features_col for a model with {len(names)} inputs {names}: a list of "
-                     f"{len(names)} column names (input order) or a dict {{input name: "
-                     f"column}}, got {features_col!r}")
+                             f"columns: {data.columns}); or map them: {arg}=[one column "
+                             f"per {what}, in order] or {{{what} name: column}}")
+        return list(names)
+    if isinstance(given, dict):
+        unknown = [k for k in given if k not in names]
+        if unknown or len(given) != len(names):
+            raise ValueError(f"{arg} maps the model's {what}s {names} to columns, got "
+                             f"{given!r}" + (f" (no {what} named {unknown[0]!r})"
+                                             if unknown else f" (not every {what})"))
+        return [given[n] for n in names]
+    if isinstance(given, (list, tuple)) and len(given) == len(names) and \
+            all(isinstance(c, str) for c in given):
+        return list(given)
+    raise ValueError(f"{arg} for a model with {len(names)} {what}s {names}: a list of "
+                     f"{len(names)} column names ({what} order) or a dict {{{what} name: "
+                     f"column}}, got {given!r}")
 
 
 def _input_shape(model):
@@ -767,6 +787,7 @@ def _input_shape(model):
 
 def _source(data, model, features_col, label_col, what):
     features_col = input_columns(model, data, features_col)
+    label_col = target_columns(model, data, label_col)
     try:
         with spark_errors():
             return source(data, feature_shape=_input_shape(model), features_col=features_col,

@@ -280,7 +280,7 @@ def _check_columns(df, features_col, label_col):
             feature_kind(df.schema, c, "features_col", scalar=True)
     else:
         feature_kind(df.schema, features_col, "features_col")
-    if label_col:
+    for label_col in _label_list(label_col):
         t = df.schema[label_col].dataType
         leaf = t
         while isinstance(leaf, ArrayType):
@@ -391,9 +391,16 @@ def _weights(values, j, what, offset):
     return w
 
 
+def _label_list(label_col) -> list:
+    """The label column(s): none, one, or one per output of a model with several outputs."""
+    if isinstance(label_col, (list, tuple)):
+        return list(label_col)
+    return [label_col] if label_col else []
+
+
 def _check_df(df, features_col, label_col):
     cols = list(features_col) if isinstance(features_col, (list, tuple)) else [features_col]
-    missing = [c for c in (*cols, label_col) if c and c not in df.columns]
+    missing = [c for c in (*cols, *_label_list(label_col)) if c and c not in df.columns]
     if missing:
         raise ValueError(f"DataFrame has no column {missing[0]!r}; columns are {df.columns}")
     _check_columns(df, features_col, label_col)
@@ -524,13 +531,10 @@ def source(data, n_partitions=None, feature_shape=None, features_col="features",
     if several and not is_df:
         raise ValueError(f"a model with several inputs trains on a DataFrame with one column "
                          f"per input (features_col={list(features_col)}); got an RDD")
-    names = ((f"features (column {features_col!r})", f"labels (column {label_col!r})")
-             if is_df and not several else ("features", "labels"))
-    if several:
-        names = tuple(f"input {i} (column {c!r})" for i, c in enumerate(features_col)) + \
-            (f"labels (column {label_col!r})",)
-    if weight_col:
-        names += (f"sample weights (column {weight_col!r})" if is_df else "sample weights",)
+    if isinstance(label_col, (list, tuple)) and not is_df:
+        raise ValueError(f"a model with several outputs trains on a DataFrame with one label "
+                         f"column per output (label_col={list(label_col)}); got an RDD")
+    names = _column_names(is_df, features_col, label_col, weight_col)
     if feature_shape is not None:
         feature_shape = tuple(tuple(int(s) for s in shape) for shape in feature_shape) \
             if several else tuple(int(s) for s in feature_shape)
@@ -540,14 +544,15 @@ def source(data, n_partitions=None, feature_shape=None, features_col="features",
         if weight_col:
             _check_weight_col(data, weight_col)
         arrow = _arrow_build(data, features_col, label_col, n_partitions, weight_col,
-                             feature_shape)
+                             feature_shape, names)
     has_weights = bool(weight_col)
     if arrow is not None:
         (rows, stack), has_labels = arrow, bool(label_col)
         return Source(rows, stack, feature_shape, has_labels, names)
-    if several:
-        raise ValueError("a model with several inputs reads its columns as Arrow record "
-                         "batches, which this Spark cannot hand out (Dataset.toArrowBatchRdd)")
+    if several or isinstance(label_col, (list, tuple)):
+        raise ValueError("a model with several inputs or outputs reads its columns as Arrow "
+                         "record batches, which this Spark cannot hand out "
+                         "(Dataset.toArrowBatchRdd)")
     rows, has_labels = _as_rows(data, features_col, label_col, what, weight_col)
     if n_partitions is not None and n_partitions != rows.getNumPartitions():
         rows = repartition_in_order(rows, int(n_partitions))
@@ -565,6 +570,22 @@ def source(data, n_partitions=None, feature_shape=None, features_col="features",
             return _row_chunks(it, shape, has_labels, j, names, n_chunk, has_weights)
         return iter([_stack_rows(it, shape, has_labels, j, names, has_weights)])
     return Source(rows, stack, feature_shape, has_labels, names)
+
+
+def _column_names(is_df: bool, features_col, label_col, weight_col) -> tuple:
+    """How errors call each column a build reads, in column order: the input(s), the label(s)
+    (a placeholder without labels), the sample weights."""
+    if isinstance(features_col, (list, tuple)):
+        names = [f"input {i} (column {c!r})" for i, c in enumerate(features_col)]
+    else:
+        names = [f"features (column {features_col!r})" if is_df else "features"]
+    if isinstance(label_col, (list, tuple)):
+        names += [f"labels of output {i} (column {c!r})" for i, c in enumerate(label_col)]
+    else:
+        names.append(f"labels (column {label_col!r})" if is_df and label_col else "labels")
+    if weight_col:
+        names.append(f"sample weights (column {weight_col!r})" if is_df else "sample weights")
+    return tuple(names)
 
 
 def _make_shards(data, n_partitions, feature_shape, features_col, label_col, what,
@@ -598,12 +619,13 @@ def _make_shards(data, n_partitions, feature_shape, features_col, label_col, wha
 
 
 def _arrow_build(df, features_col, label_col, n_partitions, weight_col=None,
-                 feature_shape=None):
+                 feature_shape=None, names=None):
     """``(rdd, stack)`` for a DataFrame through Arrow batches (``rddtensor.spark.arrow_shards``), or
-    ``None`` where this Spark cannot hand them out."""
+    ``None`` where this Spark cannot hand them out. ``names``: ``_column_names``."""
     several = isinstance(features_col, (list, tuple))
     inputs = list(features_col) if several else [features_col]
-    columns = inputs + ([label_col] if label_col else []) + ([weight_col] if weight_col else [])
+    labels = _label_list(label_col)
+    columns = inputs + labels + ([weight_col] if weight_col else [])
     row_bytes = (sum(4 * max(1, int(np.prod(shape, dtype=np.int64))) for shape in feature_shape)
                  if several else _row_bytes(df, features_col, feature_shape))
     got = arrow_shards.arrow_rows(df, columns, n_partitions, row_bytes=row_bytes)
@@ -611,19 +633,14 @@ def _arrow_build(df, features_col, label_col, n_partitions, weight_col=None,
         return None
     rdd, schema = got
     kinds = [feature_kind(df.schema, c, "features_col", scalar=several) for c in inputs]
-    if several:
-        kinds = arrow_shards.InputKinds(kinds, len(inputs))
-    if label_col:
-        t = df.schema[label_col].dataType
-        kinds.append(None if isinstance(t, NumericType) else
-                     feature_kind(df.schema, label_col, "label_col"))
-    names = tuple(f"input {i} (column {c!r})" for i, c in enumerate(inputs)) if several \
-        else (f"features (column {features_col!r})",)
-    names += (f"labels (column {label_col!r})",)
+    kinds += [None if isinstance(df.schema[c].dataType, NumericType) else
+              feature_kind(df.schema, c, "label_col") for c in labels]
     if weight_col:
         kinds.append("weight")
-        names = (names if label_col else names[:-1]) + (
-            f"sample weights (column {weight_col!r})",)
+    if several or len(labels) > 1:
+        kinds = arrow_shards.InputKinds(kinds, len(inputs), max(1, len(labels)))
+    names = names or _column_names(True, features_col, label_col, weight_col)
+    names = names[:len(inputs) + len(labels)] + names[len(inputs) + max(1, len(labels)):]
 
     def stack(it, shape, j, stream):
         if stream:  # one record batch at a time
@@ -687,7 +704,6 @@ def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _B
     chunk, the whole partition)."""
     facts = rows.ctx.accumulator({}, _PartsParam())
     dataset = datastore.new_dataset_id()  # also tells this data apart in executor-local caches
-    label_name = names[1] if len(names) > 1 else "labels"
 
     def build(j, it):
         chunks = stack(it, feature_shape, j, mode != "false")
@@ -698,8 +714,7 @@ def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _B
             directory = datastore.partition_dir(dataset, j)
             chunks = itertools.chain([first], chunks)
             del first
-            manifest, n, labels, shape = _write_partition(directory, dataset, j, chunks,
-                                                          label_name)
+            manifest, n, labels, shape = _write_partition(directory, dataset, j, chunks, names)
             if mode == "evict":  # fault injection: every read of this partition misses
                 shutil.rmtree(directory, ignore_errors=True)
             where, fingerprint = (host_id(), directory), manifest.fingerprints
@@ -710,7 +725,7 @@ def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _B
             if next(chunks, None) is not None:  # (an inline or sparse build is one chunk)
                 raise RuntimeError(f"partition {j}: an inline shard came in several chunks")
             X = first_input(arrays)
-            n, labels, shape = len(X), _label_summary(arrays.get("y")), input_shapes(arrays)
+            n, labels, shape = len(X), _label_summaries(arrays), input_shapes(arrays)
             fingerprint = datastore.fingerprints(arrays) if dense else None
             record = wire.pack(Kind.SHARD, {"j": j, "n": n, "id": dataset},
                                _wire_arrays(arrays))
@@ -733,57 +748,113 @@ def _build(rows, stack, feature_shape, mode, names=("features", "labels")) -> _B
         _remove_files([f[3] for f in facts.value.values()])
         raise
     parts = [facts.value[j] for j in range(N)]
-    found = [p[1] for p in parts if p[1] is not None]
-    labels = None
-    if found and len(found) == sum(1 for p in parts if p[0]):
-        labels = (min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found))
-    return _Built(shard_rdd, home, [p[0] for p in parts], labels, [p[2] for p in parts],
+    return _Built(shard_rdd, home, [p[0] for p in parts], _labels_over(parts), [p[2] for p in parts],
                   [p[3] for p in parts], [p[4] for p in parts])
 
 
-def _write_partition(directory, dataset, j, chunks, label_name="labels"):
+def _labels_over(parts):
+    """The label summary over all partitions' facts (``(rows, summaries, ...)``; a summary per
+    output, see ``_label_summaries``): one ``(min, max, all integers)``, a tuple of one per
+    output for several, ``None`` for an output whose labels some non-empty partition cannot
+    summarise (vectors)."""
+    full = [p[1] for p in parts if p[0]]
+    if not full or any(f is None for f in full):
+        return None
+    k = len(full[0])
+
+    def over(found):
+        if any(f is None for f in found):
+            return None
+        return min(f[0] for f in found), max(f[1] for f in found), all(f[2] for f in found)
+    summaries = tuple(over([f[i] for f in full]) for i in range(k))
+    return summaries[0] if k == 1 else summaries
+
+
+def _label_summaries(arrays):
+    """Per output's labels in a shard's arrays (``target_keys``), its ``_label_summary``; a
+    tuple (``None`` without labels)."""
+    keys = target_keys(arrays)
+    return tuple(_label_summary(arrays[k]) for k in keys) if keys else None
+
+
+def target_keys(arrays) -> tuple:
+    """The label arrays among a shard's: ``("y",)``, ``(y0, y1, ...)`` for several outputs, or
+    ``()`` without labels."""
+    if "y" in arrays:
+        return ("y",)
+    return arrow_shards.target_keys(sum(1 for k in arrays if k[:1] == "y" and k[1:].isdigit())) \
+        if "y0" in arrays else ()
+
+
+def model_targets(arrays, rows=None):
+    """What a model's loss takes from a shard's arrays (all rows, or ``rows`` of them): the ``y``
+    array, or a tuple ``(y0, y1, ...)`` for several outputs."""
+    keys = target_keys(arrays)
+    got = [arrays[k] if rows is None else arrays.take(k, rows) for k in keys]
+    return got[0] if keys == ("y",) else tuple(got)
+
+
+def _write_partition(directory, dataset, j, chunks, names=("features", "labels")):
     """Append partition ``j``'s chunks of arrays to its files in the data store, one chunk in
-    memory at a time; returns ``(manifest, rows, label summary, feature shape)``.
+    memory at a time; returns ``(manifest, rows, label summaries, feature shape)``.
 
     The labels' dtype is the one stacking the whole partition gives: integer chunks followed by
     fractional ones widen what was written (``PartitionWriter.widen``, to float32), later
-    integer chunks are converted; label row shapes must agree across chunks."""
+    integer chunks are converted; label row shapes must agree across chunks (each output's
+    labels on their own). ``names``: how errors call the columns (``_column_names``)."""
     writer = datastore.PartitionWriter(directory, dataset=dataset, part=j)
     try:
-        n, summary, shape, y_dtype, y_row = 0, _NO_LABELS, None, None, None
+        n, shape, labels = 0, None, None
         for arrays in chunks:
             X = first_input(arrays)
             if shape is None:
                 shape = input_shapes(arrays)
-            y = arrays.get("y")
-            if y is not None:
-                if y_dtype is None:
-                    y_dtype, y_row = y.dtype, tuple(y.shape[1:])
-                elif tuple(y.shape[1:]) != y_row:
-                    raise ValueError(f"{label_name} in partition {j} do not stack into one "
-                                     f"array (row {n} has shape {tuple(y.shape[1:])}, row 0 "
-                                     f"{y_row}); every row needs a label of the same shape")
-                elif y.dtype != y_dtype:
-                    wide = _label_dtype(y_dtype, y.dtype)
-                    if wide != y_dtype:
-                        writer.widen("y", wide)
-                        y_dtype = wide
-                        if summary not in (None, _NO_LABELS):
-                            summary = (float(wide.type(summary[0])),
-                                       float(wide.type(summary[1])), summary[2])
-                    if y.dtype != y_dtype:
-                        y = (y.astype(np.float64) if y_dtype.kind == "f" and y.dtype.kind in "biu"
-                             else y).astype(y_dtype)
-                        arrays["y"] = y
-                summary = _merge_summary(summary, _label_summary(y) if len(y) else _NO_LABELS)
+                keys = target_keys(arrays)
+                first = len(_input_keys(arrays))
+                labels = {k: _LabelColumn(names[first + i] if first + i < len(names) else
+                                          "labels") for i, k in enumerate(keys)}
+            for k, column in labels.items():
+                arrays[k] = column.add(arrays[k], writer, k, j, n)
             writer.append(arrays)
             n += len(X)
-            del arrays, X, y
+            del arrays, X
         manifest = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    return manifest, n, (None if summary is _NO_LABELS else summary), shape
+    summaries = tuple(None if c.summary is _NO_LABELS else c.summary for c in labels.values()) \
+        if labels else None
+    return manifest, n, summaries, shape
+
+
+class _LabelColumn:
+    """One output's labels as a partition's chunks are written: their dtype (widened as
+    stacking would) and row shape, and the summary so far."""
+
+    def __init__(self, name: str):
+        self.name, self.dtype, self.row, self.summary = name, None, None, _NO_LABELS
+
+    def add(self, y, writer, key: str, j: int, n: int):
+        """``y`` as written (converted to the partition's label dtype so far)."""
+        if self.dtype is None:
+            self.dtype, self.row = y.dtype, tuple(y.shape[1:])
+        elif tuple(y.shape[1:]) != self.row:
+            raise ValueError(f"{self.name} in partition {j} do not stack into one "
+                             f"array (row {n} has shape {tuple(y.shape[1:])}, row 0 "
+                             f"{self.row}); every row needs a label of the same shape")
+        elif y.dtype != self.dtype:
+            wide = _label_dtype(self.dtype, y.dtype)
+            if wide != self.dtype:
+                writer.widen(key, wide)
+                self.dtype = wide
+                if self.summary not in (None, _NO_LABELS):
+                    self.summary = (float(wide.type(self.summary[0])),
+                                    float(wide.type(self.summary[1])), self.summary[2])
+            if y.dtype != self.dtype:
+                y = (y.astype(np.float64) if self.dtype.kind == "f" and y.dtype.kind in "biu"
+                     else y).astype(self.dtype)
+        self.summary = _merge_summary(self.summary, _label_summary(y) if len(y) else _NO_LABELS)
+        return y
 
 
 _NO_LABELS = ()  # (no labelled rows yet)

@@ -19,7 +19,7 @@ from rddtensor.training.steps import (empty_stats, evaluate_arrays, gradient_ste
                                       sum_weights)
 from rddtensor.spark import device, localcache, rawrdd, wire, worker
 from rddtensor.spark.config import CacheSettings, Kind, StepConfig
-from rddtensor.spark.shards import model_inputs, read_shard
+from rddtensor.spark.shards import model_inputs, model_targets, read_shard
 
 
 class StatsParam(AccumulatorParam):
@@ -189,11 +189,11 @@ def local_gradient(step: StepConfig, model, theta, t: int, j: int, shard_records
     gpu = device.task_placement(getattr(model, "device", "auto"), meta, arrays)
     if gpu is not None:
         w, X, y, rows = gpu.step_inputs(theta, meta, arrays, rows)
-        X, y = take_rows(X, rows), y[rows]
+        X, y = take_rows(X, rows), take_rows(y, rows)
     else:  # only the batch's rows are read (from the data store: nothing else is mapped)
         if isinstance(step.shuffle, BlockShuffle) and arrays.reader is not None:
             read_ahead(here, step, epoch, b, lo, meta["n"], arrays.reader)
-        X, y = model_inputs(arrays, rows), arrays.take("y", rows)
+        X, y = model_inputs(arrays, rows), model_targets(arrays, rows)
         grad_out = here.scratch("grad", model.layout.size, theta.dtype)
     g, stats = gradient_step(model, w, X, y,
                              loss=model.loss, n_batch=int(step.batch_sizes[b]),
@@ -267,7 +267,7 @@ def eval_stage(model, batch_size: int):
         ag, shard_recs = split_records(records)
         _, theta = assemble(ag, model.layout.size)
         _, arrays = read_shard(shard_recs)
-        stats = evaluate_arrays(model, theta, model_inputs(arrays), arrays["y"], loss=model.loss,
+        stats = evaluate_arrays(model, theta, model_inputs(arrays), model_targets(arrays), loss=model.loss,
                                 metrics=model.metrics, batch_size=batch_size)
         yield (j, stats)
     return run
@@ -283,7 +283,7 @@ def stream_eval_stage(model, batch_size: int, theta, stack, feature_shape):
         stats = empty_stats(model.metrics)
         for arrays in stack(records, feature_shape, j, True):
             stats = merge_stats(model.metrics, stats, evaluate_arrays(
-                model, w, model_inputs(arrays), arrays["y"], loss=model.loss, metrics=model.metrics,
+                model, w, model_inputs(arrays), model_targets(arrays), loss=model.loss, metrics=model.metrics,
                 batch_size=batch_size))
         yield (j, stats)
     return run
@@ -291,7 +291,8 @@ def stream_eval_stage(model, batch_size: int, theta, stack, feature_shape):
 
 def stream_predict_stage(model, batch_size: int, theta, stack, feature_shape):
     """Partition j of a data ``Source``'s rows: the model's outputs for its rows, in row order,
-    decoded and predicted one chunk at a time (a chunk in memory, nothing cached)."""
+    decoded and predicted one chunk at a time (a chunk in memory, nothing cached). A row's
+    record is its output array, or a tuple of one per output for a model with several."""
     def run(j, records):
         worker.current()
         params = model.layout.unflatten(theta.value)
@@ -300,5 +301,8 @@ def stream_predict_stage(model, batch_size: int, theta, stack, feature_shape):
             for a in range(0, count_rows(X), batch_size):
                 Y, _ = model.forward(params, take_rows(X, slice(a, a + batch_size)),
                                      training=False)
-                yield from np.asarray(Y)
+                if isinstance(Y, (list, tuple)):  # several outputs: a tuple per row
+                    yield from zip(*[np.asarray(y) for y in Y])
+                else:
+                    yield from np.asarray(Y)
     return run

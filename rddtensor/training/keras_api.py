@@ -148,6 +148,20 @@ def _by_name(d: dict, names: list, what: str) -> list:
                          + (f"; unknown {unknown}" if unknown else ""))
     return [d[n] for n in names]
 
+def _columns(given: dict, what: str, labels: bool = True, numpy: bool = False) -> dict:
+    """``evaluate``/``predict``'s column keywords for Spark data (``features_col``, and
+    ``label_col`` where labels are read); unknown keywords, or any for numpy data, refused."""
+    allowed = ("features_col", "label_col") if labels else ("features_col",)
+    bad = [k for k in given if k not in allowed]
+    if bad:
+        raise TypeError(f"{what}() got an unexpected keyword argument {bad[0]!r} (Spark data "
+                        f"takes {' and '.join(allowed)})")
+    if numpy and given:
+        raise ValueError(f"{', '.join(given)} name(s) the columns of an RDD or DataFrame; "
+                         f"{what} on numpy arrays reads x (and y) as given")
+    return given
+
+
 class KerasModel(Model):
     """The Keras-shaped training API over the model protocol (see the module docstring).
 
@@ -260,7 +274,7 @@ class KerasModel(Model):
 
     def _distributed(self, engine, what: str, x=None):
         """``engine`` if the data ``x`` is an RDD/DataFrame the model can take there (several
-        inputs: a DataFrame, one column each; one output), ``None`` for numpy."""
+        inputs or outputs: a DataFrame, one column each), ``None`` for numpy."""
         if engine is None:
             return None
         specs = self.input_specs
@@ -270,11 +284,11 @@ class KerasModel(Model):
                              "input (by default named like the inputs; or features_col=[...] / "
                              "{input name: column}), not an RDD")
         specs = self.output_specs
-        if len(specs) > 1:
-            raise ValueError(f"{what} on an RDD or DataFrame takes models with one output; "
-                             f"this model has {len(specs)} {[s.name for s in specs]}: pass "
-                             "numpy arrays (a list, or a dict by name) to run it in this "
-                             "process")
+        if len(specs) > 1 and not hasattr(x, "columns"):
+            raise ValueError(f"{what} on Spark of a model with several outputs "
+                             f"{[s.name for s in specs]} takes a DataFrame with one label "
+                             "column per output (by default named like the outputs; or "
+                             "label_col=[...] / {output name: column}), not an RDD")
         return engine
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
@@ -395,32 +409,39 @@ class KerasModel(Model):
             history.params["resumed_from"] = resumed.path
         return history
 
-    def evaluate(self, x, y=None, *, batch_size: int = 4096, verbose: int = 0) -> dict:
+    def evaluate(self, x, y=None, *, batch_size: int = 4096, verbose: int = 0,
+                 **columns) -> dict:
         """Mean loss and metrics on ``x, y`` (numpy, ``x`` as in ``fit``; or an RDD/DataFrame
-        distributed)."""
+        distributed: ``features_col=``/``label_col=`` name its columns, as in ``fit``)."""
         self._require_compiled("evaluate")
         batch_size = positive_int(batch_size, "batch_size")
         engine = self._distributed(engines.engine_for(x), "evaluate", x)
         if engine is not None:
-            return engine.evaluate_distributed(self, x, batch_size=batch_size)
+            return engine.evaluate_distributed(self, x, batch_size=batch_size,
+                                               **_columns(columns, "evaluate"))
+        _columns(columns, "evaluate", numpy=True)
         X, y = self._check_arrays(x, y, "x")
         tune_malloc()  # (process tuning of an in-process evaluate; rddtensor.allocator)
         stats = evaluate_arrays(self, self.theta, X, y, loss=self.loss, metrics=self.metrics,
                                 batch_size=batch_size)
         return stats_logs(self.metrics, stats)
 
-    def predict(self, x, *, batch_size: int = 4096):
+    def predict(self, x, *, batch_size: int = 4096, **columns):
         """Raw model outputs (logits for classifiers trained with a from-logits loss).
 
         ``x`` is numpy (as in ``fit``; returns numpy) or an RDD/DataFrame (returns an RDD of
         outputs, in row order; one pass, nothing cached). On a Spark Connect DataFrame (no RDDs
         there) it returns the DataFrame with a ``prediction`` column appended, as
-        ``rddtensor.ml.NNModel(network=model).transform(df)`` does.
+        ``rddtensor.ml.NNModel(network=model).transform(df)`` does. ``features_col=`` names a
+        DataFrame's input column(s), as in ``fit``; a model with several outputs gives a tuple
+        of arrays per row.
         """
         batch_size = positive_int(batch_size, "batch_size")
         engine = self._distributed(engines.engine_for(x), "predict", x)
         if engine is not None:
-            return engine.predict_distributed(self, x, batch_size=batch_size)
+            return engine.predict_distributed(self, x, batch_size=batch_size,
+                                              **_columns(columns, "predict", labels=False))
+        _columns(columns, "predict", numpy=True)
         X = self._check_inputs(x, "x")
         return self._forward_batches(X, batch_size, logits=False)
 
