@@ -3,7 +3,9 @@
 Commands:
     demo     train a CNN on the bundled handwritten digits through an embedded ``local[*]``
              Spark master: progress bar, test accuracy, the saved model and a training-curve PNG
-    train    train a model described by a JSON/YAML config on Parquet/CSV/libsvm/image data
+    train    train a model described by a JSON/YAML config on Parquet/CSV/libsvm/image data: a
+             Sequential's "layers", or a graph model's "model" (model.get_config()'s form; one
+             Parquet/CSV column per input)
     predict  apply a saved model to data and write the predictions as Parquet
     info     versions, Java, the Spark master, GPU/CuPy status
 
@@ -33,10 +35,13 @@ from rddtensor import backend
 from rddtensor.spark import localcache
 from rddtensor import layers as L
 from rddtensor.spark.device import discovery_script_path
+from rddtensor.spark.engine import predict_distributed, target_columns
 from rddtensor.layers.base import layer_class
+from rddtensor.ml.transform import outputs
 from rddtensor.optim import Adam
 from rddtensor.spark.readers import guess_format, read_dataset
 from rddtensor.spark.session import get_spark, java_version
+from rddtensor.training.graph import GraphModel
 from rddtensor.version import __version__
 
 log = logging.getLogger("rddtensor")
@@ -167,24 +172,61 @@ def load_config(path: str) -> dict:
             config = json.loads(text)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path}: not valid JSON: {e}") from None
+    if isinstance(config, dict) and "layers" in config and "model" in config:
+        raise SystemExit(f"{path}: the config has both \"layers\" (a Sequential's layer list) "
+                         "and \"model\" (a graph model's config): keep one of them")
+    if isinstance(config, dict) and "model" in config:
+        if not isinstance(config["model"], dict):
+            raise SystemExit(f"{path}: \"model\" must be an object: a graph model's config as "
+                             "model.get_config() returns it and a saved model.json holds it "
+                             "under \"config\" (\"inputs\", \"layers\", \"nodes\", "
+                             f"\"outputs\"), got {type(config['model']).__name__}")
+        return config
     if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
         raise SystemExit(f"{path}: the config needs a \"layers\" list, e.g. "
                          '{"layers": [{"type": "Dense", "units": 10}], '
-                         '"compile": {"loss": "sparse_categorical_crossentropy"}}')
+                         '"compile": {"loss": "sparse_categorical_crossentropy"}}'
+                         + ("" if isinstance(config, dict) and "layers" in config else
+                            "; or, for a graph model (several inputs, merges), a \"model\" "
+                            "object: its config as model.get_config() returns it"))
     return config
 
 
-def build_model(config: dict):
-    """A compiled ``Sequential`` from a config's ``rddtensor.layers`` and ``compile`` sections.
+def build_model(config: dict, path: str | None = None):
+    """A compiled model from a config's ``layers`` (a ``Sequential``) or ``model`` (a graph
+    model) section and its ``compile`` section; errors name ``path`` (the config file) and the
+    layer or node at fault.
 
-    A layer entry is ``{"type": "Dense", "units": 64, ...}``, ``{"Dense": {"units": 64}}`` or
-    the ``{"class_name": ..., "config": ...}`` form that ``model.json`` files use.
+    A ``layers`` entry is ``{"type": "Dense", "units": 64, ...}``, ``{"Dense": {"units": 64}}``
+    or the ``{"class_name": ..., "config": ...}`` form that ``model.json`` files use. ``model``
+    is a model's config exactly as ``model.get_config()`` returns it and ``model.save`` writes it
+    (``model.json``'s ``"config"``): for a graph model ``"inputs"``, ``"layers"``, ``"nodes"``
+    and ``"outputs"`` (see ``graph_model_from_config``).
     """
+    if "model" in config:
+        model = graph_model_from_config(config["model"], path)
+        model.seed = config.get("seed", 0)  # as for "layers": the same weights on every run
+    else:
+        model = _sequential(config, path)
+    c = config.get("compile") or {}
+    try:
+        model.compile(optimizer=c.get("optimizer", "adam"), loss=c.get("loss", "mse"),
+                      metrics=c.get("metrics"))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{_at(path)}compile: {e}") from None
+    return model
+
+
+def _at(path) -> str:
+    return f"{path}: " if path else ""
+
+
+def _sequential(config: dict, path=None):
     layers = []
     for i, entry in enumerate(config["layers"]):
         if not isinstance(entry, dict):
-            raise SystemExit(f"layers[{i}] must be an object like {{\"type\": \"Dense\", "
-                             f"\"units\": 10}}, got {entry!r}")
+            raise SystemExit(f"{_at(path)}layers[{i}] must be an object like {{\"type\": "
+                             f"\"Dense\", \"units\": 10}}, got {entry!r}")
         if "class_name" in entry:
             name, kwargs = entry["class_name"], dict(entry.get("config") or {})
         elif "type" in entry:
@@ -193,19 +235,249 @@ def build_model(config: dict):
             (name, kwargs), = entry.items()
             kwargs = dict(kwargs or {})
         else:
-            raise SystemExit(f"layers[{i}] = {entry!r} names no layer type: add \"type\"")
+            raise SystemExit(f"{_at(path)}layers[{i}] = {entry!r} names no layer type: add "
+                             "\"type\"")
         try:
             layers.append(layer_class(name).from_config(kwargs))
         except (TypeError, ValueError) as e:
-            raise SystemExit(f"layers[{i}] ({name}): {e}") from None
-    model = L.Sequential(layers, seed=config.get("seed", 0))
-    c = config.get("compile") or {}
+            raise SystemExit(f"{_at(path)}layers[{i}] ({name}): {e}") from None
+    return L.Sequential(layers, seed=config.get("seed", 0))
+
+
+_GRAPH_KEYS = ("name", "inputs", "layers", "nodes", "outputs")
+
+
+def graph_model_from_config(section: dict, path: str | None = None):
+    """The model of a config's ``"model"`` section: a model config exactly as
+    ``model.get_config()`` returns it and ``model.json`` holds it under ``"config"``.
+
+    A graph model's (``L.Model(inputs, outputs)``)::
+
+        {"name": "two_tower",                                  # optional
+         "inputs": [{"name": "a", "shape": [4], "dtype": "float32"},   # tensors 0, 1
+                    {"name": "b", "shape": [2]}],
+         "layers": [{"class_name": "Dense", "config": {"units": 8}},  # in first-call order
+                    {"class_name": "Concatenate", "config": {}},
+                    {"class_name": "Dense", "config": {"units": 2}}],
+         "nodes": [{"layer": 0, "inputs": [0], "list": false},       # tensor 2 = Dense(a)
+                   {"layer": 1, "inputs": [2, 1], "list": true},     # tensor 3 = concat
+                   {"layer": 2, "inputs": [3], "list": false}],      # tensor 4
+         "outputs": [4]}
+
+    Tensors are numbers: the inputs ``0 .. n-1``, then node ``j``'s output ``n + j``; a node
+    reads earlier tensors only. ``"list"`` (the layer is called on a list: merge layers) may be
+    left out: then a node with several inputs is called on a list. A config without ``"nodes"``
+    is a ``Sequential``'s (``{"layers": [{"class_name": ..., "config": ...}, ...]}``).
+
+    Everything is checked before Spark starts; an error names ``path``, the entry
+    (``model.nodes[2]``) and the layer (type and name) at fault.
+    """
+    where = f"{_at(path)}model"
+    if section.get("format") == "rddtensor.model" and "config" in section:
+        raise SystemExit(f"{where}: this is a whole model.json; put its \"config\" object here "
+                         "(and the compile settings in the config's \"compile\" section)")
+    unknown = [k for k in section if k not in _GRAPH_KEYS]
+    if unknown:
+        raise SystemExit(f"{where}: unknown key(s) {unknown}; a model config has "
+                         f"{list(_GRAPH_KEYS)} (as model.get_config() returns it)")
+    layers = _config_layers(section.get("layers"), where)
+    if not any(k in section for k in ("inputs", "nodes", "outputs")):  # a Sequential's config
+        if not layers:
+            raise SystemExit(f"{where}: \"layers\" is empty; a model needs at least one layer")
+        return L.Sequential(layers, name=section.get("name"))
+    inputs = _config_inputs(section.get("inputs"), where)
+    section = dict(section, nodes=_config_nodes(section.get("nodes"), inputs, layers, where))
+    outs = section.get("outputs")
+    n_tensors = len(inputs) + len(section["nodes"])
+    if not isinstance(outs, list) or not outs or not all(_is_index(r, n_tensors) for r in outs):
+        raise SystemExit(f"{where}.outputs must be a non-empty list of tensor numbers < "
+                         f"{n_tensors} ({_tensor_numbers(inputs, len(section['nodes']))}), got "
+                         f"{outs!r}")
     try:
-        model.compile(optimizer=c.get("optimizer", "adam"), loss=c.get("loss", "mse"),
-                      metrics=c.get("metrics"))
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"compile: {e}") from None
-    return model
+        return GraphModel.from_config(section)
+    except (TypeError, ValueError, KeyError) as e:
+        raise SystemExit(f"{where}: {e}") from None
+
+
+def _is_index(value, size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size
+
+
+def _tensor_numbers(inputs, n_nodes: int) -> str:
+    n = len(inputs)
+    names = [t.name for t in inputs]
+    text = f"0..{n - 1} are the inputs {names}" if n > 1 else f"0 is the input {names[0]!r}"
+    if n_nodes:
+        text += (f", {n}..{n + n_nodes - 1} the outputs of nodes 0..{n_nodes - 1}"
+                 if n_nodes > 1 else f", {n} the output of node 0")
+    return text
+
+
+def _config_layers(entries, where: str) -> list:
+    if not isinstance(entries, list):
+        raise SystemExit(f"{where}: \"layers\" must be a list of {{\"class_name\": ..., "
+                         f"\"config\": {{...}}}}, got {entries!r}"[:300])
+    layers = []
+    for i, c in enumerate(entries):
+        if not isinstance(c, dict) or not isinstance(c.get("class_name"), str) or \
+                not isinstance(c.get("config", {}), dict) or set(c) - {"class_name", "config"}:
+            raise SystemExit(f"{where}.layers[{i}] must be {{\"class_name\": \"Dense\", "
+                             f"\"config\": {{\"units\": 8}}}}, got {str(c)[:120]}")
+        kwargs = dict(c.get("config") or {})
+        label = c["class_name"] + (f" {kwargs['name']!r}" if isinstance(kwargs.get("name"), str)
+                                   else "")
+        try:
+            cls = layer_class(c["class_name"])
+        except ValueError as e:
+            raise SystemExit(f"{where}.layers[{i}]: {e}") from None
+        try:
+            layers.append(cls.from_config(kwargs))
+        except (TypeError, ValueError, KeyError) as e:
+            raise SystemExit(f"{where}.layers[{i}] ({label}): invalid config {kwargs}: {e}") \
+                from None
+    return layers
+
+
+def _config_inputs(specs, where: str) -> list:
+    if not isinstance(specs, list) or not specs:
+        raise SystemExit(f"{where}: a graph model config needs \"inputs\": a list of "
+                         "{\"name\": ..., \"shape\": [...], \"dtype\": \"float32\"}, got "
+                         f"{specs!r}"[:300])
+    tensors = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or \
+                set(spec) - {"name", "shape", "dtype"}:
+            raise SystemExit(f"{where}.inputs[{i}] must be {{\"name\": str, \"shape\": [...], "
+                             f"\"dtype\": str}}, got {str(spec)[:120]}")
+        try:
+            tensors.append(L.Input(spec.get("shape"), spec.get("dtype", "float32"),
+                                   spec["name"]))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{where}.inputs[{i}] ({spec['name']!r}): {e}") from None
+    return tensors
+
+
+def _config_nodes(nodes, inputs, layers, where: str) -> list:
+    """The nodes, checked by replaying them on fresh layers (``layers``; the model itself is
+    built from the config again); ``"list"`` filled in where left out."""
+    if not isinstance(nodes, list) or not nodes:
+        raise SystemExit(f"{where}: \"nodes\" must be a non-empty list of layer calls "
+                         f"{{\"layer\": index, \"inputs\": [tensor numbers], \"list\": bool}}, "
+                         f"got {nodes!r}"[:300])
+    tensors, out = list(inputs), []
+    for j, n in enumerate(nodes):
+        at = f"{where}.nodes[{j}]"
+        if not isinstance(n, dict) or set(n) - {"layer", "inputs", "list"}:
+            raise SystemExit(f"{at} must be {{\"layer\": index, \"inputs\": [tensor numbers], "
+                             f"\"list\": bool}}, got {str(n)[:120]}")
+        if not _is_index(n.get("layer"), len(layers)):
+            raise SystemExit(f"{at}: \"layer\" must be an index into \"layers\" (0.."
+                             f"{len(layers) - 1}), got {n.get('layer')!r}")
+        layer = layers[n["layer"]]
+        at = f"{at} (layers[{n['layer']}], {type(layer).__name__}" + \
+            (f" {layer.name!r})" if layer.name else ")")
+        refs = n.get("inputs")
+        if not isinstance(refs, list) or not refs:
+            raise SystemExit(f"{at}: \"inputs\" must be a non-empty list of tensor numbers, got "
+                             f"{refs!r}")
+        for r in refs:
+            if not _is_index(r, len(tensors)):
+                raise SystemExit(f"{at}: inbound tensor {r!r} is unknown: a node reads the "
+                                 f"inputs or earlier nodes' outputs, and here "
+                                 f"{_tensor_numbers(inputs, j)}")
+        as_list = n.get("list", len(refs) > 1)
+        if not isinstance(as_list, bool) or (not as_list and len(refs) != 1):
+            raise SystemExit(f"{at}: \"list\" must be true (called on a list of tensors) or "
+                             f"false (on one tensor: one inbound tensor), got {as_list!r} with "
+                             f"inputs {refs}")
+        args = [tensors[r] for r in refs]
+        try:
+            tensors.append(layer(args if as_list else args[0]))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{at} on tensor(s) {refs}: {e}") from None
+        out.append({"layer": n["layer"], "inputs": list(refs), "list": as_list})
+    return out
+
+
+# --- a graph model's inputs as DataFrame columns --------------------------------------------------
+def _several_inputs(model) -> bool:
+    return len(model.input_specs) > 1
+
+
+def input_columns(model, features, where: str = "data.features"):
+    """For a model with several inputs: ``{input name: column or [columns]}`` in input order,
+    from the config's ``data.features``: ``None`` (the columns named like the inputs), a list
+    (one entry per input, in input order) or a dict by input name. A list of column names for
+    one input is assembled into one vector (CSV: one number per column). Checked before Spark
+    starts."""
+    names = [s.name for s in model.input_specs]
+
+    def column(value, name):
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, list) and value and all(isinstance(c, str) and c for c in value):
+            return list(value)
+        raise SystemExit(f"{where}: input {name!r} must be read from a column name (or a list "
+                         f"of numeric columns to assemble), got {value!r}")
+    if features is None:
+        return {n: n for n in names}
+    if isinstance(features, dict):
+        unknown = [k for k in features if k not in names]
+        missing = [n for n in names if n not in features]
+        if unknown or missing:
+            raise SystemExit(f"{where} maps the model's inputs {names} to columns; "
+                             + (f"there is no input named {unknown[0]!r}" if unknown else
+                                f"input {missing[0]!r} has no column"))
+        return {n: column(features[n], n) for n in names}
+    if isinstance(features, list) and len(features) == len(names):
+        return {n: column(v, n) for n, v in zip(names, features)}
+    raise SystemExit(f"{where}: the model has {len(names)} inputs {names}: give one column per "
+                     f"input, as a list in input order or as {{input name: column}} (or leave "
+                     f"it out: the columns named like the inputs), got {features!r}")
+
+
+def _check_one_output(model, path) -> None:
+    """Refuse, before Spark starts, a model with several outputs for ``predict`` (whose output
+    columns are one output's)."""
+    outs = model.output_specs
+    if len(outs) > 1:
+        raise SystemExit(f"{_at(path)}model: rddtensor predict writes one output's prediction "
+                         f"columns; this model has {len(outs)} {[s.name for s in outs]}: use "
+                         "model.predict(df) in Python (a tuple of arrays per row)")
+
+
+def _read_table(spark, path: str, fmt: str):
+    """Parquet/CSV as they are (a column per input: vectors/arrays in Parquet, numbers)."""
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"a model with several inputs reads Parquet or CSV data (a column per "
+                         f"input), got format {fmt!r}")
+    local = spark.sparkContext.master.startswith("local")
+    if local and "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"no data at {path!r}")
+    if fmt == "csv":
+        return spark.read.option("header", True).option("inferSchema", True).csv(path)
+    return spark.read.parquet(path)
+
+
+def _input_frame(df, columns: dict):
+    """``(df, [one column per input])``: inputs given as lists of numeric columns assembled
+    into a vector column each (``__input_<name>``)."""
+    from pyspark.ml.feature import VectorAssembler
+    cols = []
+    for name, spec in columns.items():
+        wanted = spec if isinstance(spec, list) else [spec]
+        missing = [c for c in wanted if c not in df.columns]
+        if missing:
+            raise ValueError(f"input {name!r} reads column {missing[0]!r}, which the data lacks; "
+                             f"its columns are {df.columns} (set \"data\": {{\"features\": "
+                             "{input name: column}} in the config)")
+        if isinstance(spec, list):
+            out = f"__input_{name}"
+            df = VectorAssembler(inputCols=spec, outputCol=out, handleInvalid="error") \
+                .transform(df)
+            spec = out
+        cols.append(spec)
+    return df, cols
 
 
 _CLASSIFIER_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy",
@@ -220,20 +492,44 @@ def train(args) -> int:
     for key in ("epochs", "batch_size", "validation_split"):
         if getattr(args, key) is not None:
             fit_cfg[key] = getattr(args, key)
-    model = build_model(config)
+    model = build_model(config, args.config)
+    features = data_cfg.get("features")
+    several = _several_inputs(model)
+    if several:  # one column per input: checked against the model before Spark starts
+        features = input_columns(model, features, f"{args.config}: data.features")
+    elif isinstance(features, dict):  # {input name: column} for a one-input graph model
+        name = model.input_specs[0].name
+        if list(features) != [name]:
+            raise SystemExit(f"{args.config}: data.features maps inputs to columns, but the "
+                             f"model has one input {name!r}, got {features!r}")
+        features = features[name]
     fmt = args.format or data_cfg.get("format")
+    if several and fmt not in (None, "auto", "parquet", "csv"):
+        raise SystemExit(f"rddtensor train: a model with several inputs "
+                         f"{[s.name for s in model.input_specs]} trains on Parquet or CSV data "
+                         f"with a column per input, got format {fmt!r}")
     spark, owned = start_spark(args, "rddtensor-train")
     try:
-        if fmt in (None, "auto") and os.path.exists(args.data):
+        if fmt in (None, "auto") and (os.path.exists(args.data) or several):
             fmt = guess_format(args.data)
         label = args.label_col or data_cfg.get("label", "label")
-        df, fcol, classes = read_dataset(spark, args.data, fmt,
-                                         features=data_cfg.get("features"), label=label,
-                                         num_features=data_cfg.get("num_features"))
-        if label not in df.columns:
-            raise SystemExit(f"{args.data}: no label column {label!r}; columns are {df.columns} "
-                             "(set \"data\": {\"label\": ...} in the config or --label-col)")
-        df = df.select(fcol, label)
+        if several:
+            df, fcol = _input_frame(_read_table(spark, args.data, fmt), features)
+            classes = None
+        else:
+            df, fcol, classes = read_dataset(spark, args.data, fmt, features=features,
+                                             label=label,
+                                             num_features=data_cfg.get("num_features"))
+        if len(model.output_specs) > 1:  # a label column per output (list, dict, or named like
+            given = data_cfg.get("label", "label") if args.label_col is None else args.label_col
+            label = target_columns(model, df, given)
+        for col in (label if isinstance(label, list) else [label]):
+            if col not in df.columns:
+                raise SystemExit(f"{args.data}: no label column {col!r}; columns are "
+                                 f"{df.columns} (set \"data\": {{\"label\": ...}} in the config "
+                                 "or --label-col)")
+        df = df.select(*(fcol if several else [fcol]),
+                       *(label if isinstance(label, list) else [label]))
         split = float(fit_cfg.pop("validation_split", 0) or 0)
         val = None
         if split:
@@ -253,7 +549,7 @@ def train(args) -> int:
         if owned:
             spark.stop()
     model.save(args.output)
-    extra = {"features": data_cfg.get("features"), "label": label, "classes": classes,
+    extra = {"features": features, "label": label, "classes": classes,
              "format": fmt, "history": history.history}
     with open(os.path.join(args.output, "training.json"), "w") as f:
         json.dump(extra, f, indent=1)
@@ -269,20 +565,34 @@ def predict(args) -> int:
 
     The output holds the input's columns without the features column (an image's ``origin``
     path instead of its pixels), plus ``prediction`` (and ``probability``, ``rawPrediction`` for
-    a classifier).
+    a classifier). A graph model with several inputs reads one column per input (as trained:
+    ``training.json``'s ``features``, else the columns named like the inputs), and the output
+    holds the other columns.
     """
-    model = L.load_model(args.model)
+    try:
+        model = L.load_model(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"rddtensor predict: {e}") from None
     meta_path = os.path.join(args.model, "training.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    several = _several_inputs(model)
+    if several:
+        _check_one_output(model, args.model)
+        columns = input_columns(model, meta.get("features"), f"{meta_path}: features")
     spark, owned = start_spark(args, "rddtensor-predict")
     try:
         fmt = args.format or meta.get("format") or guess_format(args.data)
-        df, fcol, _ = read_dataset(spark, args.data, fmt, features=meta.get("features"),
-                                   label=None if fmt == "image" else meta.get("label", "label"))
-        out = _prediction_stage(model, fcol).transform(df)
-        if fcol == "image":
-            out = out.withColumn("origin", out["image.origin"])
-        out = out.drop(fcol)
+        if several:
+            df, fcols = _input_frame(_read_table(spark, args.data, fmt), columns)
+            out = _graph_predictions(model, df, fcols)
+        else:
+            df, fcol, _ = read_dataset(spark, args.data, fmt, features=meta.get("features"),
+                                       label=None if fmt == "image" else
+                                       meta.get("label", "label"))
+            out = _prediction_stage(model, fcol).transform(df)
+            if fcol == "image":
+                out = out.withColumn("origin", out["image.origin"])
+            out = out.drop(fcol)
         out.write.mode("overwrite" if args.overwrite else "errorifexists").parquet(args.output)
         n = spark.read.parquet(args.output).count()
     except (ValueError, FileNotFoundError) as e:
@@ -299,6 +609,76 @@ def _prediction_stage(model, features_col):
     loss = getattr(model.loss, "name", None)
     cls = NNClassificationModel if loss in _CLASSIFIER_LOSSES else NNModel
     return cls(network=model, featuresCol=features_col)
+
+
+def _graph_predictions(model, df, cols):
+    """``df`` without the input columns ``cols``, plus the output columns an ``NNModel`` /
+    ``NNClassificationModel`` writes, for a model with several inputs (a Spark ML stage takes
+    one features column): the engine's ``predict`` (one job, streamed, row order kept) zipped
+    with the other columns of the same rows."""
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import DoubleType, StructField, StructType
+
+    loss = model.loss
+    classifier = getattr(loss, "name", None) in _CLASSIFIER_LOSSES
+    keys = ["rawPrediction", "probability", "prediction"] if classifier else ["prediction"]
+    one = int(np.prod(model.output_shape)) == 1
+    types = {"rawPrediction": VectorUDT(), "probability": VectorUDT(),
+             "prediction": DoubleType() if classifier or one else VectorUDT()}
+    rest = df.select(*[c for c in df.columns if c not in cols])
+    clash = [k for k in keys if k in rest.columns]
+    if clash:
+        raise ValueError(f"the data already has a column {clash[0]!r}, which predict writes: "
+                         "rename or drop it first")
+    preds = predict_distributed(model, df, features_col=list(cols))
+    rows = rest.rdd
+    if rows.getNumPartitions() == preds.getNumPartitions():
+        pairs = rows.zip(preds)  # (Spark checks the rows per partition match)
+    else:  # (not seen with Parquet/CSV scans: both sides are the same scan's partitions)
+        def indexed(rdd):
+            return rdd.zipWithIndex().map(lambda p: (p[1], p[0]))
+        pairs = indexed(rows).join(indexed(preds)).sortByKey().values()
+    schema = StructType(rest.schema.fields + [StructField(k, types[k]) for k in keys])
+    return df.sparkSession.createDataFrame(
+        pairs.mapPartitions(_prediction_rows(loss, classifier, keys)), schema)
+
+
+def _prediction_rows(loss, classifier: bool, keys, chunk: int = 1024):
+    """A ``mapPartitions`` function: ``(row, model output)`` pairs -> rows with the output
+    columns ``keys`` appended, computed as ``NNModel.transform`` does
+    (``rddtensor.ml.transform.outputs``)."""
+    fused = getattr(loss, "fused", None) if classifier else None
+
+    def run(pairs):
+        from pyspark.ml.linalg import DenseVector
+        buf = []
+
+        def flush():
+            Y = np.stack([np.asarray(y, np.float64) for _, y in buf])
+            outs = outputs(_logits(Y, fused) if fused else Y, loss, classifier)
+            cols = [[DenseVector(v) for v in outs[k]] if outs[k].ndim == 2 else
+                    outs[k].tolist() for k in keys]
+            for i, (row, _) in enumerate(buf):
+                yield tuple(row) + tuple(c[i] for c in cols)
+        for pair in pairs:
+            buf.append(pair)
+            if len(buf) == chunk:
+                yield from flush()
+                buf.clear()
+        if buf:
+            yield from flush()
+    return run
+
+
+def _logits(P, activation: str):
+    """Logits (up to a per-row constant, which softmax ignores) of a model's probabilities: the
+    engine's ``predict`` returns what the output activation the loss is fused with makes."""
+    P = P.reshape(P.shape[0], -1)
+    tiny = np.finfo(np.float64).tiny
+    if activation == "sigmoid":
+        p = np.clip(P, tiny, 1 - np.finfo(np.float64).eps)
+        return np.log(p) - np.log1p(-p)
+    return np.log(np.maximum(P, tiny))
 
 
 # --- info -----------------------------------------------------------------------------------------
@@ -407,7 +787,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a JSON/YAML config on a dataset")
     _spark_args(p)
-    p.add_argument("--config", required=True, help="model config (.json, or .yaml with PyYAML)")
+    p.add_argument("--config", required=True,
+                   help="model config (.json, or .yaml with PyYAML): \"layers\" (a Sequential) "
+                        "or \"model\" (a graph model, as model.get_config() returns it)")
     p.add_argument("--data", required=True, help="training data: a file or directory")
     p.add_argument("--format", choices=["auto", "parquet", "csv", "libsvm", "image"], default=None,
                    help="data format (default: the config's data.format, else from the path)")
