@@ -98,8 +98,8 @@ def test_spark_ml_stage_trains_and_scores_a_graph_model(spark, tmp_path):
     again = NNClassificationModel.load(str(tmp_path / "m"))
     np.testing.assert_array_equal(again.network.theta, model.network.theta)
     assert type(again.network).__name__ == type(net).__name__
-    with pytest.raises(ValueError, match=r"one input and one output.*inputs \['field', 'dense'\]"):
-        NNClassifier(network=wide_and_deep())
+    with pytest.raises(ValueError, match=r"one output.*outputs \['cls', 'reg'\]"):
+        NNClassifier(network=two_heads())  # (several inputs: featuresCols, test_ml_features_cols)
 
 
 def two_heads(seed=0):

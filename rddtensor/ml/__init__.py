@@ -1,14 +1,18 @@
 """Spark ML stages: train and apply rddtensor networks inside ``pyspark.ml`` pipelines.
 
 - ``NNEstimator`` / ``NNRegressor`` / ``NNClassifier``: Estimators whose ``fit`` trains a
-  ``rddtensor.layers.Sequential`` with the distributed engine and returns
+  ``rddtensor.layers.Sequential`` (or a graph ``L.Model`` with one output) with the distributed
+  engine and returns
 - ``NNModel`` / ``NNClassificationModel``: Models whose ``transform`` predicts on Arrow batches
   (a scalar Arrow UDF; ``mapInArrow`` on older PySpark), on batch and streaming DataFrames
   alike.
 
 All of them have camelCase Params (``featuresCol``, ``labelCol``, ``batchSize``, ``maxEpoch``,
-``learningRate``, ...), ``copy`` and ``explainParams``, and persist with ``write().save(path)`` /
-``load(path)``, alone or inside a saved ``PipelineModel`` (JSON + ``.npz``, never pickle).
+``learningRate``, ...), ``copy`` and ``explainParams``. A graph model with several inputs
+reads one column per input: ``featuresCols=[...]`` in the model's input order (unset: the
+columns named like its inputs, as ``model.fit(df)`` reads them). They all persist with
+``write().save(path)`` / ``load(path)``, alone or inside a saved ``PipelineModel`` (JSON +
+``.npz``, never pickle; ``featuresCols`` with the other Params).
 
 On a Spark Connect session (no RDDs) models ``load`` and ``transform`` as on a classic one;
 training stops at once with a message that says why and what to do (``rddtensor.ml.connect``).

@@ -18,12 +18,11 @@ from pyspark.sql.types import ArrayType, NumericType
 from rddtensor.spark.engine import fit_distributed
 from rddtensor.training.sequential import Sequential
 
-from rddtensor.spark.columns import feature_kind
 from rddtensor.spark.connect import is_connect_dataframe, training_error
 from rddtensor.ml.model import NNClassificationModel, NNModel
 from rddtensor.ml.network import network_from_json
-from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, loss_from_param,
-                                 optimizer_from_params)
+from rddtensor.ml.params import (NNClassifierParams, NNEstimatorParams, feature_columns,
+                                 loss_from_param, optimizer_from_params)
 
 
 def engine_accepts(option: str) -> bool:
@@ -47,13 +46,18 @@ def _check_label(schema, col: str, scalar: bool):
 
 
 class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultParamsReadable):
-    """Trains a ``rddtensor.layers.Sequential`` on a DataFrame; ``fit`` returns an ``NNModel``.
+    """Trains a ``rddtensor.layers.Sequential`` (or a graph ``L.Model`` with one output) on a
+    DataFrame; ``fit`` returns an ``NNModel``.
 
     Features come from ``featuresCol`` (a vector column, dense or sparse; ``array<float>`` /
     ``array<int>`` sequences; image structs from ``spark.read.format("image")``, decoded to
-    NCHW float32 in [0, 1], RGB), targets from ``labelCol`` (numeric; a vector or array column
-    for a network with several outputs), optional sample weights from ``weightCol`` (numbers
-    >= 0: the loss is the weighted mean over each global batch). Training is
+    NCHW float32 in [0, 1], RGB); for a network with several inputs, from ``featuresCols``:
+    one column per input, in the network's input order (each of those kinds, or a numeric
+    column, e.g. ids for an ``Embedding``: rows of shape ``(1,)``; unset, the columns named
+    like the inputs, as ``model.fit(df)`` reads them). Targets come from ``labelCol``
+    (numeric; a vector or array column for a network with several outputs), optional sample
+    weights from ``weightCol`` (numbers >= 0: the loss is the weighted mean over each global
+    batch). Training is
     ``maxEpoch`` epochs of synchronous mini-batch SGD with global batch ``batchSize`` on the
     distributed engine; the optimizer is ``optimizer`` with learning rate ``learningRate``.
 
@@ -63,6 +67,14 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
         >>> est = NNEstimator(network=net, loss="mse", maxEpoch=5, batchSize=64)
         >>> model = est.fit(train_df)                 # doctest: +SKIP
         >>> model.transform(test_df).select("prediction").show()   # doctest: +SKIP
+
+        Two inputs (an id column and a vector column), one column each:
+
+        >>> ids, dense = L.Input((1,), name="ids"), L.Input((4,), name="dense")
+        >>> h = L.Concatenate()([L.Flatten()(L.Embedding(100, 8)(ids)), dense])
+        >>> net = L.Model([ids, dense], L.Dense(1)(h))
+        >>> est = NNRegressor(network=net, featuresCols=["user_id", "features"])
+        >>> model = est.fit(train_df)                 # doctest: +SKIP
     """
 
     _model_class = NNModel
@@ -72,7 +84,8 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
                  predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                  optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
                  checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
-                 verbose=0, inferenceBatchSize=4096, weightCol=None):
+                 verbose=0, inferenceBatchSize=4096, weightCol=None,
+                 featuresCols=None):
         super().__init__()
         self._set(**self._input_kwargs)
 
@@ -81,7 +94,8 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
                   predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                   optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
                   checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
-                  verbose=0, inferenceBatchSize=4096, weightCol=None):
+                  verbose=0, inferenceBatchSize=4096, weightCol=None,
+                  featuresCols=None):
         """Set any of the Params by keyword."""
         return self._set(**self._input_kwargs)
 
@@ -91,6 +105,10 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
 
     def setFeaturesCol(self, value):
         return self._set(featuresCol=value)
+
+    def setFeaturesCols(self, value):
+        """One column per input of the network, in its input order (see ``featuresCols``)."""
+        return self._set(featuresCols=value)
 
     def setLabelCol(self, value):
         return self._set(labelCol=value)
@@ -145,8 +163,11 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
                       loss=loss_from_param(self.getLoss()), metrics=self.getMetrics())
         return model
 
-    def _engine_options(self) -> dict:
-        opts = {"features_col": self.getFeaturesCol(), "label_col": self.getLabelCol(),
+    def _engine_options(self, features=None) -> dict:
+        """The engine ``fit``'s keywords; ``features``: its ``features_col`` (a column, or a
+        list of one per input; default ``featuresCol``)."""
+        opts = {"features_col": self.getFeaturesCol() if features is None else features,
+                "label_col": self.getLabelCol(),
                 "allreduce": self.getAllreduce(), "iterations_per_job": self.getIterationsPerJob()}
         if self.getNumPartitions() is not None:
             opts["num_partitions"] = self.getNumPartitions()
@@ -162,22 +183,25 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
             raise training_error(f"{type(self).__name__}.fit", then=(
                 f"then save the fitted {name} (model.save(path)) and on Connect load it with "
                 f"{name}.load(path) and call its transform(df)"))
-        fcol, lcol = self.getFeaturesCol(), self.getLabelCol()
-        feature_kind(dataset.schema, fcol)
-        _check_label(dataset.schema, lcol, scalar=self._model_class is NNClassificationModel)
+        lcol = self.getLabelCol()
         model = self._network()
+        # one column per input of the network (featuresCol, or featuresCols), checked here
+        fcols, _ = feature_columns(self, model, dataset.schema)
+        _check_label(dataset.schema, lcol, scalar=self._model_class is NNClassificationModel)
         wcol = self.getWeightCol() if self.isDefined(self.weightCol) else None
         if wcol and wcol not in dataset.columns:
             raise ValueError(f"weightCol={wcol!r}: the DataFrame has no column {wcol!r}; its "
                              f"columns are {dataset.columns}")
-        data = dataset.select(fcol, lcol, *([wcol] if wcol else []))
+        # (a column that two inputs, or an input and the label, read is selected once)
+        data = dataset.select(*dict.fromkeys([*fcols, lcol, *([wcol] if wcol else [])]))
         validation = None
         if self.getValidationSplit() > 0:
             split = self.getValidationSplit()
             data, validation = data.randomSplit([1 - split, split], seed=self.getSeed())
         history = model.fit(data, epochs=self.getMaxEpoch(), batch_size=self.getBatchSize(),
                             seed=self.getSeed(), verbose=self.getVerbose(),
-                            validation_data=validation, **self._engine_options())
+                            validation_data=validation, **self._engine_options(
+                                fcols if len(model.input_specs) > 1 else fcols[0]))
         fitted = self._model_class(network=model)
         fitted.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         return self._copyValues(fitted)
@@ -194,7 +218,8 @@ class NNRegressor(NNEstimator):
                  predictionCol="prediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                  optimizer="adam", loss="mse", metrics=None, seed=0, validationSplit=0.0,
                  checkpointDir=None, numPartitions=None, allreduce="auto", iterationsPerJob=8,
-                 verbose=0, inferenceBatchSize=4096, weightCol=None):
+                 verbose=0, inferenceBatchSize=4096, weightCol=None,
+                 featuresCols=None):
         super(NNEstimator, self).__init__()
         self._set(**self._input_kwargs)
 
@@ -223,7 +248,8 @@ class NNClassifier(NNEstimator, NNClassifierParams):
                  rawPredictionCol="rawPrediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                  optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, seed=0,
                  validationSplit=0.0, checkpointDir=None, numPartitions=None, allreduce="auto",
-                 iterationsPerJob=8, verbose=0, inferenceBatchSize=4096, weightCol=None):
+                 iterationsPerJob=8, verbose=0, inferenceBatchSize=4096, weightCol=None,
+                 featuresCols=None):
         super(NNEstimator, self).__init__()
         self._set(**self._input_kwargs)
 
@@ -233,7 +259,8 @@ class NNClassifier(NNEstimator, NNClassifierParams):
                   rawPredictionCol="rawPrediction", batchSize=32, maxEpoch=10, learningRate=1e-3,
                   optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, seed=0,
                   validationSplit=0.0, checkpointDir=None, numPartitions=None, allreduce="auto",
-                  iterationsPerJob=8, verbose=0, inferenceBatchSize=4096, weightCol=None):
+                  iterationsPerJob=8, verbose=0, inferenceBatchSize=4096, weightCol=None,
+                  featuresCols=None):
         """Set any of the Params by keyword."""
         return self._set(**self._input_kwargs)
 

@@ -9,8 +9,7 @@ from pyspark.sql.types import DoubleType
 
 from rddtensor.training.protocol import Model as Network
 from rddtensor.ml import network as net
-from rddtensor.spark.columns import feature_kind
-from rddtensor.ml.params import NNClassificationModelParams, NNModelParams
+from rddtensor.ml.params import NNClassificationModelParams, NNModelParams, feature_columns
 from rddtensor.ml.persistence import NNModelReader, NNModelWriter
 from rddtensor.ml import shipping
 from rddtensor.ml.transform import transform as arrow_transform
@@ -25,9 +24,15 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
     plan), so it also runs on a streaming DataFrame and on a Spark Connect session.
 
     Args:
-        network: a built ``rddtensor.layers.Sequential`` (weights included), e.g. trained with
-            ``model.fit``; ``NNEstimator.fit`` makes this for you.
+        network: a built ``rddtensor.layers.Sequential`` or graph ``L.Model`` with one output
+            (weights included), e.g. trained with ``model.fit``; ``NNEstimator.fit`` makes
+            this for you.
         featuresCol, predictionCol: column names.
+        featuresCols: for a network with several inputs, one column per input in the
+            network's input order (default: unset; then a one-input network reads
+            ``featuresCol`` and a network with several inputs the columns named like its
+            inputs). Each input's column is decoded as ``featuresCol`` is; numeric columns
+            (ids for an ``Embedding``) are rows of shape ``(1,)``.
         inferenceBatchSize: rows per forward pass.
 
     Example:
@@ -35,13 +40,21 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         >>> m = L.Sequential([L.Dense(1, input_shape=(3,))], seed=0)
         >>> model = NNModel(network=m.build())
         >>> model.transform(df).select("prediction")   # doctest: +SKIP
+
+        A graph model with two inputs, one column each:
+
+        >>> ids, dense = L.Input((1,), name="ids"), L.Input((3,), name="dense")
+        >>> h = L.Concatenate()([L.Flatten()(L.Embedding(10, 4)(ids)), dense])
+        >>> two = L.Model([ids, dense], L.Dense(1)(h), seed=0).build()
+        >>> model = NNModel(network=two, featuresCols=["user_id", "features"])
+        >>> model.transform(df).select("prediction")   # doctest: +SKIP
     """
 
     _classifier = False
 
     @keyword_only
     def __init__(self, *, network=None, featuresCol="features", predictionCol="prediction",
-                 inferenceBatchSize=4096):
+                 inferenceBatchSize=4096, featuresCols=None):
         super().__init__()
         self._setup(self._input_kwargs)
 
@@ -57,6 +70,10 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         if not isinstance(model, Network):
             raise TypeError(f"network must be a rddtensor model (e.g. rddtensor.layers.Sequential), "
                             f"got {type(model).__name__}")
+        if len(model.output_specs) != 1:
+            raise ValueError(f"network: a Spark ML model takes a network with one output (its "
+                             f"prediction columns); this one has outputs "
+                             f"{[s.name for s in model.output_specs]}")
         if not model.built:
             raise ValueError("network is not built: train it, or call network.build(input_shape) "
                              "so that it has weights")
@@ -72,6 +89,10 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
 
     def setFeaturesCol(self, value: str):
         return self._set(featuresCol=value)
+
+    def setFeaturesCols(self, value: list):
+        """One column per input of the network, in its input order (see ``featuresCols``)."""
+        return self._set(featuresCols=value)
 
     def setPredictionCol(self, value: str):
         return self._set(predictionCol=value)
@@ -109,8 +130,8 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
         return token, self._shipped[2]
 
     def _transform(self, dataset):
-        fcol = self.getFeaturesCol()
-        kind = feature_kind(dataset.schema, fcol)
+        fcols, kinds = feature_columns(self, self.network, dataset.schema)
+        several = len(self.network.input_specs) > 1
         columns = self._output_columns()
         for key, name in columns.items():
             if name in dataset.columns:
@@ -120,11 +141,13 @@ class NNModel(Model, NNModelParams, MLWritable, MLReadable):
             raise ValueError("output columns must have different names, got " + ", ".join(
                 f"{_PARAM[k]}={v!r}" for k, v in columns.items()))
         token, payload = self._ship(dataset.sparkSession)
-        return arrow_transform(dataset, payload, token, features_col=fcol, kind=kind,
+        return arrow_transform(dataset, payload, token,
+                               features_col=fcols if several else fcols[0],
+                               kind=kinds if several else kinds[0],
                                columns=columns, types=self._output_types(),
                                classifier=self._classifier,
                                batch_size=self.getInferenceBatchSize(),
-                               input_shape=self.network.input_shape)
+                               input_shape=net.input_shapes(self.network))
 
     # --- persistence --------------------------------------------------------------------------
     def write(self):
@@ -158,7 +181,7 @@ class NNClassificationModel(NNModel, NNClassificationModelParams):
     @keyword_only
     def __init__(self, *, network=None, featuresCol="features", predictionCol="prediction",
                  probabilityCol="probability", rawPredictionCol="rawPrediction",
-                 inferenceBatchSize=4096):
+                 inferenceBatchSize=4096, featuresCols=None):
         super(NNModel, self).__init__()  # (NNModel.__init__ takes only its own keywords)
         self._setup(self._input_kwargs)
 

@@ -2,7 +2,10 @@
 
 A converter turns a value into the Param's type and refuses a bad one with a ``ValueError`` that
 names the Param (``batchSize must be a positive integer, got 0``) when it is set, not later in a
-Spark task. Shared column Params come from ``pyspark.ml.param.shared``.
+Spark task. Shared column Params come from ``pyspark.ml.param.shared``; ``featuresCols`` (one
+column per input of a graph model with several inputs) is this module's, with
+``feature_columns``, which both ``fit`` and ``transform`` use to pick the columns the network's
+inputs read.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pyspark.ml.param.shared import (HasFeaturesCol, HasLabelCol, HasPredictionC
                                      HasWeightCol)
 
 from rddtensor.ml.network import network_json
+from rddtensor.spark.columns import feature_kind
 from rddtensor.optim import Loss, Optimizer, get_loss, get_optimizer
 from rddtensor.optim.optimizers import serialize_optimizer
 
@@ -103,6 +107,104 @@ def optimizer_from_params(name_or_json: str, learning_rate: float):
     return get_optimizer(config)
 
 
+def _columns(value):
+    """A non-empty list of column names (``featuresCols``); ``None`` stays unset."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        raise ValueError("featuresCols takes a list of column names in the network's input "
+                         f"order (one per input), not a dict; got {value!r}")
+    if isinstance(value, str):
+        raise ValueError("featuresCols takes a list of column names (one per network input), "
+                         f"got the string {value!r}; for one column set featuresCol")
+    try:
+        v = TypeConverters.toListString(value)
+    except TypeError:
+        raise ValueError("featuresCols must be a list of column names (one per network input), "
+                         f"got {value!r}") from None
+    if not v or not all(v):
+        raise ValueError("featuresCols must be a non-empty list of non-empty column names (one "
+                         f"per network input), got {v!r}")
+    return v
+
+
+class HasFeaturesCols(Params):
+    """``featuresCols``: the columns a network with several inputs reads, one per input in
+    the network's input order (``L.Input`` order of ``L.Model(inputs, outputs)``). Unset by
+    default: then a one-input network reads ``featuresCol``, and a network with several
+    inputs reads the columns named like its inputs (``L.Input(name=...)``), as
+    ``model.fit(df)`` does."""
+
+    featuresCols = Param(
+        Params._dummy(), "featuresCols",
+        "feature columns of a network with several inputs: one column name per input, in the "
+        "network's input order (default: unset; then one input reads featuresCol, several "
+        "read the columns named like the inputs). Each is a vector, an array of numbers, an "
+        "image struct or (several inputs) a numeric column such as an id",
+        typeConverter=_columns)
+
+    def getFeaturesCols(self):
+        """The ``featuresCols`` list, or ``None`` while unset."""
+        return self.getOrDefault(self.featuresCols) if self.isDefined(self.featuresCols) \
+            else None
+
+
+def feature_columns(stage, network, schema) -> tuple[list, list]:
+    """``(columns, kinds)``: the DataFrame column each input of ``network`` reads (in the
+    network's input order) and its kind (``rddtensor.spark.columns.feature_kind``), from the
+    ``featuresCol`` / ``featuresCols`` Params of ``stage``; checked against ``schema``.
+
+    - ``featuresCols`` set: one column per input (a ``featuresCol`` set explicitly as well
+      must be that same single column);
+    - else one input: ``featuresCol``;
+    - else (several inputs): the columns named like the inputs, as ``model.fit(df)`` reads
+      them (``rddtensor.spark.engine.input_columns``).
+
+    Every error names the Param to set.
+    """
+    names = [spec.name for spec in network.input_specs]
+    n = len(names)
+    cols = stage.getFeaturesCols()
+    fcol = stage.getFeaturesCol()
+    if cols is not None:
+        if stage.isSet(stage.featuresCol) and list(cols) != [fcol]:
+            raise ValueError(
+                f"featuresCol={fcol!r} and featuresCols={cols!r} are both set and disagree: "
+                "set only featuresCols (one column per network input, in input order), e.g. "
+                "stage.clear(stage.featuresCol)")
+        if len(cols) != n:
+            raise ValueError(
+                f"featuresCols={cols!r} names {len(cols)} column(s) but the network has {n} "
+                f"input(s) {names}: set featuresCols to one column per input, in the network's "
+                "input order")
+        cols = list(cols)
+        params = [f"featuresCols[{i}]" for i in range(n)]
+    elif n == 1:
+        cols, params = [fcol], ["featuresCol"]
+    else:
+        if stage.isSet(stage.featuresCol) and fcol != "features":
+            raise ValueError(
+                f"featuresCol={fcol!r} names one column but the network has {n} inputs "
+                f"{names}: set featuresCols=[one column per input, in the network's input "
+                "order] instead")
+        missing = [c for c in names if c not in schema.names]
+        if missing:
+            raise ValueError(
+                f"the network has {n} inputs {names}: with featuresCols unset they are read "
+                f"from the DataFrame's columns of the same names, and it has no column "
+                f"{missing[0]!r} (its columns: {schema.names}); set featuresCols=[one column "
+                "per input, in the network's input order]")
+        cols, params = list(names), [f"featuresCols[{i}]" for i in range(n)]
+    kinds = [feature_kind(schema, c, p, scalar=n > 1) for c, p in zip(cols, params)]
+    for c, p, kind, spec in zip(cols, params, kinds, network.input_specs):
+        if kind == "scalar" and spec.shape is not None and tuple(spec.shape) != (1,):
+            raise ValueError(f"{p}={c!r}: a numeric column gives rows of shape (1,) but the "
+                             f"network's input {spec.name!r} expects {tuple(spec.shape)}; is "
+                             "featuresCols in the network's input order "
+                             f"{[s.name for s in network.input_specs]}?")
+    return cols, kinds
+
+
 class HasInferenceBatchSize(Params):
     inferenceBatchSize = Param(
         Params._dummy(), "inferenceBatchSize",
@@ -117,7 +219,7 @@ class HasInferenceBatchSize(Params):
         return self.getOrDefault(self.inferenceBatchSize)
 
 
-class NNModelParams(HasFeaturesCol, HasPredictionCol, HasInferenceBatchSize):
+class NNModelParams(HasFeaturesCol, HasFeaturesCols, HasPredictionCol, HasInferenceBatchSize):
     """Params of a fitted ``NNModel``."""
 
 
@@ -129,8 +231,10 @@ class NNEstimatorParams(NNModelParams, HasLabelCol, HasSeed, HasWeightCol):
     """Params of ``NNEstimator`` (and of its subclasses)."""
 
     network = Param(Params._dummy(), "network",
-                    "the network to train: a rddtensor.layers.Sequential, its get_config() dict or that "
-                    "dict as JSON (kept as JSON; weights start from seed)",
+                    "the network to train: a rddtensor.layers.Sequential or a graph L.Model "
+                    "with one output (one input, or several: see featuresCols), its "
+                    "get_config() dict or that dict as JSON (kept as JSON; weights start from "
+                    "seed)",
                     typeConverter=network_json)
     batchSize = Param(Params._dummy(), "batchSize", "global mini-batch size for training",
                       typeConverter=_positive_int("batchSize"))

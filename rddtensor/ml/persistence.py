@@ -2,7 +2,8 @@
 
 A saved model is a directory::
 
-    path/metadata/     Spark ML's JSON metadata (class, uid, Params, training history)
+    path/metadata/     Spark ML's JSON metadata (class, uid, Params such as featuresCol /
+                       featuresCols, training history)
     path/network/      the network as ``rddtensor.layers.Sequential.save`` writes it:
                        model.json (architecture, loss) + weights.npz
 

@@ -8,10 +8,14 @@ micro-batch and query. Each Arrow batch of the features column is decoded column
 (``rddtensor.spark.columns``, no Python per row) and run through the network in chunks of
 ``inferenceBatchSize`` rows.
 
+A network with several inputs (a graph ``L.Model``) reads one column per input
+(``featuresCols``, in its input order): each is decoded as above and the network runs on the
+list of arrays, as ``model.predict([X1, X2])`` does; the outputs are the same columns.
+
 Two plans, both narrow and both valid on a streaming DataFrame:
 
 - a scalar Arrow UDF (``arrow_udf``, PySpark >= 4.1; the default where available): only the
-  features column goes to Python (vectors up to ``DENSE_VECTOR_MAX`` wide as float32 arrays)
+  features column(s) go to Python (vectors up to ``DENSE_VECTOR_MAX`` wide as float32 arrays)
   and only the outputs come back, as one struct column that a projection splits; the other
   columns stay in the JVM;
 - ``mapInArrow`` (older PySpark): whole rows go to Python and back, the outputs appended.
@@ -96,61 +100,94 @@ def _softmax(Y):
 
 
 def predict_batch(model, X, batch_size: int, logits: bool = False):
-    """Forward ``X`` (numpy or ``SparseRows``) in chunks of ``batch_size`` rows (eval mode);
-    ``logits``: stop before the output activation the compiled loss is fused with."""
-    n = X.shape[0]
+    """Forward ``X`` (numpy or ``SparseRows``; a tuple of them, one per input, for a model with
+    several inputs) in chunks of ``batch_size`` rows (eval mode); ``logits``: stop before the
+    output activation the compiled loss is fused with."""
+    several = isinstance(X, tuple)
+    n = X[0].shape[0] if several else X.shape[0]
     if n == 0:
         return np.zeros((0, *model.output_shape), np.float32)
-    outs = [model.forward(model.params, X[a:a + batch_size], training=False, logits=logits)[0]
+    outs = [model.forward(model.params, tuple(A[a:a + batch_size] for A in X) if several
+                          else X[a:a + batch_size], training=False, logits=logits)[0]
             for a in range(0, n, batch_size)]
     return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
 
-def predict_arrow(model, features, *, kind: str, features_col: str, keys, classifier: bool,
+def _labels(features_col) -> list:
+    """The Param spelling of each features column, for error messages."""
+    if isinstance(features_col, str):
+        return [f"featuresCol={features_col!r}"]
+    return [f"featuresCols[{i}]={c!r}" for i, c in enumerate(features_col)]
+
+
+def predict_arrow(model, features, *, kind, features_col, keys, classifier: bool,
                   batch_size: int) -> list:
-    """One Arrow features column -> the Arrow arrays of the outputs named in ``keys``."""
-    X = batch_from_arrow(features, kind, features_col)
-    if X.shape[0] and tuple(X.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(f"featuresCol={features_col!r}: rows have shape {tuple(X.shape[1:])} "
-                         f"but the network expects {tuple(model.input_shape)}")
+    """One Arrow features column (``kind`` and ``features_col`` strings) -> the Arrow arrays
+    of the outputs named in ``keys``; for a model with several inputs, ``features``, ``kind``
+    and ``features_col`` are lists (one per input, in input order)."""
+    several = not isinstance(features_col, str)
+    arrays = [batch_from_arrow(a, k, c) for a, k, c in
+              zip(features if several else [features], kind if several else [kind],
+                  features_col if several else [features_col])]
+    for i, (X, label) in enumerate(zip(arrays, _labels(features_col))):
+        expected = tuple(model.input_specs[i].shape) if several else tuple(model.input_shape)
+        if X.shape[0] and tuple(X.shape[1:]) != expected:
+            raise ValueError(f"{label}: rows have shape {tuple(X.shape[1:])} but the network "
+                             f"expects {expected}" + (f" (input {model.input_specs[i].name!r})"
+                                                      if several else ""))
+    if several and len({X.shape[0] for X in arrays}) > 1:  # (columns of one batch: cannot be)
+        raise ValueError(f"featuresCols={list(features_col)}: the columns of one batch have "
+                         f"different lengths {[X.shape[0] for X in arrays]}")
+    X = tuple(arrays) if several else arrays[0]
     # a classifier reads what its loss reads (logits when fused with a sigmoid/softmax output)
     fused = classifier and model.loss is not None and model.loss.fused is not None
     outs = outputs(predict_batch(model, X, batch_size, logits=fused), model.loss, classifier)
     return [pa.array(outs[k]) if outs[k].ndim == 1 else _vector_array(outs[k]) for k in keys]
 
 
-def arrow_udf_predictor(payload, token: str, *, features_col: str, kind: str, columns: dict,
+def arrow_udf_predictor(payload, token: str, *, features_col, kind, columns: dict,
                         classifier: bool, batch_size: int, return_type):
-    """A scalar Arrow UDF: features column in, one struct of the output ``columns`` out.
+    """A scalar Arrow UDF: features column(s) in, one struct of the output ``columns`` out.
 
-    Only the features column crosses to Python and only the outputs come back; Spark keeps the
-    other columns of each row in the JVM and joins them to the results. Captures ``payload``
-    (``rddtensor.ml.shipping``) and a few strings: kilobytes per task, except a small network
-    inlined on Spark Connect.
+    Only the features column(s) cross to Python and only the outputs come back; Spark keeps
+    the other columns of each row in the JVM and joins them to the results. Captures
+    ``payload`` (``rddtensor.ml.shipping``) and a few strings: kilobytes per task, except a
+    small network inlined on Spark Connect. With lists ``features_col`` / ``kind`` (a model
+    with several inputs) the UDF takes one column per input, in that order.
     """
     from pyspark.sql.functions import arrow_udf
     keys, names = list(columns), list(columns.values())
+    several = not isinstance(features_col, str)
 
     def predict(features: pa.Array) -> pa.Array:
         model = _worker_model(token, payload)
         arrays = predict_arrow(model, features, kind=kind, features_col=features_col, keys=keys,
                                classifier=classifier, batch_size=batch_size)
         return pa.StructArray.from_arrays(arrays, names=names)
-    return arrow_udf(predict, return_type)  # scalar: from the type hints
+
+    def predict_inputs(*features: pa.Array) -> pa.Array:  # one column per input
+        model = _worker_model(token, payload)
+        arrays = predict_arrow(model, list(features), kind=kind, features_col=features_col,
+                               keys=keys, classifier=classifier, batch_size=batch_size)
+        return pa.StructArray.from_arrays(arrays, names=names)
+    # scalar: from the type hints
+    return arrow_udf(predict_inputs if several else predict, return_type)
 
 
-def arrow_map_predictor(payload, token: str, *, features_col: str, kind: str, columns: dict,
+def arrow_map_predictor(payload, token: str, *, features_col, kind, columns: dict,
                         classifier: bool, batch_size: int):
     """The ``mapInArrow`` function (PySpark without ``arrow_udf``): appends the output
     ``columns`` to each batch; every input column goes to Python and back."""
     keys, names = list(columns), list(columns.values())
+    several = not isinstance(features_col, str)
 
     def run(batches):
         model = _worker_model(token, payload)
         for batch in batches:
-            arrays = predict_arrow(model, batch.column(features_col), kind=kind,
-                                   features_col=features_col, keys=keys,
-                                   classifier=classifier, batch_size=batch_size)
+            features = [batch.column(c) for c in features_col] if several else \
+                batch.column(features_col)
+            arrays = predict_arrow(model, features, kind=kind, features_col=features_col,
+                                   keys=keys, classifier=classifier, batch_size=batch_size)
             yield pa.RecordBatch.from_arrays(list(batch.columns) + arrays,
                                              names=batch.schema.names + names)
     return run
@@ -184,9 +221,13 @@ def udf_input(dataset, features_col: str, kind: str, n_features: int):
     return dataset[features_col], kind
 
 
-def transform(dataset, payload, token: str, *, features_col: str, kind: str, columns: dict,
+def transform(dataset, payload, token: str, *, features_col, kind, columns: dict,
               types: dict, classifier: bool, batch_size: int, input_shape=None):
-    """``dataset`` with the output ``columns`` (``{output: name}``, Spark ``types``) appended."""
+    """``dataset`` with the output ``columns`` (``{output: name}``, Spark ``types``) appended.
+
+    ``features_col``, ``kind`` and ``input_shape``: the features column, its kind and the
+    network's per-row input shape; for a network with several inputs, lists of them (one per
+    input, in input order)."""
     from pyspark.sql.types import StructField, StructType
     fields = [StructField(name, types[key]) for key, name in columns.items()]
     opts = dict(features_col=features_col, kind=kind, columns=columns, classifier=classifier,
@@ -198,11 +239,18 @@ def transform(dataset, payload, token: str, *, features_col: str, kind: str, col
         # ("[UNSUPPORTED_DATATYPE] UDT"), so keep the row path for this session's Arrow UDFs
         dataset.sparkSession.conf.set(
             "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled", "false")
-        n_features = int(np.prod(input_shape)) if input_shape else 0
-        features, opts["kind"] = udf_input(dataset, features_col, kind, n_features)
+        if isinstance(features_col, str):
+            n_features = int(np.prod(input_shape)) if input_shape else 0
+            features, opts["kind"] = udf_input(dataset, features_col, kind, n_features)
+            features = [features]
+        else:
+            shapes = input_shape or [None] * len(features_col)
+            inputs = [udf_input(dataset, c, k, int(np.prod(s)) if s else 0)
+                      for c, k, s in zip(features_col, kind, shapes)]
+            features, opts["kind"] = [f for f, _ in inputs], [k for _, k in inputs]
         udf = arrow_udf_predictor(payload, token, return_type=StructType(fields), **opts)
         tmp = f"__rddtensor_{token}"
-        out = dataset.withColumn(tmp, udf(features))
+        out = dataset.withColumn(tmp, udf(*features))
         return out.select(*[dataset[c] for c in dataset.columns],
                           *[col(tmp)[name].alias(name) for name in columns.values()])
     schema = StructType(dataset.schema.fields + fields)
