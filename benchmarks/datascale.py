@@ -9,6 +9,11 @@ with a global batch of ``--batch`` rows on ``local[2]`` (2 partitions), for each
 - ``store``: the default (``spark.rddtensor.dataStore=true``): each partition's rows are
   written once to the executor's local disk and every task maps them and copies out only its
   batch's rows (``rddtensor.spark.datastore``);
+  The build tasks read the Parquet files themselves (``rddtensor.spark.parquet_scan``:
+  pyarrow, Spark's row order, ``num_partitions`` runs of consecutive splits, no shuffle);
+- ``store-jvm`` (``--compare-jvm``): the same, but the rows reach the build tasks through the
+  JVM (``spark.rddtensor.readParquet=false``: ``toArrowBatchRdd``, and an order-keeping range
+  shuffle into the 2 partitions), the path of any DataFrame that is not a plain Parquet scan;
 - ``inline``: ``spark.rddtensor.dataStore=false``, what every version before the store did:
   the cached record holds the partition, and every task gets all of it from the JVM (run only
   up to ``--inline-max`` rows: at larger sizes one epoch takes minutes);
@@ -26,6 +31,7 @@ Usage::
 
     python -m benchmarks.datascale                         # 1e5 and 1e6 rows
     python -m benchmarks.datascale --sizes 1e5,1e6,3e6 --repeats 2
+    python -m benchmarks.datascale --sizes 1e5,1e7 --compare-jvm   # 5.1 GB of Parquet
     python -m benchmarks.datascale --quick                 # 2e4 rows, one repeat (smoke test)
 
 Writes ``benchmarks/results/datascale.json`` and ``.md``. The Parquet files are generated once
@@ -77,7 +83,10 @@ def _worker_peak_rss_mb(sc) -> float:
 def fit_rddtensor(spark, path: str, features: int, batch: int, mode: str) -> dict:
     """One 2-epoch distributed fit; ms per iteration of epoch 2, build time, peak RSS."""
     from rddtensor.training.callbacks import Callback
-    spark.conf.set("spark.rddtensor.dataStore", "true" if mode == "store" else "false")
+    spark.conf.set("spark.rddtensor.dataStore", "false" if mode == "inline" else "true")
+    # store-jvm: the rows through the JVM (toArrowBatchRdd, an ordered range shuffle for
+    # num_partitions) instead of the build tasks reading the Parquet files themselves
+    spark.conf.set("spark.rddtensor.readParquet", "false" if mode == "store-jvm" else "true")
     df = spark.read.parquet(path)
     marks = {}
 
@@ -162,6 +171,9 @@ def main(argv=None):
     ap.add_argument("--inline-max", type=float, default=1e5,
                     help="largest size the inline contender runs at")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--compare-jvm", action="store_true",
+                    help="also run the store contender reading the rows through the JVM "
+                         "(spark.rddtensor.readParquet=false)")
     ap.add_argument("--driver-memory", default="4g")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--wait-idle", type=float, default=60.0)
@@ -180,10 +192,12 @@ def main(argv=None):
     try:
         for n in sizes:
             path = _parquet(spark, n, args.features, data_dir)
-            runs = {"store": [], "inline": [], "pytorch-memmap": []}
+            runs = {"store": [], "store-jvm": [], "inline": [], "pytorch-memmap": []}
             scans = []
             for r in range(args.repeats):
-                order = ["store", "inline"] if r % 2 == 0 else ["inline", "store"]
+                order = ["store", "inline"] + (["store-jvm"] if args.compare_jvm else [])
+                if r % 2:
+                    order.reverse()
                 for mode in order:
                     if mode == "inline" and n > args.inline_max:
                         continue

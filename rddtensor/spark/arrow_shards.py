@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import DecimalType
 
-from rddtensor.spark import rawrdd
+from rddtensor.spark import parquet_scan, rawrdd
 from rddtensor.spark.columns import SparseRows, batch_from_arrow
 
 
@@ -32,15 +32,25 @@ from rddtensor.spark.columns import SparseRows, batch_from_arrow
 #: .maxRecordsPerBatch``, 10,000 rows) would be larger: a build task holds about one batch.
 TARGET_BATCH_BYTES = 4 << 20
 MAX_RECORDS = "spark.sql.execution.arrow.maxRecordsPerBatch"
+#: ``"true"`` (default): a DataFrame that is a plain Parquet scan is read by the build tasks
+#: themselves (``rddtensor.spark.parquet_scan``); ``"false"``: always through the JVM
+DIRECT_CONF = "spark.rddtensor.readParquet"
 
 
 def arrow_rows(df, columns: list, n_partitions: int | None = None, row_bytes: int | None = None):
-    """``(rdd, schema)``: an RDD of Arrow record-batch messages of ``df.select(*columns)``
-    (one or more per partition, none for an empty one) and their Arrow schema; or ``None``.
+    """``(rdd, schema)``: an RDD of Arrow record batches of ``df.select(*columns)`` (one or
+    more per partition, none for an empty one: ``batches`` reads them) and their Arrow schema;
+    or ``None``.
 
-    ``row_bytes`` (decoded bytes of one row): record batches of at most about
+    A plain Parquet scan is read by the tasks themselves (``parquet_scan``: ``pyarrow``, Spark's
+    row order, ``n_partitions`` runs of consecutive splits: no shuffle); any other DataFrame
+    through the JVM (``Dataset.toArrowBatchRdd``: IPC messages; ``in_order`` for
+    ``n_partitions``). ``row_bytes`` (decoded bytes of one row): record batches of at most about
     ``TARGET_BATCH_BYTES`` (``maxRecordsPerBatch`` is lowered for this call only; Spark reads it
     when the RDD is made, and a rebuild from lineage batches the same)."""
+    direct = _direct(df, columns, n_partitions, row_bytes)
+    if direct is not None:
+        return direct
     sel = df.select(*[F.col(c).cast("double") if isinstance(df.schema[c].dataType, DecimalType)
                       else F.col(c) for c in columns])
     try:
@@ -57,6 +67,26 @@ def arrow_rows(df, columns: list, n_partitions: int | None = None, row_bytes: in
                                      "false").lower() == "true"
     schema = to_arrow_schema(sel.schema, prefers_large_types=large)
     return rawrdd.raw(jrdd, df.sparkSession.sparkContext), schema
+
+
+def _direct(df, columns, n_partitions, row_bytes):
+    """``arrow_rows`` of a plain Parquet scan, read by the tasks (``parquet_scan``), or
+    ``None`` (another DataFrame, or ``spark.rddtensor.readParquet=false``)."""
+    spark = df.sparkSession
+    if spark.conf.get(DIRECT_CONF, "true").lower() != "true":
+        return None
+    plan = parquet_scan.plan(df, list(columns))
+    if plan is None:
+        return None
+    try:
+        rows = int(spark.conf.get(MAX_RECORDS))
+    except (TypeError, ValueError):
+        rows = 10_000
+    if rows <= 0:
+        rows = 10_000
+    if row_bytes:
+        rows = min(rows, max(1, TARGET_BATCH_BYTES // int(row_bytes)))
+    return parquet_scan.rdd(spark.sparkContext, plan, n_partitions, batch_rows=rows), plan.schema
 
 
 #: the row-index column ``in_order`` adds for the shuffle and drops after it
@@ -108,8 +138,12 @@ def _batch_rows(spark, row_bytes):
 
 def batches(records, schema):
     """One partition's record-batch messages decoded one at a time (zero-copy views of the
-    records): the build holds one batch, not the partition."""
+    records): the build holds one batch, not the partition. Record batches read by the task
+    itself (``parquet_scan``) pass through."""
     for r in records:
+        if isinstance(r, pa.RecordBatch):  # (parquet_scan: validated where it was read)
+            yield r
+            continue
         b = pa.ipc.read_record_batch(pa.py_buffer(r), schema)
         b.validate()  # the JVM's layout must be the schema's: refuse, never misread
         yield b
