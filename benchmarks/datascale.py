@@ -241,7 +241,7 @@ def main(argv=None):
                               rows)
              + "\n\nCommand: `python -m benchmarks.datascale"
              + (" --quick" if args.quick else f" --sizes {args.sizes} --repeats {args.repeats}")
-             + "`.\n")
+             + (" --compare-jvm" if args.compare_jvm else "") + "`.\n")
     payload = {"benchmark": "datascale", "environment": environment(("numpy", "torch")),
                "threads": threads, "idle": idle,
                "parameters": {k: v for k, v in vars(args).items()}, "results": results}
