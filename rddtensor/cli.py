@@ -35,9 +35,8 @@ from rddtensor import backend
 from rddtensor.spark import localcache
 from rddtensor import layers as L
 from rddtensor.spark.device import discovery_script_path
-from rddtensor.spark.engine import predict_distributed, target_columns
+from rddtensor.spark.engine import predict_distributed
 from rddtensor.layers.base import layer_class
-from rddtensor.ml.transform import outputs
 from rddtensor.optim import Adam
 from rddtensor.spark.readers import guess_format, read_dataset
 from rddtensor.spark.session import get_spark, java_version
@@ -436,6 +435,30 @@ def input_columns(model, features, where: str = "data.features"):
                      f"it out: the columns named like the inputs), got {features!r}")
 
 
+def label_columns(model, label, where: str = "data.label") -> list:
+    """For a model with several outputs: one label column per output, in output order, from
+    the config's ``data.label``: the default (the columns named like the outputs), a list
+    (output order) or a dict by output name. Checked before Spark starts."""
+    names = [s.name for s in model.output_specs]
+    if label is None or label == "label":
+        return names
+    if isinstance(label, dict):
+        unknown = [k for k in label if k not in names]
+        missing = [n for n in names if n not in label]
+        if unknown or missing:
+            raise SystemExit(f"{where} maps the model's outputs {names} to label columns; "
+                             + (f"there is no output named {unknown[0]!r}" if unknown else
+                                f"output {missing[0]!r} has no column"))
+        label = [label[n] for n in names]
+    if isinstance(label, list) and len(label) == len(names) and \
+            all(isinstance(c, str) and c for c in label):
+        return label
+    raise SystemExit(f"{where}: the model has {len(names)} outputs {names}: give one label "
+                     f"column per output, as a list in output order or as {{output name: "
+                     f"column}} (or leave it out: the columns named like the outputs), got "
+                     f"{label!r}")
+
+
 def _check_one_output(model, path) -> None:
     """Refuse, before Spark starts, a model with several outputs for ``predict`` (whose output
     columns are one output's)."""
@@ -503,7 +526,13 @@ def train(args) -> int:
             raise SystemExit(f"{args.config}: data.features maps inputs to columns, but the "
                              f"model has one input {name!r}, got {features!r}")
         features = features[name]
+    label = args.label_col or data_cfg.get("label", "label")
+    if len(model.output_specs) > 1:  # a label column per output, checked before Spark starts
+        label = label_columns(model, label, f"{args.config}: data.label")
     fmt = args.format or data_cfg.get("format")
+    if isinstance(label, list) and fmt in ("libsvm", "image"):
+        raise SystemExit(f"rddtensor train: a model with several outputs reads a label column "
+                         f"per output from Parquet or CSV data, got format {fmt!r}")
     if several and fmt not in (None, "auto", "parquet", "csv"):
         raise SystemExit(f"rddtensor train: a model with several inputs "
                          f"{[s.name for s in model.input_specs]} trains on Parquet or CSV data "
@@ -512,7 +541,6 @@ def train(args) -> int:
     try:
         if fmt in (None, "auto") and (os.path.exists(args.data) or several):
             fmt = guess_format(args.data)
-        label = args.label_col or data_cfg.get("label", "label")
         if several:
             df, fcol = _input_frame(_read_table(spark, args.data, fmt), features)
             classes = None
@@ -520,9 +548,6 @@ def train(args) -> int:
             df, fcol, classes = read_dataset(spark, args.data, fmt, features=features,
                                              label=label,
                                              num_features=data_cfg.get("num_features"))
-        if len(model.output_specs) > 1:  # a label column per output (list, dict, or named like
-            given = data_cfg.get("label", "label") if args.label_col is None else args.label_col
-            label = target_columns(model, df, given)
         for col in (label if isinstance(label, list) else [label]):
             if col not in df.columns:
                 raise SystemExit(f"{args.data}: no label column {col!r}; columns are "
@@ -574,10 +599,13 @@ def predict(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rddtensor predict: {e}") from None
     meta_path = os.path.join(args.model, "training.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    _check_one_output(model, args.model)
     several = _several_inputs(model)
     if several:
-        _check_one_output(model, args.model)
         columns = input_columns(model, meta.get("features"), f"{meta_path}: features")
     spark, owned = start_spark(args, "rddtensor-predict")
     try:
@@ -647,6 +675,7 @@ def _prediction_rows(loss, classifier: bool, keys, chunk: int = 1024):
     """A ``mapPartitions`` function: ``(row, model output)`` pairs -> rows with the output
     columns ``keys`` appended, computed as ``NNModel.transform`` does
     (``rddtensor.ml.transform.outputs``)."""
+    from rddtensor.ml.transform import outputs
     fused = getattr(loss, "fused", None) if classifier else None
 
     def run(pairs):

@@ -147,3 +147,18 @@ def test_train_a_two_output_graph_model_reads_a_label_column_per_output(spark, t
     with pytest.raises(SystemExit, match=r"one output.*prediction columns.*\['cls', 'reg'\]"):
         main(["predict", "--model", str(tmp_path / "m"), "--data", data,
               "--output", str(tmp_path / "p")])
+
+
+def test_data_label_maps_one_column_per_output():
+    """``data.label`` of a model with several outputs: named like the outputs by default, a
+    list in output order or a dict by output name; errors name the config entry."""
+    from rddtensor.cli import label_columns
+    x = L.Input((3,), name="x")
+    h = L.Dense(4)(x)
+    m = L.Model(x, [L.Dense(2, name="cls")(h), L.Dense(1, name="reg")(h)])
+    assert label_columns(m, "label") == label_columns(m, None) == ["cls", "reg"]
+    assert label_columns(m, ["c", "r"]) == label_columns(m, {"reg": "r", "cls": "c"}) == ["c", "r"]
+    with pytest.raises(SystemExit, match=r"c.json: data.label maps.*no output named 'y'"):
+        label_columns(m, {"cls": "c", "y": "r"}, "c.json: data.label")
+    with pytest.raises(SystemExit, match=r"2 outputs \['cls', 'reg'\]"):
+        label_columns(m, "c")

@@ -34,7 +34,7 @@ LAZY_OK = {"pyspark", "cupy", "cupyx", "torch", "matplotlib", "sklearn", "yaml",
 #: our modules a function may import: the command line loads Spark ML (it imports pyspark.ml
 #: at once) only for ``predict`` (``rddtensor info`` and ``--help`` stay light); the protocol's
 #: ``Model.export`` loads the exporter (every layer class) only when a model is exported
-LAZY_OK_OURS = {("rddtensor/cli.py", "rddtensor.ml"),
+LAZY_OK_OURS = {("rddtensor/cli.py", "rddtensor.ml"), ("rddtensor/cli.py", "rddtensor.ml.transform"),
                 ("rddtensor/training/protocol.py", "rddtensor.training.onnx_export")}
 #: what is still to mend, as (file, imported module, why); the list may only shrink
 KNOWN: set = set()

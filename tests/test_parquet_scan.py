@@ -152,39 +152,39 @@ def test_files_cut_into_splits_of_many_row_groups(spark, data):
     assert kept != [by_first_page(s, n) for _, s, n in cut]
 
 
-def test_fewer_groups_are_runs_of_consecutive_partitions(spark, data):
+def test_other_partition_counts_are_runs_of_consecutive_row_groups(spark, data):
+    """``num_partitions`` other than Spark's: runs of consecutive row groups balanced by rows,
+    none empty, together the DataFrame's rows in order; Spark's own count keeps its partitions
+    (as the JVM path does)."""
+    import pyarrow.parquet as pq
     with conf(spark, maxPartitionBytes=40 << 10, openCostInBytes=1 << 10):
         df = spark.read.parquet(data)
         p = parquet_scan.plan(df, ["id", "f"])
         want = [[list(r) for r in part] for part in spark_parts(df, ["id", "f"])]
     sc = spark.sparkContext
     assert len(p.partitions) > 5
-    for n in (1, 3, len(p.partitions) + 2):
+    assert parquet_scan.groups(p, None) == parquet_scan.groups(p, len(p.partitions)) == \
+        p.partitions
+
+    def row_groups(splits):  # (file, row group) in the order the splits read them
+        return [(f, g) for f, a, k in splits
+                for g in parquet_scan.kept_row_groups(pq.read_metadata(f), a, k)]
+    every = row_groups(concat(p.partitions))
+    for n in (1, 3, len(p.partitions) + 2, len(every)):
         parts = direct_parts(sc, p, n, batch_rows=64)
-        assert len(parts) == n
+        assert len(parts) == n and all(parts)
         assert concat(parts) == concat(want)
-        cuts = concat(parquet_scan.groups(p, n))  # the splits, or byte ranges cut from them
-        assert _ranges(cuts) == _ranges(concat(p.partitions))
-    sizes = [sum(s[2] for s in g) for g in parquet_scan.groups(p, 3)]
-    largest = max(sum(s[2] for s in files) for files in p.partitions)
-    assert max(sizes) - min(sizes) <= 2 * largest
-    assert parquet_scan.groups(p, None) == p.partitions
+        assert row_groups(concat(parquet_scan.groups(p, n))) == every
+    rows = [sum(pq.read_metadata(f).row_group(g).num_rows for f, g in row_groups(run))
+            for run in parquet_scan.groups(p, 3)]
+    biggest = max(pq.read_metadata(f).row_group(g).num_rows for f, g in every)
+    assert max(rows) - min(rows) <= 2 * biggest
+    assert parquet_scan.groups(p, len(every) + 1) is None  # (fewer row groups: the JVM cuts rows)
 
 
-def _ranges(splits):
-    """Splits as byte ranges, adjacent ranges of one file merged: what they read."""
-    out = []
-    for path, start, length in splits:
-        if out and out[-1][0] == path and out[-1][2] == start:
-            out[-1][2] = start + length
-        else:
-            out.append([path, start, start + length])
-    return out
-
-
-def test_more_groups_than_splits_cut_the_splits_and_keep_the_order(spark, data):
-    """One file of many row groups, one split: ``num_partitions=4`` reads it as 4 byte ranges,
-    every one holding rows, together the file's rows in order."""
+def test_one_file_read_as_four_partitions(spark, data):
+    """One file of many row groups in one split: ``num_partitions=4`` reads it as 4 runs of its
+    row groups, every one holding rows, together the file's rows in order."""
     df = spark.read.parquet(data)
     p = parquet_scan.plan(df, ["id"])
     files = concat(p.partitions)
@@ -194,12 +194,15 @@ def test_more_groups_than_splits_cut_the_splits_and_keep_the_order(spark, data):
     assert len(parts) == 4 and all(parts) and concat(parts) == whole
 
 
-def test_record_batches_keep_the_batch_size(spark, data):
+def test_record_batches_have_the_batch_size_across_row_groups_and_files(spark, data):
+    """Batches of exactly ``batch_rows`` rows (the last fewer) across row-group and file
+    boundaries, as the JVM cuts a partition into Arrow batches."""
     df = spark.read.parquet(data)
     p = parquet_scan.plan(df, ["id", "v"])
     files = concat(p.partitions)
     batches = list(parquet_scan.record_batches(files, ["id", "v"], p.schema, 37))
-    assert all(b.num_rows <= 37 and b.schema == p.schema for b in batches)
+    assert all(b.num_rows == 37 for b in batches[:-1]) and 0 < batches[-1].num_rows <= 37
+    assert all(b.schema == p.schema for b in batches)
     assert sum(b.num_rows for b in batches) == sum(FILE_ROWS)
 
 

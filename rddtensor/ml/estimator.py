@@ -38,7 +38,7 @@ def _check_label(schema, col: str, scalar: bool):
     t = schema[col].dataType
     if not scalar and (isinstance(t, VectorUDT) or (isinstance(t, ArrayType) and
                                                      isinstance(t.elementType, NumericType))):
-        return  # vector targets: a network with several outputs
+        return  # vector targets: a network whose output has several values
     if not isinstance(t, NumericType):
         hint = " (index string labels with pyspark.ml.feature.StringIndexer)" \
             if t.typeName() == "string" else ""
@@ -55,9 +55,9 @@ class NNEstimator(Estimator, NNEstimatorParams, DefaultParamsWritable, DefaultPa
     one column per input, in the network's input order (each of those kinds, or a numeric
     column, e.g. ids for an ``Embedding``: rows of shape ``(1,)``; unset, the columns named
     like the inputs, as ``model.fit(df)`` reads them). Targets come from ``labelCol``
-    (numeric; a vector or array column for a network with several outputs), optional sample
-    weights from ``weightCol`` (numbers >= 0: the loss is the weighted mean over each global
-    batch). Training is
+    (numeric; a vector or array column for a network whose output has several values),
+    optional sample weights from ``weightCol`` (numbers >= 0: the loss is the weighted mean over
+    each global batch). Training is
     ``maxEpoch`` epochs of synchronous mini-batch SGD with global batch ``batchSize`` on the
     distributed engine; the optimizer is ``optimizer`` with learning rate ``learningRate``.
 

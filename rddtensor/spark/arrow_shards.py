@@ -86,7 +86,8 @@ def _direct(df, columns, n_partitions, row_bytes):
         rows = 10_000
     if row_bytes:
         rows = min(rows, max(1, TARGET_BATCH_BYTES // int(row_bytes)))
-    return parquet_scan.rdd(spark.sparkContext, plan, n_partitions, batch_rows=rows), plan.schema
+    rdd = parquet_scan.rdd(spark.sparkContext, plan, n_partitions, batch_rows=rows)
+    return None if rdd is None else (rdd, plan.schema)
 
 
 #: the row-index column ``in_order`` adds for the shuffle and drops after it

@@ -622,8 +622,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
         if batch_size > shards.n_total:
             raise ValueError(f"batch_size={batch_size} is larger than the {shards.n_total} "
                              f"training rows; use batch_size <= {shards.n_total} (full batch)")
-        model.check_label_range(shards.label_range, f"labels (column {label_col!r})"
-                                if hasattr(data, "columns") else "labels")
+        model.check_label_range(shards.label_range, _labels_named(model, data, label_col))
         strategy = choose(allreduce, model, shards.n_partitions, one_host=one_host(shards.rdd.ctx))
         model.init_slots()
         ckpt, resumed = checkpoints.start(
@@ -712,7 +711,8 @@ def evaluate_distributed(model, data, *, batch_size: int = 4096, features_col="f
 
 def predict_distributed(model, data, *, batch_size: int = 4096, features_col="features"):
     """Model outputs for every row of an RDD (of features or ``(features, label)`` pairs) or a
-    DataFrame's ``features_col``, as an RDD of numpy arrays in row order (lazy).
+    DataFrame's ``features_col``, as an RDD of numpy arrays in row order (lazy); for a model
+    with several outputs, a tuple of one array per output per row.
 
     Each task decodes its partition one chunk at a time and yields the chunk's outputs: no
     shuffle, nothing cached, a chunk in memory; the weights travel as one Spark broadcast
@@ -779,6 +779,14 @@ def _spec_columns(names, data, given, default, arg: str, what: str):
                      f"column}}, got {given!r}")
 
 
+def _labels_named(model, data, label_col):
+    """How label-range errors call the labels: their column, one name per output."""
+    if isinstance(label_col, list):
+        return [f"labels of output {spec.name!r} (column {c!r})"
+                for spec, c in zip(model.output_specs, label_col)]
+    return f"labels (column {label_col!r})" if hasattr(data, "columns") else "labels"
+
+
 def _input_shape(model):
     """The per-row input shape, or the list of them for a model with several inputs."""
     specs = model.input_specs
@@ -787,7 +795,8 @@ def _input_shape(model):
 
 def _source(data, model, features_col, label_col, what):
     features_col = input_columns(model, data, features_col)
-    label_col = target_columns(model, data, label_col)
+    if hasattr(data, "columns"):  # (an RDD's label_col only says its rows hold labels)
+        label_col = target_columns(model, data, label_col)
     try:
         with spark_errors():
             return source(data, feature_shape=_input_shape(model), features_col=features_col,

@@ -12,11 +12,11 @@ row in two groups here, 28.8 s for Spark's own scan, ``write.format("noop")``.)
 
 What is read: ``plan`` takes Spark's own ``FilePartition`` list of the scan (each partition
 a list of ``(path, start, length)`` splits of files, in Spark's order: files packed by size,
-large ones cut at ``spark.sql.files.maxPartitionBytes``), so partition ``j`` here holds the rows
-of Spark's partition ``j``, in its order; ``groups`` cuts those partitions into ``n``
-consecutive runs balanced by bytes (``num_partitions``), so concatenating the groups still
-gives the DataFrame's row order. A rebuild of group ``j`` reads the same splits again: the
-same rows in the same order.
+large ones cut at ``spark.sql.files.maxPartitionBytes``), so with Spark's partition count
+partition ``j`` here holds the rows of Spark's partition ``j``, in its order; another count
+(``num_partitions``) cuts the row groups of all splits into consecutive runs balanced by rows
+(``groups``), so concatenating the runs still gives the DataFrame's row order. A rebuild of
+group ``j`` reads the same row groups again: the same rows in the same order.
 
 Which row groups a split reads (the midpoint rule): Spark 4.3 reads a split's footer through
 ``ParquetFooterReader.buildFilter``, ``HadoopReadOptions.withRange(start, start + length)``,
@@ -276,46 +276,75 @@ def _midpoint(row_group) -> int:
     return offset + size // 2
 
 
-def groups(plan: ScanPlan, n: int | None = None) -> list:
-    """Spark's splits cut into ``n`` runs of consecutive splits balanced by bytes (``None``: one
-    run per Spark partition), each a list of splits ``(path, start, length)``. A split goes to
-    the run its byte midpoint falls in. Where there are fewer splits than runs, each split is
-    first cut into equal byte ranges (``_cut``): the midpoint rule puts each of its row groups
-    in exactly one of them, in order, so the rows and their order stay the split's."""
+def groups(plan: ScanPlan, n: int | None = None) -> list | None:
+    """The splits each of ``n`` partitions reads, as lists of ``(path, start, length)``.
+
+    ``None`` or Spark's partition count: Spark's partitions as they are (the JVM path's too).
+    Another ``n``: the row groups of all splits in Spark's order, cut into ``n`` runs of
+    consecutive row groups balanced by rows (footers read on the driver), each row group as the
+    one-byte range at its midpoint (the midpoint rule reads exactly that row group), so
+    concatenating the runs still gives the DataFrame's rows in order and no run is empty.
+    ``None`` where there are fewer row groups than ``n`` (the caller cuts rows instead)."""
     parts = plan.partitions
-    if n is None:
+    if n is None or int(n) == len(parts):
         return [list(files) for files in parts]
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    units = [f for files in parts for f in files]
-    if units and n > len(units):
-        units = [piece for split in units for piece in _cut(split, -(-n // len(units)))]
-    total, before = sum(length for _, _, length in units), 0
+    units, rows, footers = [], [], {}
+    for path, start, length in (f for files in parts for f in files):
+        meta = footers.get(path)
+        if meta is None:
+            meta = footers[path] = pq.read_metadata(path)
+        for g in kept_row_groups(meta, start, length):
+            units.append((path, _midpoint(meta.row_group(g)), 1))
+            rows.append(meta.row_group(g).num_rows)
+    if len(units) < n:
+        return None
+    return [[units[i] for i in run] for run in _balanced_runs(rows, n)]
+
+
+def _balanced_runs(sizes: list, n: int) -> list:
+    """``range(len(sizes))`` cut into ``n`` non-empty runs of consecutive indices (``n <=
+    len(sizes)``), each unit in the run its midpoint (by cumulative size) falls in, as far as
+    that leaves every run at least one unit."""
+    total, before, g = sum(sizes), 0, 0
     out = [[] for _ in range(n)]
-    for i, split in enumerate(units):
-        size = split[2]
-        # (2 * before + size) / (2 * total): the split's midpoint as a share of all bytes
-        g = (2 * before + size) * n // (2 * total) if total else i * n // len(units)
-        out[min(g, n - 1)].append(split)
+    for i, size in enumerate(sizes):
+        want = (2 * before + size) * n // (2 * total) if total else i * n // len(sizes)
+        left = len(sizes) - i  # units not yet placed, this one included
+        g = max(g, min(want, n - 1), n - left)  # (later runs still get one unit each)
+        g = min(g, next((k for k in range(n) if not out[k]), n - 1))  # (no run skipped)
+        out[g].append(i)
         before += size
     return out
 
 
-def _cut(split, k: int) -> list:
-    """``split`` as ``k`` consecutive byte ranges (fewer where it is shorter than ``k``)."""
-    path, start, length = split
-    bounds = sorted({start + length * i // k for i in range(k + 1)})
-    return [(path, a, b - a) for a, b in zip(bounds, bounds[1:])] or [split]
-
-
 def record_batches(files, columns, schema: pa.Schema, batch_rows: int):
     """The rows of one group's splits (``(path, start, length)``, read in order), as record
-    batches of ``schema`` (the columns ``columns``) of at most ``batch_rows`` rows; the task
-    holds about one batch. Row groups of a split: ``kept_row_groups``."""
+    batches of ``schema`` (the columns ``columns``) of exactly ``batch_rows`` rows (the last
+    fewer), across row groups and files, as the JVM cuts a partition into Arrow batches: the
+    first batch, which decides whether a vector column is kept sparse, holds the same rows on
+    both paths. The task holds about one batch. Row groups of a split: ``kept_row_groups``."""
     columns = list(columns)
     if columns != list(schema.names):
         raise ValueError(f"columns {columns} are not the schema's {schema.names}")
+    batch_rows = int(batch_rows)
+    held, have = [], 0
+    for batch in _file_batches(files, columns, schema, batch_rows):
+        while batch.num_rows:
+            take = min(batch_rows - have, batch.num_rows)
+            held.append(batch.slice(0, take))
+            have += take
+            batch = batch.slice(take)
+            if have == batch_rows:
+                yield _joined(held, schema)
+                held, have = [], 0
+    if have:
+        yield _joined(held, schema)
+
+
+def _file_batches(files, columns, schema, batch_rows):
     opened = None
     for path, start, length in files:
         if opened is None or opened[0] != path:  # (consecutive splits of one file: one open)
@@ -324,9 +353,16 @@ def record_batches(files, columns, schema: pa.Schema, batch_rows: int):
         kept = kept_row_groups(reader.metadata, start, length)
         if not kept:
             continue
-        for batch in reader.iter_batches(batch_size=int(batch_rows), row_groups=kept,
+        for batch in reader.iter_batches(batch_size=batch_rows, row_groups=kept,
                                          columns=columns, use_threads=False):
             yield _as_schema(batch, schema, path)
+
+
+def _joined(pieces, schema) -> pa.RecordBatch:
+    """Slices of record batches as one (copied where there are several)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return pa.Table.from_batches(pieces, schema).combine_chunks().to_batches()[0]
 
 
 def _as_schema(batch: pa.RecordBatch, schema: pa.Schema, path: str) -> pa.RecordBatch:
@@ -345,11 +381,14 @@ def _as_schema(batch: pa.RecordBatch, schema: pa.Schema, path: str) -> pa.Record
 
 def rdd(sc, plan: ScanPlan, n: int | None = None, columns=None, batch_rows: int = 10_000):
     """An RDD of ``pyarrow.RecordBatch`` (Python objects: a later ``mapPartitions`` in the
-    same task consumes them) of ``groups(plan, n)``: partition ``j`` reads group ``j``.
-    ``columns``: a subset of the plan's (default all), in the order wanted."""
+    same task consumes them) of ``groups(plan, n)``: partition ``j`` reads group ``j``;
+    ``None`` where ``groups`` is. ``columns``: a subset of the plan's (default all), in the
+    order wanted."""
     columns = plan.columns if columns is None else list(columns)
     schema = pa.schema([plan.schema.field(c) for c in columns])
     runs = groups(plan, n)
+    if runs is None:  # (fewer row groups than partitions)
+        return None
     if not runs:  # (no files: Spark's scan has no partitions either)
         return sc.emptyRDD()
 

@@ -80,7 +80,8 @@ def read_dataset(spark, path: str, fmt: str | None = None, *, features=None,
 
 
 def assemble(df, features=None, label: str | None = "label"):
-    """``(df, features_col)`` with the features as one vector column (see ``read_dataset``)."""
+    """``(df, features_col)`` with the features as one vector column (see ``read_dataset``);
+    ``label`` may be a list (one label column per output of a model): none is a feature."""
     from pyspark.ml.feature import VectorAssembler
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql.types import ArrayType, NumericType
@@ -91,7 +92,9 @@ def assemble(df, features=None, label: str | None = "label"):
         if _ASSEMBLED in types and isinstance(types[_ASSEMBLED], (VectorUDT, ArrayType)):
             features = [_ASSEMBLED]
         else:
-            features = [c for c, t in types.items() if c != label and isinstance(t, NumericType)]
+            labels = set(label) if isinstance(label, (list, tuple)) else {label}
+            features = [c for c, t in types.items() if c not in labels and
+                        isinstance(t, NumericType)]
             if not features:
                 raise ValueError(f"no numeric feature columns besides the label {label!r}; "
                                  f"columns are {list(types)}")

@@ -666,8 +666,8 @@ def _row_bytes(df, features_col, feature_shape):
 
 
 class _PartsParam(AccumulatorParam):
-    """Per-partition facts from the build tasks: ``{j: (rows, label summary, feature shape)}``
-    (a retried task overwrites its own entry)."""
+    """Per-partition facts from the build tasks: ``{j: (rows, label summaries (one per
+    output), feature shape, ...)}`` (a retried task overwrites its own entry)."""
 
     def zero(self, value):
         return {}

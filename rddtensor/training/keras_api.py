@@ -284,7 +284,7 @@ class KerasModel(Model):
                              "input (by default named like the inputs; or features_col=[...] / "
                              "{input name: column}), not an RDD")
         specs = self.output_specs
-        if len(specs) > 1 and not hasattr(x, "columns"):
+        if len(specs) > 1 and not hasattr(x, "columns") and what != "predict":
             raise ValueError(f"{what} on Spark of a model with several outputs "
                              f"{[s.name for s in specs]} takes a DataFrame with one label "
                              "column per output (by default named like the outputs; or "
@@ -355,6 +355,10 @@ class KerasModel(Model):
                              "pass one of them")
         engine = self._distributed(engines.engine_for(x), "fit", x)
         _check_fit_options(engine_options, engine)
+        if class_weight is not None and len(self.output_specs) > 1:
+            raise ValueError(f"class_weight applies to models with one output; this one has "
+                             f"{len(self.output_specs)} {self.output_names}: pass sample_weight"
+                             + (" (numpy) or weight_col (a DataFrame)" if engine else ""))
         if sample_weight is not None and engine is not None:
             raise ValueError("sample_weight is for numpy x; an RDD or DataFrame carries its "
                              "weights in the data: fit(..., weight_col='weight') (a column, or "
@@ -368,9 +372,6 @@ class KerasModel(Model):
                                    callbacks=callbacks, checkpoint_dir=checkpoint_dir,
                                    checkpoint_every=checkpoint_every, resume=resume,
                                    initial_epoch=initial_epoch, **engine_options)
-        if class_weight is not None and len(self.output_specs) > 1:
-            raise ValueError(f"class_weight applies to models with one output; this one has "
-                             f"{len(self.output_specs)} {self.output_names}: pass sample_weight")
         if getattr(self, "device", "auto") == "gpu":
             raise ValueError("device='gpu' puts the distributed engine's tasks on their GPUs, but "
                              "fit on numpy arrays trains in-process on NumPy; pass an RDD or "
@@ -544,15 +545,17 @@ class KerasModel(Model):
         Only for ``sparse_categorical_crossentropy``: labels must be integers in ``[0, C)``, C
         the output's last axis. ``labels`` is an array of scalar labels or a precomputed
         ``(min, max, all integers)`` (the distributed engine's summary of its shards); with
-        several outputs, a tuple of one array per output, each checked against its loss.
+        several outputs, a tuple of one array per output, each checked against its loss, and
+        ``what`` either one name (errors add the output's) or a list of one per output.
         """
         if self.loss is None or labels is None:
             return
         specs = self.output_specs
         if len(specs) > 1:
+            names = list(what) if isinstance(what, (list, tuple)) else \
+                [f"{what}[{spec.name!r}]" for spec in specs]
             for k, (loss, spec, y) in enumerate(zip(self.loss.losses, specs, labels)):
-                self._check_labels(loss, y, spec.shape, f"{what}[{spec.name!r}]",
-                                   self.output_layer(k))
+                self._check_labels(loss, y, spec.shape, names[k], self.output_layer(k))
             return
         self._check_labels(self.loss, labels, self.output_shape, what, self.output_layer())
 
