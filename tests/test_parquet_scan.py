@@ -194,14 +194,17 @@ def test_one_file_read_as_four_partitions(spark, data):
     assert len(parts) == 4 and all(parts) and concat(parts) == whole
 
 
-def test_record_batches_have_the_batch_size_across_row_groups_and_files(spark, data):
-    """Batches of exactly ``batch_rows`` rows (the last fewer) across row-group and file
-    boundaries, as the JVM cuts a partition into Arrow batches."""
+def test_record_batches_keep_the_batch_size_and_a_full_first_batch(spark, data):
+    """Batches of at most ``batch_rows`` rows; the first holds exactly the first ``batch_rows``
+    rows across row-group and file boundaries, as the JVM's first Arrow batch does."""
     df = spark.read.parquet(data)
     p = parquet_scan.plan(df, ["id", "v"])
     files = concat(p.partitions)
     batches = list(parquet_scan.record_batches(files, ["id", "v"], p.schema, 37))
-    assert all(b.num_rows == 37 for b in batches[:-1]) and 0 < batches[-1].num_rows <= 37
+    assert all(0 < b.num_rows <= 37 for b in batches) and batches[0].num_rows == 37
+    big = sum(FILE_ROWS) - 5  # (a first batch across every row group and file)
+    first = next(parquet_scan.record_batches(files, ["id", "v"], p.schema, big))
+    assert first.num_rows == big
     assert all(b.schema == p.schema for b in batches)
     assert sum(b.num_rows for b in batches) == sum(FILE_ROWS)
 

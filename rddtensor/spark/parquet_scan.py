@@ -322,25 +322,30 @@ def _balanced_runs(sizes: list, n: int) -> list:
 
 def record_batches(files, columns, schema: pa.Schema, batch_rows: int):
     """The rows of one group's splits (``(path, start, length)``, read in order), as record
-    batches of ``schema`` (the columns ``columns``) of exactly ``batch_rows`` rows (the last
-    fewer), across row groups and files, as the JVM cuts a partition into Arrow batches: the
-    first batch, which decides whether a vector column is kept sparse, holds the same rows on
-    both paths. The task holds about one batch. Row groups of a split: ``kept_row_groups``."""
+    batches of ``schema`` (the columns ``columns``) of at most ``batch_rows`` rows. The first
+    holds exactly the first ``batch_rows`` rows (all, where there are fewer), across row groups
+    and files, as the JVM's first Arrow batch of a partition does: it decides whether a vector
+    column stays sparse, the same on both paths. Later batches are pyarrow's, passed on
+    without a copy. The task holds about one batch. Row groups of a split:
+    ``kept_row_groups``."""
     columns = list(columns)
     if columns != list(schema.names):
         raise ValueError(f"columns {columns} are not the schema's {schema.names}")
     batch_rows = int(batch_rows)
-    held, have = [], 0
+    held, have = [], 0  # (the first batch, while it is gathered)
     for batch in _file_batches(files, columns, schema, batch_rows):
-        while batch.num_rows:
-            take = min(batch_rows - have, batch.num_rows)
-            held.append(batch.slice(0, take))
-            have += take
-            batch = batch.slice(take)
-            if have == batch_rows:
-                yield _joined(held, schema)
-                held, have = [], 0
-    if have:
+        if held is None:
+            yield batch
+            continue
+        take = min(batch_rows - have, batch.num_rows)
+        held.append(batch.slice(0, take))
+        have += take
+        if have == batch_rows:
+            yield _joined(held, schema)
+            held = None
+            if take < batch.num_rows:
+                yield batch.slice(take)
+    if held:
         yield _joined(held, schema)
 
 
