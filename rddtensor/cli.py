@@ -559,8 +559,8 @@ def train(args) -> int:
         val = None
         if split:
             df, val = df.randomSplit([1 - split, split], seed=int(fit_cfg.get("seed", 0)))
-        if args.partitions:
-            df = df.repartition(args.partitions)
+        if args.partitions:  # runs of consecutive rows, their order kept (not round robin)
+            fit_cfg["num_partitions"] = args.partitions
         if isinstance(fit_cfg.get("class_weight"), dict):  # JSON object keys are strings
             fit_cfg["class_weight"] = {int(k) if str(k).lstrip("-").isdigit() else k: v
                                        for k, v in fit_cfg["class_weight"].items()}
@@ -827,7 +827,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="overrides the config's fit.epochs")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     p.add_argument("--validation-split", dest="validation_split", type=float, default=None)
-    p.add_argument("--partitions", type=int, default=None, help="repartition the data first")
+    p.add_argument("--partitions", type=int, default=None,
+                   help="train on this many partitions (fit's num_partitions: runs of "
+                        "consecutive rows, the order kept)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("predict", help="apply a saved model to a dataset; write Parquet")
