@@ -421,18 +421,25 @@ def input_columns(model, features, where: str = "data.features"):
     if features is None:
         return {n: n for n in names}
     if isinstance(features, dict):
-        unknown = [k for k in features if k not in names]
-        missing = [n for n in names if n not in features]
-        if unknown or missing:
-            raise SystemExit(f"{where} maps the model's inputs {names} to columns; "
-                             + (f"there is no input named {unknown[0]!r}" if unknown else
-                                f"input {missing[0]!r} has no column"))
-        return {n: column(features[n], n) for n in names}
+        return {n: column(c, n) for n, c in zip(names, _by_name(features, names, where,
+                                                                "input", "columns"))}
     if isinstance(features, list) and len(features) == len(names):
         return {n: column(v, n) for n, v in zip(names, features)}
     raise SystemExit(f"{where}: the model has {len(names)} inputs {names}: give one column per "
                      f"input, as a list in input order or as {{input name: column}} (or leave "
                      f"it out: the columns named like the inputs), got {features!r}")
+
+
+def _by_name(mapping: dict, names: list, where: str, what: str, to: str) -> list:
+    """A config's ``{input/output name: column}`` as a list in ``names``' order; an unknown or
+    missing name refused, naming ``where``."""
+    unknown = [k for k in mapping if k not in names]
+    missing = [n for n in names if n not in mapping]
+    if unknown or missing:
+        raise SystemExit(f"{where} maps the model's {what}s {names} to {to}; "
+                         + (f"there is no {what} named {unknown[0]!r}" if unknown else
+                            f"{what} {missing[0]!r} has no column"))
+    return [mapping[n] for n in names]
 
 
 def label_columns(model, label, where: str = "data.label") -> list:
@@ -443,13 +450,7 @@ def label_columns(model, label, where: str = "data.label") -> list:
     if label is None or label == "label":
         return names
     if isinstance(label, dict):
-        unknown = [k for k in label if k not in names]
-        missing = [n for n in names if n not in label]
-        if unknown or missing:
-            raise SystemExit(f"{where} maps the model's outputs {names} to label columns; "
-                             + (f"there is no output named {unknown[0]!r}" if unknown else
-                                f"output {missing[0]!r} has no column"))
-        label = [label[n] for n in names]
+        label = _by_name(label, names, where, "output", "label columns")
     if isinstance(label, list) and len(label) == len(names) and \
             all(isinstance(c, str) and c for c in label):
         return label
