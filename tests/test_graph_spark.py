@@ -144,6 +144,9 @@ def test_two_output_model_on_a_dataframe_equals_in_process(spark):
     probs, values = m.predict(DENSE)
     np.testing.assert_allclose(np.stack([r[0] for r in rows]), probs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.stack([r[1] for r in rows]), values, rtol=1e-5, atol=1e-6)
+    # an RDD of features feeds the one input too (predict reads no labels)
+    got = m.predict(spark.sparkContext.parallelize(list(DENSE), 2)).collect()
+    np.testing.assert_allclose(np.stack([r[1] for r in got]), values, rtol=1e-5, atol=1e-6)
 
 
 def test_label_columns_of_several_outputs_mapped_and_checked(spark):
@@ -163,3 +166,7 @@ def test_label_columns_of_several_outputs_mapped_and_checked(spark):
         two_heads().fit(bad, features_col="x", label_col=["c", "r"], **FIT)
     with pytest.raises(ValueError, match=r"several outputs.*DataFrame.*not an RDD"):
         two_heads().fit(df.rdd.map(lambda r: (r[0], r[1])), **FIT)
+    with pytest.raises(ValueError, match=r"class_weight applies to models with one output.*"
+                                         r"weight_col"):  # (before any job)
+        two_heads().fit(df, features_col="x", label_col=["c", "r"], class_weight={0: 2.0},
+                        **FIT)

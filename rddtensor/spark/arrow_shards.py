@@ -78,14 +78,7 @@ def _direct(df, columns, n_partitions, row_bytes):
     plan = parquet_scan.plan(df, list(columns))
     if plan is None:
         return None
-    try:
-        rows = int(spark.conf.get(MAX_RECORDS))
-    except (TypeError, ValueError):
-        rows = 10_000
-    if rows <= 0:
-        rows = 10_000
-    if row_bytes:
-        rows = min(rows, max(1, TARGET_BATCH_BYTES // int(row_bytes)))
+    rows = _target_rows(_max_records(spark), row_bytes) or _max_records(spark) or 10_000
     rdd = parquet_scan.rdd(spark.sparkContext, plan, n_partitions, batch_rows=rows)
     return None if rdd is None else (rdd, plan.schema)
 
@@ -113,17 +106,9 @@ def _batches(sel):
 def _batch_rows(spark, row_bytes):
     """``maxRecordsPerBatch`` lowered to about ``TARGET_BATCH_BYTES / row_bytes`` rows (never
     raised) while the block runs, then restored."""
-    conf, before = spark.conf, None
-    target = None
-    if row_bytes:
-        before = conf.get(MAX_RECORDS, None)
-        try:
-            current = int(before if before is not None else conf.get(MAX_RECORDS))
-        except (TypeError, ValueError):
-            current = 0
-        rows = max(1, TARGET_BATCH_BYTES // int(row_bytes))
-        if current <= 0 or rows < current:  # (<= 0: unlimited)
-            target = rows
+    conf = spark.conf
+    before = conf.get(MAX_RECORDS, None)
+    target = _target_rows(_max_records(spark), row_bytes)
     if target is None:
         yield
         return
@@ -135,6 +120,24 @@ def _batch_rows(spark, row_bytes):
             conf.unset(MAX_RECORDS)
         else:
             conf.set(MAX_RECORDS, before)
+
+
+def _max_records(spark) -> int:
+    """Spark's ``maxRecordsPerBatch`` (``0``: unlimited, or unreadable)."""
+    try:
+        return max(0, int(spark.conf.get(MAX_RECORDS)))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _target_rows(current: int, row_bytes) -> int | None:
+    """Rows of a record batch of about ``TARGET_BATCH_BYTES`` where that is fewer than
+    ``current`` (``0``: unlimited); ``None`` where ``current`` stands (or the row size is
+    unknown)."""
+    if not row_bytes:
+        return None
+    rows = max(1, TARGET_BATCH_BYTES // int(row_bytes))
+    return rows if current <= 0 or rows < current else None
 
 
 def batches(records, schema):

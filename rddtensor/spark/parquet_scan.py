@@ -52,15 +52,15 @@ the rows Spark would produce could differ from the file's, or their order could:
   schema).
 
 Any error while planning is a refusal too: ``plan`` never breaks its caller. Planning reads
-the schema in every file's footer on the driver (one small read per file); the tasks read the
-footer of each file they read again, for its row groups.
+every file's footer on the driver once (one small read per file; kept in the plan for
+``groups``); the tasks read the footer of each file they read again, for its row groups.
 
 ``rdd`` yields ``pyarrow.RecordBatch`` objects, not IPC messages: the consumer is a later
 ``mapPartitions`` in the same Python task, so nothing is serialized.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -94,10 +94,12 @@ class Refused(Exception):
 class ScanPlan:
     """Spark's partitions of a plain Parquet scan, in order, each a list of file splits
     ``(path, start, length)``, and the Arrow schema of the selected columns
-    (``to_arrow_schema`` of Spark's schema: what ``toArrowBatchRdd`` hands out)."""
+    (``to_arrow_schema`` of Spark's schema: what ``toArrowBatchRdd`` hands out); ``footers``:
+    each file's ``FileMetaData`` as the plan read it (``groups`` needs its row groups)."""
 
     partitions: list
     schema: pa.Schema
+    footers: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def columns(self) -> list:
@@ -137,9 +139,9 @@ def _plan(df, columns: list) -> ScanPlan:
     _check_output(executed, scan, sel.schema.names)
     partitions = _file_partitions(scan)
     schema = _arrow_schema(spark, sel.schema)
-    for path in dict.fromkeys(p for files in partitions for p, _, _ in files):
-        _check_file(path, schema)
-    return ScanPlan(partitions, schema)
+    footers = {path: _check_file(path, schema)
+               for path in dict.fromkeys(p for files in partitions for p, _, _ in files)}
+    return ScanPlan(partitions, schema, footers)
 
 
 def _readable(t) -> bool:
@@ -234,13 +236,16 @@ def _arrow_schema(spark, spark_schema) -> pa.Schema:
     return to_arrow_schema(spark_schema, prefers_large_types=large)
 
 
-def _check_file(path: str, schema: pa.Schema) -> None:
-    found = pq.read_schema(path)
+def _check_file(path: str, schema: pa.Schema):
+    """``path``'s footer (``FileMetaData``), where its columns give ``schema``'s."""
+    f = pq.ParquetFile(path)
+    meta, found = f.metadata, f.schema_arrow
     for want in schema:
         i = found.get_field_index(want.name)
         if i < 0 or not _fits(found.field(i), want):
             raise Refused(f"{path}: column {want.name!r} is "
                           f"{found.field(i).type if i >= 0 else 'missing'}, not {want.type}")
+    return meta
 
 
 def _fits(got: pa.Field, want: pa.Field) -> bool:
@@ -283,7 +288,8 @@ def groups(plan: ScanPlan, n: int | None = None) -> list | None:
     Another ``n``: the row groups of all splits in Spark's order, cut into ``n`` runs of
     consecutive row groups balanced by rows (footers read on the driver), each row group as the
     one-byte range at its midpoint (the midpoint rule reads exactly that row group), so
-    concatenating the runs still gives the DataFrame's rows in order and no run is empty.
+    concatenating the runs still gives the DataFrame's rows in order and no run is empty
+    (footers: the plan's, read once).
     ``None`` where there are fewer row groups than ``n`` (the caller cuts rows instead)."""
     parts = plan.partitions
     if n is None or int(n) == len(parts):
@@ -291,7 +297,7 @@ def groups(plan: ScanPlan, n: int | None = None) -> list | None:
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    units, rows, footers = [], [], {}
+    units, rows, footers = [], [], dict(plan.footers)
     for path, start, length in (f for files in parts for f in files):
         meta = footers.get(path)
         if meta is None:
