@@ -25,6 +25,11 @@ all-reduce, the optimizer update (SGD) and the scheduling. Run:
 this machine (``rddtensor.spark.testing.multi_host_cluster``: one 1-core executor on each of
 127.0.0.2 and 127.0.0.3, each with a private ``/dev/shm``), started once for the whole run;
 results go to ``allreduce_2hosts.json``/``.md``. Bytes between the hosts cross loopback.
+
+With ``sharded`` and ``replicated`` at three sizes or more, the run also fits the cost model
+``rddtensor.spark.allreduce.choose`` uses (``fit_cost_model``: its ``ONE_HOST`` constants come
+from a run on ``local[2]``, its ``HOSTS`` constants from a ``--cluster 2hosts`` run) and writes
+it under the table.
 """
 from __future__ import annotations
 
@@ -323,11 +328,19 @@ def main(argv=None):
                     help="run on a standalone cluster of two hosts on this machine")
     ap.add_argument("--no-fits", action="store_true",
                     help="with --cluster: skip the small model's whole fits")
+    ap.add_argument("--fit-from", metavar="JSON",
+                    help="only fit the cost model to a results file of an earlier run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.worker, int(a.size), a.k, a.repeats)))
+        return
+    if a.fit_from:
+        with open(a.fit_from) as f:
+            run = json.load(f)
+        hosts = 2 if "2 hosts" in run["parameters"]["master"] else 1
+        print(_cost_text(fit_cost_model(run["results"], hosts)).strip())
         return
     if a.cluster and not a.quick:
         from rddtensor.spark.testing import multi_host_cluster, unavailable_reason
@@ -344,6 +357,44 @@ def main(argv=None):
             return _main(a, "2 hosts: standalone master, 1-core executors on 127.0.0.2 and "
                             "127.0.0.3 (private /dev/shm each)", "_2hosts")
     return _main(a, "local[2]", "")
+
+
+def fit_cost_model(results: list, hosts: int) -> dict | None:
+    """``rddtensor.spark.allreduce.CostModel``'s constants fitted to this run's ``sharded`` and
+    ``replicated`` medians up to P = 1e7 (SGD, N = ``N_PARTITIONS``, ``hosts`` hosts; at 1e8
+    the machine pages, which no constant describes): non-negative least
+    squares of ms per iteration on ``[1, passes, local values, cross values]``
+    (``AllReduce.values``); ``None`` with fewer than three points."""
+    from scipy.optimize import nnls
+
+    from rddtensor.spark.allreduce import STRATEGIES
+    rows, ms, points = [], [], []
+    for r in results:
+        c = STRATEGIES.get(r.get("contender"))
+        if c is None or r.get("median_ms") is None or r["P"] > 10**7:  # (1e8 pages)
+            continue
+        cross, local = c.values(r["P"], N_PARTITIONS, hosts, 0)
+        rows.append([1.0, c.passes, local, cross])
+        ms.append(r["median_ms"] / 1e3)
+        points.append((r["contender"], r["P"]))
+    if len(rows) < 3:
+        return None
+    A, b = np.array(rows), np.array(ms)
+    coef, _ = nnls(A, b)
+    names = ("per_iteration", "per_pass", "per_local_value", "per_cross_value")
+    return {"hosts": hosts, **dict(zip(names, coef.tolist())),
+            "fitted_ms": {f"{c} {P:.0e}": round(float(f) * 1e3, 1)
+                          for (c, P), f in zip(points, A @ coef)}}
+
+
+def _cost_text(model: dict) -> str:
+    fitted = ", ".join(f"{k} {v} ms" for k, v in model["fitted_ms"].items())
+    return (f"\n\nCost model fitted on this run (`fit_cost_model`, {model['hosts']} host(s); "
+            f"`rddtensor.spark.allreduce.{'ONE_HOST' if model['hosts'] == 1 else 'HOSTS'}`): "
+            f"per iteration {model['per_iteration'] * 1e3:.1f} ms, per pass "
+            f"{model['per_pass'] * 1e3:.1f} ms, per value within a host "
+            f"{model['per_local_value'] * 1e9:.2f} ns, per value across hosts "
+            f"{model['per_cross_value'] * 1e9:.2f} ns (model's ms per iteration: {fitted}).\n")
 
 
 def _main(a, master: str, suffix: str):
@@ -393,6 +444,9 @@ def _main(a, master: str, suffix: str):
               r.get("min_ms", ""), r.get("max_ms", ""),
               f"{r['median_ms'] / local[r['contender']]:.2f}x"
               if r.get("median_ms") and local.get(r["contender"]) else ""] for r in fits])
+    cost = None if a.quick else fit_cost_model(results, 2 if suffix else 1)
+    if cost:
+        table += _cost_text(cost)
     payload = {"benchmark": "allreduce", "environment": environment(("numpy", "pyspark")),
                "parameters": {"sizes": sizes, "iterations_per_group": k, "repeats": repeats,
                               "partitions": N_PARTITIONS, "master": master,
@@ -400,7 +454,7 @@ def _main(a, master: str, suffix: str):
                               "process_per_contender": not a.quick},
                "command": "python -m benchmarks.allreduce" + (" --quick" if a.quick else "") +
                           (f" --cluster {a.cluster} --sizes {a.sizes}" if suffix else ""),
-               "results": results, "fits": fits}
+               "results": results, "fits": fits, "cost_model": cost}
     path = write_results("allreduce" + ("_quick" if a.quick else suffix), payload, table)
     print(table)
     print(f"wrote {path}")

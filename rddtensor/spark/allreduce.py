@@ -8,10 +8,12 @@ ring all-reduce moves) but an iteration is two Python passes.
 partition, and each applies the identical update to its own full copy of θ and the slots (same
 inputs, same fixed summation order: bit-identical replicas). One Python pass per iteration, but
 ``(N-1)·P`` values out of each partition, and every partition updates (and sends itself) the whole
-state. A Python pass has a fixed cost in scheduling and worker round trips (``PASS_SECONDS``,
-measured by ``python -m benchmarks.allreduce``), so for small models ``Replicated`` wins; past a
-few million parameters ``Sharded`` does, even at N = 2 where both send the same
-cross-partition bytes (``choose``).
+state. A Python pass has a fixed cost in scheduling and worker round trips (``CostModel``,
+fitted by ``python -m benchmarks.allreduce`` on one host and on two), so for small models
+``Replicated`` wins; past a few million parameters ``Sharded`` does, even at N = 2 where both
+send the same cross-partition bytes (``choose``). Across hosts a value costs ~5x more than
+within one (it crosses the JVM shuffle and the network instead of the host-local cache), so
+``Replicated``'s whole gradients to every partition weigh more there.
 
 ``initial`` ships driver-side θ (start of a fit) by broadcast and returns the state RDD and
 the broadcast handles to destroy once that state is cut loose from its lineage.
@@ -30,6 +32,7 @@ Within a job, records go through the host-local cache where the job's ``CacheSet
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 from rddtensor.training.steps import apply_update, clip_trainable, optimizer_step
 from rddtensor.spark import rawrdd, wire, worker
@@ -38,15 +41,42 @@ from rddtensor.spark.stages import (assemble, chunks_of, deliver, is_local, join
                                     local_gradient, own_record, raws_of, read_own, split_own,
                                     split_records, to_self)
 
-# The cost model of ``choose``: an iteration costs PASS_SECONDS per Python pass plus a price per
-# float32 value a partition sends, writes to itself or updates. SECONDS_PER_VALUE is the price
-# when the records between partitions cross Spark's shuffle (fitted to ``python -m
-# benchmarks.allreduce`` on local[2], idle, N = 2, SGD, with only a partition's records to
-# itself in the host-local cache, at P = 1e5 / 1e6 / 1e7); SECONDS_PER_VALUE_ONE_HOST when all
-# tasks share one host's cache (fitted to the same benchmark with the peers' records cached too).
-PASS_SECONDS = 0.0375
-SECONDS_PER_VALUE = 7.5e-9
-SECONDS_PER_VALUE_ONE_HOST = 3.3e-9
+@dataclass(frozen=True)
+class CostModel:
+    """What ``choose`` expects an iteration to cost: ``per_iteration`` (the job's share: submit,
+    cut state, stats) plus ``per_pass`` for each Python pass, ``per_local_value`` for each
+    float32 value a partition sends within its host (host-local cache tokens), sends itself or
+    updates, and ``per_cross_value`` for each value it sends to a partition on another host
+    (the JVM shuffle and the network). Fitted by ``python -m benchmarks.allreduce``
+    (``fit_cost_model``: non-negative least squares over the ``sharded`` and ``replicated``
+    medians at P = 1e5, 1e6, 1e7, N = 2, SGD) and printed with its results."""
+
+    per_iteration: float
+    per_pass: float
+    per_local_value: float
+    per_cross_value: float
+
+    def seconds(self, strategy, P: int, n: int, hosts: int, n_slots: int) -> float:
+        """Expected seconds per iteration of ``strategy`` (a class or instance)."""
+        cross, local = strategy.values(P, n, hosts, n_slots)
+        return (self.per_iteration + strategy.passes * self.per_pass
+                + local * self.per_local_value + cross * self.per_cross_value)
+
+
+# one host (local[2], idle): ``python -m benchmarks.allreduce --fit-from
+# benchmarks/results/allreduce.json`` (the model's ms per iteration within 3-13 ms of the medians)
+ONE_HOST = CostModel(per_iteration=0.026, per_pass=0.0345, per_local_value=2.6e-9,
+                     per_cross_value=0.0)
+# two hosts of one executor each (``--cluster 2hosts``: loopback, 2 cores for everything):
+# ``--fit-from benchmarks/results/allreduce_2hosts.json`` (within 1-10 ms). A value across
+# hosts costs ~5x one within a host there; on a real network the ratio is the network's.
+HOSTS = CostModel(per_iteration=0.115, per_pass=0.029, per_local_value=4.2e-9,
+                  per_cross_value=2.1e-8)
+
+
+def _per_host(n: int, hosts: int) -> float:
+    """Partitions per host when ``n`` partitions spread evenly over ``hosts`` (at least one)."""
+    return max(1.0, n / max(1, min(int(hosts), n)))
 
 
 class AllReduce(abc.ABC):
@@ -80,11 +110,16 @@ class AllReduce(abc.ABC):
         """A function ``(i, records) -> (meta, w, slots)``: the settled block ``i`` of θ_t and
         its slots from partition ``i`` of ``shuffle_pairs(S_t)`` (``model``: as ``state``'s)."""
 
+    #: Python passes per iteration (``CostModel``)
+    passes: int = 1
+
     @staticmethod
     @abc.abstractmethod
-    def values_per_partition(P: int, n: int, n_slots: int) -> float:
-        """Values one partition sends, sends itself and updates per iteration, for ``P``
-        parameters on ``n`` partitions with ``n_slots`` optimizer slots (``choose``)."""
+    def values(P: int, n: int, hosts: int, n_slots: int) -> tuple:
+        """``(cross, local)``: float32 values one partition sends to partitions on other hosts,
+        and those it sends within its host, sends itself or updates, per iteration, for ``P``
+        parameters on ``n`` partitions spread evenly over ``hosts`` hosts with ``n_slots``
+        optimizer slots (``CostModel``)."""
 
 
 class Sharded(AllReduce):
@@ -181,10 +216,15 @@ class Sharded(AllReduce):
             return read_own(params)
         return read
 
+    passes = 2
+
     @staticmethod
-    def values_per_partition(P: int, n: int, n_slots: int) -> float:
-        # blocks of P/n: 2 cross-partition moves, state + gradient to self
-        return P * (2 * (n - 1) / n + (2 + n_slots) / n + (1 + n_slots) / n)
+    def values(P: int, n: int, hosts: int, n_slots: int) -> tuple:
+        # a block of P/n to every other partition twice (gradient, θ): those on other hosts
+        # cross; the gradient block and the state to self; the block's update
+        e = _per_host(n, hosts)
+        cross = 2 * (n - e) / n * P
+        return cross, P * (2 * (e - 1) / n + (2 + n_slots) / n + (1 + n_slots) / n)
 
 
 class Replicated(AllReduce):
@@ -259,25 +299,29 @@ class Replicated(AllReduce):
                     {k: v[lo:hi] for k, v in slots.items()})
         return read
 
+    passes = 1
+
     @staticmethod
-    def values_per_partition(P: int, n: int, n_slots: int) -> float:
-        # whole gradients to all; full state to itself; the full update (and settle)
-        return P * ((n - 1) + (2 + n_slots) + 2 * (1 + n_slots))
+    def values(P: int, n: int, hosts: int, n_slots: int) -> tuple:
+        # the whole gradient to every other partition (those on other hosts cross); the whole
+        # state to self; the whole update (and settle)
+        e = _per_host(n, hosts)
+        return (n - e) * P, P * ((e - 1) + (2 + n_slots) + 2 * (1 + n_slots))
 
 
 STRATEGIES = {"sharded": Sharded, "replicated": Replicated}
 
 
-def choose(allreduce: str, model, n: int, one_host: bool = False) -> AllReduce:
+def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
     """The strategy for ``allreduce`` ("auto", "sharded" or "replicated").
 
     ``auto`` picks ``replicated`` when the optimizer needs whole-gradient norms (clipnorm,
-    LARS, LAMB), or when the values it moves and updates beyond ``sharded``'s cost less than
-    the Python pass it saves (``values_per_partition``, ``PASS_SECONDS`` and the price per
-    value: ``SECONDS_PER_VALUE_ONE_HOST`` when every task shares one host's cache
-    (``one_host``), else ``SECONDS_PER_VALUE``): small models, few partitions. With the fitted
-    constants, at N = 2 with SGD the two cross near P = 4.5e6 on one host (Adam: 1.7e6), 2e6
-    across hosts (Adam: 8e5).
+    LARS, LAMB); otherwise the strategy ``CostModel.seconds`` expects to be fastest for ``n``
+    partitions on ``hosts`` hosts (``ONE_HOST`` for one, ``HOSTS`` for several). ``replicated``
+    saves a Python pass, ``sharded`` moves and updates fewer values: with the fitted constants,
+    at N = 2 and SGD they cross near P = 5.3e6 on one host (Adam: 2.1e6) and near 2.8e6 on two
+    hosts (Adam: 1.1e6); with more partitions ``replicated``'s whole gradients to every
+    partition make ``sharded`` win sooner.
     """
     if allreduce not in ("auto", *STRATEGIES):
         raise ValueError(f"allreduce must be 'auto', 'sharded' or 'replicated', got {allreduce!r}")
@@ -286,8 +330,8 @@ def choose(allreduce: str, model, n: int, one_host: bool = False) -> AllReduce:
         strategy.check(model)
         return strategy
     opt = model.optimizer
-    needs_norms = opt.needs_whole_gradient
+    if opt.needs_whole_gradient:
+        return Replicated()
     P, s = model.layout.size, len(opt.slot_names)
-    extra = Replicated.values_per_partition(P, n, s) - Sharded.values_per_partition(P, n, s)
-    price = SECONDS_PER_VALUE_ONE_HOST if one_host else SECONDS_PER_VALUE
-    return Replicated() if needs_norms or extra * price < PASS_SECONDS else Sharded()
+    cost = ONE_HOST if hosts <= 1 else HOSTS
+    return min((Sharded, Replicated), key=lambda c: cost.seconds(c, P, n, hosts, s))()

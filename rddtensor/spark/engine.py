@@ -75,6 +75,20 @@ def one_host(sc) -> bool:
     return len({k.rsplit(":", 1)[0] for k in keys}) == 1
 
 
+def executor_hosts(sc) -> int:
+    """How many machines the executors run on (1 with ``one_host``): the ``hosts`` of
+    ``allreduce.choose``'s cost model. The driver's block manager is not an executor's: its
+    host counts only when executors run there too."""
+    if one_host(sc):
+        return 1
+    keys = sc._jsc.sc().getExecutorMemoryStatus().keys().mkString("\n").split("\n")
+    hosts = [k.rsplit(":", 1)[0] for k in keys]
+    driver = sc.getConf().get("spark.driver.host", "")
+    if driver in hosts:
+        hosts.remove(driver)  # (one entry: the driver's own)
+    return max(1, len(set(hosts)))
+
+
 class _StatsLost(RuntimeError):
     """A job finished but the stats of some of its tasks never reached the driver."""
 
@@ -623,7 +637,8 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             raise ValueError(f"batch_size={batch_size} is larger than the {shards.n_total} "
                              f"training rows; use batch_size <= {shards.n_total} (full batch)")
         model.check_label_range(shards.label_range, _labels_named(model, data, label_col))
-        strategy = choose(allreduce, model, shards.n_partitions, one_host=one_host(shards.rdd.ctx))
+        strategy = choose(allreduce, model, shards.n_partitions,
+                          hosts=executor_hosts(shards.rdd.ctx))
         model.init_slots()
         ckpt, resumed = checkpoints.start(
             model, checkpoint_dir, checkpoint_every, resume,
