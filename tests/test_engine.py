@@ -479,6 +479,12 @@ def test_choose_auto():
     assert AR.choose("auto", _big_model("lars"), 32, hosts=4).name == "replicated"
 
 
+@pytest.mark.spark
+def test_a_local_master_is_one_host(sc):
+    from rddtensor.spark.engine import executor_hosts, one_host
+    assert one_host(sc) and executor_hosts(sc) == 1  # (two hosts: tests/test_multihost.py)
+
+
 def test_choose_explicit_and_errors():
     m = classifier()
     m.build()
@@ -489,9 +495,12 @@ def test_choose_explicit_and_errors():
     for opt in ("adam_clipnorm", "lars"):
         bad = classifier(opt)
         bad.build()
-        with pytest.raises(ValueError, match="use allreduce='replicated'"):
-            AR.choose("sharded", bad, 4)
+        for name in ("sharded", "hierarchical"):
+            with pytest.raises(ValueError, match=f"which the {name} all-reduce does not have; "
+                                                 "use allreduce='replicated'"):
+                AR.choose(name, bad, 4)
         assert AR.choose("replicated", bad, 4).name == "replicated"
+    assert AR.choose("hierarchical", m, 4).name == "hierarchical"
 
 
 def test_strategies_share_the_allreduce_interface():

@@ -6,6 +6,11 @@ The driver runs in a subprocess (the fixture's ``run``), once for the module (``
 the tests read its JSON; the in-process reference is computed here from the same ``SETUP``.
 A partition's tasks keep to the host that holds its data and its host-local cache files, job
 after job, so whole fits keep the cache on (issue 21's locality).
+
+A second cluster of two executors on each of two hosts (``peers_result``) runs 4 partitions:
+records between partitions of one host go through its cache, and the hierarchical all-reduce
+(``rddtensor.spark.hierarchical``) sends one copy per host across, about half of ``sharded``'s
+bytes (Spark's own count of the shuffle bytes read from other executors).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ SCRIPT = SETUP + textwrap.dedent("""
     import os, signal, time
     from rddtensor.spark import engine, localcache
 
-    out = {"one_host": engine.one_host(sc),
+    out = {"one_host": engine.one_host(sc), "hosts": engine.executor_hosts(sc),
            "n_executors": sc._jsc.sc().getExecutorMemoryStatus().size() - 1}  # minus the driver
     # the library's own idea of where each task ran (sleep: let both executors take tasks)
     out["task_hosts"] = sorted(set(sc.parallelize(range(8), 8).map(
@@ -101,6 +106,7 @@ def result(two_hosts):
 
 def test_engine_sees_two_hosts(result, two_hosts):
     assert result["one_host"] is False
+    assert result["hosts"] == 2  # what allreduce.choose prices the fit's all-reduce with
     assert result["n_executors"] == 2
     # two distinct hosts by localcache.host_id, neither of them the driver's
     assert len(result["task_hosts"]) == 2, result["task_hosts"]
@@ -146,11 +152,15 @@ def test_more_partitions_than_cores_keep_their_hosts(result):
 
 
 PEERS_SCRIPT = SETUP + textwrap.dedent("""
+    import time
     from rddtensor.spark.engine import DistributedRunner
     from rddtensor.spark.allreduce import Sharded
     from rddtensor.spark.shards import make_shards
 
-    rows = sc.parallelize(list(zip(X, y)), 4)
+    # cached first: each fit's shards are built where these rows are, so every fit of this
+    # driver places its partitions on the hosts alike (the hierarchy's sums follow the hosts)
+    rows = sc.parallelize(list(zip(X, y)), 4).persist()
+    rows.count()
     m = make_model()
     shards = make_shards(rows)
     m.build((5,))
@@ -161,34 +171,109 @@ PEERS_SCRIPT = SETUP + textwrap.dedent("""
     hosts = list(runner._hosts(False))  # each partition's host, from where its data is cached
     runner.close()
     shards.unpersist()
-    m = make_model()
-    h = m.fit(rows, allreduce="sharded", iterations_per_job=2, **FIT)
-    emit({"hosts": hosts, "theta": m.theta.tolist(), "local_cache": h.params["local_cache"]})
+
+    # the bytes shuffle reads fetch from another executor (host-local ones are read from the
+    # disk: spark.shuffle.readHostLocalDisk), per stage, from the driver's status store
+    jsc = sc._jsc.sc()
+    store = jsc.statusStore()
+
+    def next_stage():
+        jsc.listenerBus().waitUntilEmpty()  # (the store follows the scheduler's events)
+        nxt = jsc.dagScheduler().nextStageId()  # (py4j may hand the AtomicInteger's value)
+        return nxt if isinstance(nxt, int) else nxt.get()
+
+    def remote_bytes(lo, hi):
+        total = 0
+        for stage in range(lo, hi):
+            try:
+                total += store.lastStageAttempt(stage).shuffleRemoteBytesRead()
+            except Exception:  # (a stage id of no stage left in the store)
+                pass
+        return total
+
+    runs = {}
+    for name, allreduce in (("sharded", "sharded"), ("hierarchical", "hierarchical"),
+                            ("hierarchical again", "hierarchical")):
+        m = make_model()
+        marks = []
+        start, t = next_stage(), time.perf_counter()
+        h = m.fit(rows, allreduce=allreduce, iterations_per_job=FIT_JOB, **FIT_HIER,
+                  callbacks=[lambda epoch, logs: marks.append(next_stage())])
+        seconds = time.perf_counter() - t
+        end = next_stage()
+        runs[name] = {"theta": m.theta.tolist(), "step": m.step,
+                      "local_cache": h.params["local_cache"], "seconds": seconds,
+                      # the fit's second job (epoch 1): the first knows no hosts yet (flat)
+                      "job_bytes": remote_bytes(marks[0], marks[1]),
+                      "fit_bytes": remote_bytes(start, end)}
+    emit({"hosts": hosts, "runs": runs})
 """)
 
+# the fits of PEERS_SCRIPT: 4 steps per epoch, one job per epoch
+FIT_HIER_SETUP = "FIT_HIER = dict(FIT, batch_size=60)\nFIT_JOB = 4\n"
+PEERS_SCRIPT = PEERS_SCRIPT.replace("import time\n", "import time\n" + FIT_HIER_SETUP, 1)
 
-def test_two_executors_per_host_share_their_host_cache(two_hosts):
-    """Two executors on each of two hosts (one worker of 2 cores per host, executors of 1 core),
-    4 partitions: the driver knows which partitions share a host (where their data is cached:
-    two of each), records between them go through their host's cache, and the fit keeps the
-    cache on and equals the in-process one."""
+
+@pytest.fixture(scope="module")
+def peers_result(two_hosts):
+    """PEERS_SCRIPT's result, on a second cluster: two executors on each of two hosts (one
+    worker of 2 cores per host, executors of 1 core), 4 partitions."""
     from rddtensor.spark.testing import multi_host_cluster, run_driver
     with multi_host_cluster(hosts=2, executors_per_host=2,
                             env={"PYTHONPATH": two_hosts.cluster_env}) as cluster:
         workers = cluster.workers()
-        assert sorted((w["host"], w["cores"], w["state"]) for w in workers) == [
-            ("127.0.0.2", 2, "ALIVE"), ("127.0.0.3", 2, "ALIVE")]
-        assert cluster.executors == 4
-        assert cluster.conf["spark.executor.cores"] == "1"
-        assert cluster.conf["spark.cores.max"] == "4"
+        shape = sorted((w["host"], w["cores"], w["state"]) for w in workers)
+        executors, conf = cluster.executors, dict(cluster.conf)
         out, _ = run_driver(cluster, PEERS_SCRIPT, env={"PYTHONPATH": two_hosts.cluster_env})
-    assert sorted(out["hosts"]) == [0, 0, 1, 1], out["hosts"]
-    assert out["local_cache"] == "on"
+    out["cluster"] = {"workers": shape, "executors": executors, "conf": conf}
+    for name, run in out["runs"].items():  # shown with -s / -rA, and in a failure's report
+        print(f"2 hosts x 2 executors, {name}: fit {run['seconds']:.1f} s, remote shuffle bytes: "
+              f"second job {run['job_bytes']}, whole fit {run['fit_bytes']}")
+    return out
+
+
+def _reference_hier():
     ns: dict = {}
-    exec(SETUP, ns)
+    exec(SETUP + FIT_HIER_SETUP, ns)
     ref = ns["make_model"]()
-    ref.fit(ns["X"], ns["y"], **ns["FIT"])
-    np.testing.assert_allclose(np.float32(out["theta"]), ref.theta, rtol=1e-5, atol=1e-7)
+    ref.fit(ns["X"], ns["y"], **ns["FIT_HIER"])
+    return ref
+
+
+def test_two_executors_per_host_share_their_host_cache(peers_result):
+    """Two executors on each of two hosts, 4 partitions: the driver knows which partitions
+    share a host (where their data is cached: two of each), records between them go through
+    their host's cache, and the fit keeps the cache on and equals the in-process one."""
+    out = peers_result
+    assert out["cluster"]["workers"] == [("127.0.0.2", 2, "ALIVE"), ("127.0.0.3", 2, "ALIVE")]
+    assert out["cluster"]["executors"] == 4
+    assert out["cluster"]["conf"]["spark.executor.cores"] == "1"
+    assert out["cluster"]["conf"]["spark.cores.max"] == "4"
+    assert sorted(out["hosts"]) == [0, 0, 1, 1], out["hosts"]
+    run = out["runs"]["sharded"]
+    assert run["local_cache"] == "on"
+    ref = _reference_hier()
+    assert run["step"] == ref.step == 8
+    np.testing.assert_allclose(np.float32(run["theta"]), ref.theta, rtol=1e-5, atol=1e-7)
+
+
+def test_hierarchical_sends_one_copy_per_host(peers_result):
+    """``allreduce="hierarchical"`` (``rddtensor.spark.hierarchical``) on the same cluster and
+    data: equals in-process training, keeps the cache on, two runs are bit-identical, and
+    about half of ``sharded``'s shuffle bytes cross between the hosts in a job that knows the
+    hosts (per job of 4 iterations, 36 block copies to sharded's 64: the cut iteration's θ
+    goes out flat, and the job starts from a flat cut state)."""
+    runs = peers_result["runs"]
+    hier, again, flat = runs["hierarchical"], runs["hierarchical again"], runs["sharded"]
+    ref = _reference_hier()
+    assert hier["step"] == ref.step == 8
+    assert hier["local_cache"] == again["local_cache"] == "on"
+    np.testing.assert_allclose(np.float32(hier["theta"]), ref.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.float32(again["theta"]), np.float32(hier["theta"]))
+    assert flat["job_bytes"] > 0 and hier["job_bytes"] > 0
+    ratio = hier["job_bytes"] / flat["job_bytes"]
+    assert 0.35 < ratio < 0.7, (hier["job_bytes"], flat["job_bytes"])
+    assert hier["fit_bytes"] < flat["fit_bytes"]
 
 
 def test_an_executor_killed_mid_fit_changes_nothing(result):

@@ -21,7 +21,7 @@ from rddtensor.spark.columns import feature_kind
 from rddtensor.optim import Loss, Optimizer, get_loss, get_optimizer
 from rddtensor.optim.optimizers import serialize_optimizer
 
-ALLREDUCE = ("auto", "sharded", "replicated")
+ALLREDUCE = ("auto", "sharded", "replicated", "hierarchical")
 
 
 def _positive_int(name):
@@ -262,7 +262,7 @@ class NNEstimatorParams(NNModelParams, HasLabelCol, HasSeed, HasWeightCol):
                           "repartition the training data to this many shards (default: as given)",
                           typeConverter=_positive_int("numPartitions"))
     allreduce = Param(Params._dummy(), "allreduce",
-                      "all-reduce strategy: auto, sharded or replicated", typeConverter=_allreduce)
+                      "all-reduce strategy: auto, sharded, replicated or hierarchical", typeConverter=_allreduce)
     iterationsPerJob = Param(Params._dummy(), "iterationsPerJob",
                              "training iterations run as one Spark job",
                              typeConverter=_positive_int("iterationsPerJob"))

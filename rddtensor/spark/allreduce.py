@@ -131,7 +131,7 @@ class Sharded(AllReduce):
         opt = model.optimizer
         if opt.needs_whole_gradient:
             what = "clipnorm" if opt.clipnorm is not None else type(opt).__name__
-            raise ValueError(f"{what} needs norms over the whole gradient, which the sharded "
+            raise ValueError(f"{what} needs norms over the whole gradient, which the {self.name} "
                              "all-reduce does not have; use allreduce='replicated'")
 
     @staticmethod
@@ -313,7 +313,8 @@ STRATEGIES = {"sharded": Sharded, "replicated": Replicated}
 
 
 def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
-    """The strategy for ``allreduce`` ("auto", "sharded" or "replicated").
+    """The strategy for ``allreduce`` ("auto", "sharded", "replicated" or "hierarchical":
+    ``rddtensor.spark.hierarchical``, never picked by "auto").
 
     ``auto`` picks ``replicated`` when the optimizer needs whole-gradient norms (clipnorm,
     LARS, LAMB); otherwise the strategy ``CostModel.seconds`` expects to be fastest for ``n``
@@ -324,7 +325,8 @@ def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
     partition make ``sharded`` win sooner.
     """
     if allreduce not in ("auto", *STRATEGIES):
-        raise ValueError(f"allreduce must be 'auto', 'sharded' or 'replicated', got {allreduce!r}")
+        raise ValueError(f"allreduce must be 'auto', 'sharded', 'replicated' or 'hierarchical', "
+                         f"got {allreduce!r}")
     if allreduce != "auto":
         strategy = STRATEGIES[allreduce]()
         strategy.check(model)
@@ -335,3 +337,9 @@ def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
     P, s = model.layout.size, len(opt.slot_names)
     cost = ONE_HOST if hosts <= 1 else HOSTS
     return min((Sharded, Replicated), key=lambda c: cost.seconds(c, P, n, hosts, s))()
+
+
+# "hierarchical" (``rddtensor.spark.hierarchical``: a ``Sharded`` subclass, so it imports this
+# module) adds itself to STRATEGIES when imported; importing it here, last, works whichever of
+# the two modules is imported first
+import rddtensor.spark.hierarchical  # noqa: E402,F401

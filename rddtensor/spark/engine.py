@@ -578,8 +578,10 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
             executor) gives the same shards row for row.
         iterations_per_job: iterations run as one Spark job (fewer jobs, longer lineage).
         allreduce: ``"sharded"`` (reduce-scatter + all-gather, blocks owned by partitions),
-            ``"replicated"`` (all-to-all gradients, one pass per iteration) or ``"auto"``
-            (see ``rddtensor.spark.allreduce.choose``).
+            ``"replicated"`` (all-to-all gradients, one pass per iteration),
+            ``"hierarchical"`` (sharded, with one reduced copy per host crossing between
+            hosts: ``rddtensor.spark.hierarchical``; never picked by ``"auto"``) or
+            ``"auto"`` (see ``rddtensor.spark.allreduce.choose``).
         wire_dtype: ``"float32"`` (exact: equals in-process training) or ``"bfloat16"``
             (gradients and parameter copies cross the shuffle as bfloat16, half the bytes;
             owners keep float32 master weights and optimizer slots, as BigDL did).
