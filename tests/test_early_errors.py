@@ -12,19 +12,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
 import numpy as np
 import pytest
+import scenarios
 
 from rddtensor import layers as L
 from rddtensor.training.callbacks import LearningRateScheduler
 from rddtensor.optim import Adam
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _rng = np.random.default_rng(8)
 X = _rng.normal(size=(16, 5)).astype(np.float32)
@@ -101,12 +98,17 @@ def test_validation_dataframe_of_another_width_is_named(spark, sc):
 
 
 # --- a bad value inside a task: one clear error on the console ----------------------------------
+# A session of its own, whose console (stderr) is the test's to read: a subprocess scenario
+# (tests/scenarios.py), sharing one Python and JVM start-up with the other scenarios. Its
+# console lines are split into sections at "=== name" lines; what the driver prints goes to
+# ``printed`` (emitted as the result).
 _NOISY_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from rddtensor import layers as L
     from rddtensor.spark.session import get_spark
 
+    printed = []
     spark = get_spark("local[2]")
     sc = spark.sparkContext
     rng = np.random.default_rng(0)
@@ -120,7 +122,7 @@ _NOISY_SCRIPT = textwrap.dedent("""
         try:
             m.fit(sc.parallelize(rows, 2), epochs=1, batch_size=4, verbose=0)
         except Exception as e:
-            print(f"{type(e).__name__}: {e}", flush=True)
+            printed.append(f"{type(e).__name__}: {e}")
 
     def section(name):
         sys.stderr.flush()
@@ -132,31 +134,33 @@ _NOISY_SCRIPT = textwrap.dedent("""
     try:
         sc.parallelize([0], 1).map(lambda x: 1 / x).collect()
     except Exception:
-        print("the user's job failed", flush=True)
+        printed.append("the user's job failed")
     section("fit with spark.rddtensor.quietTaskFailures=false")
     spark.conf.set("spark.rddtensor.quietTaskFailures", "false")
     fit()
     section("end")
+    spark.conf.unset("spark.rddtensor.quietTaskFailures")
+    spark.stop()
+    emit(printed)
 """)
+scenarios.register("noisy_task_error", _NOISY_SCRIPT)
 
 
 @pytest.fixture(scope="module")
-def noisy_run(tmp_path_factory):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-c", _NOISY_SCRIPT], capture_output=True, text=True,
-                       env=env, timeout=300, cwd=str(tmp_path_factory.mktemp("noisy")))
-    assert p.returncode == 0, p.stderr[-5000:]
+def noisy_run(scenario_results):
+    printed, log = scenario_results("noisy_task_error")
     sections, name = {}, None
-    for line in p.stderr.splitlines():
+    for line in log.splitlines():
         if line.startswith("=== "):
             name = line[4:]
             sections[name] = []
         elif name is not None:
             sections[name].append(line)
-    return p.stdout.splitlines(), sections
+    return printed, sections
 
 
 @pytest.mark.spark
+@pytest.mark.scenario("noisy_task_error")
 def test_a_bad_value_in_a_task_prints_one_clear_error(noisy_run):
     out, err = noisy_run
     assert out[0] == "ValueError: features contain NaN or inf (row 1 of partition 1)"

@@ -30,8 +30,8 @@ COMMON = textwrap.dedent("""
     rng = np.random.default_rng(11)
     X = rng.normal(size=(48, 5)).astype(np.float32)
     y = (X[:, 0] - X[:, 3] > 0).astype(np.int64)
-    # 48 rows, batch 8: 6 steps per epoch, 3 epochs = 18 steps in jobs of 2
-    FIT = dict(epochs=3, batch_size=8, seed=5, verbose=0, iterations_per_job=2)
+    # 48 rows, batch 8: 6 steps per epoch in jobs of 2 (each scenario picks its epochs)
+    FIT = dict(batch_size=8, seed=5, verbose=0, iterations_per_job=2)
 
     def make_model():
         m = L.Sequential([L.Dense(8, activation="relu", input_shape=(5,)), L.Dropout(0.25),
@@ -49,14 +49,18 @@ TASK_FAILURES = COMMON + textwrap.dedent("""
     spark = get_spark("local[2,4]", app_name="rddtensor-task-failures")
     sc = spark.sparkContext
     out = {}
+    # 2 epochs = 12 steps: enough for every failure below (the first epoch, the first step of
+    # the next, the last step); a third epoch added 6 fault-free steps to each of the 4 fits
+    FIT["epochs"] = 2
     try:
         train = sc.parallelize(list(zip(X, y)), 3)
         for allreduce in ("sharded", "replicated"):
             m = make_model()
             out[allreduce] = snapshot(m, m.fit(train, allreduce=allreduce, **FIT))
             # step 2: partition 0 fails three times in a row (the fourth attempt runs);
-            # step 7: every partition's first attempt; step 18 (the last): partition 2 once
-            os.environ["RDDTENSOR_FAIL_AT"] = "2:0:0,2:0:1,2:0:2,7:*:0,18:2:0"
+            # step 7 (the first of epoch 2): every partition's first attempt; step 12 (the
+            # last): partition 2 once
+            os.environ["RDDTENSOR_FAIL_AT"] = "2:0:0,2:0:1,2:0:2,7:*:0,12:2:0"
             try:
                 m = make_model()
                 out[allreduce + "_faulty"] = snapshot(m, m.fit(train, allreduce=allreduce, **FIT))
@@ -137,6 +141,9 @@ EXECUTOR_LOSS = COMMON + textwrap.dedent("""
             time.sleep(0.2)
         time.sleep(max(0.0, changed[0] + 6 - time.time()))
 
+    # 3 epochs = 18 steps: the executors die in epoch 2's first job, and a whole epoch (new
+    # shards on the replacement executors) follows the recovery
+    FIT["epochs"] = 3
     spark = get_spark("local-cluster[2,1,1024]", app_name="rddtensor-executor-loss")
     sc = spark.sparkContext
     stop_watch = threading.Event()
@@ -185,10 +192,10 @@ scenarios.register("task_failures", TASK_FAILURES)
 scenarios.register("executor_loss", EXECUTOR_LOSS, ["sharded,replicated"])
 
 
-def _assert_bit_identical(got, ref, what):
+def _assert_bit_identical(got, ref, what, steps):
     np.testing.assert_array_equal(np.float32(got["theta"]), np.float32(ref["theta"]),
                                   err_msg=what)
-    assert got["step"] == ref["step"] == 18, what
+    assert got["step"] == ref["step"] == steps, what
     for k in ref["slots"]:
         np.testing.assert_array_equal(np.float32(got["slots"][k]), np.float32(ref["slots"][k]),
                                       err_msg=f"{what} slot {k}")
@@ -221,11 +228,11 @@ def test_unset_hook_uses_the_plain_accumulator(sc, monkeypatch):
 def test_injected_task_failures_are_retried_bit_identically(scenario_results):
     out, log = scenario_results("task_failures")
     for allreduce in ("sharded", "replicated"):
-        _assert_bit_identical(out[allreduce + "_faulty"], out[allreduce], allreduce)
+        _assert_bit_identical(out[allreduce + "_faulty"], out[allreduce], allreduce, 12)
     # the failures happened: Spark logged each failed attempt with the injected message
     seen = set(re.findall(r"injected task failure at step (\d+), partition (\d+), attempt (\d+)",
                           log))
-    want = {("2", "0", "0"), ("2", "0", "1"), ("2", "0", "2"), ("18", "2", "0")}
+    want = {("2", "0", "0"), ("2", "0", "1"), ("2", "0", "2"), ("12", "2", "0")}
     want |= {("7", str(j), "0") for j in range(3)}
     assert want <= seen, sorted(seen)
 
@@ -241,10 +248,10 @@ def test_killed_executors_cost_time_not_the_run(scenario_results):
         for allreduce in ("sharded", "replicated"):
             got = out[allreduce + "_one_killed"]
             assert len(got["killed"]) == 1 and len(got["killed"][0]) == 1, got["killed"]
-            _assert_bit_identical(got, out[allreduce], f"{allreduce}, one executor killed")
+            _assert_bit_identical(got, out[allreduce], f"{allreduce}, one executor killed", 18)
         got = out["sharded_all_killed"]
         assert len(got["killed"]) == 1 and len(got["killed"][0]) == 2, got["killed"]
-        _assert_bit_identical(got, out["sharded"], "both executors killed")
+        _assert_bit_identical(got, out["sharded"], "both executors killed", 18)
         assert "reloading" in log and "replaying" in log  # it went back to the checkpoint
         assert len(out["executors_at_end"]) == 2  # the cluster replaced the killed executors
         print({k: round(v["seconds"], 1) for k, v in out.items()
