@@ -340,7 +340,12 @@ def main(argv=None):
         with open(a.fit_from) as f:
             run = json.load(f)
         hosts = 2 if "2 hosts" in run["parameters"]["master"] else 1
-        print(_cost_text(fit_cost_model(run["results"], hosts)).strip())
+        model = fit_cost_model(run["results"], hosts, run["parameters"].get("partitions",
+                                                                            N_PARTITIONS))
+        if model is None:
+            raise SystemExit(f"{a.fit_from}: fewer than three sharded/replicated medians at "
+                             "P <= 1e7 to fit")
+        print(_cost_text(model).strip())
         return
     if a.cluster and not a.quick:
         from rddtensor.spark.testing import multi_host_cluster, unavailable_reason
@@ -359,9 +364,9 @@ def main(argv=None):
     return _main(a, "local[2]", "")
 
 
-def fit_cost_model(results: list, hosts: int) -> dict | None:
+def fit_cost_model(results: list, hosts: int, partitions: int = N_PARTITIONS) -> dict | None:
     """``rddtensor.spark.allreduce.CostModel``'s constants fitted to this run's ``sharded`` and
-    ``replicated`` medians up to P = 1e7 (SGD, N = ``N_PARTITIONS``, ``hosts`` hosts; at 1e8
+    ``replicated`` medians up to P = 1e7 (SGD, N = ``partitions``, ``hosts`` hosts; at 1e8
     the machine pages, which no constant describes): non-negative least
     squares of ms per iteration on ``[1, passes, local values, cross values]``
     (``AllReduce.values``); ``None`` with fewer than three points."""
@@ -371,9 +376,10 @@ def fit_cost_model(results: list, hosts: int) -> dict | None:
     rows, ms, points = [], [], []
     for r in results:
         c = STRATEGIES.get(r.get("contender"))
-        if c is None or r.get("median_ms") is None or r["P"] > 10**7:  # (1e8 pages)
+        if r.get("contender") not in ("sharded", "replicated") or r.get("median_ms") is None \
+                or r["P"] > 10**7:  # (1e8 pages)
             continue
-        cross, local = c.values(r["P"], N_PARTITIONS, hosts, 0)
+        cross, local = c.values(r["P"], partitions, hosts, 0)
         rows.append([1.0, c.passes, local, cross])
         ms.append(r["median_ms"] / 1e3)
         points.append((r["contender"], r["P"]))

@@ -64,12 +64,14 @@ class CostModel:
 
 
 # one host (local[2], idle): ``python -m benchmarks.allreduce --fit-from
-# benchmarks/results/allreduce.json`` (the model's ms per iteration within 3-13 ms of the medians)
+# benchmarks/results/allreduce.json`` (the model's ms per iteration within 0.4-11 ms of the medians)
 ONE_HOST = CostModel(per_iteration=0.026, per_pass=0.0345, per_local_value=2.6e-9,
                      per_cross_value=0.0)
 # two hosts of one executor each (``--cluster 2hosts``: loopback, 2 cores for everything):
 # ``--fit-from benchmarks/results/allreduce_2hosts.json`` (within 1-10 ms). A value across
 # hosts costs ~5x one within a host there; on a real network the ratio is the network's.
+# (One executor per host: the price within a host was fitted on a partition's records to
+# itself and its update only; tokens between partitions of one host are priced alike, unmeasured.)
 HOSTS = CostModel(per_iteration=0.115, per_pass=0.029, per_local_value=4.2e-9,
                   per_cross_value=2.1e-8)
 
@@ -170,25 +172,34 @@ class Sharded(AllReduce):
                               self._update(model, bounds, it.step.wire_bf16, it.state_cache))
 
     @staticmethod
-    def _gradient(it: Iteration, model, bounds, acc):
+    def _gradient(it: Iteration, model, bounds, acc, route=None):
+        """The gradient pass: partition j's gradient at θ_t, block i's slice to ``route(j,
+        i)`` (default: owner i; ``Hierarchical``: a delegate on j's host), its own block's
+        state on to itself (``forward_own``)."""
         step, cache = it.step, it.cache
         bf16 = step.gradient_bf16
+        forward_own = Sharded.forward_own
 
         def run(j, records):
             params, shard = split_records(records)
             t, theta = assemble(params, model.layout.size)
             g = local_gradient(step, model, theta, t, j, shard, acc, it.weight_sum)
             for i, (a, z) in enumerate(bounds):
-                yield from deliver(cache, Kind.GRAD, j, t, {"src": j, "t": t}, {"g": g[a:z]}, [i],
-                                   bf16, file=f"{j}-{i}")
-            # the block's state rides back to its owner unchanged (into the host-local cache
-            # when it arrived inline, at a job's first iteration)
-            if cache is not None and not is_local(params, Kind.OWN):
-                meta, w, slots = read_own(params)
-                yield from keyed(j, own_record(j, t, meta["lo"], meta["hi"], w, slots, cache))
-            else:
-                yield from keyed(j, raws_of(params, Kind.OWN))
+                yield from deliver(cache, Kind.GRAD, j, t, {"src": j, "t": t, "blk": i},
+                                   {"g": g[a:z]}, [i if route is None else route(j, i)], bf16,
+                                   file=f"{j}-{i}")
+            yield from forward_own(j, params, t, cache)
         return run
+
+    @staticmethod
+    def forward_own(j, params, t, cache: CacheSettings | None):
+        """The ``own`` state of partition ``j`` on to itself, unchanged: its raw records (a
+        token stays a token), or into the host-local cache when it arrived inline (a job's
+        first iteration)."""
+        if cache is not None and not is_local(params, Kind.OWN):
+            meta, w, slots = read_own(params)
+            return keyed(j, own_record(j, t, meta["lo"], meta["hi"], w, slots, cache))
+        return keyed(j, raws_of(params, Kind.OWN))
 
     def _update(self, model, bounds, bf16=False, cache: CacheSettings | None = None):
         emit_state = self.emit_state
@@ -320,7 +331,7 @@ def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
     LARS, LAMB); otherwise the strategy ``CostModel.seconds`` expects to be fastest for ``n``
     partitions on ``hosts`` hosts (``ONE_HOST`` for one, ``HOSTS`` for several). ``replicated``
     saves a Python pass, ``sharded`` moves and updates fewer values: with the fitted constants,
-    at N = 2 and SGD they cross near P = 5.3e6 on one host (Adam: 2.1e6) and near 2.8e6 on two
+    at N = 2 and SGD they cross near P = 5.3e6 on one host (Adam: 2.0e6) and near 2.8e6 on two
     hosts (Adam: 1.1e6); with more partitions ``replicated``'s whole gradients to every
     partition make ``sharded`` win sooner.
     """

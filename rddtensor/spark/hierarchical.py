@@ -51,7 +51,14 @@ host), never of the arrival order: two runs whose partitions land on the hosts a
 identical. It differs from ``Sharded``'s (source order over all partitions), and so does the
 result, within float tolerance; a fit whose partitions move between hosts (a lost executor)
 or that runs a job without the map (fallback) sums those steps in another order, also within
-float tolerance of the others, not bit for bit.
+float tolerance of the others, not bit for bit. So the bit-identical guarantees of ``sharded``
+and ``replicated`` do not carry over: a fit's first job (hosts not yet known) always runs in
+``Sharded``'s order, so a fit resumed from a checkpoint or continued with ``initial_epoch``
+(whose first job is a different step range), a fit whose host-local cache turned off after a
+miss, one whose shards were rebuilt after a data-store miss, and one whose executor was lost
+each agree with the uninterrupted fit to float tolerance only. That is why ``auto`` never
+picks it. With ``wire_dtype="bfloat16"`` a host's partial sum is rounded to bfloat16 again
+before it crosses (one more rounding than ``sharded``'s).
 """
 from __future__ import annotations
 
@@ -59,8 +66,8 @@ from rddtensor.training.steps import apply_update, clip_trainable
 from rddtensor.spark import rawrdd, wire, worker
 from rddtensor.spark.allreduce import STRATEGIES, Sharded, _per_host
 from rddtensor.spark.config import CacheSettings, Iteration, Kind
-from rddtensor.spark.stages import (assemble, chunks_of, deliver, is_local, keyed,
-                                    local_gradient, own_record, raws_of, read_own, split_records)
+from rddtensor.spark.stages import (chunks_of, deliver, keyed, own_record, raws_of, read_own,
+                                    split_records)
 
 __all__ = ["Hierarchical", "HostMap", "sharded_cross_host_values"]
 
@@ -195,14 +202,16 @@ class Hierarchical(Sharded):
         (``AllReduce.values``, ``CostModel``; ``passes``: 4). ``cross``:
         ``cross_host_values``. ``local``: its gradient slices to the owners or delegates on
         its host, the slices a delegate adds (``E`` of each block it delegates), θ to its
-        host's partitions and the fanned-out θ blocks (written once per host), its gradient
-        block and state to itself, the block's update. With one host or one partition per
+        host's partitions and the fanned-out θ blocks (each counted once per partition that
+        reads it, as ``Sharded.values`` and ``Replicated.values`` count a record one cache
+        file serves to several partitions), its gradient block and state to itself, the
+        block's update. With one host or one partition per
         host: ``Sharded.values``."""
         e = _per_host(n, hosts)
         if hosts <= 1 or e <= 1:
             return Sharded.values(P, n, hosts, n_slots)
         cross = Hierarchical.cross_host_values(P, n, hosts, n_slots)
-        local = P * ((n - 1) / n + (n - e) / n + (e - 1) / n + (n - e) / (e * n)
+        local = P * ((n - 1) / n + (n - e) / n + (e - 1) / n + (n - e) / n
                      + (2 + n_slots) / n + (1 + n_slots) / n)
         return cross, local
 
@@ -229,40 +238,12 @@ class Hierarchical(Sharded):
             return None
         # the cut iteration's state goes out inline and flat (``Sharded.emit_state``)
         fan = self.host_gather and it.state_cache is not None
-        passes = [(self._host_gradient(it, model, bounds, acc, hm), True),
+        passes = [(self._gradient(it, model, bounds, acc, route=hm.route), True),
                   (self._host_reduce(it, bounds, hm), False),
                   (self._host_update(model, bounds, it, hm, fan), False)]
         if fan:
             passes.append((self._fan_out(it, hm), False))
         return passes
-
-    @staticmethod
-    def _forward_own(j, params, t, cache):
-        """The ``own`` state of partition ``j`` on to itself: its raw records (a token stays a
-        token), or into the host-local cache when it arrived inline (a job's first
-        iteration), as ``Sharded._gradient`` does."""
-        if cache is not None and not is_local(params, Kind.OWN):
-            meta, w, slots = read_own(params)
-            return keyed(j, own_record(j, t, meta["lo"], meta["hi"], w, slots, cache))
-        return keyed(j, raws_of(params, Kind.OWN))
-
-    @staticmethod
-    def _host_gradient(it: Iteration, model, bounds, acc, hm: HostMap):
-        """Pass 1: partition j's gradient, each block's slice to the owner on j's host or to
-        j's host's delegate for it (a token either way), its ``own`` state to itself."""
-        step, cache = it.step, it.cache
-        bf16 = step.gradient_bf16
-        forward_own = Hierarchical._forward_own
-
-        def run(j, records):
-            params, shard = split_records(records)
-            t, theta = assemble(params, model.layout.size)
-            g = local_gradient(step, model, theta, t, j, shard, acc, it.weight_sum)
-            for i, (a, z) in enumerate(bounds):
-                yield from deliver(cache, Kind.GRAD, j, t, {"src": j, "t": t, "blk": i},
-                                   {"g": g[a:z]}, [hm.route(j, i)], bf16, file=f"{j}-{i}")
-            yield from forward_own(j, params, t, cache)
-        return run
 
     @staticmethod
     def _host_reduce(it: Iteration, bounds, hm: HostMap):
@@ -280,15 +261,12 @@ class Hierarchical(Sharded):
             members = list(hm.members[h])
             here = worker.current()
             for i in hm.delegated(d):
-                got = wire.Chunks()
-                for _, meta, x, _ in grads:
-                    if meta["blk"] == i:
-                        got.add(meta, x)
+                got = _chunks_where(grads, "blk", i)
                 if got.sources() != members:
                     raise RuntimeError(f"partition {d} got slices of block {i} from partitions "
                                        f"{got.sources()}, expected its host's {members}")
                 a, z = bounds[i]
-                g = got.sum_into("g", here.scratch(f"hsum.{i}", z - a))
+                g = got.sum_into("g", here.scratch("hsum", z - a))
                 meta = {"src": hm.partial_source(h), "t": got.meta["t"], "blk": i}
                 yield from keyed(i, wire.chunks(Kind.GRAD, meta, {"g": g}, bf16))
         return run
@@ -337,17 +315,23 @@ class Hierarchical(Sharded):
                                         Kind.THETA))
             here = worker.current()
             for i in hm.delegated(d):
-                got = wire.Chunks()
-                for _, meta, x, _ in theta:
-                    if meta["i"] == i:
-                        got.add(meta, x)
+                got = _chunks_where(theta, "i", i)
                 if got.meta is None:
                     raise RuntimeError(f"partition {d} got no θ block {i} to fan out")
                 m = {k: got.meta[k] for k in ("i", "t", "lo", "hi")}
-                w = got.into("w", here.scratch(f"fan.{i}", m["hi"] - m["lo"]))
+                w = got.into("w", here.scratch("fan", m["hi"] - m["lo"]))
                 yield from deliver(cache, Kind.THETA, d, m["t"], m, {"w": w}, hm.members[h],
                                    ("w",) if bf16 else (), file=f"{i}-{d}")
         return run
+
+
+def _chunks_where(params, field: str, value) -> wire.Chunks:
+    """The chunks among decoded records ``params`` whose header has ``field == value``."""
+    got = wire.Chunks()
+    for _, meta, x, _ in params:
+        if meta[field] == value:
+            got.add(meta, x)
+    return got
 
 
 def emit_host_state(i, t, bounds, w, slots, hm: HostMap, bf16=False,
