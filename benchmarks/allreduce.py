@@ -368,8 +368,11 @@ def fit_cost_model(results: list, hosts: int, partitions: int = N_PARTITIONS) ->
     """``rddtensor.spark.allreduce.CostModel``'s constants fitted to this run's ``sharded`` and
     ``replicated`` medians up to P = 1e7 (SGD, N = ``partitions``, ``hosts`` hosts; at 1e8
     the machine pages, which no constant describes): non-negative least
-    squares of ms per iteration on ``[1, passes, local values, cross values]``
-    (``AllReduce.values``); ``None`` with fewer than three points."""
+    squares of ms per iteration on ``[1, passes, all values, cross values]``
+    (``AllReduce.values``: a value across hosts is priced as one within a host plus a
+    non-negative extra); ``None`` with fewer than three points. With one executor per host
+    (the ``2hosts`` cluster) both strategies send the same values across at N = 2, so only
+    their difference in values within a host and in passes tells the prices apart."""
     from scipy.optimize import nnls
 
     from rddtensor.spark.allreduce import STRATEGIES
@@ -380,15 +383,19 @@ def fit_cost_model(results: list, hosts: int, partitions: int = N_PARTITIONS) ->
                 or r["P"] > 10**7:  # (1e8 pages)
             continue
         cross, local = c.values(r["P"], partitions, hosts, 0)
-        rows.append([1.0, c.passes, local, cross])
+        rows.append([1.0, c.passes, local + cross, cross])
         ms.append(r["median_ms"] / 1e3)
         points.append((r["contender"], r["P"]))
     if len(rows) < 3:
         return None
     A, b = np.array(rows), np.array(ms)
     coef, _ = nnls(A, b)
-    names = ("per_iteration", "per_pass", "per_local_value", "per_cross_value")
-    return {"hosts": hosts, **dict(zip(names, coef.tolist())),
+    # (a value across hosts does all a value within one does, and then the network: its price
+    # is fitted as the within-host price plus a non-negative extra)
+    per_iteration, per_pass, per_local, extra = coef.tolist()
+    fitted = {"per_iteration": per_iteration, "per_pass": per_pass,
+              "per_local_value": per_local, "per_cross_value": per_local + extra}
+    return {"hosts": hosts, **fitted,
             "fitted_ms": {f"{c} {P:.0e}": round(float(f) * 1e3, 1)
                           for (c, P), f in zip(points, A @ coef)}}
 
@@ -399,8 +406,10 @@ def _cost_text(model: dict) -> str:
             f"`rddtensor.spark.allreduce.{'ONE_HOST' if model['hosts'] == 1 else 'HOSTS'}`): "
             f"per iteration {model['per_iteration'] * 1e3:.1f} ms, per pass "
             f"{model['per_pass'] * 1e3:.1f} ms, per value within a host "
-            f"{model['per_local_value'] * 1e9:.2f} ns, per value across hosts "
-            f"{model['per_cross_value'] * 1e9:.2f} ns (model's ms per iteration: {fitted}).\n")
+            f"{model['per_local_value'] * 1e9:.2f} ns"
+            + (f", per value across hosts {model['per_cross_value'] * 1e9:.2f} ns"
+               if model["hosts"] > 1 else "")
+            + f" (model's ms per iteration: {fitted}).\n")
 
 
 def _main(a, master: str, suffix: str):

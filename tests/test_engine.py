@@ -452,7 +452,7 @@ def test_choose_auto():
             assert AR.choose("auto", big, n, hosts=hosts).name == "sharded"
 
     # the crossover at N = 2 (fitted by benchmarks.allreduce): on one host SGD near 5.3e6
-    # values and Adam near 2.1e6; across two hosts, where a value costs more, 2.8e6 / 1.1e6
+    # values and Adam near 2.1e6; across two hosts, where a value costs more, 2.7e6 / 1.0e6
     def crossover(n_slots, cost, hosts):
         return min(P for P in np.geomspace(1e4, 1e8, 400)
                    if cost.seconds(AR.Replicated, P, 2, hosts, n_slots)

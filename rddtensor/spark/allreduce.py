@@ -11,9 +11,9 @@ inputs, same fixed summation order: bit-identical replicas). One Python pass per
 state. A Python pass has a fixed cost in scheduling and worker round trips (``CostModel``,
 fitted by ``python -m benchmarks.allreduce`` on one host and on two), so for small models
 ``Replicated`` wins; past a few million parameters ``Sharded`` does, even at N = 2 where both
-send the same cross-partition bytes (``choose``). Across hosts a value costs ~5x more than
-within one (it crosses the JVM shuffle and the network instead of the host-local cache), so
-``Replicated``'s whole gradients to every partition weigh more there.
+send the same cross-partition bytes (``choose``). On several hosts a pass and a value cost
+more than on one (the JVM shuffle, the network, the task machinery), and ``Replicated``'s whole
+gradients to every partition cross hosts, so ``Sharded`` wins sooner there.
 
 ``initial`` ships driver-side θ (start of a fit) by broadcast and returns the state RDD and
 the broadcast handles to destroy once that state is cut loose from its lineage.
@@ -68,12 +68,14 @@ class CostModel:
 ONE_HOST = CostModel(per_iteration=0.026, per_pass=0.0345, per_local_value=2.6e-9,
                      per_cross_value=0.0)
 # two hosts of one executor each (``--cluster 2hosts``: loopback, 2 cores for everything):
-# ``--fit-from benchmarks/results/allreduce_2hosts.json`` (within 1-10 ms). A value across
-# hosts costs ~5x one within a host there; on a real network the ratio is the network's.
-# (One executor per host: the price within a host was fitted on a partition's records to
-# itself and its update only; tokens between partitions of one host are priced alike, unmeasured.)
-HOSTS = CostModel(per_iteration=0.115, per_pass=0.029, per_local_value=4.2e-9,
-                  per_cross_value=2.1e-8)
+# ``--fit-from benchmarks/results/allreduce_2hosts.json`` (within 4-40 ms of the medians).
+# With one executor per host both strategies send the same values across at N = 2, so the fit
+# sees a value across hosts only through the whole iteration: it prices it no higher than one
+# within a host (10.2 ns, ~4x one host's 2.65: this rig's 9 JVM and Python processes share 2
+# cores); a run in an earlier session fitted 4.1 ns within a host and 20.9 ns across. The
+# choice at N = 2 (sharded past ~2.6e6 with SGD) held in both.
+HOSTS = CostModel(per_iteration=0.121, per_pass=0.067, per_local_value=1.02e-8,
+                  per_cross_value=1.02e-8)
 
 
 def _per_host(n: int, hosts: int) -> float:
@@ -331,8 +333,8 @@ def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
     LARS, LAMB); otherwise the strategy ``CostModel.seconds`` expects to be fastest for ``n``
     partitions on ``hosts`` hosts (``ONE_HOST`` for one, ``HOSTS`` for several). ``replicated``
     saves a Python pass, ``sharded`` moves and updates fewer values: with the fitted constants,
-    at N = 2 and SGD they cross near P = 5.3e6 on one host (Adam: 2.0e6) and near 2.8e6 on two
-    hosts (Adam: 1.1e6); with more partitions ``replicated``'s whole gradients to every
+    at N = 2 and SGD they cross near P = 5.3e6 on one host (Adam: 2.0e6) and near 2.6e6 on two
+    hosts (Adam: 1.0e6); with more partitions ``replicated``'s whole gradients to every
     partition make ``sharded`` win sooner.
     """
     if allreduce not in ("auto", *STRATEGIES):
