@@ -209,19 +209,28 @@ class Sharded(AllReduce):
 
         def run(i, records):
             params, _ = split_records(records)
-            meta, w, slots = read_own(params)
-            grads = chunks_of(params, Kind.GRAD)
-            if grads.sources() != list(range(n)):
-                raise RuntimeError(f"block {i} got gradients from partitions {grads.sources()}, "
-                                   f"expected all {n}")
-            g = grads.sum_into("g", worker.current().scratch("gsum", w.size))
-            train, bufs = model.layout.split_segments(*bounds[i])
-            if model.optimizer.clipvalue is not None:  # elementwise: exact on a block
-                clip_trainable(model.optimizer, g, train)
-            apply_update(model.optimizer, w, g, slots, meta["t"] + 1,
-                         segments=train, buffer_segments=bufs)
-            return emit_state(i, meta["t"] + 1, bounds, w, slots, bf16, cache)
+            t, w, slots = Sharded.update_block(model, bounds, i, params, range(n))
+            return emit_state(i, t, bounds, w, slots, bf16, cache)
         return run
+
+    @staticmethod
+    def update_block(model, bounds, i, params, sources):
+        """Block ``i`` after its update: the gradient records of exactly ``sources`` among
+        ``params`` summed in source order (``wire.Chunks.sum_into``), clipped by value,
+        applied to the block and its slots: ``(t + 1, w, slots)``."""
+        meta, w, slots = read_own(params)
+        grads = chunks_of(params, Kind.GRAD)
+        want = sorted(sources)
+        if grads.sources() != want:
+            raise RuntimeError(f"block {i} got gradients from sources {grads.sources()}, "
+                               f"expected {want}")
+        g = grads.sum_into("g", worker.current().scratch("gsum", w.size))
+        train, bufs = model.layout.split_segments(*bounds[i])
+        if model.optimizer.clipvalue is not None:  # elementwise: exact on a block
+            clip_trainable(model.optimizer, g, train)
+        apply_update(model.optimizer, w, g, slots, meta["t"] + 1,
+                     segments=train, buffer_segments=bufs)
+        return meta["t"] + 1, w, slots
 
     def own_block(self, model, bounds):
         def read(i, records):

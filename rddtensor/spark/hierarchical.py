@@ -62,12 +62,10 @@ before it crosses (one more rounding than ``sharded``'s).
 """
 from __future__ import annotations
 
-from rddtensor.training.steps import apply_update, clip_trainable
 from rddtensor.spark import rawrdd, wire, worker
 from rddtensor.spark.allreduce import STRATEGIES, Sharded, _per_host
 from rddtensor.spark.config import CacheSettings, Iteration, Kind
-from rddtensor.spark.stages import (chunks_of, deliver, keyed, own_record, raws_of, read_own,
-                                    split_records)
+from rddtensor.spark.stages import deliver, keyed, own_record, raws_of, split_records
 
 __all__ = ["Hierarchical", "HostMap", "sharded_cross_host_values"]
 
@@ -282,18 +280,7 @@ class Hierarchical(Sharded):
 
         def run(i, records):
             params, _ = split_records(records)
-            meta, w, slots = read_own(params)
-            grads = chunks_of(params, Kind.GRAD)
-            want = hm.contributors(i)
-            if grads.sources() != sorted(want):
-                raise RuntimeError(f"block {i} got gradients from sources {grads.sources()}, "
-                                   f"expected {sorted(want)}")
-            g = grads.sum_into("g", worker.current().scratch("gsum", w.size))
-            train, bufs = model.layout.split_segments(*bounds[i])
-            if model.optimizer.clipvalue is not None:  # elementwise: exact on a block
-                clip_trainable(model.optimizer, g, train)
-            t = meta["t"] + 1
-            apply_update(model.optimizer, w, g, slots, t, segments=train, buffer_segments=bufs)
+            t, w, slots = Sharded.update_block(model, bounds, i, params, hm.contributors(i))
             if not fan:
                 return emit_state(i, t, bounds, w, slots, bf16, cache)
             return emit_host_state(i, t, bounds, w, slots, hm, bf16, cache)
