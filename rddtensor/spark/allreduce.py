@@ -331,6 +331,8 @@ class Replicated(AllReduce):
         return (n - e) * P, P * ((e - 1) + (2 + n_slots) + 2 * (1 + n_slots))
 
 
+# by name; "hierarchical" adds itself when ``rddtensor.spark.hierarchical`` is imported (the
+# engine imports it: that module builds on this one, so this one cannot import it)
 STRATEGIES = {"sharded": Sharded, "replicated": Replicated}
 
 
@@ -359,9 +361,3 @@ def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
     P, s = model.layout.size, len(opt.slot_names)
     cost = ONE_HOST if hosts <= 1 else HOSTS
     return min((Sharded, Replicated), key=lambda c: cost.seconds(c, P, n, hosts, s))()
-
-
-# "hierarchical" (``rddtensor.spark.hierarchical``: a ``Sharded`` subclass, so it imports this
-# module) adds itself to STRATEGIES when imported; importing it here, last, works whichever of
-# the two modules is imported first
-import rddtensor.spark.hierarchical  # noqa: E402,F401

@@ -34,6 +34,7 @@ from rddtensor.training.params import block_bounds
 from rddtensor.training.steps import empty_stats, merge_stats, stats_logs
 from rddtensor.training.loop import fit_loop, stopped_at, warn_interrupted
 from rddtensor.spark import datastore, localcache, rawrdd, wire
+from rddtensor.spark import hierarchical  # noqa: F401  (adds "hierarchical" to STRATEGIES)
 from rddtensor.spark.allreduce import AllReduce, choose
 from rddtensor.spark.checkpoint import save_state
 from rddtensor.spark.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
