@@ -372,7 +372,8 @@ BAD_INPUTS = {
     "no_labels": (lambda: list(X), 2, {}, r"training data needs labels"),
     "empty_rdd": (lambda: [], 2, {}, r"empty"),
     "unknown_allreduce": (_rows, 2, {"allreduce": "ring"},
-                          r"allreduce must be 'auto', 'sharded' or 'replicated', got 'ring'"),
+                          r"allreduce must be 'auto', 'sharded', 'replicated' or 'hierarchical', "
+                          r"got 'ring'"),
     "label_out_of_range": (lambda: pairs(X, Y_CLS + 2), 2, {},
                            r"labels must be integers in \[0, 2\)"),
 }
