@@ -9,11 +9,14 @@ the model keeps what it held and the warning says so.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
 import pytest
-import scenarios
 
 from rddtensor import layers as L
 from rddtensor.training.callbacks import LambdaCallback
@@ -21,6 +24,8 @@ from rddtensor.optim import Adam
 from rddtensor.spark.errors import FitInterrupted
 
 pytestmark = pytest.mark.spark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _rng = np.random.default_rng(11)
 X = _rng.normal(size=(24, 5)).astype(np.float32)
@@ -121,19 +126,15 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_completed_epoch(data, aft
     assert (d / "step-000000004" / "manifest.json").exists()
 
 
-# --- a real Ctrl-C in the middle of a Spark job, and a SparkContext that is gone: a session of
-# their own, in a subprocess scenario (tests/scenarios.py: one Python and JVM start-up shared
-# with the other scenarios; the SIGINT goes to that process, whose main thread runs the fit)
+# --- a real Ctrl-C in the middle of a Spark job, and a SparkContext that is gone: a process each
 _SCRIPT = textwrap.dedent("""
-    import json, os, shutil, signal, sys, tempfile, threading, time, warnings
+    import json, os, signal, sys, threading, time, warnings
     import numpy as np
     from rddtensor import layers as L
     from rddtensor.training.callbacks import Callback, LambdaCallback, ModelCheckpoint
     from rddtensor.spark.errors import FitInterrupted
     from rddtensor.spark.session import get_spark
 
-    SIGINT_AFTER = float(ARGS[0])
-    WORK = tempfile.mkdtemp(prefix="rddtensor-interrupted-")
     sc = get_spark("local[2]").sparkContext
     rng = np.random.default_rng(0)
     out = {}
@@ -165,7 +166,7 @@ _SCRIPT = textwrap.dedent("""
     def arm(epoch, logs):
         times[epoch] = time.time()
         if epoch == 1:
-            threading.Timer(SIGINT_AFTER,
+            threading.Timer(float(os.environ["SIGINT_AFTER"]),
                             lambda: os.kill(os.getpid(), signal.SIGINT)).start()
 
     class Record(Callback):  # the weights at the end of epoch 1, as a callback sees them
@@ -195,25 +196,26 @@ _SCRIPT = textwrap.dedent("""
 
     res = run(small, rdd, epochs=4, batch_size=6, callbacks=[
         LambdaCallback(on_epoch_end=stop_spark),
-        ModelCheckpoint(os.path.join(WORK, "m{epoch}"), save_best_only=False,
+        ModelCheckpoint(os.path.join(os.environ["WORK"], "m{epoch}"), save_best_only=False,
                         monitor="loss")])
     out["gone"] = res
-    from pyspark.sql import SparkSession  # (its SparkContext is stopped: let the next go)
-    if SparkSession.getActiveSession() is not None:
-        SparkSession.getActiveSession().stop()
-    shutil.rmtree(WORK, ignore_errors=True)
-    emit(out)
+    print("RESULT " + json.dumps(out), flush=True)
 """)
-scenarios.register("interrupted_fit", _SCRIPT, ["1.0"])  # ARGS: SIGINT this long into epoch 2
 
 
 @pytest.fixture(scope="module")
-def subprocess_runs(scenario_results):
-    return scenario_results("interrupted_fit")[0]
+def subprocess_runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("interrupted")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "SIGINT_AFTER": "1.0", "WORK": str(work)}
+    p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=str(work))
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, f"the script failed (exit {p.returncode}):\n{p.stderr[-5000:]}"
+    return json.loads(line[-1][len("RESULT "):])
 
 
 @pytest.mark.slow
-@pytest.mark.scenario("interrupted_fit")
 def test_ctrl_c_during_a_spark_job_cancels_it_and_keeps_the_last_completed_step(
         subprocess_runs):
     r = subprocess_runs["sigint"]
@@ -227,7 +229,6 @@ def test_ctrl_c_during_a_spark_job_cancels_it_and_keeps_the_last_completed_step(
 
 
 @pytest.mark.slow
-@pytest.mark.scenario("interrupted_fit")
 def test_a_sparkcontext_gone_leaves_the_model_at_its_last_copy_and_says_so(subprocess_runs):
     r = subprocess_runs["gone"]
     assert r["raised"] == "KeyboardInterrupt"
