@@ -73,7 +73,7 @@ ONE_HOST = CostModel(per_iteration=0.026, per_pass=0.0345, per_local_value=2.6e-
 # sees a value across hosts only through the whole iteration: it prices it no higher than one
 # within a host (10.2 ns, ~4x one host's 2.65: this rig's 9 JVM and Python processes share 2
 # cores); a run in an earlier session fitted 4.1 ns within a host and 20.9 ns across. The
-# choice at N = 2 (sharded past ~2.6e6 with SGD) held in both.
+# choice at N = 2 (sharded past 2.7-2.8e6 with SGD) held in both.
 HOSTS = CostModel(per_iteration=0.121, per_pass=0.067, per_local_value=1.02e-8,
                   per_cross_value=1.02e-8)
 
