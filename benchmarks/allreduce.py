@@ -5,8 +5,14 @@ process (so the driver's peak memory is its own) with ``spark.driver.memory=1g``
 
 - ``sharded``: rddtensor's reduce-scatter + all-gather (two Python passes per iteration).
 - ``replicated``: rddtensor's all-to-all exchange (one Python pass per iteration).
+- ``hierarchical`` (with ``--cluster 2x2``): ``sharded`` with one copy per host between hosts
+  (``rddtensor.spark.hierarchical``; four passes, and ``sharded``'s two without several
+  partitions per host).
 - ``*-bf16``: the same with ``wire_dtype="bfloat16"`` (gradients and parameter copies cross
   the shuffle as bfloat16; float32 master weights stay with their owners).
+- ``*-shuffle`` (with ``--cluster``): the same with ``spark.rddtensor.peerTransport=false``:
+  records between hosts cross the JVM shuffle instead of being fetched from the sending
+  worker (``rddtensor.spark.peers``).
 - ``mllib``: MLlib's pattern in PySpark: broadcast θ, ``treeAggregate`` the gradients, update
   on the driver (one job per iteration; the driver carries all P values twice).
 - ``floor-2pass`` / ``floor-1pass``: the same number of Python passes and shuffles per iteration
@@ -25,6 +31,8 @@ all-reduce, the optimizer update (SGD) and the scheduling. Run:
 this machine (``rddtensor.spark.testing.multi_host_cluster``: one 1-core executor on each of
 127.0.0.2 and 127.0.0.3, each with a private ``/dev/shm``), started once for the whole run;
 results go to ``allreduce_2hosts.json``/``.md``. Bytes between the hosts cross loopback.
+``--cluster 2x2``: two 1-core executors on each host and N = 4 partitions
+(``allreduce_2x2.*``), where records between partitions of one host and between hosts differ.
 
 With ``sharded`` and ``replicated`` at three sizes or more, the run also fits the cost model
 ``rddtensor.spark.allreduce.choose`` uses (``fit_cost_model``: its ``ONE_HOST`` constants come
@@ -48,7 +56,8 @@ from rddtensor.layers.base import Layer, register
 
 CONTENDERS = ("sharded", "sharded-bf16", "replicated", "replicated-bf16", "mllib",
               "floor-2pass", "floor-1pass")
-N_PARTITIONS = 2
+PARTITIONS_ENV = "RDDTENSOR_BENCH_PARTITIONS"  # N (``--cluster 2x2``: 4, one per executor)
+N_PARTITIONS = int(os.environ.get(PARTITIONS_ENV, "2"))
 
 
 _NOISE: dict = {}
@@ -174,11 +183,14 @@ def _rddtensor(sc, size, mode, k, repeats):
     model.init_slots()
     rows = [(np.ones(1, np.float32), np.zeros(1, np.float32)) for _ in range(2 * N_PARTITIONS)]
     strategy = STRATEGIES[mode.split("-")[0]]()
+    if "-shuffle" in mode:
+        from pyspark.sql import SparkSession
+        SparkSession.getActiveSession().conf.set("spark.rddtensor.peerTransport", "false")
     shards = make_shards(sc.parallelize(rows, N_PARTITIONS))
     # epochs of one full-batch step each: the engine never runs out of steps in an epoch
     runner = DistributedRunner(model, shards, strategy, batch_size=len(rows), shuffle=False,
                                seed=0, class_weight=None, iterations_per_job=k,
-                               wire_dtype="bfloat16" if mode.endswith("-bf16") else "float32")
+                               wire_dtype="bfloat16" if "-bf16" in mode else "float32")
     runner.spe = 10**9
     try:
         return _time_groups(runner._run_group, k, repeats)
@@ -213,11 +225,12 @@ def _mllib(sc, size, k, repeats):
 
 def _floor(sc, passes, k, repeats):
     from rddtensor.spark import rawrdd
+    n_dest = N_PARTITIONS  # (the executors import this module without the driver's setting)
 
     def emit(_, records):
         for _ in records:
             pass
-        for d in range(N_PARTITIONS):
+        for d in range(n_dest):
             yield rawrdd.key(d)
             yield b"x"
     state = {"S": rawrdd.map_raw(sc.parallelize(range(N_PARTITIONS), N_PARTITIONS), emit).cache()}
@@ -261,7 +274,7 @@ def measure(sc, contender: str, size: int, k: int, repeats: int) -> dict:
     if contender.startswith("fit-"):
         samples = _small_fit(sc, contender[4:], repeats)
         _CPU.extend([0.0] * len(samples))  # (not measured for whole fits)
-    elif contender.split("-")[0] in ("sharded", "replicated"):
+    elif contender.split("-")[0] in ("sharded", "replicated", "hierarchical"):
         samples = _rddtensor(sc, size, contender, k, repeats)
     elif contender == "mllib":
         samples = _mllib(sc, size, k, repeats)
@@ -324,8 +337,9 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=8, help="iterations per timed group (one job for rddtensor)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--timeout", type=int, default=900)
-    ap.add_argument("--cluster", choices=("2hosts",),
-                    help="run on a standalone cluster of two hosts on this machine")
+    ap.add_argument("--cluster", choices=("2hosts", "2x2"),
+                    help="run on a standalone cluster of two hosts on this machine (2x2: two "
+                         "executors on each, 4 partitions)")
     ap.add_argument("--no-fits", action="store_true",
                     help="with --cluster: skip the small model's whole fits")
     ap.add_argument("--fit-from", metavar="JSON",
@@ -353,14 +367,20 @@ def main(argv=None):
         if why:
             raise SystemExit(f"--cluster 2hosts: {why}")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        per_host = 2 if a.cluster == "2x2" else 1
         # (the executors unpickle this module's layer: they need the checkout on their path)
-        with multi_host_cluster(hosts=2, env={"PYTHONPATH": root}) as cluster:
+        with multi_host_cluster(hosts=2, executors_per_host=per_host,
+                                env={"PYTHONPATH": root}) as cluster:
             extra = json.loads(os.environ.get("RDDTENSOR_BENCH_CONF", "{}"))
             os.environ.update({MASTER_ENV: cluster.master, EXECUTORS_ENV: str(cluster.executors),
                                "RDDTENSOR_BENCH_CONF": json.dumps({**cluster.conf, **extra}),
-                               "SPARK_LOCAL_IP": "127.0.0.1"})
-            return _main(a, "2 hosts: standalone master, 1-core executors on 127.0.0.2 and "
-                            "127.0.0.3 (private /dev/shm each)", "_2hosts")
+                               "SPARK_LOCAL_IP": "127.0.0.1",
+                               PARTITIONS_ENV: str(cluster.executors)})
+            global N_PARTITIONS
+            N_PARTITIONS = cluster.executors
+            return _main(a, f"2 hosts: standalone master, {per_host} 1-core executor(s) on each "
+                            "of 127.0.0.2 and 127.0.0.3 (private /dev/shm each)",
+                         "_2hosts" if per_host == 1 else "_2x2")
     return _main(a, "local[2]", "")
 
 
@@ -459,7 +479,7 @@ def _main(a, master: str, suffix: str):
               r.get("min_ms", ""), r.get("max_ms", ""),
               f"{r['median_ms'] / local[r['contender']]:.2f}x"
               if r.get("median_ms") and local.get(r["contender"]) else ""] for r in fits])
-    cost = None if a.quick else fit_cost_model(results, 2 if suffix else 1)
+    cost = None if a.quick else fit_cost_model(results, 2 if suffix else 1, N_PARTITIONS)
     if cost:
         table += _cost_text(cost)
     payload = {"benchmark": "allreduce", "environment": environment(("numpy", "pyspark")),

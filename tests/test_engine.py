@@ -120,6 +120,8 @@ def distributed_run(sc, run, layout, allreduce, opt=None, dropout=None, **extra)
     assert h.params["allreduce"] == allreduce
     # every record a partition sent itself went through the host-local cache, none missed
     assert h.params["local_cache"] == "on"
+    # one host (a local master): no record crosses between hosts, none needs a peer
+    assert h.params["peer_transport"] == "unused"
     got = snapshot(m, h)
     if opt is None and dropout is None:  # later tests compare against the default runs
         _DIST_CACHE[(run, layout, allreduce)] = got
@@ -651,11 +653,48 @@ def test_local_cache_off_or_missing_gives_bit_identical_weights(spark, sc, allre
         with pytest.raises(ValueError, match="spark.rddtensor.localCache must be true, false"):
             new_model("adam_minibatch").fit(chunked_rdd(sc, pairs(X, Y_CLS), [12, 12]),
                                             verbose=0, batch_size=8)
+        spark.conf.unset("spark.rddtensor.localCache")
+        spark.conf.set("spark.rddtensor.peerTransport", "maybe")
+        with pytest.raises(ValueError, match="spark.rddtensor.peerTransport must be true or "):
+            new_model("adam_minibatch").fit(chunked_rdd(sc, pairs(X, Y_CLS), [12, 12]),
+                                            verbose=0, batch_size=8)
     finally:
         spark.conf.unset("spark.rddtensor.localCache")
+        spark.conf.unset("spark.rddtensor.peerTransport")
     # the fits removed their cache files (all on this host with a local master)
     after = set(os.listdir(localcache.root())) if os.path.isdir(localcache.root()) else set()
     assert after <= before
+
+
+def test_peer_transport_on_or_failed_gives_bit_identical_weights(spark, sc, monkeypatch):
+    """Records between hosts as served tokens (``rddtensor.spark.peers``), and a fit whose
+    peer could not be reached (the job runs again with those records in the shuffle, for the
+    rest of the fit): the weights, slots and history of the shuffle, bit for bit. The engine
+    is told the two partitions are on two hosts; on a local master their tasks then write
+    served tokens (each worker starts its server) and read the files where they are."""
+    from rddtensor.spark import engine, peers
+    on = cached_distributed_run(sc, "adam_minibatch", "N2", "sharded")
+    monkeypatch.setattr(engine, "one_host", lambda sc: False)
+    monkeypatch.setattr(engine.DistributedRunner, "_hosts",
+                        lambda self, one: ((0, 1), ("127.0.0.1", "127.0.0.1")))
+    real, calls = engine.DistributedRunner._try_group, []
+
+    def second_job_fails(self, steps):
+        calls.append(steps)
+        if fail and len(calls) == 2:  # as a task that could not reach its peer reports it
+            raise RuntimeError(f"Job aborted ... PythonException: {peers.MISS}: "
+                               "127.0.0.2:40001 (grad-0-1-1): ConnectionRefusedError: refused")
+        return real(self, steps)
+    monkeypatch.setattr(engine.DistributedRunner, "_try_group", second_job_fails)
+    _, y, kw = RUNS["adam_minibatch"]
+    for fail, expect in ((False, "on"), (True, "off after a failure")):
+        calls.clear()
+        m = new_model("adam_minibatch")
+        h = m.fit(chunked_rdd(sc, pairs(X, y), LAYOUTS["N2"]), verbose=0, allreduce="sharded",
+                  iterations_per_job=2, **kw)
+        assert h.params["peer_transport"] == expect and h.params["local_cache"] == "on"
+        assert_same_training(snapshot(m, h), on, exact=True)
+        assert len(calls) == 3 + fail  # 6 steps in jobs of 2; the failed job ran again
 
 
 # --- the executor-local data store (rddtensor.spark.datastore) changes speed only ----------------

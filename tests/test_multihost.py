@@ -59,7 +59,8 @@ SCRIPT = SETUP + textwrap.dedent("""
         out["runs"][allreduce] = {
             "theta": m.theta.tolist(), "step": m.step, "loss": h.history["loss"],
             "seconds": time.perf_counter() - t,
-            "params": {k: h.params.get(k) for k in ("partitions", "local_cache", "data_store")}}
+            "params": {k: h.params.get(k) for k in ("partitions", "local_cache", "data_store",
+                                                    "peer_transport")}}
     # more partitions than the cluster's 2 cores: a free core must not take another host's
     # partition (a cache miss), it waits for its own (spark.locality.wait.node)
     m = make_model()
@@ -90,7 +91,8 @@ SCRIPT = SETUP + textwrap.dedent("""
     h = m.fit(rows, allreduce="sharded", iterations_per_job=2, callbacks=[kill], **FIT)
     out["killed"] = {"pids": killed, "theta": m.theta.tolist(), "step": m.step,
                      "loss": h.history["loss"],
-                     "params": {k: h.params.get(k) for k in ("local_cache", "data_store")}}
+                     "params": {k: h.params.get(k) for k in ("local_cache", "data_store",
+                                                            "peer_transport")}}
     emit(out)
 """)
 
@@ -136,6 +138,9 @@ def test_partitions_keep_their_executor_across_jobs(result):
     got = {name: (run["params"]["local_cache"], run["params"]["data_store"])
            for name, run in result["runs"].items()}
     assert got == {"sharded": ("on", "on"), "replicated": ("on", "on")}
+    # and the records between the hosts went as tokens fetched from the sending worker
+    # (rddtensor.spark.peers): a failed fetch would have turned it off
+    assert {run["params"]["peer_transport"] for run in result["runs"].values()} == {"on"}
 
 
 def test_more_partitions_than_cores_keep_their_hosts(result):
@@ -168,7 +173,7 @@ PEERS_SCRIPT = SETUP + textwrap.dedent("""
     runner = DistributedRunner(m, shards, Sharded(), batch_size=120, shuffle=True, seed=3,
                                class_weight=None, iterations_per_job=2)
     runner._run_group(1)  # (the scheduler's view of cached blocks is a job's snapshot)
-    hosts = list(runner._hosts(False))  # each partition's host, from where its data is cached
+    hosts = list(runner._hosts(False)[0])  # each partition's host, from where its data is cached
     runner.close()
     shards.unpersist()
 
@@ -191,10 +196,15 @@ PEERS_SCRIPT = SETUP + textwrap.dedent("""
                 pass
         return total
 
+    # (the strategies' shuffle bytes compare with the records between hosts in the shuffle)
+    spark.conf.set("spark.rddtensor.peerTransport", "false")
     runs = {}
     for name, allreduce in (("sharded", "sharded"), ("hierarchical", "hierarchical"),
-                            ("hierarchical again", "hierarchical")):
-        m = make_model()
+                            ("hierarchical again", "hierarchical"), ("wide", "sharded"),
+                            ("wide, peer transport", "sharded")):
+        if name == "wide, peer transport":
+            spark.conf.set("spark.rddtensor.peerTransport", "true")
+        m = make_model() if not name.startswith("wide") else make_wide_model()
         marks = []
         start, t = next_stage(), time.perf_counter()
         h = m.fit(rows, allreduce=allreduce, iterations_per_job=FIT_JOB, **FIT_HIER,
@@ -203,6 +213,7 @@ PEERS_SCRIPT = SETUP + textwrap.dedent("""
         end = next_stage()
         runs[name] = {"theta": m.theta.tolist(), "step": m.step,
                       "local_cache": h.params["local_cache"], "seconds": seconds,
+                      "peer_transport": h.params["peer_transport"],
                       # the fit's second job (epoch 1): the first knows no hosts yet (flat)
                       "job_bytes": remote_bytes(marks[0], marks[1]),
                       "fit_bytes": remote_bytes(start, end)}
@@ -210,7 +221,15 @@ PEERS_SCRIPT = SETUP + textwrap.dedent("""
 """)
 
 # the fits of PEERS_SCRIPT: 4 steps per epoch, one job per epoch
-FIT_HIER_SETUP = "FIT_HIER = dict(FIT, batch_size=60)\nFIT_JOB = 4\n"
+FIT_HIER_SETUP = textwrap.dedent("""
+    FIT_HIER = dict(FIT, batch_size=60)
+    FIT_JOB = 4
+
+    def make_wide_model():  # 16 KB of θ: a block (4 KB) outweighs a token many times
+        m = L.Sequential([L.Dense(512, activation="relu", input_shape=(5,)), L.Dense(2)], seed=7)
+        m.compile(optimizer=Adam(0.02), loss="sparse_categorical_crossentropy")
+        return m
+""")
 PEERS_SCRIPT = PEERS_SCRIPT.replace("import time\n", "import time\n" + FIT_HIER_SETUP, 1)
 
 
@@ -274,6 +293,26 @@ def test_hierarchical_sends_one_copy_per_host(peers_result):
     ratio = hier["job_bytes"] / flat["job_bytes"]
     assert 0.35 < ratio < 0.7, (hier["job_bytes"], flat["job_bytes"])
     assert hier["fit_bytes"] < flat["fit_bytes"]
+
+
+def test_records_between_hosts_skip_the_shuffle_with_the_peer_transport(peers_result):
+    """With the peer transport (``rddtensor.spark.peers``, the default) a record to a partition
+    on the other host is a token its task fetches from the sending worker: the same weights,
+    bit for bit, as with the records in the shuffle, and in a job that knows the hosts the
+    shuffle carries a small fraction of the bytes between the hosts (the job's cut iteration
+    still sends its state inline)."""
+    runs = peers_result["runs"]
+    shuffled, served = runs["wide"], runs["wide, peer transport"]
+    assert shuffled["peer_transport"] == "off" and served["peer_transport"] == "on"
+    assert served["local_cache"] == shuffled["local_cache"] == "on"
+    np.testing.assert_array_equal(np.float32(served["theta"]), np.float32(shuffled["theta"]))
+    ns: dict = {}
+    exec(SETUP + FIT_HIER_SETUP, ns)
+    ref = ns["make_wide_model"]()
+    ref.fit(ns["X"], ns["y"], **ns["FIT_HIER"])
+    np.testing.assert_allclose(np.float32(served["theta"]), ref.theta, rtol=1e-5, atol=1e-6)
+    # 4 iterations per job: 3 send tokens across, the cut one its θ blocks inline
+    assert served["job_bytes"] < 0.5 * shuffled["job_bytes"], (served, shuffled)
 
 
 def test_an_executor_killed_mid_fit_changes_nothing(result):

@@ -101,6 +101,12 @@ class CacheSettings:
             each partition's data is cached), or ``()`` when not known: a record between two
             partitions of one host goes through that host's cache too (a token); a
             partition's records to itself always do.
+        addrs: with the peer transport (``rddtensor.spark.peers``), the address of each host
+            of ``peers`` (``addrs[peers[j]]``: the host name Spark's block manager gives the
+            executor), else ``()``: a record to a partition on another host is then a token
+            too, which that partition fetches from the sender's worker.
+        key: the fit's secret for the peer transport: a worker serves a run's files only to
+            requests that carry it.
     """
 
     run: str
@@ -108,10 +114,19 @@ class CacheSettings:
     evict: bool = False
     owner: str | None = None
     peers: tuple = ()
+    addrs: tuple = ()
+    key: str = ""
 
     def shares_host(self, src: int, dest: int) -> bool:
         """Whether partitions ``src`` and ``dest`` run on one host (``src == dest`` always)."""
         return src == dest or (bool(self.peers) and self.peers[src] == self.peers[dest])
+
+    def serves(self, src: int, dest: int) -> str | None:
+        """The address partition ``src`` serves its record to ``dest`` from, when ``dest`` is
+        on another host and the peer transport is on; else ``None``."""
+        if not self.addrs or not self.peers or self.shares_host(src, dest):
+            return None
+        return self.addrs[self.peers[src]]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import secrets
 import uuid
 
 import numpy as np
@@ -33,7 +34,7 @@ from rddtensor.training.batching import (batch_sizes, check_shuffle, shuffle_set
 from rddtensor.training.params import block_bounds
 from rddtensor.training.steps import empty_stats, merge_stats, stats_logs
 from rddtensor.training.loop import fit_loop, stopped_at, warn_interrupted
-from rddtensor.spark import datastore, localcache, rawrdd, wire
+from rddtensor.spark import datastore, localcache, peers, rawrdd, wire
 from rddtensor.spark import hierarchical  # noqa: F401  (adds "hierarchical" to STRATEGIES)
 from rddtensor.spark.allreduce import AllReduce, choose
 from rddtensor.spark.checkpoint import save_state
@@ -48,6 +49,7 @@ from rddtensor.spark.stages import (batch_weight_sums, broadcast_emit, chunks_of
                                     stream_predict_stage)
 
 LOCAL_CACHE_CONF = "spark.rddtensor.localCache"
+PEER_CONF = "spark.rddtensor.peerTransport"
 _LEVEL = StorageLevel.MEMORY_AND_DISK
 _LEVEL_2 = StorageLevel.MEMORY_AND_DISK_2
 _MAX_RECOVERIES = 3  # reloads of the last checkpoint per fit after the state was lost
@@ -97,6 +99,13 @@ class _StatsLost(RuntimeError):
 def _state_lost(exc: BaseException) -> bool:
     """A job failed because blocks of the cut state are gone (every executor holding a copy)."""
     return task_error(exc) is None and "CHECKPOINT_RDD_BLOCK_ID_NOT_FOUND" in str(exc)
+
+
+def _first_line(text: str, marker: str) -> str:
+    """The first line of ``text`` (a job's error, with its tasks' traces) that holds
+    ``marker``, from the marker on."""
+    line = next((l for l in text.splitlines() if marker in l), text)
+    return line[line.find(marker):].strip()[:300]
 
 
 def quiet_unpersist_warning(sc) -> None:
@@ -236,14 +245,25 @@ class DistributedRunner:
         if mode not in ("true", "false", "evict"):
             raise ValueError(f"{LOCAL_CACHE_CONF} must be true, false or evict, got {mode!r}")
         self.local_cache, self.cache_missed = mode != "false", False
+        # records to partitions on other hosts: tokens too, fetched from the sending worker
+        # (rddtensor.spark.peers): conf spark.rddtensor.peerTransport = true (default) | false
+        peer = _conf(self.sc, PEER_CONF, "true").strip().lower()
+        if peer not in ("true", "false"):
+            raise ValueError(f"{PEER_CONF} must be true or false, got {peer!r}")
+        # (a worker that exits after each task takes its server with it)
+        reuse = _conf(self.sc, "spark.python.worker.reuse", "true").strip().lower() != "false"
+        self.peer_transport = peer == "true" and reuse
+        self.peer_failed = self.peer_used = False
         run = uuid.uuid4().hex[:16]
         # this driver owns the run's files on its host (killed: removed)
         owner = localcache.register_run(run) if self.local_cache else None
         # the settings of the last job (``_try_group`` numbers the jobs: ``job``)
-        self.cache = CacheSettings(run=run, job=0, evict=mode == "evict", owner=owner)
+        self.cache = CacheSettings(run=run, job=0, evict=mode == "evict", owner=owner,
+                                   key=secrets.token_hex(16))
         self.since_gc = 0  # iterations since the driver JVM last collected garbage
         self.bytes_since_gc = 0  # estimated shuffle bytes since then
-        self.peers = False  # whether the last job sent records between partitions as tokens
+        # whether the last job sent records between all partitions as tokens
+        self.tokens_between = False
         self.step_config = StepConfig(
             n_total=self.n_total, batch_size=batch_size, seed=seed, shuffle=shuffle,
             offsets=tuple(shards.offsets), t0=self.t0,
@@ -292,6 +312,16 @@ class DistributedRunner:
                     # shards again from their lineage and run the job again from its start state
                     self.shards.restore(f"at step {self.t}")
                     continue
+                if self.local_cache and self.peer_transport and peers.MISS in str(exc):
+                    # a task could not reach the worker serving a record from another host:
+                    # run the job again with records between hosts going through the shuffle
+                    checkpoints.log.warning(
+                        "peer transport failed at step %d (%s): re-running the job with records "
+                        "between hosts going through the shuffle for the rest of the fit (set "
+                        "%s=false to skip it)", self.t, _first_line(str(exc), peers.MISS),
+                        PEER_CONF)
+                    self.peer_transport, self.peer_failed = False, True
+                    continue
                 if self.local_cache and localcache.MISS in str(exc):
                     # a record the job sent through the host-local cache was not found where
                     # it was read: run the job again from its (inline) start state, without it
@@ -307,13 +337,14 @@ class DistributedRunner:
         return stats
 
     def _hosts(self, one: bool) -> tuple:
-        """Per partition, which host its tasks run on (0, 1, ...: the order hosts first
-        appear), or ``()`` when that is not known for every partition. All on one host
-        (``one_host``): all 0. Else a partition's tasks run where its data shard's home is
+        """``(peers, addrs)``: per partition, which host its tasks run on (0, 1, ...: the order
+        hosts first appear), and each host's address (Spark's name for it), or ``((), ())``
+        when that is not known for every partition. All on one host (``one_host``): all 0,
+        no addresses. Else a partition's tasks run where its data shard's home is
         cached (``rawrdd.home``); a partition whose home is not cached right now (its
         executor was lost) is not known. ``one``: ``one_host`` (asked once per job)."""
         if one:
-            return (0,) * self.N
+            return (0,) * self.N, ()
         home = self.shards.home
         # (the scheduler's view: a snapshot taken when the last job was submitted, so a job
         # right after the shards were built sees no cached home and sends peers inline)
@@ -322,9 +353,9 @@ class DistributedRunner:
             locs = jsc.getPreferredLocs(rdd, j)
             where = str(locs.apply(0).toString()) if locs.size() else ""
             if not where.startswith("executor_"):  # (cached: "executor_<host>_<id>")
-                return ()
+                return (), ()
             out.append(ids.setdefault(where[len("executor_"):].rsplit("_", 1)[0], len(ids)))
-        return tuple(out)
+        return tuple(out), tuple(ids)
 
     def _release_shuffles(self, steps: int):
         """Let Spark delete the shuffle files of finished iterations (see ``_GC_ITERATIONS``):
@@ -334,9 +365,10 @@ class DistributedRunner:
         two rounds.
 
         The shuffle bytes are estimated: ~8·P·N per iteration whose records go inline, and only
-        the job's last (cut) iteration does while the partitions share a host's cache."""
+        the job's last (cut) iteration does while the partitions share a host's cache or the
+        records between hosts go through the peer transport."""
         self.since_gc += steps
-        inline = 1 if self.peers else steps
+        inline = 1 if self.tokens_between else steps
         self.bytes_since_gc += inline * 8 * self.model.layout.size * self.N
         if self.since_gc >= _GC_ITERATIONS or self.bytes_since_gc >= _GC_BYTES:
             self.sc._jvm.System.gc()
@@ -372,9 +404,14 @@ class DistributedRunner:
         self.cache = dataclasses.replace(self.cache, job=self.cache.job + 1)
         # records between partitions of one host go through that host's cache too
         one = one_host(self.sc)
-        cache = (dataclasses.replace(self.cache, peers=self._hosts(one)) if self.local_cache
-                 else None)
-        self.peers = cache is not None and len(cache.peers) > 0 and len(set(cache.peers)) == 1
+        cache = None
+        if self.local_cache:
+            hosts, addrs = self._hosts(one)
+            addrs = addrs if self.peer_transport and len(addrs) > 1 else ()
+            self.peer_used = self.peer_used or bool(addrs)
+            cache = dataclasses.replace(self.cache, peers=hosts, addrs=addrs)
+        self.tokens_between = cache is not None and len(cache.peers) > 0 and (
+            len(set(cache.peers)) == 1 or bool(cache.addrs))
         # each iteration starts from the state before it: an update pending in it (the
         # replicated strategy) applies with the optimizer settings of the job that computed its
         # gradients: the previous job's (``st.model``) in the cut state, then this job's
@@ -548,6 +585,16 @@ class DistributedRunner:
         """``"on"``, ``"off"`` (conf) or ``"off after a miss"``, for ``History.params``."""
         return "on" if self.local_cache else "off after a miss" if self.cache_missed else "off"
 
+    def peer_transport_state(self) -> str:
+        """For ``History.params``: ``"on"`` (records crossed between hosts as served tokens,
+        ``rddtensor.spark.peers``), ``"off after a failure"``, ``"off"`` (conf, or the
+        host-local cache off) or ``"unused"`` (one host, or the hosts were never known)."""
+        if self.peer_failed:
+            return "off after a failure"
+        if not self.peer_transport or (not self.local_cache and not self.peer_used):
+            return "off"
+        return "on" if self.peer_used else "unused"
+
     def close(self):
         """Release the state's cached blocks and this host's cache files (idempotent)."""
         try:
@@ -670,6 +717,7 @@ def fit_distributed(model, data, *, epochs, batch_size, validation_data=None, sh
                            verbose=verbose, callbacks=callbacks,
                            initial_epoch=resumed.epoch if resumed else initial_epoch)
         history.params.update(runner.params, local_cache=runner.local_cache_state(),
+                              peer_transport=runner.peer_transport_state(),
                               data_store=shards.store_state())
         if resumed:
             history.params["resumed_from"] = resumed.path

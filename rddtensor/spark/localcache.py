@@ -12,12 +12,19 @@ destination (``stages.deliver``); the task that receives a token reads the file.
 
 What a token never changes is the result: the file holds exactly the record the shuffle would
 have carried (bfloat16 rounding included), and ``expand`` presents it to the receiver as the
-same chunks (``wire.chunk_views``), so sums run in the same order over the same values. What it
-can do is miss: the receiving task ran on another host (e.g. an executor on another machine
-joined mid-job), or the file is gone (a task re-ran from an older stage after its files were
-pruned, the memory filesystem was full or cleared). A miss raises ``CacheMiss`` in the task; the engine then re-runs that job from its start state (which
-is always inline: the cut state of a job never holds tokens) with the cache off, and keeps it off
-for the rest of the fit. So a miss costs one job's time, never a result.
+same chunks (``wire.chunk_views``), so sums run in the same order over the same values.
+
+Between hosts, with the peer transport (``rddtensor.spark.peers``, on by default on a cluster
+of several hosts; ``spark.rddtensor.peerTransport=false`` turns it off), a record to a partition
+on another host is a token too: the sender's Python worker serves the file, and the receiving
+task fetches its bytes from there (``load``) instead of the JVM shuffle carrying them.
+
+What a cache token can do is miss: the receiving task ran on another host that cannot fetch
+it (e.g. an executor on another machine joined mid-job), or the file is gone (a task re-ran
+from an older stage after its files were pruned, the memory filesystem was full or cleared).
+A miss raises ``CacheMiss`` in the task; the engine then re-runs that job from its start state
+(which is always inline: the cut state of a job never holds tokens) with the cache off, and
+keeps it off for the rest of the fit. So a miss costs one job's time, never a result.
 
 Layout: ``<root>/<run>/<kind>-<name>-<slot>``, two slots per kind and name (the sending
 partition, or ``<src>-<dest>`` for a record only one destination reads): step ``t`` overwrites
@@ -64,11 +71,11 @@ import tempfile
 import threading
 import time
 
-from rddtensor.spark import wire
+from rddtensor.spark import peers, wire
 from rddtensor.spark.config import CacheSettings, Kind
 
-__all__ = ["CacheMiss", "MISS", "root", "host_id", "put", "load", "expand", "register_run",
-           "drop_run", "runs", "remove_stale"]
+__all__ = ["CacheMiss", "MISS", "root", "host_id", "put", "served", "load", "expand",
+           "register_run", "drop_run", "runs", "remove_stale"]
 
 MISS = "rddtensor local cache miss"
 """The message prefix of ``CacheMiss``: the engine recognises a miss in a failed job by it."""
@@ -312,13 +319,16 @@ def _remove_owned() -> None:
 
 
 def put(cache: CacheSettings, kind: Kind, part, t: int, meta: dict, arrays: dict,
-        bf16: tuple = ()):
+        bf16: tuple = (), serve: str | None = None):
     """Write a record (as ``wire.frames(kind, meta, arrays, bf16)``) to the cache; return its
     token record, or ``None`` when it could not be written (the caller sends it inline).
 
     ``cache`` is the job's settings from the driver (``run`` and ``job`` name and stamp the
     file, ``owner`` and ``evict``: see ``CacheSettings``). ``part`` names the file (a
-    partition, or ``"<src>-<dest>"``)."""
+    partition, or ``"<src>-<dest>"``). ``serve``: this host's address, when a task on
+    another host will read the record: this process serves the file (``peers.serve``) and
+    the token names where (``"addr"``; absent when no server could be started: the caller
+    sends that task the record inline)."""
     kind = Kind(kind)
     path = os.path.join(root(), cache.run, f"{kind.value}-{part}-{t % 2}")
     try:
@@ -340,26 +350,55 @@ def put(cache: CacheSettings, kind: Kind, part, t: int, meta: dict, arrays: dict
         except OSError:
             pass
         return None
-    return wire.pack(Kind.LOCAL, {"host": host_id(), "path": path, "kind": kind.value,
-                                  "job": cache.job, "t": t})
+    token = {"host": host_id(), "path": path, "kind": kind.value, "job": cache.job, "t": t}
+    if serve is not None:
+        try:
+            addr = peers.serve(serve, cache.run, cache.key, os.path.dirname(path))
+        except OSError:  # no server here: the other host's tasks get the record inline
+            pass
+        else:
+            token.update(addr=list(addr), run=cache.run, key=cache.key)
+    return wire.pack(Kind.LOCAL, token)
+
+
+def served(token: bytes) -> bool:
+    """Whether a token ``put`` made can be read on another host (the file is served)."""
+    return "addr" in wire.unpack(token)[1]
 
 
 def load(meta: dict):
     """The record a token names, as ``(kind, meta, arrays)`` with read-only views of the
-    mapped file; raises ``CacheMiss`` when it is not on this host."""
+    mapped file, or on another host views of the bytes fetched from the worker that serves it
+    (``peers.fetch``); raises ``CacheMiss`` when it is not on this host and not served, or
+    its file is gone or holds another step (``peers.PeerUnreachable`` when the host serving
+    it cannot be reached)."""
     path = meta["path"]
     if meta["host"] != host_id():
-        raise CacheMiss(f"{MISS}: {path} was written on {meta['host']}, this task runs on "
-                        f"{host_id()}")
+        if "addr" not in meta:
+            raise CacheMiss(f"{MISS}: {path} was written on {meta['host']}, this task runs on "
+                            f"{host_id()}")
+        try:
+            buf = peers.fetch(meta["addr"], meta["run"], meta["key"], os.path.basename(path),
+                              _STAMP.size)
+        except peers.Gone as exc:
+            raise CacheMiss(f"{MISS}: {exc}") from None
+        return _unpack(buf, meta, f"{path} on {meta['host']}")
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ,
                             flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     except (OSError, ValueError) as exc:  # gone, or empty
         raise CacheMiss(f"{MISS}: {path} ({exc})") from None
+    return _unpack(buf, meta, path)
+
+
+def _unpack(buf, meta: dict, where: str):
+    """The record in a file's bytes, once its stamp matches the token's."""
+    if len(buf) < _STAMP.size:
+        raise CacheMiss(f"{MISS}: {where} is empty")
     stamp = _STAMP.unpack_from(buf, 0)
     if stamp != (meta["job"], meta["t"]):
-        raise CacheMiss(f"{MISS}: {path} holds job {stamp[0]} step {stamp[1]}, the token "
+        raise CacheMiss(f"{MISS}: {where} holds job {stamp[0]} step {stamp[1]}, the token "
                         f"names job {meta['job']} step {meta['t']}")
     return wire.unpack(memoryview(buf)[_STAMP.size:])
 

@@ -79,12 +79,13 @@ def split_records(records):
 
 
 def to_self(cache: CacheSettings | None, kind: Kind, part, t: int, meta: dict, arrays: dict,
-            bf16: tuple = ()):
+            bf16: tuple = (), serve: str | None = None):
     """The records that carry a record of ``kind`` from partition ``part`` to itself: one token
     of the host-local cache when the job's ``cache`` settings allow it (and the write worked),
-    else its chunks (``wire.chunks``). ``t`` versions the file."""
+    else its chunks (``wire.chunks``). ``t`` versions the file; ``serve``: see
+    ``localcache.put``."""
     if cache is not None:
-        token = localcache.put(cache, kind, part, t, meta, arrays, bf16)
+        token = localcache.put(cache, kind, part, t, meta, arrays, bf16, serve)
         if token is not None:
             return [token]
     return wire.chunks(kind, meta, arrays, bf16)
@@ -103,20 +104,29 @@ def deliver(cache: CacheSettings | None, kind: Kind, src: int, t: int, meta: dic
     every partition in ``dests``.
 
     Through the host-local cache (``to_self``) when the job's ``cache`` settings allow it: to
-    ``src`` itself always, to other partitions on the same host (``cache.shares_host``). The
-    record is written once (file ``<kind>-<file or src>``) and each of those destinations gets
-    its token; the others get its chunks."""
+    ``src`` itself always, to other partitions on the same host (``cache.shares_host``), and
+    with the peer transport to partitions on other hosts too (``cache.serves``: this worker
+    serves the file, ``rddtensor.spark.peers``). The record is written once (file
+    ``<kind>-<file or src>``) and each of those destinations gets its token; the others get its
+    chunks."""
+    dests = list(dests)
+    serve = None if cache is None else next(
+        (a for a in (cache.serves(src, d) for d in dests) if a is not None), None)
     cached = inline = None
     for d in dests:
-        if cache is not None and cache.shares_host(src, d):
+        near = cache is not None and cache.shares_host(src, d)
+        if near or serve is not None:
             if cached is None:
                 cached = list(to_self(cache, kind, src if file is None else file, t, meta,
-                                      arrays, bf16))
-            yield from keyed(d, cached)
-        else:
-            if inline is None:
-                inline = list(wire.chunks(kind, meta, arrays, bf16))
-            yield from keyed(d, inline)
+                                      arrays, bf16, serve))
+                # other hosts can read it: chunks (the write failed), or a served token
+                reach = len(cached) != 1 or localcache.served(cached[0])
+            if near or reach:
+                yield from keyed(d, cached)
+                continue
+        if inline is None:
+            inline = list(wire.chunks(kind, meta, arrays, bf16))
+        yield from keyed(d, inline)
 
 
 def raws_of(params, kind: Kind):
