@@ -330,6 +330,7 @@ def run_one(contender, size, k, repeats, timeout, env=None) -> dict:
 
 
 def main(argv=None):
+    global N_PARTITIONS  # (--cluster 2x2: one partition per executor)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
     ap.add_argument("--sizes", default="1e5,1e6,1e7,1e8")
@@ -376,7 +377,6 @@ def main(argv=None):
                                "RDDTENSOR_BENCH_CONF": json.dumps({**cluster.conf, **extra}),
                                "SPARK_LOCAL_IP": "127.0.0.1",
                                PARTITIONS_ENV: str(cluster.executors)})
-            global N_PARTITIONS
             N_PARTITIONS = cluster.executors
             return _main(a, f"2 hosts: standalone master, {per_host} 1-core executor(s) on each "
                             "of 127.0.0.2 and 127.0.0.3 (private /dev/shm each)",

@@ -67,15 +67,19 @@ class CostModel:
 # benchmarks/results/allreduce.json`` (the model's ms per iteration within 0.4-11 ms of the medians)
 ONE_HOST = CostModel(per_iteration=0.026, per_pass=0.0345, per_local_value=2.6e-9,
                      per_cross_value=0.0)
-# two hosts of one executor each (``--cluster 2hosts``: loopback, 2 cores for everything):
-# ``--fit-from benchmarks/results/allreduce_2hosts.json`` (within 4-40 ms of the medians).
+# two hosts of one executor each (``--cluster 2hosts``: loopback, 2 cores for everything),
+# records between the hosts through the peer transport (``rddtensor.spark.peers``):
+# ``--fit-from benchmarks/results/allreduce_2hosts.json`` (within 0-16 ms of the medians).
 # With one executor per host both strategies send the same values across at N = 2, so the fit
-# sees a value across hosts only through the whole iteration: it prices it no higher than one
-# within a host (10.2 ns, ~4x one host's 2.65: this rig's 9 JVM and Python processes share 2
-# cores); a run in an earlier session fitted 4.1 ns within a host and 20.9 ns across. The
-# choice at N = 2 (sharded past 2.7-2.8e6 with SGD) held in both.
-HOSTS = CostModel(per_iteration=0.121, per_pass=0.067, per_local_value=1.02e-8,
-                  per_cross_value=1.02e-8)
+# sees a value across hosts only through the whole iteration (6.0 ns, one within a host 5.0
+# ns: ~2x one host's 2.65, this rig's 9 JVM and Python processes share 2 cores). The choice
+# at N = 2: sharded past 7.7e6 values with SGD, 2.9e6 with Adam (before the peer transport,
+# with the records between hosts in the JVM shuffle: 2.7e6 and 1.0e6). A run on 2 hosts x 2
+# executors (``--cluster 2x2``, N = 4, 6 processes more on the same 2 cores) fitted higher
+# prices (308 ms per iteration, 69 ms per pass, 16 ns per value) and a lower N = 4 crossover
+# (0.9e6 against this model's 3.9e6; measured: replicated ahead at 1e5, sharded at 1e6).
+HOSTS = CostModel(per_iteration=0.079, per_pass=0.0943, per_local_value=5.0e-9,
+                  per_cross_value=6.03e-9)
 
 
 def _per_host(n: int, hosts: int) -> float:
@@ -344,9 +348,9 @@ def choose(allreduce: str, model, n: int, hosts: int = 1) -> AllReduce:
     LARS, LAMB); otherwise the strategy ``CostModel.seconds`` expects to be fastest for ``n``
     partitions on ``hosts`` hosts (``ONE_HOST`` for one, ``HOSTS`` for several). ``replicated``
     saves a Python pass, ``sharded`` moves and updates fewer values: with the fitted constants,
-    at N = 2 and SGD they cross near P = 5.3e6 on one host (Adam: 2.0e6) and near 2.6e6 on two
-    hosts (Adam: 1.0e6); with more partitions ``replicated``'s whole gradients to every
-    partition make ``sharded`` win sooner.
+    at N = 2 and SGD they cross near P = 5.3e6 on one host (Adam: 2.0e6) and near 7.7e6 on two
+    hosts (Adam: 2.9e6: a pass costs more there); with more partitions ``replicated``'s whole
+    gradients to every partition make ``sharded`` win sooner.
     """
     if allreduce not in ("auto", *STRATEGIES):
         raise ValueError(f"allreduce must be 'auto', 'sharded', 'replicated' or 'hierarchical', "
