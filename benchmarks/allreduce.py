@@ -183,9 +183,10 @@ def _rddtensor(sc, size, mode, k, repeats):
     model.init_slots()
     rows = [(np.ones(1, np.float32), np.zeros(1, np.float32)) for _ in range(2 * N_PARTITIONS)]
     strategy = STRATEGIES[mode.split("-")[0]]()
-    if "-shuffle" in mode:
-        from pyspark.sql import SparkSession
-        SparkSession.getActiveSession().conf.set("spark.rddtensor.peerTransport", "false")
+    from pyspark.sql import SparkSession
+    conf = SparkSession.getActiveSession().conf
+    if "-shuffle" in mode:  # (unset below: later contenders of this process get the default)
+        conf.set("spark.rddtensor.peerTransport", "false")
     shards = make_shards(sc.parallelize(rows, N_PARTITIONS))
     # epochs of one full-batch step each: the engine never runs out of steps in an epoch
     runner = DistributedRunner(model, shards, strategy, batch_size=len(rows), shuffle=False,
@@ -196,6 +197,7 @@ def _rddtensor(sc, size, mode, k, repeats):
         return _time_groups(runner._run_group, k, repeats)
     finally:
         runner.close()  # its cached state and its host-local cache files
+        conf.unset("spark.rddtensor.peerTransport")
 
 
 def _mllib(sc, size, k, repeats):
@@ -366,7 +368,7 @@ def main(argv=None):
         from rddtensor.spark.testing import multi_host_cluster, unavailable_reason
         why = unavailable_reason(2)
         if why:
-            raise SystemExit(f"--cluster 2hosts: {why}")
+            raise SystemExit(f"--cluster {a.cluster}: {why}")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         per_host = 2 if a.cluster == "2x2" else 1
         # (the executors unpickle this module's layer: they need the checkout on their path)
@@ -384,7 +386,7 @@ def main(argv=None):
     return _main(a, "local[2]", "")
 
 
-def fit_cost_model(results: list, hosts: int, partitions: int = N_PARTITIONS) -> dict | None:
+def fit_cost_model(results: list, hosts: int, partitions: int) -> dict | None:
     """``rddtensor.spark.allreduce.CostModel``'s constants fitted to this run's ``sharded`` and
     ``replicated`` medians up to P = 1e7 (SGD, N = ``partitions``, ``hosts`` hosts; at 1e8
     the machine pages, which no constant describes): non-negative least
@@ -415,7 +417,7 @@ def fit_cost_model(results: list, hosts: int, partitions: int = N_PARTITIONS) ->
     per_iteration, per_pass, per_local, extra = coef.tolist()
     fitted = {"per_iteration": per_iteration, "per_pass": per_pass,
               "per_local_value": per_local, "per_cross_value": per_local + extra}
-    return {"hosts": hosts, **fitted,
+    return {"hosts": hosts, "partitions": partitions, **fitted,
             "fitted_ms": {f"{c} {P:.0e}": round(float(f) * 1e3, 1)
                           for (c, P), f in zip(points, A @ coef)}}
 
@@ -423,13 +425,22 @@ def fit_cost_model(results: list, hosts: int, partitions: int = N_PARTITIONS) ->
 def _cost_text(model: dict) -> str:
     fitted = ", ".join(f"{k} {v} ms" for k, v in model["fitted_ms"].items())
     return (f"\n\nCost model fitted on this run (`fit_cost_model`, {model['hosts']} host(s); "
-            f"`rddtensor.spark.allreduce.{'ONE_HOST' if model['hosts'] == 1 else 'HOSTS'}`): "
+            f"{_constants(model)}): "
             f"per iteration {model['per_iteration'] * 1e3:.1f} ms, per pass "
             f"{model['per_pass'] * 1e3:.1f} ms, per value within a host "
             f"{model['per_local_value'] * 1e9:.2f} ns"
             + (f", per value across hosts {model['per_cross_value'] * 1e9:.2f} ns"
                if model["hosts"] > 1 else "")
             + f" (model's ms per iteration: {fitted}).\n")
+
+
+def _constants(model: dict) -> str:
+    """Which of ``rddtensor.spark.allreduce``'s constants a fit is the source of."""
+    if model["hosts"] == 1:
+        return "`rddtensor.spark.allreduce.ONE_HOST`"
+    if model.get("partitions", N_PARTITIONS) == 2:
+        return "`rddtensor.spark.allreduce.HOSTS`"
+    return f"N = {model['partitions']}; not the source of `HOSTS`, fitted at N = 2"
 
 
 def _main(a, master: str, suffix: str):

@@ -107,7 +107,9 @@ def test_what_cannot_be_fetched_is_a_miss_never_a_wrong_record(host_a, monkeypat
     newer = _served_token(cache, t=6, value=2.0)  # step 6 overwrote step 4's slot
     evicted = _served_token(_cache(run="p5", evict=True))
     on_host_b(monkeypatch)
-    with pytest.raises(localcache.CacheMiss, match="job 1 step 6, the token names job 1 step 4"):
+    # (a miss of the transport: the engine turns the transport off, not the cache)
+    with pytest.raises(localcache.CacheMiss, match=f"^{peers.MISS}: .* holds job 1 step 6, "
+                                                   "the token names job 1 step 4"):
         split_records([token])
     np.testing.assert_array_equal(_decoded([newer])[0][2], 2.0)
     meta = wire.unpack(newer)[1]
@@ -137,17 +139,58 @@ def test_a_kept_connection_the_peer_closed_is_made_anew(host_a, monkeypatch):
     on_host_b(monkeypatch)
     assert len(_decoded([token])) == 1
     addr = tuple(wire.unpack(token)[1]["addr"])
-    peers._CONNS[addr].shutdown(socket.SHUT_RDWR)  # as if the peer had closed it
+    peers._CONNS[addr][1].shutdown(socket.SHUT_RDWR)  # as if the peer had closed it
     np.testing.assert_array_equal(_decoded([token])[0][2], 1.0)
 
 
-@pytest.mark.parametrize("name", ["../etc-passwd", "", ".owner", "a/b"])
+@pytest.mark.parametrize("name", ["../etc-passwd", "", ".owner", "owner", "a/b"])
 def test_the_server_serves_plain_file_names_of_the_run_only(host_a, name):
     token = wire.unpack(_served_token(_cache(run="p8")))[1]
+    size = token["size"]
     with pytest.raises(peers.Gone, match="refused"):
-        peers.fetch(token["addr"], "p8", token["key"], name, 16)
+        peers.fetch(token["addr"], "host-a", "p8", token["key"], name, size, 16)
     with pytest.raises(peers.Gone, match="refused"):
-        peers.fetch(token["addr"], "no-such-run", token["key"], "grad-0-2-0", 16)
+        peers.fetch(token["addr"], "host-a", "no-such-run", token["key"], "grad-0-2-0", size, 16)
+    with pytest.raises(peers.Gone, match="refused"):  # a token of another host, same port
+        peers.fetch(token["addr"], "host-c", "p8", token["key"], "grad-0-2-0", size, 16)
+    with pytest.raises(peers.Gone, match=f"holds {size} bytes of grad-0-2-0, the token names "
+                                         f"{size + 1}"):
+        peers.fetch(token["addr"], "host-a", "p8", token["key"], "grad-0-2-0", size + 1, 16)
+    got = peers.fetch(token["addr"], "host-a", "p8", token["key"], "grad-0-2-0", size, 16)
+    assert got.nbytes == size  # (the connection stays in step after a refusal)
+
+
+def test_a_request_too_long_is_dropped_and_the_server_keeps_serving(host_a):
+    token = wire.unpack(_served_token(_cache(run="p9")))[1]
+    with socket.create_connection(tuple(token["addr"])) as s:
+        s.sendall(peers._LEN.pack(1 << 30))  # 1 GiB of JSON announced: closed at once
+        assert s.recv(8) == b""
+    got = peers.fetch(token["addr"], "host-a", "p9", token["key"], "grad-0-2-0",
+                      token["size"], 16)
+    assert got.nbytes == token["size"]
+
+
+def test_an_address_this_host_does_not_have_serves_nothing(host_a):
+    """The driver's idea of the host is out of date (the task ran elsewhere): no server binds
+    another machine's address, and the other hosts get the record inline."""
+    cache = CacheSettings(run="p10", job=1, key="k" * 32, peers=(0, 1),
+                          addrs=("192.0.2.123", "127.0.0.1"))  # (TEST-NET-1: not this host)
+    recs = _by_dest(list(deliver(cache, Kind.RGRAD, 0, 4, {"src": 0, "t": 4},
+                                 {"g": np.ones(5, np.float32)}, range(2))))
+    assert wire.unpack(recs[rawrdd.key(1)][0])[0] == "rgrad"
+    assert wire.unpack(recs[rawrdd.key(0)][0])[0] == "local"
+
+
+def test_a_cache_that_cannot_be_written_sends_everyone_the_record_inline(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setattr(localcache, "root", lambda: str(blocker))
+    localcache._SEEN_RUNS.clear()
+    for g in (np.ones(5, np.float32), np.ones(300_000, np.float32)):  # one chunk, several
+        recs = _by_dest(list(deliver(_cache(run="p11"), Kind.RGRAD, 0, 4, {"src": 0, "t": 4},
+                                     {"g": g}, range(3))))
+        assert all(wire.unpack(r[0])[0] == "rgrad" for r in recs.values())
+        assert len({tuple(r) for r in recs.values()}) == 1  # the same chunks to everyone
 
 
 def test_cache_settings_serve_only_across_hosts():

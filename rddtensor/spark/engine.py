@@ -101,6 +101,22 @@ def _state_lost(exc: BaseException) -> bool:
     return task_error(exc) is None and "CHECKPOINT_RDD_BLOCK_ID_NOT_FOUND" in str(exc)
 
 
+_SECURE_CONFS = ("spark.authenticate", "spark.network.crypto.enabled",
+                 "spark.io.encryption.enabled")
+
+
+def _peers_blocked(sc) -> str | None:
+    """Why this session cannot use the peer transport (``rddtensor.spark.peers``), or None:
+    Spark authenticates or encrypts its traffic (the transport sends in clear), or a Python
+    worker exits after each task (and its server with it)."""
+    secure = [c for c in _SECURE_CONFS if _conf(sc, c, "false").strip().lower() == "true"]
+    if secure:
+        return f"{secure[0]}=true (the peer transport sends in clear)"
+    if _conf(sc, "spark.python.worker.reuse", "true").strip().lower() == "false":
+        return "spark.python.worker.reuse=false (a worker's server would end with its task)"
+    return None
+
+
 def _first_line(text: str, marker: str) -> str:
     """The first line of ``text`` (a job's error, with its tasks' traces) that holds
     ``marker``, from the marker on."""
@@ -250,9 +266,7 @@ class DistributedRunner:
         peer = _conf(self.sc, PEER_CONF, "true").strip().lower()
         if peer not in ("true", "false"):
             raise ValueError(f"{PEER_CONF} must be true or false, got {peer!r}")
-        # (a worker that exits after each task takes its server with it)
-        reuse = _conf(self.sc, "spark.python.worker.reuse", "true").strip().lower() != "false"
-        self.peer_transport = peer == "true" and reuse
+        self.peer_transport, self.peer_blocked = peer == "true", _peers_blocked(self.sc)
         self.peer_failed = self.peer_used = False
         run = uuid.uuid4().hex[:16]
         # this driver owns the run's files on its host (killed: removed)
@@ -408,6 +422,10 @@ class DistributedRunner:
         if self.local_cache:
             hosts, addrs = self._hosts(one)
             addrs = addrs if self.peer_transport and len(addrs) > 1 else ()
+            if addrs and self.peer_blocked:  # (said once per fit)
+                checkpoints.log.warning("records between hosts go through the shuffle, not the "
+                                        "peer transport: %s", self.peer_blocked)
+                self.peer_transport, addrs = False, ()
             self.peer_used = self.peer_used or bool(addrs)
             cache = dataclasses.replace(self.cache, peers=hosts, addrs=addrs)
         self.tokens_between = cache is not None and len(cache.peers) > 0 and (
@@ -586,9 +604,11 @@ class DistributedRunner:
         return "on" if self.local_cache else "off after a miss" if self.cache_missed else "off"
 
     def peer_transport_state(self) -> str:
-        """For ``History.params``: ``"on"`` (records crossed between hosts as served tokens,
-        ``rddtensor.spark.peers``), ``"off after a failure"``, ``"off"`` (conf, or the
-        host-local cache off) or ``"unused"`` (one host, or the hosts were never known)."""
+        """For ``History.params``: ``"on"`` (a job ran with records to other hosts as tokens
+        served by the sending worker where it could start its server, ``rddtensor.spark.peers``),
+        ``"off after a failure"``, ``"off"`` (conf; Spark's authentication or encryption on;
+        workers not reused; the host-local cache off) or ``"unused"`` (one host, or the hosts
+        were never known)."""
         if self.peer_failed:
             return "off after a failure"
         if not self.peer_transport or (not self.local_cache and not self.peer_used):

@@ -27,7 +27,8 @@ An iteration is up to four Python passes (``Sharded``: two):
    ``Sharded.emit_state`` (no pass 4): the cut state between jobs, ``own_block``,
    checkpoints, ``ParameterState.gather`` and a following job of any strategy read it
    unchanged. Otherwise it sends its θ block as a token to the partitions of its own host and
-   one inline copy to its delegate on each other host.
+   one copy (inline, or a served token with the peer transport) to its delegate on each other
+   host.
 4. **fan-out** (not at the cut) — a delegate writes each θ block it received from another host
    once to its host's cache and hands the token to every partition of its host (itself
    included); the ``own`` state and the θ tokens of the host's owners are forwarded as they
@@ -40,6 +41,12 @@ Cross-host volume per iteration, with ``H`` hosts of ``E = n/H`` partitions each
 passes (one at the cut iteration, whose θ goes out flat): for big models on hosts of several
 partitions, not for small ones (``passes``; the cost model of ``allreduce.choose`` does not pick
 this strategy on its own).
+
+With the peer transport (``rddtensor.spark.peers``) the θ block an owner sends a delegate on
+another host is a token the delegate fetches from the owner's worker, not inline bytes; the
+host partial sums of pass 2 still cross inline, through the shuffle. On the benchmark's 2 hosts
+x 2 executors, plain ``Sharded`` with the transport was faster (``benchmarks/allreduce.py
+--cluster 2x2``: 794 against 1,006 ms per iteration at P = 1e7).
 
 It behaves exactly like ``Sharded`` (same passes, same records, same sums) where there is no
 hierarchy to use: while the host-local cache is off (``it.cache`` is None), while the hosts
@@ -274,7 +281,7 @@ class Hierarchical(Sharded):
         """Pass 3: owner i adds its host's slices and the other hosts' partial sums in a fixed
         order (``HostMap.contributors``), updates block i and its slots, and emits its state:
         flat (``Sharded.emit_state``) without ``fan``, else θ to its host's partitions
-        (tokens) and to one delegate per other host (inline)."""
+        (tokens) and to one delegate per other host (inline, or served: ``stages.deliver``)."""
         bf16, cache = it.step.wire_bf16, it.state_cache
         emit_state = Sharded.emit_state
 
@@ -325,7 +332,7 @@ def emit_host_state(i, t, bounds, w, slots, hm: HostMap, bf16=False,
                     cache: CacheSettings | None = None):
     """Owner ``i``'s records after its update when θ fans out per host: its ``own`` state to
     itself, θ block ``i`` to the other partitions of its host (tokens through the cache) and
-    to its delegate on each other host (inline)."""
+    to its delegate on each other host (inline, or served: ``stages.deliver``)."""
     lo, hi = bounds[i]
     h = hm.host(i)
     yield from keyed(i, own_record(i, t, lo, hi, w, slots, cache))

@@ -340,6 +340,7 @@ def put(cache: CacheSettings, kind: Kind, part, t: int, meta: dict, arrays: dict
                 view = memoryview(frame).cast("B")
                 while view.nbytes:  # (a raw file may write less than asked)
                     view = view[f.write(view):]
+            size = f.tell()
             f.truncate()
             os.pwrite(fd, _STAMP.pack(cache.job, t), 0)
         if cache.evict:
@@ -353,11 +354,11 @@ def put(cache: CacheSettings, kind: Kind, part, t: int, meta: dict, arrays: dict
     token = {"host": host_id(), "path": path, "kind": kind.value, "job": cache.job, "t": t}
     if serve is not None:
         try:
-            addr = peers.serve(serve, cache.run, cache.key, os.path.dirname(path))
+            addr = peers.serve(serve, host_id(), cache.run, cache.key, os.path.dirname(path))
         except OSError:  # no server here: the other host's tasks get the record inline
             pass
         else:
-            token.update(addr=list(addr), run=cache.run, key=cache.key)
+            token.update(addr=list(addr), run=cache.run, key=cache.key, size=size)
     return wire.pack(Kind.LOCAL, token)
 
 
@@ -370,19 +371,26 @@ def load(meta: dict):
     """The record a token names, as ``(kind, meta, arrays)`` with read-only views of the
     mapped file, or on another host views of the bytes fetched from the worker that serves it
     (``peers.fetch``); raises ``CacheMiss`` when it is not on this host and not served, or
-    its file is gone or holds another step (``peers.PeerUnreachable`` when the host serving
-    it cannot be reached)."""
+    its file is gone or holds another step (on another host: with the message prefix
+    ``peers.MISS``, like ``peers.PeerUnreachable`` when the host serving it cannot be
+    reached)."""
     path = meta["path"]
     if meta["host"] != host_id():
         if "addr" not in meta:
             raise CacheMiss(f"{MISS}: {path} was written on {meta['host']}, this task runs on "
                             f"{host_id()}")
         try:
-            buf = peers.fetch(meta["addr"], meta["run"], meta["key"], os.path.basename(path),
-                              _STAMP.size)
+            buf = peers.fetch(meta["addr"], meta["host"], meta["run"], meta["key"],
+                              os.path.basename(path), meta["size"], _STAMP.size)
         except peers.Gone as exc:
-            raise CacheMiss(f"{MISS}: {exc}") from None
-        return _unpack(buf, meta, f"{path} on {meta['host']}")
+            # (a miss of the peer transport only: the engine turns that off, not the cache)
+            raise CacheMiss(f"{peers.MISS}: {exc}") from None
+        stamp = _STAMP.unpack_from(buf, 0)
+        if stamp != (meta["job"], meta["t"]):
+            raise CacheMiss(f"{peers.MISS}: {path} on {meta['host']} holds job {stamp[0]} "
+                            f"step {stamp[1]}, the token names job {meta['job']} step "
+                            f"{meta['t']}")
+        return wire.unpack(memoryview(buf)[_STAMP.size:])
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ,

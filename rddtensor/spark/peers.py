@@ -16,20 +16,30 @@ and step that wrote it) as for a file of its own host. The server also sends the
 after the file, read once the file is sent: a file overwritten while it was being sent (a task
 re-run from an older stage) is a miss, never a wrong record.
 
-Failures: a file the peer does not have (gone, overwritten, a wrong key) is ``Gone``, which
-``localcache`` turns into its ``CacheMiss`` (the engine re-runs the job without the cache). A
-peer that cannot be reached (its worker or executor is gone, a firewall between executors)
-raises ``PeerUnreachable`` (message prefix ``MISS``): the engine re-runs the job with the peer
-transport off for the rest of the fit (records between hosts go through the shuffle again)
-and keeps the host-local cache.
+Failures: a file the peer does not have (gone, overwritten, a wrong key) is ``Gone``, and a
+peer that cannot be reached (its worker or executor is gone, a firewall between executors) is
+``PeerUnreachable``; ``localcache`` raises both with the message prefix ``MISS``, and the
+engine re-runs the job with the peer transport off for the rest of the fit (records between
+hosts go through the shuffle again) and keeps the host-local cache. A peer that does not
+answer counts as unreachable after ``CONNECT_TIMEOUT`` seconds to connect or ``TIMEOUT``
+seconds without a byte; Spark retries the task (``spark.task.maxFailures``) before the job
+fails and the engine falls back, so a black-holed peer costs a few such waits once per fit.
 
-Who may read: the server binds the executor's own address (the one Spark's block manager
-names) and answers only requests that carry the run's key (``CacheSettings.key``: random per
-fit, made by the driver) for a plain file name in that run's directory.
+Who may read: the server binds the executor's own address (the host name Spark's block
+manager gives it: where it cannot bind it, it does not serve and the record goes inline) and
+answers only requests that name its host (``localcache.host_id``) and carry the run's key
+(``CacheSettings.key``: random per fit, made by the driver) for a plain file name in that
+run's directory. The bytes travel in clear, like Spark's shuffle without
+``spark.network.crypto.enabled``; the engine turns the transport off when Spark's
+authentication or encryption is on.
 
 The server lives as long as the Python worker process (Spark reuses a worker for many tasks,
-``spark.python.worker.reuse``, the default): a daemon thread that accepts connections, one
-thread per connection. A receiving task keeps one connection per peer for the process's life.
+``spark.python.worker.reuse``, the default; without it the engine turns the transport off):
+a daemon thread that accepts connections, one thread per connection. A receiving task keeps
+one connection per peer for the process's life. A worker that exits between the pass that
+wrote a record and the one that reads it (Spark stops idle workers of an executor after a
+minute without tasks; a failed task ends its worker) takes its server with it: the reader
+finds the peer unreachable, and the fit goes on through the shuffle.
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ import re
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 
@@ -49,12 +60,16 @@ __all__ = ["MISS", "PeerUnreachable", "Gone", "serve", "fetch"]
 MISS = "rddtensor peer transfer failed"
 """The message prefix of ``PeerUnreachable``: the engine recognises it in a failed job."""
 
-TIMEOUT = 120.0  # seconds a receiving task waits on a peer before it counts as unreachable
+CONNECT_TIMEOUT = 10.0  # seconds to connect to a peer before it counts as unreachable
+TIMEOUT = 120.0  # seconds a receiving task waits for a peer's next bytes
+IDLE = 600.0  # seconds a server keeps a connection that sends no request
+_MAX_REQUEST = 4096  # bytes of a request's JSON
 
 _LEN = struct.Struct("<I")  # request: [u32 length][JSON {"run", "key", "name", "check"}]
 _SIZE = struct.Struct("<q")  # reply: [i64 size or an error code][size bytes][check bytes]
 _NO_FILE, _REFUSED = -1, -2
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a file name of a run directory, no path
+_NOT_SERVED = ("owner",)  # (the driver's lock file: its pid and host)
 
 
 class PeerUnreachable(RuntimeError):
@@ -82,48 +97,64 @@ def _recv_into(sock, view) -> None:
 
 # --- the server, in the sending worker ---------------------------------------------------------
 class _Server:
-    def __init__(self, host: str):
-        try:
-            self.sock = socket.create_server((host, 0), backlog=128)
-        except OSError:  # (e.g. a name that resolves to no local interface): every interface
-            self.sock = socket.create_server(("", 0), backlog=128)
+    def __init__(self, host: str, me: str):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # (raises OSError where ``host`` is not this machine's: then nothing is served)
+        self.sock = socket.create_server((host, 0), family=family, backlog=128)
         self.address = (host, self.sock.getsockname()[1])
-        self.pid = os.getpid()
+        self.pid, self.me = os.getpid(), me
         self.runs: dict = {}  # run -> (directory, key)
+        self.alive = True
         threading.Thread(target=self._accept, name="rddtensor-peers", daemon=True).start()
 
     def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EINTR, errno.ECONNABORTED, errno.EMFILE, errno.ENFILE):
-                    continue
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        try:
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EINTR, errno.ECONNABORTED):
+                        continue
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: wait
+                        time.sleep(0.1)
+                        continue
+                    return
+                try:
+                    threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+                except RuntimeError:  # no thread to spare: the client sees it closed
+                    conn.close()
+        finally:  # (the next ``serve`` starts a new server)
+            self.alive = False
+            self.sock.close()
 
     def _handle(self, conn):
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.settimeout(IDLE)
                 while True:
                     head = conn.recv(_LEN.size, socket.MSG_WAITALL)
                     if len(head) < _LEN.size:
                         return  # the client is done
-                    req = json.loads(_recv_exact(conn, _LEN.unpack(head)[0]))
-                    self._send(conn, req)
-            except (OSError, ValueError, KeyError, TypeError):
-                return  # a broken or malformed connection: the client sees it closed
+                    (n,) = _LEN.unpack(head)
+                    if n > _MAX_REQUEST:
+                        return
+                    conn.settimeout(TIMEOUT)
+                    self._send(conn, json.loads(_recv_exact(conn, n)))
+                    conn.settimeout(IDLE)
+            except Exception:  # a broken or malformed connection: the client sees it closed
+                return
 
     def _send(self, conn, req: dict) -> None:
         entry = self.runs.get(req["run"])
         name, check = str(req["name"]), int(req["check"])
-        if (entry is None or not hmac.compare_digest(entry[1], str(req["key"]))
-                or not _NAME.fullmatch(name)):
+        if (entry is None or not 0 <= check <= 64 or req.get("host") != self.me
+                or not hmac.compare_digest(entry[1], str(req["key"]))
+                or not _NAME.fullmatch(name) or name in _NOT_SERVED):
             conn.sendall(_SIZE.pack(_REFUSED))
             return
         try:
-            fd = os.open(os.path.join(entry[0], name), os.O_RDONLY)
+            fd = os.open(os.path.join(entry[0], name), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             conn.sendall(_SIZE.pack(_NO_FILE))
             return
@@ -146,78 +177,108 @@ _SERVERS: dict = {}  # host -> _Server of this process
 _LOCK = threading.Lock()
 
 
-def serve(host: str, run: str, key: str, directory: str) -> tuple:
-    """Serve ``run``'s files in ``directory`` to requests with ``key`` from this process, on
-    ``host`` (this executor's address); returns the ``(host, port)`` to put in tokens. The first
-    call in a process starts the server (raises ``OSError`` when no socket can be made)."""
+def serve(host: str, me: str, run: str, key: str, directory: str) -> tuple:
+    """Serve ``run``'s files in ``directory`` to requests with ``key`` that name host ``me``
+    (``localcache.host_id``), from this process, on ``host`` (this executor's address); returns
+    the ``(host, port)`` to put in tokens. The first call in a process starts the server.
+    Raises ``OSError`` when it cannot serve (no socket on ``host``, no key)."""
+    if len(key) < 16:
+        raise OSError("no key to serve with")
     with _LOCK:
         server = _SERVERS.get(host)
-        if server is None or server.pid != os.getpid():  # (a forked child has no thread)
-            server = _SERVERS[host] = _Server(host)
+        # (a forked child has no accept thread; a server whose thread ended is closed)
+        if server is None or server.pid != os.getpid() or not server.alive:
+            server = _SERVERS[host] = _Server(host, me)
         server.runs[run] = (directory, key)
         return server.address
 
 
 # --- the client, in the receiving task -----------------------------------------------------------
-_CONNS: dict = {}  # (host, port) -> a connected socket
-_BUFFERS: dict = {}  # (host, port, name) -> the reused receive buffer
+_CONNS: dict = {}  # (host, port) -> (pid, a connected socket)
+_BUFFERS: dict = {}  # a file's name without its slot -> the reused receive buffer
 
 
-def _buffer(addr, name: str, size: int) -> np.ndarray:
-    """A byte buffer for ``name`` from ``addr``, reused across tasks (a fresh one faults in
-    every page again): the arrays of one task's records are views of it until the next."""
-    k = (*addr, name)
+def _buffer(name: str, size: int) -> np.ndarray:
+    """A byte buffer for the file ``name``, reused across tasks (a fresh one faults in every
+    page again) and across its two slots (``<kind>-<part>-<slot>``): a task reads one record
+    per kind and sender (one step's), whose arrays are views of it until the next task."""
+    k = name.rsplit("-", 1)[0]
     buf = _BUFFERS.get(k)
     if buf is None or buf.size != size:
+        _BUFFERS.pop(k, None)
         buf = _BUFFERS[k] = np.empty(size, np.uint8)
     return buf
 
 
 def _drop(addr) -> None:
-    sock = _CONNS.pop(addr, None)
-    if sock is not None:
+    got = _CONNS.pop(addr, None)
+    if got is not None:
         try:
-            sock.close()
+            got[1].close()
         except OSError:
             pass
 
 
-def fetch(addr, run: str, key: str, name: str, check: int) -> memoryview:
-    """The bytes of file ``name`` of ``run`` from the peer at ``addr``, as a (writable) view of
-    a buffer this process reuses for that file. ``check``: the length of the file's leading
-    stamp, which the peer sends again once the file is sent; they must agree.
+def _connection(addr):
+    """``(socket, fresh)``: the kept connection to ``addr`` (this process's), or a new one."""
+    got = _CONNS.get(addr)
+    if got is not None and got[0] == os.getpid():
+        return got[1], False
+    _CONNS.pop(addr, None)  # (a forked child must not share its parent's stream)
+    sock = socket.create_connection(addr, timeout=CONNECT_TIMEOUT)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(TIMEOUT)
+    except OSError:
+        sock.close()
+        raise
+    _CONNS[addr] = (os.getpid(), sock)
+    return sock, True
 
-    Raises ``Gone`` when the peer does not hold the file, refused the key, or the file changed
-    while it was sent; ``PeerUnreachable`` when the peer cannot be reached. A connection kept
-    from an earlier task that turns out broken is made anew once."""
+
+def fetch(addr, host: str, run: str, key: str, name: str, size: int, check: int) -> memoryview:
+    """The bytes of file ``name`` of ``run`` (``size`` bytes, as written) from the peer at
+    ``addr`` on host ``host`` (``localcache.host_id``), as a (writable) view of a buffer this
+    process reuses for that file. ``check``: the length of the file's leading stamp, which the
+    peer sends again once the file is sent; they must agree.
+
+    Raises ``Gone`` when the peer does not hold the file (or holds another size), refused the
+    request, or the file changed while it was sent; ``PeerUnreachable`` when the peer cannot be
+    reached or breaks off. A connection kept from an earlier task that turns out closed is made
+    anew once (not one that timed out)."""
     addr = (str(addr[0]), int(addr[1]))
-    req = json.dumps({"run": run, "key": key, "name": name, "check": check}).encode()
+    req = json.dumps({"run": run, "key": key, "name": name, "check": check,
+                      "host": host}).encode()
     for attempt in (0, 1):
-        sock = _CONNS.get(addr)
-        fresh = sock is None
+        sock = None
         try:
-            if sock is None:
-                sock = socket.create_connection(addr, timeout=TIMEOUT)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                _CONNS[addr] = sock
+            sock, fresh = _connection(addr)
             sock.sendall(_LEN.pack(len(req)) + req)
-            (size,) = _SIZE.unpack(_recv_exact(sock, _SIZE.size))
-            if size == _REFUSED:
-                raise Gone(f"{addr[0]}:{addr[1]} refused {name} of run {run} (not its key)")
-            if size < 0:
-                raise Gone(f"{addr[0]}:{addr[1]} holds no {name} of run {run}")
-            buf = _buffer(addr, name, size)
-            view = memoryview(buf)
-            _recv_into(sock, view)
-            again = _recv_exact(sock, check)
-        except Gone:
-            raise
-        except OSError as exc:  # (ConnectionError, socket.timeout are OSErrors)
+            (got,) = _SIZE.unpack(_recv_exact(sock, _SIZE.size))
+        except OSError as exc:  # (ConnectionError and socket.timeout are OSErrors)
             _drop(addr)
-            if fresh or attempt:
+            if sock is None or fresh or attempt or isinstance(exc, socket.timeout):
                 raise PeerUnreachable(f"{MISS}: {addr[0]}:{addr[1]} ({name}): "
                                       f"{type(exc).__name__}: {exc}") from None
             continue
+        if got == _REFUSED:
+            raise Gone(f"{addr[0]}:{addr[1]} refused {name} of run {run} (not its host or key)")
+        if got < 0:
+            raise Gone(f"{addr[0]}:{addr[1]} holds no {name} of run {run}")
+        try:
+            if got != size:  # (the payload is not read: the stream is dropped below)
+                raise Gone(f"{addr[0]}:{addr[1]} holds {got} bytes of {name}, the token "
+                           f"names {size}")
+            view = memoryview(_buffer(name, size))
+            _recv_into(sock, view)
+            again = _recv_exact(sock, check)
+        except OSError as exc:
+            _drop(addr)
+            raise PeerUnreachable(f"{MISS}: {addr[0]}:{addr[1]} ({name}): "
+                                  f"{type(exc).__name__}: {exc}") from None
+        except BaseException:  # (anything else mid-stream: the stream is out of step)
+            _drop(addr)
+            raise
         if bytes(view[:check]) != again:
             raise Gone(f"{name} of run {run} changed while {addr[0]}:{addr[1]} sent it")
         return view

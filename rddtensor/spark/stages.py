@@ -120,7 +120,8 @@ def deliver(cache: CacheSettings | None, kind: Kind, src: int, t: int, meta: dic
                 cached = list(to_self(cache, kind, src if file is None else file, t, meta,
                                       arrays, bf16, serve))
                 # other hosts can read it: chunks (the write failed), or a served token
-                reach = len(cached) != 1 or localcache.served(cached[0])
+                token = len(cached) == 1 and isinstance(cached[0], (bytes, bytearray))
+                reach = not token or localcache.served(cached[0])
             if near or reach:
                 yield from keyed(d, cached)
                 continue
