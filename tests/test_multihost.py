@@ -10,7 +10,10 @@ after job, so whole fits keep the cache on (issue 21's locality).
 A second cluster of two executors on each of two hosts (``peers_result``) runs 4 partitions:
 records between partitions of one host go through its cache, and the hierarchical all-reduce
 (``rddtensor.spark.hierarchical``) sends one copy per host across, about half of ``sharded``'s
-bytes (Spark's own count of the shuffle bytes read from other executors).
+bytes (Spark's own count of the shuffle bytes read from other executors), with the records
+between hosts in the shuffle; with the peer transport (``rddtensor.spark.peers``, the default)
+those records are tokens fetched from the sending worker: the same weights, bit for bit, and a
+fraction of the shuffle bytes.
 """
 from __future__ import annotations
 
