@@ -633,6 +633,7 @@ def test_failed_fit_leaves_nothing_persisted(sc):
 
 
 # --- the host-local cache (rddtensor.spark.localcache) changes speed only -----------------------------
+@pytest.mark.alone  # lists the host-wide cache directory (see conftest.py)
 @pytest.mark.parametrize("allreduce", ["sharded", "replicated"])
 def test_local_cache_off_or_missing_gives_bit_identical_weights(spark, sc, allreduce):
     import os
@@ -814,22 +815,28 @@ def _cache_files_at_epoch_ends(before: set) -> tuple:
     return callback, seen
 
 
-@pytest.mark.parametrize("hosts", ["one", "several, apart", "several, together"])
+@pytest.mark.alone  # lists the host-wide cache directory (see conftest.py)
+@pytest.mark.parametrize("hosts", ["one", "several, apart", "several, together",
+                                   "several, apart, served"])
 def test_records_between_partitions_use_the_cache_only_on_one_host(sc, monkeypatch, hosts):
     """All executors on the driver's host (local masters): the records between partitions go
     through the host-local cache too (θ blocks to the other partition, gradient blocks to their
     owner). Executors on several machines (``one_host`` false): the records a partition sends
     itself do, and those between partitions whose data is cached on the same host (here both
     are, on this process's executor: "together"); partitions on different hosts ("apart",
-    simulated) send each other their records inline. Same weights every way."""
+    simulated, addresses unknown) send each other their records inline, or with the peer
+    transport ("served": the hosts' addresses known) as tokens of files their writer serves.
+    Same weights every way."""
     import os
 
     from rddtensor.spark import engine, localcache
     on = cached_distributed_run(sc, "adam_minibatch", "N2", "sharded")
     if hosts != "one":
         monkeypatch.setattr(engine, "one_host", lambda sc_: False)
-    if hosts == "several, apart":
-        monkeypatch.setattr(engine.DistributedRunner, "_hosts", lambda self, one: (0, 1))
+    if hosts.startswith("several, apart"):
+        addrs = ("127.0.0.1", "127.0.0.1") if hosts.endswith("served") else ()
+        monkeypatch.setattr(engine.DistributedRunner, "_hosts",
+                            lambda self, one: ((0, 1), addrs))
     os.makedirs(localcache.root(), exist_ok=True)
     callback, seen = _cache_files_at_epoch_ends(set(os.listdir(localcache.root())))
     m = new_model("adam_minibatch")
@@ -837,6 +844,7 @@ def test_records_between_partitions_use_the_cache_only_on_one_host(sc, monkeypat
     h = m.fit(chunked_rdd(sc, pairs(X, y), LAYOUTS["N2"]), verbose=0, allreduce="sharded",
               iterations_per_job=3, callbacks=[callback], **kw)
     assert h.params["local_cache"] == "on"
+    assert h.params["peer_transport"] == ("on" if hosts.endswith("served") else "unused")
     assert_same_training(snapshot(m, h), on, exact=True)
     own = {"own-0", "own-1", "grad-0-0", "grad-1-1"}
     between = {"theta-0", "theta-1", "grad-0-1", "grad-1-0"}

@@ -215,6 +215,7 @@ def subprocess_runs(tmp_path_factory):
     return json.loads(line[-1][len("RESULT "):])
 
 
+@pytest.mark.alone  # its subprocess times the interruption (conftest.py): nothing else runs
 @pytest.mark.slow
 def test_ctrl_c_during_a_spark_job_cancels_it_and_keeps_the_last_completed_step(
         subprocess_runs):

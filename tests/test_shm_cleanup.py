@@ -140,6 +140,7 @@ def _before() -> set:
         return set()
 
 
+@pytest.mark.alone  # another fit on the host would remove the killed run first (conftest.py)
 @pytest.mark.slow
 @pytest.mark.spark
 def test_the_next_fit_removes_what_a_sigkilled_driver_left(driver, spark, capsys):
