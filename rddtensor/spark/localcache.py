@@ -24,7 +24,9 @@ it (e.g. an executor on another machine joined mid-job), or the file is gone (a 
 from an older stage after its files were pruned, the memory filesystem was full or cleared).
 A miss raises ``CacheMiss`` in the task; the engine then re-runs that job from its start state
 (which is always inline: the cut state of a job never holds tokens) with the cache off, and
-keeps it off for the rest of the fit. So a miss costs one job's time, never a result.
+keeps it off for the rest of the fit (a miss of a record fetched from another host, message
+prefix ``peers.MISS``: with the peer transport off, the cache on). So a miss costs one job's
+time, never a result.
 
 Layout: ``<root>/<run>/<kind>-<name>-<slot>``, two slots per kind and name (the sending
 partition, or ``<src>-<dest>`` for a record only one destination reads): step ``t`` overwrites
@@ -385,12 +387,7 @@ def load(meta: dict):
         except peers.Gone as exc:
             # (a miss of the peer transport only: the engine turns that off, not the cache)
             raise CacheMiss(f"{peers.MISS}: {exc}") from None
-        stamp = _STAMP.unpack_from(buf, 0)
-        if stamp != (meta["job"], meta["t"]):
-            raise CacheMiss(f"{peers.MISS}: {path} on {meta['host']} holds job {stamp[0]} "
-                            f"step {stamp[1]}, the token names job {meta['job']} step "
-                            f"{meta['t']}")
-        return wire.unpack(memoryview(buf)[_STAMP.size:])
+        return _unpack(buf, meta, f"{path} on {meta['host']}", peers.MISS)
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ,
@@ -400,13 +397,14 @@ def load(meta: dict):
     return _unpack(buf, meta, path)
 
 
-def _unpack(buf, meta: dict, where: str):
-    """The record in a file's bytes, once its stamp matches the token's."""
+def _unpack(buf, meta: dict, where: str, miss: str = MISS):
+    """The record in a file's bytes, once its stamp matches the token's (else a ``CacheMiss``
+    whose message starts with ``miss``)."""
     if len(buf) < _STAMP.size:
-        raise CacheMiss(f"{MISS}: {where} is empty")
+        raise CacheMiss(f"{miss}: {where} is empty")
     stamp = _STAMP.unpack_from(buf, 0)
     if stamp != (meta["job"], meta["t"]):
-        raise CacheMiss(f"{MISS}: {where} holds job {stamp[0]} step {stamp[1]}, the token "
+        raise CacheMiss(f"{miss}: {where} holds job {stamp[0]} step {stamp[1]}, the token "
                         f"names job {meta['job']} step {meta['t']}")
     return wire.unpack(memoryview(buf)[_STAMP.size:])
 
