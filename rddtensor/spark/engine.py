@@ -38,8 +38,8 @@ from rddtensor.spark import datastore, localcache, peers, rawrdd, wire
 from rddtensor.spark import hierarchical  # noqa: F401  (adds "hierarchical" to STRATEGIES)
 from rddtensor.spark.allreduce import AllReduce, choose
 from rddtensor.spark.checkpoint import save_state
-from rddtensor.spark.errors import (quiet_task_failures, spark_errors, spark_setting as _conf,
-                              task_error)
+from rddtensor.spark.errors import (marked_line, quiet_task_failures, spark_errors,
+                                     spark_setting as _conf, task_error)
 from rddtensor.spark.faults import stats_param
 from rddtensor.spark.config import CacheSettings, Iteration, Kind, StepConfig
 from rddtensor.spark.shards import Shards, make_shards, named_error, source
@@ -115,13 +115,6 @@ def _peers_blocked(sc) -> str | None:
     if _conf(sc, "spark.python.worker.reuse", "true").strip().lower() == "false":
         return "spark.python.worker.reuse=false (a worker's server would end with its task)"
     return None
-
-
-def _first_line(text: str, marker: str) -> str:
-    """The first line of ``text`` (a job's error, with its tasks' traces) that holds
-    ``marker``, from the marker on."""
-    line = next((l for l in text.splitlines() if marker in l), text)
-    return line[line.find(marker):].strip()[:300]
 
 
 def quiet_unpersist_warning(sc) -> None:
@@ -332,7 +325,7 @@ class DistributedRunner:
                     checkpoints.log.warning(
                         "peer transport failed at step %d (%s): re-running the job with records "
                         "between hosts going through the shuffle for the rest of the fit (set "
-                        "%s=false to skip it)", self.t, _first_line(str(exc), peers.MISS),
+                        "%s=false to skip it)", self.t, marked_line(str(exc), peers.MISS),
                         PEER_CONF)
                     self.peer_transport, self.peer_failed = False, True
                     continue

@@ -96,6 +96,13 @@ _quiet_lock = threading.Lock()
 _quiet = {"depth": 0, "saved": None}
 
 
+def marked_line(text: str, marker: str) -> str:
+    """The part of ``text`` (a failed job's message, with its tasks' traces) from ``marker`` to
+    the end of that line (at most 300 characters), or ``""`` when ``marker`` is not in it."""
+    at = text.find(marker)
+    return text[at:].splitlines()[0][:300] if at >= 0 else ""
+
+
 def spark_setting(sc, key: str, default: str) -> str:
     """A setting from the active session's runtime conf (``spark.conf.set``), else the
     SparkContext's conf, else ``default``."""

@@ -45,7 +45,8 @@ from pyspark.sql.types import ArrayType, NumericType
 from rddtensor.spark import arrow_shards, datastore, rawrdd, wire
 from rddtensor.spark.columns import (decode_sparse, decode_value, encode_sparse, feature_kind,
                                      stack_sparse)
-from rddtensor.spark.errors import quiet_task_failures, spark_errors, spark_setting
+from rddtensor.spark.errors import (marked_line, quiet_task_failures, spark_errors,
+                                     spark_setting)
 from rddtensor.spark.config import Kind
 from rddtensor.spark.localcache import host_id
 
@@ -184,13 +185,7 @@ class Shards:
             except Exception as exc:
                 if datastore.MISS not in str(exc):
                     raise
-                self.restore(_first_line(exc))
-
-
-def _first_line(exc) -> str:
-    text = str(exc)
-    at = text.find(datastore.MISS)
-    return text[at:].splitlines()[0][:300] if at >= 0 else ""
+                self.restore(marked_line(str(exc), datastore.MISS))
 
 
 def _remove_files(dirs) -> None:
